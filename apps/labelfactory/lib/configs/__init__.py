@@ -1,0 +1,1 @@
+"""Task configs: one module per model family, each a MONAI Label `TaskConfig`."""

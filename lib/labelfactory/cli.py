@@ -1,0 +1,42 @@
+"""`labelfactory <command>`: every step of the pipeline, scriptable without a server.
+
+Each command lives beside the code it drives, as a module with `configure(parser)` and
+`run(args) -> int`; this file only lists them. Errors a user can fix print one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from labelfactory.errors import LabelFactoryError
+
+# command -> (module with configure/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("labelfactory.serve", "start the MONAI Label server on a folder of studies (default: the bundled sample data)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="labelfactory", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except LabelFactoryError as e:
+        print(f"labelfactory {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"labelfactory {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Studies in a folder (a MONAI Label local datastore layout) -> stacks of 2D training slices.
+
+Layout: images at the top (`*.nii.gz`, `*.nii`, `*.nrrd`, `*.png`), their labels at
+`labels/final/<same name>`. A DICOM series is a sub-folder of files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io.image import PICTURE_SUFFIXES, VOLUME_SUFFIXES, read_image, read_label, suffix_of
+from labelfactory.io.slices import label_to_slices, volume_to_slices
+from labelfactory.io.windowing import Window
+
+
+@dataclass(frozen=True)
+class Study:
+    """One image (file or DICOM folder) and its final label, if any; `id` is the file name less its suffix."""
+
+    id: str
+    image: Path
+    label: Path | None
+
+
+def find_studies(folder: str | os.PathLike) -> list[Study]:
+    """Every image in `folder`, sorted by id, with `labels/final/<name>` attached where it exists."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LabelFactoryError(f"{folder}: no such folder of studies")
+    out = []
+    labels = folder / "labels" / "final"
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name == "labels":
+            continue
+        sfx = suffix_of(p)
+        if p.is_file() and sfx in VOLUME_SUFFIXES + PICTURE_SUFFIXES:
+            sid = p.name[: -len(sfx)]
+            lab = next((q for q in labels.glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None) if labels.is_dir() else None
+            out.append(Study(sid, p, lab))
+        elif p.is_dir():
+            out.append(Study(p.name, p, None))
+    return out
+
+
+def load_slices(images: list[Path], size: int = 256, window: Window = Window()) -> torch.Tensor:
+    """All axial slices of `images`, stacked: (N, 1, size, size) float32 in [-1, 1]."""
+    if not images:
+        raise LabelFactoryError("no images to take slices from")
+    return torch.cat([volume_to_slices(read_image(p), size, window)[0] for p in images])
+
+
+def load_labelled_slices(studies: list[Study], size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Labelled studies -> images (N, 1, size, size) float32, masks (N, size, size) int64, and each slice's study id."""
+    xs, ys, ids = [], [], []
+    for s in studies:
+        if s.label is None:
+            continue
+        image = read_image(s.image)
+        x, geom = volume_to_slices(image, size, window)
+        y = label_to_slices(read_label(s.label, image, label_names), geom)
+        xs.append(x)
+        ys.append(y)
+        ids += [s.id] * len(x)
+    if not xs:
+        raise LabelFactoryError("no labelled studies: save at least one label first")
+    return torch.cat(xs), torch.cat(ys), ids

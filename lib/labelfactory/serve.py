@@ -1,0 +1,54 @@
+"""`labelfactory serve`: run the MONAI Label app on a working copy of a studies folder.
+
+The bundled sample data is copied to `runs/datastore` on first use, so the server (which writes
+labels and its own index into the datastore) never modifies the files under version control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from labelfactory.errors import LabelFactoryError
+
+REPO = Path(__file__).resolve().parents[2]
+APP_DIR = REPO / "apps" / "labelfactory"
+SAMPLE = REPO / "sample-data" / "datastore"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", default=None, help="folder of studies or a DICOMweb URL (default: a working copy of sample-data/datastore)")
+    p.add_argument("--workdir", default=str(REPO / "runs"), help="where the sample data copy lives (default: runs/)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: auth is off, keep it local)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--conf", action="append", nargs=2, metavar=("KEY", "VALUE"), default=[], help="app option, e.g. --conf models all")
+
+
+def prepare_studies(studies: str | None, workdir: str | os.PathLike) -> str:
+    """The studies argument for MONAI Label: a URL or folder as given, else the sample data's working copy."""
+    if studies:
+        if not studies.startswith(("http://", "https://")) and not Path(studies).is_dir():
+            raise LabelFactoryError(f"--studies {studies}: no such folder")
+        return studies
+    copy = Path(workdir) / "datastore"
+    if not copy.exists():
+        shutil.copytree(SAMPLE, copy)
+    return str(copy)
+
+
+def server_command(studies: str, host: str, port: int, conf: list[tuple[str, str]]) -> list[str]:
+    """The `monailabel start_server` command line for this app."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies, "--host", host, "--port", str(port)]
+    for k, v in conf:
+        cmd += ["--conf", k, v]
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    studies = prepare_studies(args.studies, args.workdir)
+    cmd = server_command(studies, args.host, args.port, [tuple(c) for c in args.conf])
+    print(f"labelfactory: serving {studies} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    os.execv(cmd[0], cmd)
