@@ -7,7 +7,9 @@ row-major cosines whose column i is axis i's direction.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,7 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Image:
     else:
         if path.stat().st_size == 0:
             raise LabelFactoryError(f"{path.name}: the file is empty")
+        _check_complete(path)
         try:
             img = sitk.ReadImage(str(path))
         except RuntimeError as e:
@@ -76,7 +79,7 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Image:
                 f"{path.name}: not a readable image ({_first_line(e)}); expected NIfTI, NRRD, "
                 "PNG/JPEG or a DICOM series folder, complete and uncorrupted"
             ) from None
-    return _validated(Image.from_sitk(_to_scalar(img)), path.name)
+    return _validated(Image.from_sitk(_to_scalar(img, path.name)), path.name)
 
 
 def write_image(image: Image, path: str | os.PathLike) -> Path:
@@ -119,6 +122,26 @@ def read_label(path: str | os.PathLike, reference: Image | None = None, label_na
     return label
 
 
+def _check_complete(path: Path) -> None:
+    """Catch truncated files that ITK would silently zero-fill: a cut gzip stream or a short .nii."""
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error) as e:
+            raise LabelFactoryError(f"{path.name}: not a readable image: truncated or corrupt compressed data ({e}); copy it again from its source") from None
+    elif path.name.lower().endswith(".nii") and path.stat().st_size >= 348:
+        hdr = np.fromfile(path, dtype=np.uint8, count=348).tobytes()
+        order = "<" if int.from_bytes(hdr[:4], "little") == 348 else ">"
+        dims = np.frombuffer(hdr[40:56], dtype=order + "i2")
+        bitpix = int(np.frombuffer(hdr[72:74], dtype=order + "i2")[0])
+        offset = int(np.frombuffer(hdr[108:112], dtype=order + "f4")[0])
+        n = int(np.prod(dims[1 : 1 + max(0, min(int(dims[0]), 7))].astype(np.int64)))
+        if path.stat().st_size < offset + n * bitpix // 8:
+            raise LabelFactoryError(f"{path.name}: truncated NIfTI ({path.stat().st_size} bytes, header needs {offset + n * bitpix // 8}); copy it again from its source")
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     uids = reader.GetGDCMSeriesIDs(str(folder)) or ()
@@ -140,11 +163,13 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         raise LabelFactoryError(f"{folder.name}: DICOM series {uid} cannot be read ({_first_line(e)})") from None
 
 
-def _to_scalar(img: sitk.Image) -> sitk.Image:
+def _to_scalar(img: sitk.Image, name: str) -> sitk.Image:
     """RGB(A) pictures become one grey channel (ITU-R 601 luma); scalar images pass through."""
     n = img.GetNumberOfComponentsPerPixel()
     if n == 1:
         return img
+    if n not in (3, 4) or img.GetDimension() != 2:
+        raise LabelFactoryError(f"{name}: {n} values per voxel (a 4D or vector image); give a single-channel 2D slice or 3D volume")
     arr = sitk.GetArrayFromImage(img).astype(np.float64)
     rgb = arr[..., :3] if n >= 3 else np.repeat(arr[..., :1], 3, axis=-1)
     grey = rgb @ np.array([0.299, 0.587, 0.114])

@@ -1,0 +1,99 @@
+"""Shared fixtures: paths to the bundled sample data, temp copies of the datastore, a real server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample-data"
+DATASTORE = SAMPLE / "datastore"
+
+
+@pytest.fixture
+def sample() -> Path:
+    return SAMPLE
+
+
+@pytest.fixture
+def datastore_copy(tmp_path) -> Path:
+    """A writable copy of the sample datastore (images + labels/final)."""
+    dst = tmp_path / "datastore"
+    shutil.copytree(DATASTORE, dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `monailabel start_server` for the app, on 127.0.0.1 and a free port; stopped by PID."""
+
+    def __init__(self, studies: Path, app_dir: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None, log: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in (conf or {}).items():
+            cmd += ["--conf", k, v]
+        self.log = log or (studies.parent / f"server-{self.port}.log")
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import requests
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start_server(studies, app_dir=..., conf=...) -> ready Server; all stopped at teardown."""
+    servers = []
+
+    def _start(studies: Path, app_dir: Path | None = None, conf: dict[str, str] | None = None, env: dict[str, str] | None = None) -> Server:
+        srv = Server(studies, app_dir or tmp_path / "app", conf, env)
+        servers.append(srv)
+        srv.wait_ready()
+        return srv
+
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def app_copy(tmp_path) -> Path:
+    """A copy of apps/labelfactory (so model files written by tests stay in tmp)."""
+    dst = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "labelfactory", dst, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    return dst

@@ -1,0 +1,227 @@
+"""Image I/O on the real sample CT: formats, round trips, orientation, and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import (
+    Image, Window, label_to_slices, read_image, read_label, read_seg_nrrd, slices_to_label, volume_to_slices,
+    write_image, write_seg_nrrd,
+)
+from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
+
+LUNGS = (LABEL_NAMES["left lung"], LABEL_NAMES["right lung"])
+
+
+def _study(sample, name):
+    image = read_image(sample / "datastore" / f"{name}.nii.gz")
+    label = read_label(sample / "datastore" / "labels" / "final" / f"{name}.nii.gz", image, LABEL_NAMES)
+    return image, label
+
+
+def test_nifti_round_trip_keeps_pixels_and_geometry(sample, tmp_path):
+    image, _ = _study(sample, "torso_3mm")
+    out = read_image(write_image(image, tmp_path / "t.nii.gz"))
+    assert np.array_equal(out.array, image.array)
+    assert np.allclose(out.spacing, image.spacing) and np.allclose(out.origin, image.origin)
+    assert np.allclose(out.direction, image.direction)
+
+
+def test_nrrd_round_trip(sample, tmp_path):
+    image, _ = _study(sample, "torso_3mm")
+    out = read_image(write_image(image, tmp_path / "t.nrrd"))
+    assert np.array_equal(out.array, image.array) and np.allclose(out.direction, image.direction)
+
+
+def test_seg_nrrd_is_read_back_by_pynrrd_simpleitk_and_us(sample, tmp_path):
+    _, label = _study(sample, "torso_3mm")
+    path = write_seg_nrrd(label, tmp_path / "t.seg.nrrd", LABEL_NAMES, LABEL_COLORS)
+    data, header = nrrd.read(str(path), index_order="C")
+    assert np.array_equal(data, label.array)
+    names = {header[f"Segment{i}_Name"]: int(header[f"Segment{i}_LabelValue"]) for i in range(len(LABEL_NAMES) - 1)}
+    assert names == {n: v for n, v in LABEL_NAMES.items() if v}
+    r, g, b = (float(c) for c in header["Segment0_Color"].split())
+    assert np.allclose([r, g, b], np.array(LABEL_COLORS["liver"]) / 255, atol=1e-5)
+    via_sitk = sitk.ReadImage(str(path))
+    assert np.array_equal(sitk.GetArrayFromImage(via_sitk), label.array)
+    assert np.allclose(via_sitk.GetSpacing(), label.spacing) and np.allclose(via_sitk.GetOrigin(), label.origin)
+    assert np.allclose(via_sitk.GetDirection(), label.direction)
+    ours = read_seg_nrrd(path, LABEL_NAMES)
+    assert np.array_equal(ours.array, label.array)
+
+
+def test_seg_nrrd_maps_segments_by_name_not_value(sample, tmp_path):
+    _, label = _study(sample, "torso_3mm")
+    # a Slicer file whose values differ from ours: liver stored as 1 -> 7, spleen 2 -> 1
+    swapped = {"liver": 7, "spleen": 1}
+    arr = np.zeros_like(label.array)
+    arr[label.array == LABEL_NAMES["liver"]] = 7
+    arr[label.array == LABEL_NAMES["spleen"]] = 1
+    path = write_seg_nrrd(label.with_array(arr), tmp_path / "s.seg.nrrd", swapped)
+    back = read_seg_nrrd(path, LABEL_NAMES)
+    assert np.array_equal(back.array == LABEL_NAMES["liver"], label.array == LABEL_NAMES["liver"])
+    assert np.array_equal(back.array == LABEL_NAMES["spleen"], label.array == LABEL_NAMES["spleen"])
+    with pytest.raises(LabelFactoryError, match="not in the label map"):
+        read_seg_nrrd(write_seg_nrrd(label, tmp_path / "u.seg.nrrd", {"tumour": 1}), LABEL_NAMES)
+
+
+def test_dicom_series_matches_its_nifti_conversion(sample):
+    dicom = read_image(sample / "dicom" / "abdomen")
+    nifti = read_image(sample / "datastore" / "abdomen.nii.gz")
+    assert dicom.array.shape == (20, 512, 512)
+    assert np.array_equal(np.clip(dicom.array, -1024, 3071), nifti.array)
+    assert np.allclose(dicom.spacing, nifti.spacing, atol=1e-4) and np.allclose(dicom.origin, nifti.origin, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,top", [(np.uint8, 255), (np.uint16, 65535)])
+def test_png_8_and_16_bit(tmp_path, dtype, top):
+    arr = (np.linspace(0, top, 32 * 48).reshape(32, 48)).astype(dtype)
+    path = write_image(Image(arr, (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp_path / "p.png")
+    img = read_image(path)
+    assert img.array.dtype == dtype and np.array_equal(img.array, arr)
+    x, geom = volume_to_slices(img, size=64)
+    assert x.shape == (1, 1, 64, 64) and float(x.max()) == pytest.approx(1.0) and float(x.min()) == pytest.approx(-1.0)
+
+
+def test_rgb_png_becomes_grey(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 200
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "c.png"))
+    img = read_image(tmp_path / "c.png")
+    assert img.array.shape == (8, 8) and int(img.array[0, 0]) == round(200 * 0.587)
+
+
+@pytest.mark.parametrize("name", ["torso_3mm", "abdomen"])
+def test_each_organ_mask_lies_on_its_organ_after_read_slice_round_trip_and_write(sample, tmp_path, name):
+    image, label = _study(sample, name)
+    slices, geom = volume_to_slices(image, size=256)
+    masks = label_to_slices(label, geom)
+    # on the square slices: lungs dark, liver soft tissue, liver on the image's left (patient's right)
+    lung = torch_mask(masks, LUNGS)
+    if lung.any():
+        assert float(slices[:, 0][lung].mean()) < Window().to_unit(np.array(-500.0))
+    liver = masks == LABEL_NAMES["liver"]
+    assert -0.1 < float(slices[:, 0][liver].mean()) < 0.15  # 0..150 HU in the default window
+    cols = liver.nonzero()[:, 2].float().mean()
+    assert cols < 128, "liver must be on the image's left (patient's right) in radiological view"
+    spleen = masks == LABEL_NAMES["spleen"]
+    assert spleen.nonzero()[:, 2].float().mean() > 128
+    # back onto the volume's grid, written, read again: still on the organs
+    back = slices_to_label(masks, geom, label)
+    written = read_label(write_image(back, tmp_path / "lab.nii.gz"), image, LABEL_NAMES)
+    if geom.scaled_hw[0] >= geom.hw[0]:  # upsampled in-plane: nearest round trip is exact
+        assert np.array_equal(written.array, label.array)
+    else:
+        assert (written.array == label.array).mean() > 0.99
+    hu = image.array
+    assert hu[written.array == LABEL_NAMES["liver"]].mean() == pytest.approx(hu[label.array == LABEL_NAMES["liver"]].mean(), abs=10)
+    assert 0 < hu[written.array == LABEL_NAMES["liver"]].mean() < 150
+    if np.isin(written.array, LUNGS).any():
+        assert hu[np.isin(written.array, LUNGS)].mean() < -500
+
+
+def torch_mask(masks, values):
+    m = masks == values[0]
+    for v in values[1:]:
+        m |= masks == v
+    return m
+
+
+def test_reoriented_volume_comes_back_in_its_own_geometry(sample, tmp_path):
+    image, label = _study(sample, "torso_3mm")
+    # flip the stored orientation: same anatomy, other index order (RAS-like vs LPS-like)
+    flipped = sitk.Flip(label.to_sitk(), [True, False, True])
+    flipped_label = Image.from_sitk(flipped)
+    flipped_image = Image.from_sitk(sitk.Flip(image.to_sitk(), [True, False, True]))
+    x, geom = volume_to_slices(flipped_image, 256)
+    x0, geom0 = volume_to_slices(image, 256)
+    assert np.allclose(x.numpy(), x0.numpy()), "slices must not depend on how the volume is stored"
+    back = slices_to_label(label_to_slices(flipped_label, geom), geom, flipped_label)
+    assert np.array_equal(back.array, flipped_label.array)
+
+
+# ---- bad input: one exception type, a message a person can act on ----
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "notes.nii.gz"
+    p.write_text("this is not an image")
+    with pytest.raises(LabelFactoryError, match="not a readable image"):
+        read_image(p)
+
+
+def test_truncated_nifti(sample, tmp_path):
+    data = (sample / "datastore" / "torso_3mm.nii.gz").read_bytes()
+    p = tmp_path / "cut.nii.gz"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LabelFactoryError, match="cut.nii.gz"):
+        read_image(p)
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    (tmp_path / "e.nii.gz").write_bytes(b"")
+    with pytest.raises(LabelFactoryError, match="empty"):
+        read_image(tmp_path / "e.nii.gz")
+    with pytest.raises(LabelFactoryError, match="no such file"):
+        read_image(tmp_path / "missing.nii.gz")
+
+
+def test_4d_volume(tmp_path):
+    img = sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.int16), isVector=False)
+    sitk.WriteImage(img, str(tmp_path / "t4.nii.gz"))
+    with pytest.raises(LabelFactoryError, match="4D"):
+        read_image(tmp_path / "t4.nii.gz")
+
+
+def test_nans(tmp_path):
+    arr = np.zeros((4, 8, 8), np.float32)
+    arr[1, 2, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "n.nrrd"))  # ITK's NIfTI IO drops NaNs itself
+    with pytest.raises(LabelFactoryError, match="NaN"):
+        read_image(tmp_path / "n.nrrd")
+
+
+def test_vector_volume(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5, 2), np.float32), isVector=True), str(tmp_path / "v.nrrd"))
+    with pytest.raises(LabelFactoryError, match="2 values per voxel"):
+        read_image(tmp_path / "v.nrrd")
+
+
+def test_label_with_values_outside_the_map(sample, tmp_path):
+    image, label = _study(sample, "torso_3mm")
+    bad = label.array.copy()
+    bad[0, 0, 0] = 42
+    p = write_image(label.with_array(bad), tmp_path / "bad.nii.gz")
+    with pytest.raises(LabelFactoryError, match=r"\[42\].*not in the label map"):
+        read_label(p, image, LABEL_NAMES)
+
+
+def test_label_of_the_wrong_shape(sample, tmp_path):
+    image, label = _study(sample, "torso_3mm")
+    p = write_image(label.with_array(label.array).__class__(label.array[:10], label.spacing, label.origin, label.direction), tmp_path / "short.nii.gz")
+    with pytest.raises(LabelFactoryError, match="differs from its image"):
+        read_label(p, image, LABEL_NAMES)
+
+
+def test_dicom_folder_with_two_series(sample, tmp_path):
+    folder = tmp_path / "two"
+    shutil.copytree(sample / "dicom" / "abdomen", folder)
+    for f in sorted(folder.iterdir())[:5]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = str(ds.SeriesInstanceUID) + ".2"
+        ds.save_as(f)
+    with pytest.raises(LabelFactoryError, match="2 DICOM series"):
+        read_image(folder)
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(LabelFactoryError, match="no DICOM series"):
+        read_image(tmp_path)
