@@ -1,0 +1,42 @@
+"""The published generator file (`<model_dir>/stylegan2.pt`): EMA generator weights, its config and kimg.
+
+Training state (G, D, optimisers, ADA p, counters) lives in a separate, larger file the
+training loop writes (see `labelfactory.gan.training`); only the EMA generator is published.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.errors import LabelFactoryError
+from labelfactory.gan.networks import Generator
+
+KIND = "stylegan2"
+
+
+def publish_generator(G_ema: Generator, generator_kwargs: dict[str, Any], path: str | os.PathLike, config: dict[str, Any], data: dict[str, Any], kimg: float) -> Path:
+    """Atomically write the EMA generator (weights on CPU) with the training config, data summary and kimg."""
+    state = {k: v.detach().cpu().clone() for k, v in G_ema.state_dict().items()}
+    payload = {"kind": KIND, "config": config, "data": data, "kimg": float(kimg), "generator": {"kwargs": dict(generator_kwargs), "state_dict": state}}
+    return save_checkpoint(payload, path)
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
+    """The published EMA generator in eval mode, frozen, with `.checkpoint_info` = {config, provenance, kimg, data}.
+
+    Raises LabelFactoryError(409, "train stylegan2 first") when the file is missing or unusable.
+    """
+    payload = load_checkpoint(path, KIND)
+    try:
+        G = Generator(**payload["generator"]["kwargs"])
+        G.load_state_dict(payload["generator"]["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise LabelFactoryError(f"{Path(path).name} does not hold a usable generator ({type(e).__name__}): train stylegan2 first", status=409) from None
+    G = G.to(device).eval().requires_grad_(False)
+    G.checkpoint_info = {"config": payload["config"], "provenance": payload["provenance"], "kimg": payload["kimg"], "data": payload["data"]}
+    return G
