@@ -6,11 +6,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from labelfactory.serve import server_command
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample-data"
@@ -42,9 +43,7 @@ class Server:
     def __init__(self, studies: Path, app_dir: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None, log: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in (conf or {}).items():
-            cmd += ["--conf", k, v]
+        cmd = server_command(str(studies), "127.0.0.1", self.port, list((conf or {}).items()), app_dir)
         self.log = log or (studies.parent / f"server-{self.port}.log")
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)

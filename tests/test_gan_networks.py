@@ -60,6 +60,6 @@ def test_publish_and_load_generator(tmp_path):
         load_generator(tmp_path / "missing.pt")
     assert e.value.status == 409
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(LabelFactoryError) as e:
+    with pytest.raises(LabelFactoryError, match="train stylegan2 first") as e:
         load_generator(tmp_path / "bad.pt")
     assert e.value.status == 409

@@ -7,8 +7,10 @@ skip_trainers, skip_strategies, skip_scoring, plus each config's own (see lib/co
 
 import logging
 import os
+import tempfile
 
 import lib.configs
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.class_utils import get_class_names
@@ -16,6 +18,7 @@ from monailabel.utils.others.generic import strtobool
 
 from labelfactory import __version__
 from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
+from labelfactory.tasks.datastore import LabelFactoryDatastore
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,24 @@ class LabelFactoryApp(MONAILabelApp):
         meta["label_colors"] = {name: [c / 255 for c in rgb] for name, rgb in LABEL_COLORS.items()}
         return meta
 
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return LabelFactoryDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def infer(self, request, datastore=None):
+        """Only datastore ids or the server's own upload temp files reach a task, never other paths."""
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        if isinstance(image, str) and not _is_upload(image) and isinstance(ds, LabelFactoryDatastore):
+            ds.require_image(image)
+        return super().infer(request, datastore)
+
     def init_infers(self):
         return {k: v for c in self.models.values() for k, v in _as_dict(c.infer(), c.name).items()}
 
@@ -72,6 +93,11 @@ class LabelFactoryApp(MONAILabelApp):
         if strtobool(self.conf.get("skip_scoring", "false")):
             return {}
         return {k: v for c in self.models.values() for k, v in _as_dict(c.scoring_method(), c.name).items()}
+
+
+def _is_upload(path):
+    """MONAI Label writes uploaded files to the system temp folder before calling infer."""
+    return os.path.isabs(path) and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir()) and os.path.isfile(path)
 
 
 def _as_dict(task, name):

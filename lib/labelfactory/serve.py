@@ -39,9 +39,9 @@ def prepare_studies(studies: str | None, workdir: str | os.PathLike) -> str:
     return str(copy)
 
 
-def server_command(studies: str, host: str, port: int, conf: list[tuple[str, str]]) -> list[str]:
-    """The `monailabel start_server` command line for this app."""
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies, "--host", host, "--port", str(port)]
+def server_command(studies: str, host: str, port: int, conf: list[tuple[str, str]], app_dir: str | os.PathLike = APP_DIR) -> list[str]:
+    """The `monailabel start_server` command line for this app (errors answered as 4xx, see tasks.server)."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", studies, "--host", host, "--port", str(port), "--uvicorn_app", "labelfactory.tasks.server:app"]
     for k, v in conf:
         cmd += ["--conf", k, v]
     return cmd

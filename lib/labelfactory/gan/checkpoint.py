@@ -31,7 +31,11 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
     Raises LabelFactoryError(409, "train stylegan2 first") when the file is missing or unusable.
     """
-    payload = load_checkpoint(path, KIND)
+    try:
+        payload = load_checkpoint(path, KIND)
+    except LabelFactoryError as e:
+        msg = str(e) if "train stylegan2 first" in str(e) else f"{e}: train stylegan2 first"
+        raise LabelFactoryError(msg, status=409) from None
     try:
         G = Generator(**payload["generator"]["kwargs"])
         G.load_state_dict(payload["generator"]["state_dict"])

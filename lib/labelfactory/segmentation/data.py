@@ -1,0 +1,122 @@
+"""Image-mask pair data sets for the segmenters: synthetic pairs on disk, real labelled slices, and mixes.
+
+Every item is {"image": (1, S, S) float32 in [-1, 1], "label": (1, S, S) int64}. Every data set
+also knows each item's group (`groups[i]`): the patient (study id) of a real slice, the seed of a
+synthetic pair. Splits are made over groups, never over items (see labelfactory.evaluation.splits).
+
+Synthetic layout (written by labelfactory.synthesis): `<dir>/images/seed<NNNNNN>.nii.gz` and
+`<dir>/labels/seed<NNNNNN>.nii.gz`, CT intensities in HU like any real image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Window, label_to_slices, read_image, read_label, volume_to_slices
+from labelfactory.io.dataset import Study, find_studies, load_labelled_slices
+from labelfactory.io.image import suffix_of
+
+
+class RealSlices(Dataset):
+    """Labelled axial slices held in memory: images (N, 1, S, S), masks (N, S, S), groups = study ids."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, groups: Sequence[str]):
+        if not (len(images) == len(masks) == len(groups)):
+            raise ValueError("images, masks and groups differ in length")
+        self.images, self.masks, self.groups = images, masks, list(groups)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.masks[i][None]}
+
+
+class SyntheticPairs(Dataset):
+    """Synthetic pairs read from disk on demand (thousands fit no memory at 256^2); groups = file stems."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], size: int, window: Window = Window(), label_names: dict[str, int] | None = None):
+        self.pairs, self.size, self.window, self.label_names = list(pairs), size, window, label_names
+        self.groups = [_stem(p) for p, _ in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image_path, label_path = self.pairs[i]
+        image = read_image(image_path)
+        x, geom = volume_to_slices(image, self.size, self.window)
+        y = label_to_slices(read_label(label_path, image, self.label_names), geom)
+        if len(x) != 1:
+            raise LabelFactoryError(f"{image_path.name}: a synthetic pair must be one 2D slice, found {len(x)}")
+        return {"image": x[0], "label": y[:1]}
+
+
+class PairSubset(Subset):
+    """A subset that keeps its items' groups."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+        super().__init__(dataset, list(indices))
+        self.groups = [dataset.groups[i] for i in self.indices]
+
+
+class PairConcat(ConcatDataset):
+    """Data sets one after another, groups too (a hybrid set: synthetic + real)."""
+
+    def __init__(self, datasets: Sequence[Dataset]):
+        super().__init__([d for d in datasets if len(d)])
+        self.groups = [g for d in self.datasets for g in d.groups]
+
+
+def synthetic_pairs(folder: str | os.PathLike, size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None) -> SyntheticPairs:
+    """The pairs in a synthetic data-set folder, sorted by seed; LabelFactoryError when there are none."""
+    folder = Path(folder)
+    images, labels = folder / "images", folder / "labels"
+    if not images.is_dir():
+        raise LabelFactoryError(f"{folder}: no images/ folder; synthesize a data set there first (labelfactory synthesize)")
+    pairs = []
+    for p in sorted(images.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        label = labels / p.name
+        if not label.exists():
+            raise LabelFactoryError(f"{folder}: image {p.name} has no labels/{p.name}; the data set is incomplete, synthesize it again")
+        pairs.append((p, label))
+    if not pairs:
+        raise LabelFactoryError(f"{folder}: no synthetic pairs in images/; synthesize a data set there first")
+    return SyntheticPairs(pairs, size, window, label_names)
+
+
+def real_slices(studies: Sequence[Study] | str | os.PathLike, size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None, foreground_only: bool = True) -> RealSlices:
+    """Labelled slices of real studies (a folder or a list of Study); with `foreground_only`, slices showing at least one labelled structure."""
+    studies = find_studies(studies) if isinstance(studies, (str, os.PathLike)) else list(studies)
+    images, masks, ids = load_labelled_slices(studies, size, window, label_names)
+    if foreground_only:
+        keep = (masks > 0).flatten(1).any(1)
+        if not keep.any():
+            raise LabelFactoryError("the labelled studies hold no labelled structure on any slice")
+        images, masks, ids = images[keep], masks[keep], [g for g, k in zip(ids, keep.tolist()) if k]
+    return RealSlices(images, masks, ids)
+
+
+def evenly_spaced(n_items: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n_items) (all of them when k >= n_items)."""
+    if k >= n_items:
+        return list(range(n_items))
+    return np.linspace(0, n_items - 1, k).round().astype(int).tolist()
+
+
+def hybrid(synthetic: Dataset, real: Dataset, k_real: int) -> PairConcat:
+    """Synthetic pairs plus `k_real` real slices spread evenly over `real` (all when k_real >= len)."""
+    return PairConcat([synthetic, PairSubset(real, evenly_spaced(len(real), k_real))])
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(suffix_of(path))]
