@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
 import SimpleITK as sitk
 
 from labelfactory.io import read_image, write_image
@@ -30,6 +32,24 @@ def label_on_grid(label_path, reference):
     return reference.with_array(arr)
 
 
+def write_dicom_with_uids(src, dst, name):
+    """Copy a DICOM series, filling the Study/Series/SOP instance UIDs the anonymised source left empty.
+
+    UIDs are derived from `name` (and each file's media-storage UID), so rebuilding gives the same ones;
+    a PACS such as Orthanc refuses instances without them.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    study = generate_uid(entropy_srcs=[name, "study"])
+    series = generate_uid(entropy_srcs=[name, "series"])
+    for f in sorted(src.iterdir()):
+        d = pydicom.dcmread(f)
+        d.StudyInstanceUID, d.SeriesInstanceUID = study, series
+        d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID
+        d.PatientID = d.PatientID or name
+        d.PatientName = d.PatientName or name
+        d.save_as(dst / f.name)
+
+
 ds = DST / "datastore"
 (ds / "labels" / "final").mkdir(parents=True, exist_ok=True)
 
@@ -41,7 +61,7 @@ write_image(as_int16(read_image(SRC / "torso-3mm/ct_112slices_unlabelled.nii.gz"
 abdomen = as_int16(read_image(SRC / "abdomen-dicom/series"))
 write_image(abdomen, ds / "abdomen.nii.gz")
 write_image(label_on_grid(SRC / "abdomen-dicom/labels_total.nii.gz", abdomen), ds / "labels/final/abdomen.nii.gz")
-shutil.copytree(SRC / "abdomen-dicom/series", DST / "dicom/abdomen", dirs_exist_ok=True)
+write_dicom_with_uids(SRC / "abdomen-dicom/series", DST / "dicom/abdomen", "labelfactory-sample-abdomen")
 
 thorax = as_int16(read_image(SRC / "thorax-aorta/ct.nii.gz"))
 write_image(thorax, ds / "thorax_aorta.nii.gz")

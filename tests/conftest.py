@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labelfactory.serve import server_command
+from labelfactory.serve import server_command, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample-data"
@@ -46,7 +46,7 @@ class Server:
         cmd = server_command(str(studies), "127.0.0.1", self.port, list((conf or {}).items()), app_dir)
         self.log = log or (studies.parent / f"server-{self.port}.log")
         self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**server_env(), **(env or {})}, start_new_session=True)
 
     def wait_ready(self, timeout: float = 180) -> None:
         import requests

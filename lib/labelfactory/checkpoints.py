@@ -3,7 +3,9 @@
 A checkpoint is a torch file holding a dict with at least `kind` (e.g. "stylegan2"), `config`,
 `data` (what it was trained on) and `provenance` (package version, git commit, time, host).
 Writing goes to a temp file in the same folder, fsync, then `os.replace`: a reader sees the old
-file or the new one, never half of one. A file that fails to load is reported, never served.
+file or the new one, never half of one. The version being replaced is kept as
+`<name>.previous<suffix>` (hard link, also atomic), so a file damaged later on disk still has a
+good predecessor. A file that fails to load is reported, never served.
 """
 
 from __future__ import annotations
@@ -52,11 +54,23 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            keep = previous_path(path)
+            link = keep.with_name(keep.name + ".tmp")
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, keep)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the version before the current one of `path` is kept: x.pt -> x.previous.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:

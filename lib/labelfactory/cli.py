@@ -16,6 +16,11 @@ from labelfactory.errors import LabelFactoryError
 # command -> (module with configure/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("labelfactory.serve", "start the MONAI Label server on a folder of studies (default: the bundled sample data)"),
+    "train-interpreter": ("labelfactory.interpreter.cli", "train the DatasetGAN pixel-classifier ensemble on annotated generated images"),
+    "synthesize": ("labelfactory.interpreter.cli_synthesize", "generate a labelled data set (images, masks, manifest, preview), the most uncertain pairs dropped"),
+    "train-clamnet": ("labelfactory.clamnet.cli", "train ClamNet (UNet++ pair) from image-level normal/abnormal labels"),
+    "train-segmentation": ("labelfactory.segmentation.cli", "train a 2D segmenter (UNet++ by default) on synthetic pairs, real labelled studies, or both"),
+    "evaluate": ("labelfactory.evaluation.cli", "the paper's segmentation experiments (tables I, II, III-C, III): mIoU over patient-wise folds on test-G and test-R"),
 }
 
 

@@ -47,8 +47,15 @@ def server_command(studies: str, host: str, port: int, conf: list[tuple[str, str
     return cmd
 
 
+def server_env() -> dict[str, str]:
+    """The environment for the server: this interpreter's bin folder first on PATH, where MONAI Label
+    looks for dcmqi's `itkimage2segimage` (from the `dcmqi` wheel) before trying to download it."""
+    bindir = os.path.dirname(sys.executable)
+    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+
+
 def run(args: argparse.Namespace) -> int:
     studies = prepare_studies(args.studies, args.workdir)
     cmd = server_command(studies, args.host, args.port, [tuple(c) for c in args.conf])
     print(f"labelfactory: serving {studies} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, server_env())

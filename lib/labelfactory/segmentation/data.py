@@ -120,3 +120,33 @@ def hybrid(synthetic: Dataset, real: Dataset, k_real: int) -> PairConcat:
 
 def _stem(path: Path) -> str:
     return path.name[: -len(suffix_of(path))]
+
+
+def training_sets(studies: str | os.PathLike | Sequence[Study] | None, synthetic_dir: str | os.PathLike | None, k_real: int | None = None,
+                  val_patients: int = 1, size: int = 256, label_names: dict[str, int] | None = None) -> tuple[Dataset, Dataset | None, dict]:
+    """(training set, validation set or None, a description) for synthetic-only, real-only or hybrid training.
+
+    `k_real`: real slices to train on (None: every training patient's, 0: none). Validation is the
+    real labelled slices of patients not trained on: every patient when no real slice is trained on,
+    else the last `val_patients` patients by id, kept out of training when at least one other remains.
+    """
+    synthetic = synthetic_pairs(synthetic_dir, size, label_names=label_names) if synthetic_dir else None
+    has_labels = studies is not None and any(s.label for s in (find_studies(studies) if isinstance(studies, (str, os.PathLike)) else studies))
+    real = real_slices(studies, size, label_names=label_names) if has_labels else None
+    if synthetic is None and (real is None or k_real == 0):
+        raise LabelFactoryError("nothing to train on: give a synthetic data set, or studies with labels (labels/final) and real slices to use")
+    if real is None:
+        return synthetic, None, {"synthetic": str(synthetic_dir), "synthetic_pairs": len(synthetic), "real_slices": 0}
+    patients = sorted(set(real.groups))
+    if k_real == 0:
+        held = patients
+    else:
+        held = patients[-val_patients:] if 0 < val_patients < len(patients) else []
+    train_real = PairSubset(real, [i for i, g in enumerate(real.groups) if g not in held])
+    val = PairSubset(real, [i for i, g in enumerate(real.groups) if g in held]) if held else None
+    chosen = PairSubset(train_real, evenly_spaced(len(train_real), len(train_real) if k_real is None else k_real)) if k_real != 0 else None
+    train = PairConcat([d for d in (synthetic, chosen) if d is not None])
+    info = {"synthetic": str(synthetic_dir) if synthetic_dir else None, "synthetic_pairs": len(synthetic) if synthetic else 0,
+            "real_slices": len(chosen) if chosen else 0, "real_patients": sorted(set(chosen.groups)) if chosen else [],
+            "val_patients": sorted(held), "val_slices": len(val) if val else 0}
+    return train, val, info

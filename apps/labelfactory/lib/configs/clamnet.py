@@ -1,0 +1,26 @@
+"""ClamNet (weak marker segmentation from image-level labels): trainer and infer `clamnet`.
+
+Conf: clamnet_labels_csv (default: image_labels.csv beside or inside the studies folder),
+clamnet_organ_dirs (comma list; default: a `reference` folder beside or inside the studies),
+clamnet_steps, clamnet_size.
+"""
+
+from monailabel.interfaces.config import TaskConfig
+
+from labelfactory.clamnet.train import ClamNetConfig
+from labelfactory.tasks.clamnet import ClamNetInfer, ClamNetTrain
+
+
+class ClamNet(TaskConfig):
+    def init(self, name, model_dir, conf, planner, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.labels_csv = conf.get("clamnet_labels_csv") or None
+        dirs = conf.get("clamnet_organ_dirs", "")
+        self.organ_dirs = [d.strip() for d in dirs.split(",") if d.strip()] or None
+        self.defaults = ClamNetConfig(steps=int(conf.get("clamnet_steps", 300)), size=int(conf.get("clamnet_size", 256)))
+
+    def infer(self):
+        return {"clamnet": ClamNetInfer(self.model_dir, self.organ_dirs)}
+
+    def trainer(self):
+        return {"clamnet": ClamNetTrain(self.model_dir, self.defaults, self.labels_csv, self.organ_dirs)}

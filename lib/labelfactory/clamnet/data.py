@@ -1,0 +1,127 @@
+"""Studies + image-level labels -> organ-cropped training slices (ClamNet's input).
+
+The organ mask of a study comes from, in order: `<organ_dir>/<study id>/mask_<organ>.nii.gz`
+for each organ dir given (the layout of `sample-data/reference`); the study's final label map
+(voxels equal to the organ's value in `labelfactory.labels.LABEL_NAMES`). A study with neither is
+left out of training with a warning: without an organ crop its slices would not look like the others.
+A pixel truth (for evaluation only) is looked up the same way as `mask_<truth>.nii.gz`; slices
+labelled normal have an all-zero truth by definition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelfactory.clamnet.crop import crop_mask, crop_slices, oriented_to_file_slice
+from labelfactory.clamnet.image_labels import read_image_labels, slice_labels
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Image, Window, read_image, read_label
+from labelfactory.io.dataset import Study, find_studies
+from labelfactory.labels import LABEL_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WeakSlices:
+    """N organ crops: x, organ, truth (N, 1, S, S); abnormal (N,) bool; eta (N,); has_truth (N,) bool;
+    study (N,) ids; file_slice (N,) index in the study's file."""
+
+    x: torch.Tensor
+    organ: torch.Tensor
+    truth: torch.Tensor
+    has_truth: torch.Tensor
+    abnormal: torch.Tensor
+    eta: torch.Tensor
+    study: list[str]
+    file_slice: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, idx: torch.Tensor | np.ndarray) -> "WeakSlices":
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx]
+        return WeakSlices(**out)
+
+
+def find_mask(study: Study, name: str, organ_dirs: list[Path]) -> Path | None:
+    """`<dir>/<study id>/mask_<name>.nii.gz` in the first organ dir that has it."""
+    return next((p for d in organ_dirs if (p := Path(d) / study.id / f"mask_{name}.nii.gz").is_file()), None)
+
+
+def organ_mask(study: Study, image: Image, organ: str, organ_dirs: list[Path]) -> Image | None:
+    """The study's organ mask on its image grid, or None when no source has one."""
+    path = find_mask(study, organ, organ_dirs)
+    if path is not None:
+        return read_label(path, image)
+    if study.label is not None and organ in LABEL_NAMES:
+        label = read_label(study.label, image)
+        mask = (label.array == LABEL_NAMES[organ]).astype(np.uint8)
+        return label.with_array(mask) if mask.any() else None
+    return None
+
+
+def default_organ_dirs(studies: str | os.PathLike) -> list[Path]:
+    """`<studies>/reference` and `<studies>/../reference`, where they exist (the sample data's layout)."""
+    s = Path(studies)
+    return [d for d in (s / "reference", s.parent / "reference") if d.is_dir()]
+
+
+def default_labels_csv(studies: str | os.PathLike) -> Path:
+    """`<studies>/image_labels.csv`, else `<studies>/../image_labels.csv` (the sample data's layout)."""
+    s = Path(studies)
+    return next((p for p in (s / "image_labels.csv", s.parent / "image_labels.csv") if p.is_file()), s / "image_labels.csv")
+
+
+def load_weak_slices(
+    studies: str | os.PathLike,
+    labels_csv: str | os.PathLike | None = None,
+    organ: str = "aorta",
+    organ_dirs: list[Path] | None = None,
+    truth: str | None = None,
+    size: int = 256,
+    margin_mm: float = 10.0,
+    window: Window = Window(),
+    default_eta: float = 0.5,
+) -> WeakSlices:
+    """Every labelled slice of every study that has an organ mask, cropped to the organ."""
+    rows = read_image_labels(labels_csv or default_labels_csv(studies))
+    organ_dirs = default_organ_dirs(studies) if organ_dirs is None else organ_dirs
+    labelled = {r.image for r in rows}
+    parts = []
+    for study in find_studies(studies):
+        if study.id not in labelled:
+            continue
+        image = read_image(study.image)
+        mask = organ_mask(study, image, organ, organ_dirs)
+        if mask is None:
+            logger.warning(f"{study.id}: no {organ} mask (organ dirs {[str(d) for d in organ_dirs]} or a final label); left out of ClamNet's slices")
+            continue
+        crops = crop_slices(image, mask, size, margin_mm, window)
+        file_slice = torch.from_numpy(oriented_to_file_slice(image))[crops.slices]
+        depth = 1 if image.ndim == 2 else image.array.shape[0]
+        listed, abnormal, eta = (torch.from_numpy(a)[file_slice] for a in slice_labels(rows, study.id, depth, default_eta))
+        truth_path = find_mask(study, truth, organ_dirs) if truth else None
+        if truth_path is not None:
+            t, has = crop_mask(read_label(truth_path, image), crops), torch.ones(len(crops.x), dtype=torch.bool)
+        else:
+            t, has = torch.zeros_like(crops.organ), ~abnormal
+        keep = torch.nonzero(listed).flatten()
+        parts.append(WeakSlices(crops.x, crops.organ, t, has, abnormal, eta, [study.id] * len(crops.x), file_slice).subset(keep))
+    if not parts:
+        raise LabelFactoryError(f"no labelled study in {studies} has a {organ} mask; add masks or label studies that have them")
+    return WeakSlices(
+        x=torch.cat([p.x for p in parts]), organ=torch.cat([p.organ for p in parts]), truth=torch.cat([p.truth for p in parts]),
+        has_truth=torch.cat([p.has_truth for p in parts]), abnormal=torch.cat([p.abnormal for p in parts]), eta=torch.cat([p.eta for p in parts]),
+        study=[s for p in parts for s in p.study], file_slice=torch.cat([p.file_slice for p in parts]),
+    )

@@ -1,0 +1,144 @@
+"""Contrastive pairs as ClamNet section 3.3 builds them, from slices with image-level labels.
+
+Three kinds of pair, each a slice for network `a` and one for network `b`:
+- SAME (positive): one slice and a view of it: (i) blurred to a resolution of 90-100 % of the
+  original (downsample by r in [0.9, 1], upsample back), then (ii) stretched / compressed to
+  80-100 % per axis (sy, sx in [0.8, 1]) and either resized back to the full size or padded to it
+  (centred, image fill -1). The view's geometry is kept so predictions can be compared pixel to pixel.
+- NORMAL (positive): two different slices labelled normal.
+- NEGATIVE: an abnormal slice and a normal slice, in random order across the two networks.
+All randomness comes from the `torch.Generator` passed in: same seed, same pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from labelfactory.errors import LabelFactoryError
+
+SAME, NORMAL, NEGATIVE = 0, 1, 2
+BLUR_RANGE = (0.9, 1.0)  # resolution kept by the blur, fraction of the original
+STRETCH_RANGE = (0.8, 1.0)  # per-axis size after stretch / compression, fraction of the original
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """How a SAME-pair view was made: blur resolution `r`, per-axis scales (sy, sx), 'resize' or 'pad'."""
+
+    r: float
+    sy: float
+    sx: float
+    mode: str
+
+
+@dataclass
+class PairBatch:
+    """B pairs. Images (B, 1, S, S) in [-1, 1]; organ masks (B, 1, S, S) in {0, 1}; `valid` (B, 1, S, S)
+    marks pixels of b's frame that hold image content (the pad of a padded view is 0); `views[i]` is
+    the ViewParams of a SAME pair (None for the others); `eta_*` the marker weight of each slice."""
+
+    xa: torch.Tensor
+    xb: torch.Tensor
+    organ_a: torch.Tensor
+    organ_b: torch.Tensor
+    abnormal_a: torch.Tensor
+    abnormal_b: torch.Tensor
+    eta_a: torch.Tensor
+    eta_b: torch.Tensor
+    kind: torch.Tensor
+    valid: torch.Tensor
+    views: list[ViewParams | None]
+
+
+def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def draw_view(gen: torch.Generator) -> ViewParams:
+    """Random view parameters inside BLUR_RANGE and STRETCH_RANGE."""
+    return ViewParams(_uniform(*BLUR_RANGE, gen), _uniform(*STRETCH_RANGE, gen), _uniform(*STRETCH_RANGE, gen), "pad" if torch.rand((), generator=gen) < 0.5 else "resize")
+
+
+def blur(x: torch.Tensor, r: float) -> torch.Tensor:
+    """(B, C, S, S) -> same shape at resolution r (downsample to round(r*S) with antialiasing, upsample back)."""
+    s = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, round(r * s[0])), max(1, round(r * s[1]))), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=s, mode="bilinear", align_corners=False)
+
+
+def stretch(x: torch.Tensor, v: ViewParams, fill: float) -> torch.Tensor:
+    """(B, C, S, S) -> same shape: resized to (sy*S, sx*S), then resized back ('resize') or centre-padded with `fill` ('pad')."""
+    h, w = x.shape[-2:]
+    nh, nw = max(1, round(v.sy * h)), max(1, round(v.sx * w))
+    small = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    if v.mode == "resize":
+        return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return F.pad(small, (left, w - nw - left, top, h - nh - top), value=fill)
+
+
+def make_view(x: torch.Tensor, v: ViewParams) -> torch.Tensor:
+    """The SAME-pair view of image slices (B, 1, S, S): blur, then stretch; pad fill -1 (air)."""
+    return stretch(blur(x, v.r), v, fill=-1.0)
+
+
+def to_view_frame(t: torch.Tensor, v: ViewParams) -> torch.Tensor:
+    """Carry maps on the original frame (predictions, masks; (B, C, S, S)) into the view's frame (geometry only, pad 0)."""
+    return stretch(t, v, fill=0.0)
+
+
+class PairSampler:
+    """Draws PairBatch-es from slices x (N, 1, S, S), labels abnormal (N,) bool, eta (N,), organ (N, 1, S, S).
+
+    `mix`: relative frequency of SAME, NORMAL and NEGATIVE pairs.
+    """
+
+    def __init__(self, x: torch.Tensor, abnormal: torch.Tensor, eta: torch.Tensor, organ: torch.Tensor, mix: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+        self.x, self.abnormal, self.eta, self.organ = x, abnormal.bool(), eta.float(), organ.float()
+        self.normal_idx = torch.nonzero(~self.abnormal).flatten()
+        self.abnormal_idx = torch.nonzero(self.abnormal).flatten()
+        if len(self.normal_idx) < 2 or len(self.abnormal_idx) < 1:
+            raise LabelFactoryError(
+                f"ClamNet needs at least 2 normal and 1 abnormal slices, got {len(self.normal_idx)} normal and "
+                f"{len(self.abnormal_idx)} abnormal; label more slices in the image-level labels CSV"
+            )
+        self.mix = torch.tensor(mix, dtype=torch.float)
+
+    def _pick(self, pool: torch.Tensor, gen: torch.Generator, k: int = 1) -> list[int]:
+        return pool[torch.randperm(len(pool), generator=gen)[:k]].tolist()
+
+    def sample(self, batch: int, gen: torch.Generator) -> PairBatch:
+        kinds = torch.multinomial(self.mix, batch, replacement=True, generator=gen)
+        ia, ib, views, xb, organ_b, valid = [], [], [], [], [], []
+        for kind in kinds.tolist():
+            if kind == SAME:
+                i = int(torch.randint(len(self.x), (), generator=gen))
+                v = draw_view(gen)
+                ia.append(i)
+                ib.append(i)
+                views.append(v)
+                xb.append(make_view(self.x[i : i + 1], v))
+                organ_b.append((to_view_frame(self.organ[i : i + 1], v) > 0.5).float())
+                valid.append((to_view_frame(torch.ones_like(self.organ[i : i + 1]), v) > 0.5).float())
+                continue
+            if kind == NORMAL:
+                i, j = self._pick(self.normal_idx, gen, 2)
+            else:
+                i, j = self._pick(self.abnormal_idx, gen)[0], self._pick(self.normal_idx, gen)[0]
+                if torch.rand((), generator=gen) < 0.5:
+                    i, j = j, i
+            ia.append(i)
+            ib.append(j)
+            views.append(None)
+            xb.append(self.x[j : j + 1])
+            organ_b.append(self.organ[j : j + 1])
+            valid.append(torch.ones_like(self.organ[j : j + 1]))
+        ia_t, ib_t = torch.tensor(ia), torch.tensor(ib)
+        return PairBatch(
+            xa=self.x[ia_t], xb=torch.cat(xb), organ_a=self.organ[ia_t], organ_b=torch.cat(organ_b),
+            abnormal_a=self.abnormal[ia_t], abnormal_b=self.abnormal[ib_t], eta_a=self.eta[ia_t], eta_b=self.eta[ib_t],
+            kind=kinds, valid=torch.cat(valid), views=views,
+        )

@@ -1,0 +1,99 @@
+"""Train the ClamNet pair on organ-cropped slices with image-level labels; save / load its checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.clamnet.data import WeakSlices
+from labelfactory.clamnet.loss import clamnet_loss
+from labelfactory.clamnet.network import ClamNetPair
+from labelfactory.clamnet.pairs import PairSampler
+from labelfactory.io import Window
+
+logger = logging.getLogger(__name__)
+KIND = "clamnet"
+
+
+@dataclass
+class ClamNetConfig:
+    """size: crop side (px); features: BasicUNetPlusPlus's six widths; head: UNet++ depth used at
+    inference (1-4, <4 needs deep_supervision); eta: loss weight of abnormal slices without one in the
+    CSV; mix: relative frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width) in HU;
+    margin_mm: organ crop margin; threshold: marker probability at which a pixel is in the mask."""
+
+    size: int = 256
+    features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
+    deep_supervision: bool = False
+    head: int = 4
+    steps: int = 300
+    batch: int = 8
+    lr: float = 1e-3
+    eta: float = 0.5
+    mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    seed: int = 0
+    organ: str = "aorta"
+    margin_mm: float = 10.0
+    window: tuple[float, float] = (100.0, 600.0)
+    threshold: float = 0.5
+
+    @property
+    def ct_window(self) -> Window:
+        return Window(*self.window)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClamNetConfig":
+        d = dict(d)
+        for k in ("features", "mix", "window"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def build_pair(config: ClamNetConfig) -> ClamNetPair:
+    return ClamNetPair(config.features, config.deep_supervision, config.head)
+
+
+def train_clamnet(slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[int, float], None] | None = None) -> tuple[ClamNetPair, list[float]]:
+    """Adam on both UNet++ for `config.steps` pair batches. Returns the pair (eval mode) and the loss per step."""
+    torch.manual_seed(config.seed)
+    pair = build_pair(config)
+    gen = torch.Generator().manual_seed(config.seed)
+    sampler = PairSampler(slices.x, slices.abnormal, slices.eta, slices.organ, config.mix)
+    opt = torch.optim.Adam(pair.parameters(), lr=config.lr)
+    pair.train()
+    history = []
+    t0 = time.time()
+    for step in range(config.steps):
+        batch = sampler.sample(config.batch, gen)
+        loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss))
+        if on_step is not None:
+            on_step(step, history[-1])
+        if step % 25 == 0 or step == config.steps - 1:
+            logger.info(f"clamnet step {step + 1}/{config.steps} loss {history[-1]:.4f} ({time.time() - t0:.0f} s)")
+    return pair.eval(), history
+
+
+def save_clamnet(pair: ClamNetPair, config: ClamNetConfig, data: dict[str, Any], path: str | os.PathLike, history: list[float] | None = None) -> None:
+    """Atomic checkpoint: kind 'clamnet', config, data description, both networks' weights, loss history."""
+    save_checkpoint({"kind": KIND, "config": asdict(config), "data": data, "state": pair.state_dict(), "history": history or []}, path)
+
+
+def load_clamnet(path: str | os.PathLike) -> tuple[ClamNetPair, ClamNetConfig]:
+    """(pair in eval mode, config); LabelFactoryError 409 'train clamnet first' when the file is missing."""
+    payload = load_checkpoint(path, KIND)
+    config = ClamNetConfig.from_dict(payload["config"])
+    pair = build_pair(config)
+    pair.load_state_dict(payload["state"])
+    return pair.eval(), config

@@ -1,0 +1,89 @@
+"""Training configuration: the paper's 256^2 setup (stylegan2-ada 'auto' at 256, gamma 1) and a tiny CPU demo."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    resolution: int = 256
+    z_dim: int = 512
+    w_dim: int = 512
+    mapping_layers: int = 8
+    channel_base: int = 16384
+    channel_max: int = 512
+    batch_size: int = 16  # images per step over all ranks
+    mbstd_group: int = 4
+    lr: float = 0.0025
+    betas: tuple[float, float] = (0.0, 0.99)
+    r1_gamma: float = 1.0
+    style_mixing_prob: float = 0.9
+    pl_weight: float = 2.0
+    G_reg_interval: int = 4
+    D_reg_interval: int = 16
+    ema_kimg: float | None = None  # None: batch_size * 10 / 32, as stylegan2-ada
+    ema_rampup: float | None = 0.05
+    augment: bool = True
+    ada_target: float = 0.6
+    ada_interval: int = 4
+    ada_kimg: float = 500.0
+    total_kimg: float = 25000.0
+    snapshot_kimg: float = 50.0
+    fid_kimg: float = 200.0  # 0: never
+    fid_images: int = 2000
+    preview_seeds: int = 16
+    seed: int = 0
+    mixed_precision: bool = False  # bf16 autocast of the main phases (CUDA); regularizers stay float32
+    channels_last: bool = False
+
+    @property
+    def generator_kwargs(self) -> dict[str, Any]:
+        return dict(z_dim=self.z_dim, w_dim=self.w_dim, img_resolution=self.resolution, img_channels=1, channel_base=self.channel_base,
+                    channel_max=self.channel_max, mapping_layers=self.mapping_layers)
+
+    @property
+    def discriminator_kwargs(self) -> dict[str, Any]:
+        return dict(img_resolution=self.resolution, img_channels=1, channel_base=self.channel_base, channel_max=self.channel_max, mbstd_group_size=self.mbstd_group)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields a checkpoint must share to be resumed."""
+        return {**self.generator_kwargs, **self.discriminator_kwargs}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def with_overrides(self, **kw) -> TrainingConfig:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+PRESETS: dict[str, TrainingConfig] = {
+    # the paper: 256^2, stylegan2-ada defaults (batch 16, lr 0.0025, channel base 16384) with gamma = 1
+    "paper256": TrainingConfig(),
+    # a few minutes on a CPU: 64^2, narrow networks, a few kimg
+    "demo": TrainingConfig(resolution=64, z_dim=64, w_dim=64, mapping_layers=2, channel_base=1024, channel_max=64, batch_size=8,
+                           pl_weight=0.0, total_kimg=2.0, snapshot_kimg=0.5, fid_kimg=0.0, fid_images=256, preview_seeds=16, ada_kimg=100.0),
+}
+
+
+def preset(name: str = "auto") -> TrainingConfig:
+    """'paper256', 'demo', or 'auto' (paper256 when a CUDA GPU is present, else demo)."""
+    if name == "auto":
+        name = "paper256" if torch.cuda.is_available() else "demo"
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of auto, {', '.join(PRESETS)}")
+    return PRESETS[name]

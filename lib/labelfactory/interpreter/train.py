@@ -1,0 +1,134 @@
+"""Train the pixel-classifier ensemble on annotated generated images (DatasetGAN's interpreter).
+
+Each step takes a few images; each member draws its own random labelled pixels from each of
+them, and sees the features at those pixels exactly as the full-image forms compute them
+(bilinear at pixel centres, `sample_taps`). Taps are regenerated from w and kept in memory at
+their native resolution (fp16, ~20x smaller than the upsampled map) up to a budget; beyond it
+they are regenerated every time. Cross-entropy (ignore label, optional class weights), Adam,
+early stopping on the epoch loss with the best weights kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
+from labelfactory.interpreter.records import LatentRecord
+from labelfactory.interpreter.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Training knobs. pixels_per_image: per member, per image, per step."""
+
+    members: int = 10
+    hidden: tuple[int, int] = (256, 128)
+    max_epochs: int = 30
+    patience: int = 3
+    min_improvement: float = 0.01  # relative drop of the epoch loss that counts as progress
+    lr: float = 1e-3
+    pixels_per_image: int = 1024
+    images_per_step: int = 2
+    ignore_index: int = 255
+    class_weights: tuple[float, ...] | None = None
+    cache_gb: float = 2.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+class TapCache:
+    """Taps of each record's w, regenerated on demand; up to `budget_bytes` of them kept (fp16)."""
+
+    def __init__(self, G, records: list[LatentRecord], budget_bytes: float):
+        self.G, self.records, self.budget = G, records, budget_bytes
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.used = 0
+
+    def __call__(self, i: int) -> list[torch.Tensor]:
+        if i in self.kept:
+            return [t.float() for t in self.kept[i]]
+        _, taps = generate_with_taps(self.G, ws_from_w(self.G, self.records[i].w).to(next(self.G.parameters()).device))
+        size = sum(t.numel() for t in taps) * 2
+        if self.used + size <= self.budget:
+            self.kept[i] = [t.half() for t in taps]
+            self.used += size
+            return [t.half().float() for t in taps]  # the same numbers as later visits
+        return taps
+
+
+def _draw_pixels(valid: torch.Tensor, n: int, R: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = valid[torch.randint(len(valid), (n,), generator=gen)]
+    return flat // R, flat % R
+
+
+def train_ensemble(G, records: list[LatentRecord], num_classes: int, config: TrainConfig = TrainConfig(), progress: bool = True) -> tuple[PixelEnsemble, dict]:
+    """Fit an ensemble of `config.members` pixel MLPs. Returns (ensemble in eval mode, history)."""
+    if not records:
+        raise LabelFactoryError("no annotated generated images to train on: label a few generated images first", status=409)
+    layout = TapLayout.of(G)
+    R, M = layout.image_resolution, config.members
+    valid = [torch.from_numpy(np.flatnonzero(r.mask.reshape(-1) != config.ignore_index)) for r in records]
+    if all(len(v) == 0 for v in valid):
+        raise LabelFactoryError("every label pixel is the ignore label: draw some classes first")
+    masks = [torch.from_numpy(r.mask.reshape(-1)) for r in records]
+    weight = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
+    if weight is not None and len(weight) != num_classes:
+        raise LabelFactoryError(f"class weights: {len(weight)} given, the label map has {num_classes} classes")
+
+    torch.manual_seed(config.seed)
+    ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, R, num_classes, M, tuple(config.hidden), config.seed))
+    opt = torch.optim.Adam(ens.parameters(), lr=config.lr)
+    taps_of = TapCache(G, records, config.cache_gb * 2**30)
+    gen = torch.Generator().manual_seed(config.seed)
+    usable = [i for i, v in enumerate(valid) if len(v)]
+    steps = math.ceil(len(usable) / config.images_per_step)
+    history: dict = {"epoch_loss": [], "best_epoch": 0, "stopped_early": False}
+    best, best_state, stale = math.inf, None, 0
+    bar = tqdm(range(config.max_epochs), desc="interpreter", unit="epoch", disable=not progress)
+    for epoch in bar:
+        ens.train()
+        order = [usable[i] for i in torch.randperm(len(usable), generator=gen).tolist()]
+        total = 0.0
+        for s in range(steps):
+            batch = order[s * config.images_per_step:(s + 1) * config.images_per_step]
+            xs, ys = [], []
+            for i in batch:
+                rows, cols = _draw_pixels(valid[i], M * config.pixels_per_image, R, gen)
+                xs.append(sample_taps(taps_of(i), rows, cols, R).reshape(M, config.pixels_per_image, -1))
+                ys.append(masks[i][rows * R + cols].reshape(M, -1))
+            x, y = torch.cat(xs, 1), torch.cat(ys, 1)
+            logits = ens(x)
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), weight=weight, ignore_index=config.ignore_index)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        epoch_loss = total / steps
+        history["epoch_loss"].append(epoch_loss)
+        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        if epoch_loss < best * (1 - config.min_improvement):
+            best, best_state, stale = epoch_loss, copy.deepcopy(ens.state_dict()), 0
+            history["best_epoch"] = epoch
+        else:
+            stale += 1
+            if stale >= config.patience:
+                history["stopped_early"] = True
+                break
+    ens.load_state_dict(best_state)
+    history["best_loss"] = best
+    logger.info(f"interpreter: {len(history['epoch_loss'])} epochs, best loss {best:.4f} at epoch {history['best_epoch']}")
+    return ens.eval(), history

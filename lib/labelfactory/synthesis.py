@@ -1,0 +1,194 @@
+"""The labelling factory: seeds -> generated CT slices with masks, the most uncertain dropped.
+
+Output layout (read by the segmentation trainers):
+  <out>/images/seed<NNNNNN>.nii.gz        2D CT slice in HU (int16)
+  <out>/labels/seed<NNNNNN>.nii.gz        its mask (uint8), plus .seg.nrrd (and .png with png=True)
+  <out>/uncertainty/seed<NNNNNN>.nii.gz   per-pixel ensemble JS divergence (float32, nats)
+  <out>/manifest.csv                      kept pairs: seed, files, uncertainty score, pixels per class
+  <out>/preview.png                       image / mask overlay / uncertainty for the first kept pairs
+  <out>/dropped/...                       the same for the dropped fraction, with its own manifest.csv
+Every finished seed is appended to <out>/records.jsonl, so a rerun skips it (resumable); the drop
+is decided over all records at the end, so the result depends only on the seeds, not on restarts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.interpreter.labeller import Interpreter, generator_identity
+from labelfactory.interpreter.taps import ws_from_seeds
+from labelfactory.io import Image, Window, write_image, write_seg_nrrd
+from labelfactory.labels import LABEL_COLORS
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("images", "labels", "uncertainty")
+
+
+def generated_to_image(img: torch.Tensor, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0)) -> Image:
+    """One generated image (1, 1, R, R) or (R, R) in [-1, 1] -> 2D Image in HU, int16, origin 0, identity direction."""
+    arr = img.detach().float().cpu().numpy().reshape(img.shape[-2:])
+    hu = np.rint(window.to_hu(arr)).astype(np.int16)
+    return Image(hu, tuple(float(s) for s in spacing), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+
+
+def seed_name(seed: int) -> str:
+    return f"seed{int(seed):06d}"
+
+
+@dataclass
+class SynthesisResult:
+    """What a run produced: seeds generated now, kept and dropped seeds over the whole folder."""
+
+    generated: list[int]
+    kept: list[int]
+    dropped: list[int]
+    out: Path
+
+
+def synthesize(interpreter: Interpreter, seeds: list[int], out: str | os.PathLike, truncation_psi: float = 0.7, drop_fraction: float = 0.1,
+               batch_size: int = 1, png: bool = False, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0),
+               preview_pairs: int = 8, progress: bool = True) -> SynthesisResult:
+    """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction, write manifest and preview."""
+    if not 0 <= drop_fraction < 1:
+        raise LabelFactoryError(f"drop fraction must be in [0, 1), got {drop_fraction}")
+    out = Path(out)
+    log_path = out / "records.jsonl"
+    done = _read_records(log_path)
+    origin = {"truncation_psi": float(truncation_psi), "generator": generator_identity(interpreter.G), "interpreter": interpreter.identity}
+    for rec in done.values():
+        if any(rec.get(k) != v for k, v in origin.items()):
+            raise LabelFactoryError(f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); write to a new folder")
+    todo = [s for s in dict.fromkeys(int(s) for s in seeds) if s not in done]
+    names = sorted(interpreter.label_names, key=interpreter.label_names.get)
+    for kind in KINDS:
+        (out / kind).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="synthesize", unit="pair", disable=not progress)
+    with open(log_path, "a") as log:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            lab = interpreter.label(ws_from_seeds(interpreter.G, batch, truncation_psi))
+            for i, seed in enumerate(batch):
+                image = generated_to_image(lab.image[i], window, spacing)
+                mask = lab.mask[i].cpu().numpy().astype(np.uint8)
+                _write_pair(out, seed, image, mask, lab.uncertainty[i].cpu().numpy().astype(np.float32), interpreter.label_names, png)
+                counts = np.bincount(mask.reshape(-1), minlength=len(names))
+                rec = {"seed": seed, "uncertainty": float(lab.score[i]), "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names}, **origin}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                done[seed] = rec
+            bar.update(len(batch))
+    bar.close()
+    kept, dropped = _split(done, drop_fraction)
+    _arrange(out, kept, dropped)
+    _write_manifest(out / "manifest.csv", [done[s] for s in kept], names, "")
+    if dropped or (out / "dropped").exists():
+        _write_manifest(out / "dropped" / "manifest.csv", [done[s] for s in dropped], names, "dropped/")
+    _write_preview(out / "preview.png", out, kept[:preview_pairs], interpreter.label_names, window)
+    logger.info(f"synthesize: {len(todo)} new pairs, {len(kept)} kept, {len(dropped)} dropped in {out}")
+    return SynthesisResult(todo, kept, dropped, out)
+
+
+def _read_records(path: Path) -> dict[int, dict]:
+    records = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                records[int(rec["seed"])] = rec
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by an interrupted run: that seed is redone
+    return records
+
+
+def _write_pair(out: Path, seed: int, image: Image, mask: np.ndarray, uncertainty: np.ndarray, label_names: dict[str, int], png: bool) -> None:
+    name = seed_name(seed)
+    label = image.with_array(mask)
+    write_image(image, out / "images" / f"{name}.nii.gz")
+    write_image(label, out / "labels" / f"{name}.nii.gz")
+    write_seg_nrrd(label, out / "labels" / f"{name}.seg.nrrd", label_names, LABEL_COLORS)
+    write_image(image.with_array(uncertainty), out / "uncertainty" / f"{name}.nii.gz")
+    if png:
+        write_image(image.with_array(np.rint((image.array.astype(np.float32) + 1024) / 2048 * 255).clip(0, 255).astype(np.uint8)), out / "images" / f"{name}.png")
+        write_image(label, out / "labels" / f"{name}.png")
+
+
+def _split(records: dict[int, dict], drop_fraction: float) -> tuple[list[int], list[int]]:
+    """Drop the round(fraction * n) highest uncertainty scores (ties: higher seed first); both lists sorted by seed."""
+    order = sorted(records, key=lambda s: (records[s]["uncertainty"], s), reverse=True)
+    n_drop = int(math.floor(drop_fraction * len(order) + 0.5))
+    return sorted(order[n_drop:]), sorted(order[:n_drop])
+
+
+def _files(seed: int) -> list[str]:
+    n = seed_name(seed)
+    return [f"images/{n}.nii.gz", f"images/{n}.png", f"labels/{n}.nii.gz", f"labels/{n}.seg.nrrd", f"labels/{n}.png", f"uncertainty/{n}.nii.gz"]
+
+
+def _arrange(out: Path, kept: list[int], dropped: list[int]) -> None:
+    """Move each pair's files to where its kept/dropped status says (earlier runs may have placed them otherwise)."""
+    for seeds, src, dst in ((kept, out / "dropped", out), (dropped, out, out / "dropped")):
+        for seed in seeds:
+            for rel in _files(seed):
+                if (src / rel).exists():
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src / rel, dst / rel)
+
+
+def _write_manifest(path: Path, records: list[dict], names: list[str], prefix: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "image", "label", "uncertainty", *[f"pixels_{n.replace(' ', '_')}" for n in names]])
+        for r in records:
+            n = seed_name(r["seed"])
+            w.writerow([r["seed"], f"{prefix}images/{n}.nii.gz", f"{prefix}labels/{n}.nii.gz", f"{r['uncertainty']:.6g}", *[r["pixels"][k] for k in names]])
+    os.replace(tmp, path)
+
+
+def _write_preview(path: Path, out: Path, seeds: list[int], label_names: dict[str, int], window: Window) -> None:
+    """A grid: one column per pair; rows image, mask overlay (label colours), uncertainty map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labelfactory.io import read_image
+
+    if not seeds:
+        return
+    lut = np.zeros((max(label_names.values()) + 1, 4))
+    for name, v in label_names.items():
+        if v and name in LABEL_COLORS:
+            lut[v] = [*(c / 255 for c in LABEL_COLORS[name]), 0.5]
+        elif v:
+            lut[v] = [*plt.cm.tab10(v % 10)[:3], 0.5]
+    fig, axes = plt.subplots(3, len(seeds), figsize=(2 * len(seeds), 6), squeeze=False)
+    for j, seed in enumerate(seeds):
+        n = seed_name(seed)
+        img = read_image(out / "images" / f"{n}.nii.gz").array
+        mask = read_image(out / "labels" / f"{n}.nii.gz").array.astype(int)
+        unc = read_image(out / "uncertainty" / f"{n}.nii.gz").array
+        for i, (a, title) in enumerate(zip(axes[:, j], (n, "mask", "uncertainty"))):
+            a.imshow(img, cmap="gray", vmin=window.low, vmax=window.high) if i < 2 else a.imshow(unc, cmap="magma", vmin=0)
+            if i == 1:
+                a.imshow(lut[mask.clip(0, len(lut) - 1)])
+            a.set_title(title, fontsize=7)
+            a.axis("off")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""MONAI Label adapters for ClamNet: trainer `clamnet` and infer `clamnet` (marker mask + probability map).
+
+Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
+The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
+Organ mask at inference, in order: request `organ_mask` (a file on the image's grid), request
+`crop_box` (file array indices, starts then ends), `mask_<organ>.nii.gz` under the organ dirs
+(see `labelfactory.clamnet.data`), the image's final label; else whole slices with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.train import TrainTask
+
+from labelfactory.clamnet.crop import box_mask
+from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask
+from labelfactory.clamnet.infer import predict_image
+from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Image, read_image, read_label, write_image
+from labelfactory.io.dataset import Study
+from labelfactory.io.image import suffix_of
+
+logger = logging.getLogger(__name__)
+MODEL_FILE = "clamnet.pt"
+STATS_FILE = "clamnet_train_stats.json"
+MARKER_LABEL = {"marker": 1}
+TRAIN_KEYS = ("steps", "batch", "lr", "eta", "size", "seed", "margin_mm", "threshold")
+
+
+class ClamNetTrain(TrainTask):
+    """Trains the ClamNet pair on the datastore's images with the image-level labels CSV."""
+
+    def __init__(self, model_dir: str | os.PathLike, config: ClamNetConfig | None = None, labels_csv: str | None = None, organ_dirs: list[str] | None = None):
+        super().__init__("ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)")
+        self.model_dir = Path(model_dir)
+        self.defaults = config or ClamNetConfig()
+        self.labels_csv, self.organ_dirs = labels_csv, organ_dirs
+
+    def config(self) -> dict[str, Any]:
+        return {k: getattr(self.defaults, k) for k in TRAIN_KEYS} | {"labels_csv": self.labels_csv or ""}
+
+    def stats(self) -> dict[str, Any]:
+        p = self.model_dir / STATS_FILE
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        cfg = ClamNetConfig.from_dict({**vars(self.defaults), **{k: type(getattr(self.defaults, k))(request[k]) for k in TRAIN_KEYS if k in request}})
+        images = [Path(datastore.get_image_uri(i)) for i in datastore.list_images()]
+        if not images:
+            raise LabelFactoryError("the datastore holds no images")
+        studies = images[0].parent
+        organ_dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(studies)
+        t0 = time.time()
+        slices = load_weak_slices(studies, request.get("labels_csv") or self.labels_csv, cfg.organ, organ_dirs, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta)
+        pair, history = train_clamnet(slices, cfg)
+        data = {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
+        save_clamnet(pair, cfg, data, self.model_dir / MODEL_FILE, history)
+        stats = {"name": "clamnet", "total_time": f"{time.time() - t0:.1f}s", "steps": cfg.steps, "loss_first": history[0], "loss_last": history[-1], **data}
+        tmp = self.model_dir / (STATS_FILE + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=2))
+        os.replace(tmp, self.model_dir / STATS_FILE)
+        return stats
+
+
+class ClamNetInfer(InferTask):
+    """Marker mask (label file) and probability map (path in the result JSON) on the image's own grid."""
+
+    def __init__(self, model_dir: str | os.PathLike, organ_dirs: list[str] | None = None):
+        super().__init__(InferType.SEGMENTATION, MARKER_LABEL, 3, "ClamNet weak marker segmentation (e.g. false lumen) within the organ crop", {"threshold": 0.5})
+        self.path = Path(model_dir) / MODEL_FILE
+        self.organ_dirs = organ_dirs
+        self._loaded: tuple[float, Any, ClamNetConfig] | None = None
+        self._lock = threading.Lock()
+
+    def is_valid(self) -> bool:
+        return True
+
+    def get_path(self, validate: bool = True):
+        return str(self.path)
+
+    def _model(self):
+        if not self.path.is_file():
+            raise LabelFactoryError("no ClamNet model yet: train clamnet first", status=409)
+        with self._lock:
+            mtime = self.path.stat().st_mtime
+            if self._loaded is None or self._loaded[0] != mtime:
+                pair, cfg = load_clamnet(self.path)
+                self._loaded = (mtime, pair, cfg)
+            return self._loaded[1], self._loaded[2]
+
+    def _organ(self, request: dict[str, Any], path: Path, image: Image, organ: str) -> tuple[Image | None, str]:
+        if request.get("organ_mask"):
+            return read_label(request["organ_mask"], image), "organ_mask"
+        if request.get("crop_box"):
+            return box_mask(image, tuple(int(v) for v in request["crop_box"])), "crop_box"
+        sid = path.name[: -len(suffix_of(path))] if path.is_file() else path.name
+        label = next((q for q in (path.parent / "labels" / "final").glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None)
+        dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(path.parent)
+        mask = organ_mask(Study(sid, path, label), image, organ, dirs)
+        return mask, ("organ mask of the study" if mask is not None else "none (whole slices)")
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        t0 = time.time()
+        pair, cfg = self._model()
+        if "threshold" in request:
+            cfg = ClamNetConfig.from_dict({**vars(cfg), "threshold": float(request["threshold"])})
+        path = Path(request["image"])
+        image = read_image(path)
+        organ, source = self._organ(request, path, image, cfg.organ)
+        prob, mask = predict_image(pair, cfg, image, organ)
+        ext = request.get("result_extension") or ".nii.gz"
+        label_file = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+        prob_file = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        write_image(mask, label_file)
+        write_image(prob, prob_file)
+        return label_file, {
+            "label_names": MARKER_LABEL, "probability": prob_file, "organ_crop": source, "threshold": cfg.threshold,
+            "marker_voxels": int(mask.array.sum()), "latencies": {"total": round(time.time() - t0, 3)},
+        }

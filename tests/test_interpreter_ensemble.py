@@ -1,0 +1,124 @@
+"""The factorized ensemble against the naive DatasetGAN form (upsample every tap, concatenate, MLP)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelfactory.gan.networks import Generator
+from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble, majority_vote
+from labelfactory.interpreter.taps import TapLayout, generate_with_taps, sample_taps, ws_from_seeds
+from labelfactory.interpreter.uncertainty import image_score, js_divergence
+
+SMALL = dict(z_dim=32, w_dim=32, channel_base=1024, channel_max=64, mapping_layers=2)
+
+
+def naive_logits(ens: PixelEnsemble, taps: list[torch.Tensor]) -> torch.Tensor:
+    """Reference: upsample every tap to image size, concatenate, run each member's MLP (eval BN) per pixel."""
+    R = ens.config.image_resolution
+    feats = torch.cat([F.interpolate(t, size=(R, R), mode="bilinear", align_corners=False) for t in taps], dim=1)
+    B, C = feats.shape[:2]
+    x = feats.permute(0, 2, 3, 1).reshape(-1, C).double()
+    M, (H1, H2) = ens.config.members, ens.config.hidden
+    out = []
+    for m in range(M):
+        def bn(h, bn_mod, H):
+            sl = slice(m * H, (m + 1) * H)
+            return F.batch_norm(h, bn_mod.running_mean[sl].double(), bn_mod.running_var[sl].double(),
+                                bn_mod.weight[sl].double(), bn_mod.bias[sl].double(), False, 0.0, bn_mod.eps)
+        h = bn(torch.relu(x @ ens.w1[m].double() + ens.b1[m].double()), ens.bn1, H1)
+        h = bn(torch.relu(h @ ens.w2[m].double() + ens.b2[m].double()), ens.bn2, H2)
+        out.append(h @ ens.w3[m].double() + ens.b3[m].double())
+    return torch.stack(out, 1).reshape(B, R, R, M, -1).permute(0, 3, 4, 1, 2)
+
+
+def randomized_bn(ens: PixelEnsemble) -> PixelEnsemble:
+    """Give BatchNorm non-trivial running stats and affine params so folding is really exercised."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for bn in (ens.bn1, ens.bn2):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+        for b in (ens.b1, ens.b2, ens.b3):
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    return ens.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    G = Generator(img_resolution=32, **SMALL).eval()
+    ws = ws_from_seeds(G, [1, 2], truncation_psi=0.7)
+    _, taps = generate_with_taps(G, ws)
+    layout = TapLayout.of(G)
+    cfg = EnsembleConfig(layout.channels, layout.resolutions, 32, num_classes=5, members=4, hidden=(16, 8))
+    return G, taps, randomized_bn(PixelEnsemble(cfg))
+
+
+def test_layout_groups_taps_by_resolution(setup):
+    G, taps, _ = setup
+    layout = TapLayout.of(G)
+    groups = layout.groups()
+    assert list(groups) == [4, 8, 16, 32]
+    assert sorted(i for idx in groups.values() for i in idx) == list(range(len(taps)))
+    assert all(layout.resolutions[i] == r for r, idx in groups.items() for i in idx)
+
+
+def test_factorized_matches_naive(setup):
+    _, taps, ens = setup
+    ref = naive_logits(ens, taps)
+    got = ens.factorized()(taps)
+    assert got.shape == ref.shape == (2, 4, 5, 32, 32)
+    scale = ref.abs().max().item()
+    assert (got.double() - ref).abs().max().item() < 1e-4 * max(1.0, scale)
+    agree = (majority_vote(got) == majority_vote(ref.float())).float().mean().item()
+    assert agree >= 0.999
+
+
+def test_coarse_to_fine_is_close_but_not_identical(setup):
+    _, taps, ens = setup
+    exact, c2f = ens.factorized()(taps), ens.factorized(coarse_to_fine=True)(taps)
+    assert c2f.shape == exact.shape
+    assert not torch.allclose(c2f, exact, atol=1e-6)
+    assert (majority_vote(c2f) == majority_vote(exact)).float().mean().item() > 0.5
+
+
+def test_training_form_equals_inference_form_at_sampled_pixels(setup):
+    _, taps, ens = setup
+    rows, cols = torch.tensor([0, 5, 31, 17, 31]), torch.tensor([0, 30, 31, 3, 0])
+    x = sample_taps([t[1:2] for t in taps], rows, cols, 32)  # image 1 only
+    assert x.shape == (5, sum(t.shape[1] for t in taps))
+    pix = ens(x[None].expand(ens.config.members, -1, -1))  # (M, P, K)
+    full = ens.factorized()(taps)[1][:, :, rows, cols]  # (M, K, P)
+    assert torch.allclose(pix.transpose(1, 2), full, atol=1e-4, rtol=1e-4)
+
+
+def test_members_initialised_differently(setup):
+    _, _, ens = setup
+    assert not torch.allclose(ens.w1[0], ens.w1[1])
+    again = PixelEnsemble(ens.config)
+    assert torch.equal(again.w1, PixelEnsemble(ens.config).w1)
+
+
+def test_majority_vote_and_ties():
+    logits = torch.zeros(1, 3, 4, 1, 2)
+    logits[0, 0, 2, 0, 0] = logits[0, 1, 2, 0, 0] = logits[0, 2, 1, 0, 0] = 1  # 2 votes for class 2
+    logits[0, 0, 3, 0, 1] = logits[0, 1, 1, 0, 1] = logits[0, 2, 2, 0, 1] = 1  # three-way tie -> lowest
+    assert majority_vote(logits).tolist() == [[[2, 1]]]
+
+
+def test_uncertainty_zero_when_members_agree_and_max_when_they_disagree():
+    agree = torch.randn(1, 1, 3, 4, 4).expand(2, 5, 3, 4, 4)
+    assert js_divergence(agree).abs().max().item() < 1e-6
+    disagree = torch.full((1, 2, 2, 1, 1), -50.0)
+    disagree[0, 0, 0] = disagree[0, 1, 1] = 50.0  # two confident members, opposite classes
+    assert js_divergence(disagree).item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_image_score_is_mean_of_top_tenth():
+    js = torch.arange(100, dtype=torch.float32).reshape(1, 10, 10)
+    assert image_score(js).item() == pytest.approx(sum(range(90, 100)) / 10)
+    assert image_score(js, top_fraction=0.5).item() == pytest.approx(sum(range(50, 100)) / 50)

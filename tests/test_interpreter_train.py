@@ -1,0 +1,124 @@
+"""Training the ensemble from latent records, the model file, bad input, and `labelfactory train-interpreter`."""
+
+import numpy as np
+import pytest
+import torch
+
+from labelfactory.cli import main
+from labelfactory.errors import LabelFactoryError
+from labelfactory.gan.checkpoint import load_generator, publish_generator
+from labelfactory.gan.networks import Generator
+from labelfactory.interpreter import (Interpreter, LatentRecord, TrainConfig, load_interpreter, save_interpreter, train_ensemble,
+                                      ws_from_seeds, ws_from_w, generate_with_taps)
+from labelfactory.interpreter.records import check_mask, load_records, records_from_seed_masks
+from labelfactory.io import Image, write_image
+from labelfactory.labels import LABEL_NAMES
+
+KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=1024, channel_max=64, mapping_layers=2)
+K = max(LABEL_NAMES.values()) + 1
+FAST = TrainConfig(members=3, hidden=(16, 8), max_epochs=25, patience=5, pixels_per_image=256, seed=0)
+
+
+def tiny_generator(path, seed=0):
+    torch.manual_seed(seed)
+    G = Generator(**KW).eval()
+    publish_generator(G, KW, path, config={"demo": True}, data={"slices": 0}, kimg=0.0)
+    return load_generator(path)
+
+
+def threshold_records(G, seeds, psi=0.8):
+    """Masks the generator's own image defines: liver (1) where the image is bright."""
+    ws = ws_from_seeds(G, seeds, psi)
+    img, _ = generate_with_taps(G, ws)
+    return [LatentRecord(w[0], (im[0] > 0).numpy().astype(np.int64), f"seed{s}", s, psi) for s, w, im in zip(seeds, ws, img)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("interp")
+    G = tiny_generator(d / "stylegan2.pt")
+    records = threshold_records(G, list(range(8)))
+    ens, history = train_ensemble(G, records, K, FAST, progress=False)
+    return d, G, records, ens, history
+
+
+def accuracy(interp, records):
+    ws = ws_from_w(interp.G, torch.stack([r.w for r in records]))
+    return (interp.label(ws).mask.numpy() == np.stack([r.mask for r in records])).mean()
+
+
+def test_training_fits_the_annotated_images(trained):
+    _, G, records, ens, history = trained
+    losses = history["epoch_loss"]
+    assert losses[-1] < 0.6 * losses[0]
+    baseline = max(np.mean([r.mask.mean() for r in records]), 1 - np.mean([r.mask.mean() for r in records]))
+    acc = accuracy(Interpreter(G, ens, LABEL_NAMES), records)
+    assert acc > 0.9 and acc > baseline + 0.03
+
+
+def test_training_is_deterministic(trained):
+    _, G, records, ens, _ = trained
+    again, _ = train_ensemble(G, records, K, FAST, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(ens.state_dict().values(), again.state_dict().values()))
+
+
+def test_ignore_label_and_class_weights(trained):
+    _, G, records, _, _ = trained
+    ignored = [LatentRecord(r.w, np.where(np.arange(32)[:, None] < 16, 255, r.mask), r.name) for r in records[:3]]
+    cfg = TrainConfig(members=2, hidden=(8, 8), max_epochs=2, pixels_per_image=64, class_weights=tuple([1.0] * K))
+    ens, history = train_ensemble(G, ignored, K, cfg, progress=False)
+    assert np.isfinite(history["best_loss"])
+    with pytest.raises(LabelFactoryError, match="class weights"):
+        train_ensemble(G, ignored, K, TrainConfig(members=2, hidden=(8, 8), max_epochs=1, class_weights=(1.0, 2.0)), progress=False)
+    all_ignored = [LatentRecord(records[0].w, np.full((32, 32), 255), "x")]
+    with pytest.raises(LabelFactoryError, match="ignore"):
+        train_ensemble(G, all_ignored, K, cfg, progress=False)
+    with pytest.raises(LabelFactoryError, match="label a few"):
+        train_ensemble(G, [], K, cfg, progress=False)
+
+
+def test_model_file_round_trip_and_generator_check(trained, tmp_path):
+    d, G, records, ens, _ = trained
+    path = save_interpreter(tmp_path / "interpreter.pt", ens, LABEL_NAMES, FAST.to_dict(), {"count": len(records)}, G)
+    loaded = load_interpreter(path, G)
+    ws = ws_from_w(G, records[0].w)
+    assert torch.equal(loaded.label(ws).mask, Interpreter(G, ens, LABEL_NAMES).label(ws).mask)
+    assert loaded.label_names == LABEL_NAMES
+    other = tiny_generator(tmp_path / "other.pt", seed=1)
+    other.checkpoint_info["provenance"]["time"] = "another time"
+    with pytest.raises(LabelFactoryError, match="train interpreter again") as e:
+        load_interpreter(path, other)
+    assert e.value.status == 409
+    with pytest.raises(LabelFactoryError, match="train interpreter first"):
+        load_interpreter(tmp_path / "missing.pt", G)
+
+
+def test_bad_masks_are_refused(trained, tmp_path):
+    _, G, _, _, _ = trained
+    with pytest.raises(LabelFactoryError, match="differs from its image"):
+        check_mask(np.zeros((16, 16)), 32, K, 255, "seed1")
+    with pytest.raises(LabelFactoryError, match=r"values \[42\]"):
+        check_mask(np.full((32, 32), 42), 32, K, 255, "seed1")
+    assert check_mask(np.full((1, 32, 32), 255), 32, K, 255, "seed1").shape == (32, 32)
+    write_image(Image(np.zeros((32, 32), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp_path / "lab.nii.gz")
+    with pytest.raises(LabelFactoryError, match="no recorded latent"):
+        load_records(G, [("img", {"labelfactory": {}}["labelfactory"] | {}, str(tmp_path / "lab.nii.gz"))], K, 255) if False else \
+            __import__("labelfactory.interpreter.records", fromlist=["x"]).latent_from_info({"name": "img"}, "img")
+    with pytest.raises(LabelFactoryError, match="another generator"):
+        load_records(G, [("img", {"w": [0.0] * 5}, str(tmp_path / "lab.nii.gz"))], K, 255)
+
+
+def test_cli_trains_from_seed_masks(trained, tmp_path, capsys):
+    d, G, records, _, _ = trained
+    labels = tmp_path / "labels"
+    for r in records[:4]:
+        write_image(Image(r.mask.astype(np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), labels / f"seed{r.seed:06d}.nii.gz")
+    loaded = records_from_seed_masks(G, labels, 0.8, K, 255)
+    assert [r.seed for r in loaded] == [0, 1, 2, 3] and torch.allclose(loaded[1].w, records[1].w)
+    out = tmp_path / "interpreter.pt"
+    rc = main(["train-interpreter", "--generator", str(d / "stylegan2.pt"), "--labels", str(labels), "--truncation-psi", "0.8", "--out", str(out),
+               "--members", "2", "--hidden", "8", "8", "--epochs", "2", "--pixels-per-image", "64", "--no-progress"])
+    assert rc == 0 and out.exists()
+    assert load_interpreter(out, G).ensemble.config.members == 2
+    rc = main(["train-interpreter", "--generator", str(tmp_path / "none.pt"), "--labels", str(labels)])
+    assert rc == 2 and "train stylegan2 first" in capsys.readouterr().err
