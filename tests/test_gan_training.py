@@ -59,8 +59,9 @@ with process_group_cleanup():
     rank, world, dev = init_from_env()
     imgs = torch.nn.functional.interpolate(torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1, size=16, mode="bilinear")
     t = Trainer(cfg, imgs, sys.argv[1], progress=False)
+    d0 = {k: v.clone() for k, v in t.D.state_dict().items()}
     t.run()
-    torch.save({"G": t.G.state_dict(), "D": t.D.state_dict(), "p": float(t.augment_pipe.p)}, f"{sys.argv[1]}/rank{rank}.pt")
+    torch.save({"G": t.G.state_dict(), "D": t.D.state_dict(), "D0": d0, "p": float(t.augment_pipe.p)}, f"{sys.argv[1]}/rank{rank}.pt")
 """
 
 
@@ -76,4 +77,5 @@ def test_ddp_two_gloo_ranks_end_identical(tmp_path):
         for k in r0[net]:
             assert torch.equal(r0[net][k], r1[net][k]), (net, k)
     assert r0["p"] == r1["p"]
+    assert any(not torch.equal(r0["D"][k], r0["D0"][k]) for k in r0["D"])  # they trained
     assert (tmp_path / "training-state.pt").exists()

@@ -10,13 +10,13 @@ from labelfactory.gan.checkpoint import load_generator, publish_generator
 from labelfactory.gan.networks import Generator
 from labelfactory.interpreter import (Interpreter, LatentRecord, TrainConfig, load_interpreter, save_interpreter, train_ensemble,
                                       ws_from_seeds, ws_from_w, generate_with_taps)
-from labelfactory.interpreter.records import check_mask, load_records, records_from_seed_masks
+from labelfactory.interpreter.records import check_mask, latent_from_info, load_records, records_from_seed_masks
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=1024, channel_max=64, mapping_layers=2)
 K = max(LABEL_NAMES.values()) + 1
-FAST = TrainConfig(members=3, hidden=(16, 8), max_epochs=25, patience=5, pixels_per_image=256, seed=0)
+FAST = TrainConfig(members=3, hidden=(16, 8), max_epochs=25, patience=5, pixels_per_image=256, images_per_step=1, seed=0)
 
 
 def tiny_generator(path, seed=0):
@@ -102,8 +102,7 @@ def test_bad_masks_are_refused(trained, tmp_path):
     assert check_mask(np.full((1, 32, 32), 255), 32, K, 255, "seed1").shape == (32, 32)
     write_image(Image(np.zeros((32, 32), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp_path / "lab.nii.gz")
     with pytest.raises(LabelFactoryError, match="no recorded latent"):
-        load_records(G, [("img", {"labelfactory": {}}["labelfactory"] | {}, str(tmp_path / "lab.nii.gz"))], K, 255) if False else \
-            __import__("labelfactory.interpreter.records", fromlist=["x"]).latent_from_info({"name": "img"}, "img")
+        latent_from_info({"name": "img"}, "img")
     with pytest.raises(LabelFactoryError, match="another generator"):
         load_records(G, [("img", {"w": [0.0] * 5}, str(tmp_path / "lab.nii.gz"))], K, 255)
 

@@ -1,0 +1,132 @@
+"""`labelfactory loop`: a scripted active-learning loop against a running server.
+
+Each round: next sample (a new generated image) -> auto-segment it (when a model exists) ->
+an annotator corrects it -> save the label -> every `retrain_every` labels, retrain and wait.
+It speaks only MONAI Label's REST API through `monailabel.client.MONAILabelClient`, exactly as
+3D Slicer does, so the same loop drives a local or a remote server. The built-in annotator is a
+simulation (a rule on HU ranges); a person in Slicer is the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+from scipy import ndimage
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Image, read_image, write_image
+from labelfactory.labels import LABEL_NAMES
+
+logger = logging.getLogger(__name__)
+Annotator = Callable[[Image, "Image | None"], np.ndarray]
+
+
+def hu_rule_annotator(image: Image, prediction: Image | None = None) -> np.ndarray:
+    """Simulated annotator for an axial CT slice in HU (H, W) -> label (H, W) uint8.
+
+    Lungs are the air regions (< -400 HU) enclosed by the body (> -500 HU, holes filled), not
+    touching the image border; left/right by the body's midline (the image's left half is the
+    patient's right, radiological view). Everything else stays background.
+    """
+    hu = image.array.astype(np.float32)
+    if hu.ndim != 2:
+        raise LabelFactoryError(f"the simulated annotator takes a 2D slice, got shape {hu.shape}")
+    body, n = ndimage.label(hu > -500)
+    if n == 0:
+        return np.zeros(hu.shape, np.uint8)
+    largest = 1 + int(np.argmax(ndimage.sum(np.ones_like(hu), body, range(1, n + 1))))
+    inside = ndimage.binary_fill_holes(body == largest)
+    air, m = ndimage.label((hu < -400) & inside)
+    touching = set(np.unique(np.concatenate([air[0], air[-1], air[:, 0], air[:, -1]]))) - {0}
+    lungs = (air > 0) & ~np.isin(air, list(touching))
+    lungs = ndimage.binary_opening(lungs, iterations=1)
+    cols = np.nonzero(inside.any(axis=0))[0]
+    mid = (cols[0] + cols[-1]) / 2
+    out = np.zeros(hu.shape, np.uint8)
+    xs = np.arange(hu.shape[1])[None, :]
+    out[lungs & (xs < mid)] = LABEL_NAMES["right lung"]
+    out[lungs & (xs >= mid)] = LABEL_NAMES["left lung"]
+    return out
+
+
+def wait_for_training(client: MONAILabelClient, timeout: float = 3600, poll: float = 2.0) -> dict:
+    """Poll /train/ until no training runs; the last task's status dict."""
+    t0 = time.time()
+    while client.train_status(check_if_running=True):
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"training still running after {timeout:.0f} s")
+        time.sleep(poll)
+    return client.train_status()
+
+
+def download_image(server: str, image_id: str, folder: Path) -> Path:
+    r = requests.get(f"{server}/datastore/image", params={"image": image_id}, timeout=120)
+    if r.status_code != 200:
+        raise LabelFactoryError(f"cannot fetch image {image_id}: HTTP {r.status_code} {r.text[:200]}")
+    path = folder / f"{image_id}.nii.gz"
+    path.write_bytes(r.content)
+    return path
+
+
+def run_loop(server: str, rounds: int, annotate: Annotator = hu_rule_annotator, strategy: str = "generated_uncertain",
+             infer_model: str = "datasetgan", train_model: str = "interpreter", retrain_every: int = 3,
+             train_params: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. One record per round."""
+    client = MONAILabelClient(server)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for r in range(rounds):
+            sample = client.next_sample(strategy, {})
+            image_id = sample.get("id")
+            if not image_id:
+                raise LabelFactoryError(f"strategy {strategy} returned no sample: {sample}")
+            image = read_image(download_image(server, image_id, tmp))
+            prediction, agreement = None, None
+            try:
+                label_file, _ = client.infer(infer_model, image_id, {"result_extension": ".nii.gz"})
+                prediction = read_image(label_file)
+            except MONAILabelClientException as e:
+                log(f"round {r}: no auto-segmentation yet ({str(e.msg)[:120]})")
+            mask = annotate(image, prediction)
+            if prediction is not None:
+                agreement = float((prediction.array == mask).mean())
+            path = write_image(image.with_array(mask.astype(np.uint8)), tmp / f"{image_id}_label.nii.gz")
+            names = [{"name": n, "idx": v} for n, v in LABEL_NAMES.items() if v]
+            client.save_label(image_id, str(path), tag="final", params={"label_info": names})
+            rec = {"round": r, "image": image_id, "uncertainty": sample.get("uncertainty"), "agreement": agreement}
+            log(f"round {r}: labelled {image_id}" + (f", auto-segmentation agreed on {agreement:.1%} of pixels" if agreement is not None else ""))
+            if (r + 1) % retrain_every == 0:
+                client.train_start(train_model, train_params or {})
+                status = wait_for_training(client)
+                rec["train"] = status.get("status") if isinstance(status, dict) else status
+                log(f"round {r}: retrained {train_model}: {rec['train']}")
+            records.append(rec)
+    return records
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="http://127.0.0.1:8000")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--retrain-every", type=int, default=3)
+    p.add_argument("--strategy", default="generated_uncertain")
+    p.add_argument("--infer-model", default="datasetgan")
+    p.add_argument("--train-model", default="interpreter")
+    p.add_argument("--train-params", default="{}", help="JSON for the train request, e.g. '{\"epochs\": 5}'")
+
+
+def run(args: argparse.Namespace) -> int:
+    records = run_loop(args.server, args.rounds, hu_rule_annotator, args.strategy, args.infer_model, args.train_model,
+                       args.retrain_every, json.loads(args.train_params))
+    print(json.dumps(records, indent=1))
+    return 0

@@ -1,0 +1,131 @@
+"""Next-sample strategy `generated_uncertain` and scoring `generated_uncertainty` for the DatasetGAN loop.
+
+The next sample is a *new* generated image: K candidate seeds (the K seeds after the highest one
+already in the datastore) are generated, scored by the interpreter's ensemble uncertainty (the
+mean of each image's top 10% per-pixel JS divergence), and the most uncertain one is added to the
+datastore with its latent record (seed, truncation psi, w, generator) in its info. While no
+interpreter exists for the current generator, the first candidate is taken (the seeds are random
+latents, so this is a random sample that stays reproducible).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.gan.checkpoint import load_generator
+from labelfactory.interpreter.labeller import MODEL_FILE as INTERPRETER_FILE
+from labelfactory.interpreter.labeller import Interpreter, generator_identity, load_interpreter
+from labelfactory.interpreter.records import LATENT_KEY
+from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
+from labelfactory.io import write_image
+from labelfactory.synthesis import generated_to_image, seed_name
+from labelfactory.tasks.models import ModelCache
+
+logger = logging.getLogger(__name__)
+GENERATOR_FILE = "stylegan2.pt"
+
+
+class GeneratorAndInterpreter:
+    """The served generator and, when one matches it, the served interpreter (both reload on change)."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        model_dir = Path(model_dir)
+        self.generator = ModelCache(model_dir / GENERATOR_FILE, load_generator, "train stylegan2 first")
+        self._interp_path = model_dir / INTERPRETER_FILE
+        self._interp: tuple[tuple, Interpreter] | None = None
+        self._lock = threading.Lock()
+
+    def interpreter(self, G) -> Interpreter | None:
+        """The interpreter for generator G, or None while none is trained for it."""
+        if not self._interp_path.exists():
+            return None
+        st = self._interp_path.stat()
+        key = (id(G), st.st_mtime, st.st_size)
+        with self._lock:
+            if self._interp is None or self._interp[0] != key:
+                try:
+                    self._interp = (key, load_interpreter(self._interp_path, G))
+                except LabelFactoryError as e:
+                    logger.warning(f"interpreter not used: {e}")
+                    return None
+            return self._interp[1]
+
+
+def used_seeds(datastore: Datastore) -> list[int]:
+    """Seeds of the generated images already in the datastore."""
+    seeds = []
+    for image_id in datastore.list_images():
+        rec = (datastore.get_image_info(image_id) or {}).get(LATENT_KEY)
+        if isinstance(rec, dict) and "seed" in rec:
+            seeds.append(int(rec["seed"]))
+    return seeds
+
+
+class GeneratedUncertain(Strategy):
+    """Adds the most uncertain of K new generated images to the datastore and returns its id."""
+
+    def __init__(self, models: GeneratorAndInterpreter, candidates: int = 8, truncation_psi: float = 0.7):
+        super().__init__(f"A new generated image, the most uncertain of {candidates} candidates for the interpreter (random until one is trained)")
+        self.models, self.candidates, self.truncation_psi = models, candidates, truncation_psi
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        G = self.models.generator.get()
+        k = int(request.get("candidates", self.candidates))
+        psi = float(request.get("truncation_psi", self.truncation_psi))
+        if not 1 <= k <= 256 or not 0.0 < psi <= 1.0:
+            raise LabelFactoryError("candidates must be 1..256 and truncation_psi in (0, 1]")
+        start = int(request["seed"]) if "seed" in request else max(used_seeds(datastore), default=-1) + 1
+        seeds = list(range(start, start + k))
+        ws = ws_from_seeds(G, seeds, psi)
+        interp = self.models.interpreter(G)
+        if interp is not None:
+            scores = torch.cat([interp.label(ws[i : i + 4]).score for i in range(0, k, 4)])
+            pick, score = int(scores.argmax()), float(scores.max())
+        else:
+            pick, score = 0, None
+        with torch.no_grad():
+            img = G.synthesis(ws[pick : pick + 1], noise_mode="const")
+        seed = seeds[pick]
+        record = {"seed": seed, "truncation_psi": psi, "w": ws[pick, 0].tolist(), "generator": generator_identity(G)}
+        info = {LATENT_KEY: record, "uncertainty": score}
+        image_id = f"gen_{seed_name(seed)}"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_image(generated_to_image(img), Path(tmp) / f"{image_id}.nii.gz")
+            datastore.add_image(image_id, str(path), info)
+        logger.info(f"next sample: {image_id} (of seeds {seeds[0]}..{seeds[-1]}, uncertainty {score})")
+        return {"id": image_id, "seed": seed, "uncertainty": score}
+
+
+class GeneratedUncertainty(ScoringMethod):
+    """Scores every unlabelled generated image by the interpreter's uncertainty (info 'uncertainty')."""
+
+    def __init__(self, models: GeneratorAndInterpreter):
+        super().__init__("Ensemble uncertainty (top-10% JS divergence) of the unlabelled generated images")
+        self.models = models
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        G = self.models.generator.get()
+        interp = self.models.interpreter(G)
+        if interp is None:
+            raise LabelFactoryError("no interpreter for the current generator: train interpreter first", status=409)
+        scored = {}
+        for image_id in datastore.get_unlabeled_images():
+            rec = (datastore.get_image_info(image_id) or {}).get(LATENT_KEY)
+            if not isinstance(rec, dict) or not rec.get("w"):
+                continue
+            score = float(interp.label(ws_from_w(G, torch.tensor(np.asarray(rec["w"], np.float32)))).score[0])
+            datastore.update_image_info(image_id, {"uncertainty": score})
+            scored[image_id] = score
+        return {"scored": scored}
