@@ -33,7 +33,7 @@ def label_on_grid(label_path, reference):
 
 
 def write_dicom_with_uids(src, dst, name):
-    """Copy a DICOM series, filling the Study/Series/SOP instance UIDs the anonymised source left empty.
+    """Copy a DICOM series, filling the UIDs and numbers the anonymised source left empty.
 
     UIDs are derived from `name` (and each file's media-storage UID), so rebuilding gives the same ones;
     a PACS such as Orthanc refuses instances without them.
@@ -45,6 +45,9 @@ def write_dicom_with_uids(src, dst, name):
         d = pydicom.dcmread(f)
         d.StudyInstanceUID, d.SeriesInstanceUID = study, series
         d.SOPInstanceUID = d.file_meta.MediaStorageSOPInstanceUID
+        d.SOPClassUID = d.file_meta.MediaStorageSOPClassUID
+        d.SeriesNumber = d.get("SeriesNumber") or 1
+        d.StudyID = d.get("StudyID") or "1"
         d.PatientID = d.PatientID or name
         d.PatientName = d.PatientName or name
         d.save_as(dst / f.name)

@@ -58,9 +58,13 @@ class SynthesisResult:
 
 
 def synthesize(interpreter: Interpreter, seeds: list[int], out: str | os.PathLike, truncation_psi: float = 0.7, drop_fraction: float = 0.1,
-               batch_size: int = 1, png: bool = False, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0),
+               png: bool = False, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0),
                preview_pairs: int = 8, progress: bool = True) -> SynthesisResult:
-    """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction, write manifest and preview."""
+    """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction, write manifest and preview.
+
+    Each seed is generated on its own (batching changes float rounding), so a pair depends only on
+    its seed, psi and the models, however runs are split or resumed.
+    """
     if not 0 <= drop_fraction < 1:
         raise LabelFactoryError(f"drop fraction must be in [0, 1), got {drop_fraction}")
     out = Path(out)
@@ -76,19 +80,17 @@ def synthesize(interpreter: Interpreter, seeds: list[int], out: str | os.PathLik
         (out / kind).mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="synthesize", unit="pair", disable=not progress)
     with open(log_path, "a") as log:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            lab = interpreter.label(ws_from_seeds(interpreter.G, batch, truncation_psi))
-            for i, seed in enumerate(batch):
-                image = generated_to_image(lab.image[i], window, spacing)
-                mask = lab.mask[i].cpu().numpy().astype(np.uint8)
-                _write_pair(out, seed, image, mask, lab.uncertainty[i].cpu().numpy().astype(np.float32), interpreter.label_names, png)
-                counts = np.bincount(mask.reshape(-1), minlength=len(names))
-                rec = {"seed": seed, "uncertainty": float(lab.score[i]), "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names}, **origin}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                done[seed] = rec
-            bar.update(len(batch))
+        for seed in todo:
+            lab = interpreter.label(ws_from_seeds(interpreter.G, [seed], truncation_psi))
+            image = generated_to_image(lab.image[0], window, spacing)
+            mask = lab.mask[0].cpu().numpy().astype(np.uint8)
+            _write_pair(out, seed, image, mask, lab.uncertainty[0].cpu().numpy().astype(np.float32), interpreter.label_names, png)
+            counts = np.bincount(mask.reshape(-1), minlength=len(names))
+            rec = {"seed": seed, "uncertainty": float(lab.score[0]), "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names}, **origin}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            done[seed] = rec
+            bar.update(1)
     bar.close()
     kept, dropped = _split(done, drop_fraction)
     _arrange(out, kept, dropped)

@@ -26,7 +26,7 @@ KIND = "clamnet"
 class ClamNetConfig:
     """size: crop side (px); features: BasicUNetPlusPlus's six widths; head: UNet++ depth used at
     inference (1-4, <4 needs deep_supervision); eta: loss weight of abnormal slices without one in the
-    CSV; mix: relative frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width) in HU;
+    CSV; marker_fraction: share of an abnormal slice's organ pixels taken to hold the marker (see loss); mix: relative frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width) in HU;
     margin_mm: organ crop margin; threshold: marker probability at which a pixel is in the mask."""
 
     size: int = 256
@@ -37,6 +37,7 @@ class ClamNetConfig:
     batch: int = 8
     lr: float = 1e-3
     eta: float = 0.5
+    marker_fraction: float = 0.25
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
     organ: str = "aorta"
@@ -73,7 +74,7 @@ def train_clamnet(slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[
     t0 = time.time()
     for step in range(config.steps):
         batch = sampler.sample(config.batch, gen)
-        loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch)
+        loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch, config.marker_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

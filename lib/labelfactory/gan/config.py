@@ -76,7 +76,7 @@ PRESETS: dict[str, TrainingConfig] = {
     "paper256": TrainingConfig(),
     # a few minutes on a CPU: 64^2, narrow networks, a few kimg
     "demo": TrainingConfig(resolution=64, z_dim=64, w_dim=64, mapping_layers=2, channel_base=1024, channel_max=64, batch_size=8,
-                           pl_weight=0.0, total_kimg=2.0, snapshot_kimg=0.5, fid_kimg=0.0, fid_images=256, preview_seeds=16, ada_kimg=100.0),
+                           pl_weight=0.0, total_kimg=1.0, snapshot_kimg=0.25, fid_kimg=0.0, fid_images=256, preview_seeds=16, ada_kimg=100.0),
 }
 
 

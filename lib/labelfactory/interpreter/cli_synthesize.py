@@ -30,7 +30,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0-99", help="seeds, e.g. 0-999 or 5,7,100-120 (default 0-99)")
     p.add_argument("--truncation-psi", type=float, default=0.7)
     p.add_argument("--drop-fraction", type=float, default=0.1, help="drop this fraction of the most uncertain pairs (default 0.1)")
-    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--png", action="store_true", help="also write PNG images and masks")
     p.add_argument("--coarse-to-fine", action="store_true", help="faster approximate upsampling (see benchmarks/interpreter.py for its agreement)")
     p.add_argument("--no-progress", action="store_true")
@@ -45,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     G = load_generator(args.generator)
     interp = load_interpreter(args.interpreter or Path(args.generator).with_name("interpreter.pt"), G, coarse_to_fine=args.coarse_to_fine)
     res = synthesize(interp, seeds, args.out, truncation_psi=args.truncation_psi, drop_fraction=args.drop_fraction,
-                     batch_size=args.batch_size, png=args.png, progress=not args.no_progress)
+                     png=args.png, progress=not args.no_progress)
     print(f"synthesize: {len(res.generated)} new pairs; {len(res.kept)} kept, {len(res.dropped)} dropped -> {res.out}")
     return 0

@@ -1,0 +1,45 @@
+"""`labelfactory train-gan`: StyleGAN2-ADA on a folder of CT studies; `torchrun --nproc_per_node=N -m labelfactory.cli train-gan ...` for N processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
+from labelfactory.gan.config import PRESETS, preset
+from labelfactory.gan.data import load_training_slices, real_image_paths
+from labelfactory.gan.training import train
+
+logger = logging.getLogger(__name__)
+DEFAULT_STUDIES = Path(__file__).resolve().parents[3] / "sample-data" / "datastore"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--studies", type=Path, default=DEFAULT_STUDIES, help="folder of CT images (MONAI Label datastore layout); default: the sample data")
+    parser.add_argument("--out", type=Path, default=Path("runs/stylegan2"), help="run folder: state, preview.png, TensorBoard, train_stats.json (resumed when it exists)")
+    parser.add_argument("--model", type=Path, default=None, help="also publish the EMA generator here (e.g. apps/labelfactory/model/stylegan2.pt)")
+    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="auto: paper256 with a GPU, demo on CPU")
+    for name, typ in (("resolution", int), ("total-kimg", float), ("snapshot-kimg", float), ("fid-kimg", float), ("batch-size", int), ("r1-gamma", float), ("seed", int)):
+        parser.add_argument(f"--{name}", type=typ, default=None)
+    parser.add_argument("--no-augment", action="store_true", help="train without ADA")
+    parser.add_argument("--mixed-precision", action="store_true", help="bf16 autocast of the main phases (GPU)")
+    parser.add_argument("--fid-weights", type=Path, default=None, help="pytorch-fid Inception weights (default: the torch hub cache)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    with process_group_cleanup():
+        init_from_env()
+        cfg = preset(args.preset).with_overrides(resolution=args.resolution, total_kimg=args.total_kimg, snapshot_kimg=args.snapshot_kimg, fid_kimg=args.fid_kimg,
+                                                 batch_size=args.batch_size, r1_gamma=args.r1_gamma, seed=args.seed,
+                                                 augment=False if args.no_augment else None, mixed_precision=True if args.mixed_precision else None)
+        paths = real_image_paths(args.studies)
+        images = load_training_slices(paths, cfg.resolution)
+        logger.info("training StyleGAN2-ADA at %d^2 on %d slices of %d images for %g kimg", cfg.resolution, len(images), len(paths), cfg.total_kimg)
+        stats = train(cfg, images, args.out, publish_path=args.model, data_info={"images": [p.name for p in paths], "slices": len(images)},
+                      fid_weights=args.fid_weights, progress=not args.no_progress)
+        if is_main():
+            print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=1))
+    return 0

@@ -1,0 +1,92 @@
+"""MONAI Label adapters: trainer `interpreter` over the datastore's labelled generated images, infer `datasetgan`."""
+
+import numpy as np
+import pytest
+import torch
+from monailabel.datastore.local import LocalDatastore
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.gan.checkpoint import load_generator, publish_generator
+from labelfactory.gan.networks import Generator
+from labelfactory.interpreter import generator_identity, load_interpreter, ws_from_seeds, ws_from_w, generate_with_taps
+from labelfactory.interpreter.train import TrainConfig
+from labelfactory.io import Image, read_image, write_image
+from labelfactory.synthesis import generated_to_image
+from labelfactory.tasks.interpreter import DatasetGANInfer, InterpreterModels, InterpreterTrain
+
+KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
+FAST = TrainConfig(members=2, hidden=(8, 8), max_epochs=3, pixels_per_image=128)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_dir, studies = tmp_path / "model", tmp_path / "studies"
+    studies.mkdir()
+    torch.manual_seed(0)
+    publish_generator(Generator(**KW).eval(), KW, model_dir / "stylegan2.pt", config={}, data={}, kimg=0.0)
+    G = load_generator(model_dir / "stylegan2.pt")
+    ds = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+    return model_dir, ds, G, tmp_path
+
+
+def add_generated(ds, G, seed, tmp_path, label=True):
+    ws = ws_from_seeds(G, [seed], 0.7)
+    img, _ = generate_with_taps(G, ws)
+    image = generated_to_image(img)
+    path = write_image(image, tmp_path / f"gen{seed}.nii.gz")
+    info = {"labelfactory": {"seed": seed, "truncation_psi": 0.7, "w": ws[0, 0].tolist(), "generator": generator_identity(G)}}
+    image_id = ds.add_image(f"gen{seed}", str(path), info)
+    if label:
+        lab = write_image(image.with_array((img[0, 0] > 0).numpy().astype(np.uint8)), tmp_path / f"lab{seed}.nii.gz")
+        ds.save_label(image_id, str(lab), "final", {})
+    return image_id
+
+
+def test_train_then_infer(setup):
+    model_dir, ds, G, tmp = setup
+    ids = [add_generated(ds, G, s, tmp) for s in range(3)]
+    add_generated(ds, G, 99, tmp, label=False)
+    plain = write_image(Image(np.zeros((32, 32), np.int16), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp / "real.nii.gz")
+    ds.add_image("real", str(plain), {})
+    ds.save_label("real", str(plain), "final", {})
+
+    trainer = InterpreterTrain(model_dir, FAST)
+    stats = trainer({}, ds)
+    assert stats["images"] == 3 and trainer.stats()["epochs"] == len(stats["epoch_loss"])
+    saved = load_interpreter(model_dir / "interpreter.pt", G)
+    assert saved.ensemble.config.members == 2
+
+    infer = DatasetGANInfer(InterpreterModels(model_dir))
+    out, meta = infer({"image": ds.get_image_uri(ids[1])})
+    mask = read_image(out).array
+    w = torch.tensor(ds.get_image_info(ids[1])["labelfactory"]["w"])
+    assert np.array_equal(mask, saved.label(ws_from_w(G, w)).mask[0].numpy())
+    assert meta["label_names"]["liver"] == 1 and "background" not in meta["label_names"] and meta["uncertainty"] >= 0
+
+    with pytest.raises(LabelFactoryError, match="no recorded latent"):
+        infer({"image": ds.get_image_uri("real")})
+
+
+def test_missing_models_and_data(setup):
+    model_dir, ds, G, tmp = setup
+    with pytest.raises(LabelFactoryError, match="train interpreter") as e:
+        InterpreterTrain(model_dir, FAST)({}, ds)
+    assert e.value.status == 409
+    image_id = add_generated(ds, G, 5, tmp)
+    with pytest.raises(LabelFactoryError, match="train interpreter first") as e:
+        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id)})
+    assert e.value.status == 409
+    (model_dir / "stylegan2.pt").unlink()
+    with pytest.raises(LabelFactoryError, match="train stylegan2 first"):
+        InterpreterTrain(model_dir, FAST)({}, ds)
+    with pytest.raises(LabelFactoryError, match="train stylegan2 first"):
+        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id)})
+
+
+def test_label_of_the_wrong_shape_is_refused(setup):
+    model_dir, ds, G, tmp = setup
+    image_id = add_generated(ds, G, 1, tmp, label=False)
+    bad = write_image(Image(np.zeros((16, 16), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp / "bad.nii.gz")
+    ds.save_label(image_id, str(bad), "final", {})
+    with pytest.raises(LabelFactoryError, match="differs from its image"):
+        InterpreterTrain(model_dir, FAST)({}, ds)

@@ -1,0 +1,96 @@
+"""The labelling factory: layout, drop of the most uncertain, reproducibility, resume, `labelfactory synthesize`."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from labelfactory.cli import main
+from labelfactory.errors import LabelFactoryError
+from labelfactory.gan.checkpoint import load_generator, publish_generator
+from labelfactory.gan.networks import Generator
+from labelfactory.interpreter import EnsembleConfig, Interpreter, PixelEnsemble, TapLayout, save_interpreter
+from labelfactory.io import Window, read_image, read_seg_nrrd
+from labelfactory.labels import LABEL_NAMES
+from labelfactory.synthesis import generated_to_image, synthesize
+
+KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
+K = max(LABEL_NAMES.values()) + 1
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny published generator and an (untrained, randomly initialised) interpreter file beside it."""
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    publish_generator(Generator(**KW).eval(), KW, d / "stylegan2.pt", config={}, data={}, kimg=0.0)
+    G = load_generator(d / "stylegan2.pt")
+    layout = TapLayout.of(G)
+    ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, 32, K, members=3, hidden=(8, 8))).eval()
+    save_interpreter(d / "interpreter.pt", ens, LABEL_NAMES, {}, {}, G)
+    return d, Interpreter(G, ens, LABEL_NAMES)
+
+
+def manifest(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_generated_to_image_is_hu_int16():
+    img = generated_to_image(torch.tensor([[[[-1.0, 0.0], [0.5, 1.0]]]]))
+    assert img.array.dtype == np.int16 and img.array.tolist() == [[-1000, 0], [500, 1000]]
+    assert img.spacing == (1.0, 1.0) and img.ndim == 2
+
+
+def test_layout_drop_and_manifest(models, tmp_path):
+    _, interp = models
+    res = synthesize(interp, range(6), tmp_path, truncation_psi=0.7, drop_fraction=1 / 3, png=True, progress=False)
+    assert res.generated == list(range(6)) and len(res.kept) == 4 and len(res.dropped) == 2
+    rows = manifest(tmp_path / "manifest.csv")
+    assert [int(r["seed"]) for r in rows] == res.kept
+    dropped_rows = manifest(tmp_path / "dropped" / "manifest.csv")
+    assert min(float(r["uncertainty"]) for r in dropped_rows) >= max(float(r["uncertainty"]) for r in rows)
+    for r in rows:
+        image = read_image(tmp_path / r["image"])
+        label = read_image(tmp_path / r["label"])
+        assert image.array.shape == label.array.shape == (32, 32)
+        assert image.array.dtype == np.int16 and -1000 <= image.array.min() and image.array.max() <= 1000
+        counts = [int(r[f"pixels_{n.replace(' ', '_')}"]) for n in sorted(LABEL_NAMES, key=LABEL_NAMES.get)]
+        assert counts == np.bincount(label.array.reshape(-1), minlength=K).tolist()
+        seg = read_seg_nrrd(tmp_path / r["label"].replace(".nii.gz", ".seg.nrrd"), LABEL_NAMES)
+        assert np.array_equal(seg.array.reshape(32, 32), label.array)
+        assert (tmp_path / r["image"].replace(".nii.gz", ".png")).exists()
+    for s in res.dropped:
+        assert not (tmp_path / "images" / f"seed{s:06d}.nii.gz").exists()
+        assert (tmp_path / "dropped" / "images" / f"seed{s:06d}.nii.gz").exists()
+    assert (tmp_path / "preview.png").stat().st_size > 1000
+
+
+def test_reproducible_and_resumable(models, tmp_path):
+    _, interp = models
+    synthesize(interp, range(4), tmp_path / "a", drop_fraction=0.25, progress=False)
+    res = synthesize(interp, range(8), tmp_path / "a", drop_fraction=0.25, progress=False)
+    assert res.generated == [4, 5, 6, 7]  # the first four were skipped
+    fresh = synthesize(interp, range(8), tmp_path / "b", drop_fraction=0.25, progress=False)
+    assert fresh.kept == res.kept and fresh.dropped == res.dropped
+    assert manifest(tmp_path / "a" / "manifest.csv") == manifest(tmp_path / "b" / "manifest.csv")
+    for s in res.kept:
+        for kind in ("images", "labels"):
+            a = read_image(tmp_path / "a" / kind / f"seed{s:06d}.nii.gz").array
+            assert np.array_equal(a, read_image(tmp_path / "b" / kind / f"seed{s:06d}.nii.gz").array)
+    assert sorted(p.name for p in (tmp_path / "a" / "images").iterdir()) == [f"seed{s:06d}.nii.gz" for s in res.kept]
+    with pytest.raises(LabelFactoryError, match="new folder"):
+        synthesize(interp, range(2), tmp_path / "a", truncation_psi=0.5, progress=False)
+
+
+def test_cli_synthesize_and_missing_models(models, tmp_path, capsys):
+    d, _ = models
+    rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--out", str(tmp_path / "o"), "--seeds", "3,5-6", "--drop-fraction", "0", "--no-progress"])
+    assert rc == 0 and len(manifest(tmp_path / "o" / "manifest.csv")) == 3
+    rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--interpreter", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "train interpreter first" in capsys.readouterr().err
+    rc = main(["synthesize", "--generator", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "train stylegan2 first" in capsys.readouterr().err
+    rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--out", str(tmp_path / "x"), "--seeds", "a-b"])
+    assert rc == 2 and "--seeds" in capsys.readouterr().err
