@@ -9,7 +9,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
 from labelfactory.io.slices import reorient
 from labelfactory.labels import LABEL_NAMES
-from labelfactory.loop import hu_rule_annotator
+from labelfactory.annotator import hu_rule_annotator, parse_seeds
 
 
 def _dice(a, b):
@@ -35,3 +35,9 @@ def test_hu_rule_annotator_on_air_and_on_volumes():
     assert not hu_rule_annotator(air).any()
     with pytest.raises(LabelFactoryError, match="2D slice"):
         hu_rule_annotator(Image(np.zeros((2, 8, 8), np.int16), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())))
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
+    with pytest.raises(LabelFactoryError, match="seeds must look like"):
+        parse_seeds("a-b")

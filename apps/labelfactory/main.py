@@ -19,6 +19,7 @@ from monailabel.utils.others.generic import strtobool
 from labelfactory import __version__
 from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
 from labelfactory.tasks.datastore import LabelFactoryDatastore
+from labelfactory.tasks.synthesis import SynthesisInfer, seed_of
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,24 @@ class LabelFactoryApp(MONAILabelApp):
         )
 
     def infer(self, request, datastore=None):
-        """Only datastore ids or the server's own upload temp files reach a task, never other paths."""
+        """Only datastore ids or the server's own upload temp files reach a task, never other paths.
+
+        `synthesis` takes image=seed<N> instead of an image id (it makes the image).
+        """
         image = request.get("image")
         ds = datastore or self.datastore()
-        if isinstance(image, str) and not _is_upload(image) and isinstance(ds, LabelFactoryDatastore):
+        if request.get("model") == "synthesis":
+            request = {**request, "seed": seed_of(image)}
+        elif isinstance(image, str) and not _is_upload(image) and isinstance(ds, LabelFactoryDatastore):
             ds.require_image(image)
         return super().infer(request, datastore)
 
     def init_infers(self):
-        return {k: v for c in self.models.values() for k, v in _as_dict(c.infer(), c.name).items()}
+        infers = {k: v for c in self.models.values() for k, v in _as_dict(c.infer(), c.name).items()}
+        for task in infers.values():
+            if isinstance(task, SynthesisInfer):
+                task.datastore = self._datastore  # where add_to_datastore puts generated images
+        return infers
 
     def init_trainers(self):
         if strtobool(self.conf.get("skip_trainers", "false")):

@@ -17,6 +17,7 @@ from labelfactory.errors import LabelFactoryError
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("labelfactory.serve", "start the MONAI Label server on a folder of studies (default: the bundled sample data)"),
     "loop": ("labelfactory.loop", "drive a running server through the active-learning loop with a simulated annotator"),
+    "annotate": ("labelfactory.annotator", "label generated images with the simulated (HU-rule) annotator, for demos and tests"),
     "train-interpreter": ("labelfactory.interpreter.cli", "train the DatasetGAN pixel-classifier ensemble on annotated generated images"),
     "synthesize": ("labelfactory.interpreter.cli_synthesize", "generate a labelled data set (images, masks, manifest, preview), the most uncertain pairs dropped"),
     "train-clamnet": ("labelfactory.clamnet.cli", "train ClamNet (UNet++ pair) from image-level normal/abnormal labels"),

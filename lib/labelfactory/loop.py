@@ -21,42 +21,14 @@ import numpy as np
 import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from scipy import ndimage
 
+from labelfactory.annotator import hu_rule_annotator
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, write_image
 from labelfactory.labels import LABEL_NAMES
 
 logger = logging.getLogger(__name__)
 Annotator = Callable[[Image, "Image | None"], np.ndarray]
-
-
-def hu_rule_annotator(image: Image, prediction: Image | None = None) -> np.ndarray:
-    """Simulated annotator for an axial CT slice in HU (H, W) -> label (H, W) uint8.
-
-    Lungs are the air regions (< -400 HU) enclosed by the body (> -500 HU, holes filled), not
-    touching the image border; left/right by the body's midline (the image's left half is the
-    patient's right, radiological view). Everything else stays background.
-    """
-    hu = image.array.astype(np.float32)
-    if hu.ndim != 2:
-        raise LabelFactoryError(f"the simulated annotator takes a 2D slice, got shape {hu.shape}")
-    body, n = ndimage.label(hu > -500)
-    if n == 0:
-        return np.zeros(hu.shape, np.uint8)
-    largest = 1 + int(np.argmax(ndimage.sum(np.ones_like(hu), body, range(1, n + 1))))
-    inside = ndimage.binary_fill_holes(body == largest)
-    air, m = ndimage.label((hu < -400) & inside)
-    touching = set(np.unique(np.concatenate([air[0], air[-1], air[:, 0], air[:, -1]]))) - {0}
-    lungs = (air > 0) & ~np.isin(air, list(touching))
-    lungs = ndimage.binary_opening(lungs, iterations=1)
-    cols = np.nonzero(inside.any(axis=0))[0]
-    mid = (cols[0] + cols[-1]) / 2
-    out = np.zeros(hu.shape, np.uint8)
-    xs = np.arange(hu.shape[1])[None, :]
-    out[lungs & (xs < mid)] = LABEL_NAMES["right lung"]
-    out[lungs & (xs >= mid)] = LABEL_NAMES["left lung"]
-    return out
 
 
 def wait_for_training(client: MONAILabelClient, timeout: float = 3600, poll: float = 2.0) -> dict:

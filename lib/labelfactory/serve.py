@@ -17,6 +17,7 @@ from labelfactory.errors import LabelFactoryError
 REPO = Path(__file__).resolve().parents[2]
 APP_DIR = REPO / "apps" / "labelfactory"
 SAMPLE = REPO / "sample-data" / "datastore"
+DEMO_MODELS = REPO / "sample-data" / "models"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=str(REPO / "runs"), help="where the sample data copy lives (default: runs/)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: auth is off, keep it local)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--models", default=str(DEMO_MODELS), help="model files to start from when the app has none of its own (default: the demo models made by scripts/make_demo_models.sh); '' for none")
     p.add_argument("--conf", action="append", nargs=2, metavar=("KEY", "VALUE"), default=[], help="app option, e.g. --conf models all")
 
 
@@ -37,6 +39,20 @@ def prepare_studies(studies: str | None, workdir: str | os.PathLike) -> str:
     if not copy.exists():
         shutil.copytree(SAMPLE, copy)
     return str(copy)
+
+
+def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> list[str]:
+    """Copy each model file of `source` that `model_dir` lacks (never overwrites a trained model)."""
+    source, model_dir = Path(source), Path(model_dir)
+    if not source.is_dir():
+        return []
+    model_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in sorted(source.glob("*.pt")):
+        if not (model_dir / f.name).exists():
+            shutil.copy2(f, model_dir / f.name)
+            copied.append(f.name)
+    return copied
 
 
 def server_command(studies: str, host: str, port: int, conf: list[tuple[str, str]], app_dir: str | os.PathLike = APP_DIR) -> list[str]:
@@ -56,6 +72,10 @@ def server_env() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     studies = prepare_studies(args.studies, args.workdir)
+    if args.models:
+        copied = install_models(args.models, APP_DIR / "model")
+        if copied:
+            print(f"labelfactory: starting from the demo models {', '.join(copied)} (see {args.models}/README.md)", flush=True)
     cmd = server_command(studies, args.host, args.port, [tuple(c) for c in args.conf])
     print(f"labelfactory: serving {studies} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     os.execve(cmd[0], cmd, server_env())

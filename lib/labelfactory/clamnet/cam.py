@@ -50,7 +50,7 @@ def train_classifier(slices: WeakSlices, config: CamConfig) -> tuple[nn.Module, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(loss.detach().item())
         if step % 25 == 0 or step == config.steps - 1:
             logger.info(f"cam classifier step {step + 1}/{config.steps} loss {history[-1]:.4f}")
     return model.eval(), history

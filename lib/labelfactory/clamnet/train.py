@@ -78,7 +78,7 @@ def train_clamnet(slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(loss.detach().item())
         if on_step is not None:
             on_step(step, history[-1])
         if step % 25 == 0 or step == config.steps - 1:

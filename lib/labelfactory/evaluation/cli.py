@@ -38,6 +38,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-interval", type=int, default=200, help="iterations between validation Dice checks (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-weights", default=None, help="pytorch-fid Inception weights file (FID of the synthetic set is skipped without it)")
+    p.add_argument("--fid-images", type=int, default=1000, help="images per side for FID (default 1000; 0 skips FID)")
     p.add_argument("--note", default="", help="a line to put at the top of results.md (e.g. the machine and what was reduced)")
 
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                         train=TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_interval=args.val_interval, seed=args.seed))
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     results = run_experiments(real, settings, synthetic, by_k, tables, sizes, args.k_real, args.networks.split(","), args.train_pairs)
-    results["fid"] = synthetic_fid(synthetic, real, args.fid_weights) if synthetic is not None else None
+    results["fid"] = synthetic_fid(synthetic, real, args.fid_weights, args.fid_images) if synthetic is not None and args.fid_images > 0 else None
     results["note"] = args.note
     results["data"].update(studies=str(args.studies), synthetic=str(args.synthetic) if args.synthetic else None,
                            annotated=folders)

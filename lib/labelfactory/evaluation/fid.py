@@ -59,10 +59,17 @@ def inception_features(model: torch.nn.Module, images: torch.Tensor, batch_size:
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID between two (N, 2048) feature sets."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
+    """FID between two (N, D) feature sets: |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr(sqrt(S_a S_b)).
 
-    return float(calculate_frechet_distance(features_a.mean(0), np.cov(features_a, rowvar=False), features_b.mean(0), np.cov(features_b, rowvar=False)))
+    With S_a = A^T A and S_b = B^T B (centred features / sqrt(N - 1)), tr(sqrt(S_a S_b)) is the sum of
+    the singular values of A B^T: exact, and seconds instead of the minutes scipy's sqrtm of a
+    2048 x 2048 matrix (pytorch-fid's way) takes on a CPU.
+    """
+    a = (features_a - features_a.mean(0)) / np.sqrt(max(len(features_a) - 1, 1))
+    b = (features_b - features_b.mean(0)) / np.sqrt(max(len(features_b) - 1, 1))
+    diff = features_a.mean(0) - features_b.mean(0)
+    cross = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return float(diff @ diff + np.square(a).sum() + np.square(b).sum() - 2 * cross)
 
 
 class FIDEvaluator:

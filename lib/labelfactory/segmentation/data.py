@@ -83,7 +83,7 @@ def synthetic_pairs(folder: str | os.PathLike, size: int = 256, window: Window =
         raise LabelFactoryError(f"{folder}: no images/ folder; synthesize a data set there first (labelfactory synthesize)")
     pairs = []
     for p in sorted(images.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
+        if not p.name.endswith(".nii.gz") or p.name.startswith(".") or not p.is_file():  # images/ may also hold PNG previews
             continue
         label = labels / p.name
         if not label.exists():

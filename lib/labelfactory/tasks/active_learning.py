@@ -11,9 +11,7 @@ latents, so this is a random sample that stays reproducible).
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +22,25 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator
-from labelfactory.interpreter.labeller import MODEL_FILE as INTERPRETER_FILE
-from labelfactory.interpreter.labeller import Interpreter, generator_identity, load_interpreter
+from labelfactory.interpreter.labeller import Interpreter, generator_identity
 from labelfactory.interpreter.records import LATENT_KEY
 from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
 from labelfactory.io import write_image
 from labelfactory.synthesis import generated_to_image, seed_name
-from labelfactory.tasks.models import ModelCache
+from labelfactory.tasks.interpreter import InterpreterModels
 
 logger = logging.getLogger(__name__)
-GENERATOR_FILE = "stylegan2.pt"
 
 
-class GeneratorAndInterpreter:
-    """The served generator and, when one matches it, the served interpreter (both reload on change)."""
-
-    def __init__(self, model_dir: str | os.PathLike):
-        model_dir = Path(model_dir)
-        self.generator = ModelCache(model_dir / GENERATOR_FILE, load_generator, "train stylegan2 first")
-        self._interp_path = model_dir / INTERPRETER_FILE
-        self._interp: tuple[tuple, Interpreter] | None = None
-        self._lock = threading.Lock()
-
-    def interpreter(self, G) -> Interpreter | None:
-        """The interpreter for generator G, or None while none is trained for it."""
-        if not self._interp_path.exists():
-            return None
-        st = self._interp_path.stat()
-        key = (id(G), st.st_mtime, st.st_size)
-        with self._lock:
-            if self._interp is None or self._interp[0] != key:
-                try:
-                    self._interp = (key, load_interpreter(self._interp_path, G))
-                except LabelFactoryError as e:
-                    logger.warning(f"interpreter not used: {e}")
-                    return None
-            return self._interp[1]
+def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
+    """The interpreter of the served generator, or None while none is trained for it."""
+    try:
+        return models.interpreter()
+    except LabelFactoryError as e:
+        if e.status != 409 or "stylegan2" in str(e):
+            raise
+        logger.info(f"no interpreter: {e}")
+        return None
 
 
 def used_seeds(datastore: Datastore) -> list[int]:
@@ -76,7 +56,7 @@ def used_seeds(datastore: Datastore) -> list[int]:
 class GeneratedUncertain(Strategy):
     """Adds the most uncertain of K new generated images to the datastore and returns its id."""
 
-    def __init__(self, models: GeneratorAndInterpreter, candidates: int = 8, truncation_psi: float = 0.7):
+    def __init__(self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = 0.7):
         super().__init__(f"A new generated image, the most uncertain of {candidates} candidates for the interpreter (random until one is trained)")
         self.models, self.candidates, self.truncation_psi = models, candidates, truncation_psi
 
@@ -89,7 +69,7 @@ class GeneratedUncertain(Strategy):
         start = int(request["seed"]) if "seed" in request else max(used_seeds(datastore), default=-1) + 1
         seeds = list(range(start, start + k))
         ws = ws_from_seeds(G, seeds, psi)
-        interp = self.models.interpreter(G)
+        interp = interpreter_or_none(self.models)
         if interp is not None:
             scores = torch.cat([interp.label(ws[i : i + 4]).score for i in range(0, k, 4)])
             pick, score = int(scores.argmax()), float(scores.max())
@@ -111,15 +91,13 @@ class GeneratedUncertain(Strategy):
 class GeneratedUncertainty(ScoringMethod):
     """Scores every unlabelled generated image by the interpreter's uncertainty (info 'uncertainty')."""
 
-    def __init__(self, models: GeneratorAndInterpreter):
+    def __init__(self, models: InterpreterModels):
         super().__init__("Ensemble uncertainty (top-10% JS divergence) of the unlabelled generated images")
         self.models = models
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         G = self.models.generator.get()
-        interp = self.models.interpreter(G)
-        if interp is None:
-            raise LabelFactoryError("no interpreter for the current generator: train interpreter first", status=409)
+        interp = self.models.interpreter()
         scored = {}
         for image_id in datastore.get_unlabeled_images():
             rec = (datastore.get_image_info(image_id) or {}).get(LATENT_KEY)

@@ -1,0 +1,114 @@
+"""ClamNet benchmark: speed on 256^2 slices, and Dice / IoU of ClamNet vs the Grad-CAM baseline on the
+sample weak task (thorax CT with aortic dissection: false-lumen slices 'abnormal', truth = false-lumen
+mask; the other studies' aorta slices 'normal'), on a slab split so train and test slices never touch.
+Also reported: 'organ' = the whole aorta mask as the prediction, the floor any method must beat here
+(the false lumen fills about half the aorta). Truth masks are TotalSegmentator output, not hand-drawn.
+
+    .venv/bin/python benchmarks/clamnet.py [--size 64 --steps 150 --json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from labelfactory.clamnet.cam import CamConfig, cam_maps, train_classifier
+from labelfactory.clamnet.data import load_weak_slices
+from labelfactory.clamnet.evaluate import score_maps, split_by_slab
+from labelfactory.clamnet.infer import predict_crops
+from labelfactory.clamnet.loss import clamnet_loss
+from labelfactory.clamnet.pairs import PairSampler
+from labelfactory.clamnet.train import ClamNetConfig, build_pair, train_clamnet
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample-data"
+
+
+def speed(device: torch.device, steps: int = 3, batch: int = 4) -> dict[str, float]:
+    """Training steps/s (pair batch of `batch` at 256^2, default widths) and inference ms per 256^2 slice."""
+    cfg = ClamNetConfig()
+    pair = build_pair(cfg).to(device)
+    n = 8
+    x = torch.randn(n, 1, 256, 256).clamp(-1, 1)
+    organ = torch.ones(n, 1, 256, 256)
+    sampler = PairSampler(x, torch.arange(n) % 2 == 0, torch.full((n,), 0.5), organ)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(pair.parameters(), lr=1e-3)
+    pair.train()
+    times = []
+    for _ in range(steps + 1):
+        b = sampler.sample(batch, gen)
+        t = time.perf_counter()
+        loss = clamnet_loss(pair.a(b.xa.to(device)), pair.b(b.xb.to(device)), _to(b, device), cfg.marker_fraction)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    pair.eval()
+    predict_crops(pair, x[:1].to(device), organ[:1].to(device))
+    t = time.perf_counter()
+    predict_crops(pair, x.to(device), organ.to(device))
+    return {"train_steps_per_s": 1 / (sum(times[1:]) / steps), "train_batch": batch, "infer_ms_per_slice": 1000 * (time.perf_counter() - t) / n}
+
+
+def _to(b, device):
+    for k in ("xa", "xb", "organ_a", "organ_b", "abnormal_a", "abnormal_b", "eta_a", "eta_b", "valid"):
+        setattr(b, k, getattr(b, k).to(device))
+    return b
+
+
+def quality(size: int, steps: int, features: tuple[int, ...], seed: int) -> dict:
+    cfg = ClamNetConfig(size=size, features=features, steps=steps, batch=8, lr=3e-3, seed=seed)
+    slices = load_weak_slices(SAMPLE / "datastore", SAMPLE / "image_labels.csv", cfg.organ, [SAMPLE / "reference"], "aorta_false_lumen", size, cfg.margin_mm, cfg.ct_window, cfg.eta)
+    train, test = split_by_slab(slices, slab=12, gap=4, test_every=3)
+    t = time.time()
+    pair, hist = train_clamnet(train, cfg)
+    t_clam = time.time() - t
+    t = time.time()
+    clf, chist = train_classifier(train, CamConfig(steps=steps, batch=8, lr=1e-3, seed=seed))
+    t_cam = time.time() - t
+    scores = {
+        "clamnet": score_maps(predict_crops(pair, test.x, test.organ), test, cfg.threshold),
+        "gradcam": score_maps(cam_maps(clf, test.x, test.organ), test, 0.5),
+        "organ": score_maps(test.organ[:, 0], test, 0.5),
+    }
+    return {
+        "config": {"size": size, "steps": steps, "features": list(features), "seed": seed, "marker_fraction": cfg.marker_fraction, "eta": cfg.eta, "split": "slab 12, gap 4, every 3rd slab test"},
+        "data": {"train_slices": len(train), "train_abnormal": int(train.abnormal.sum()), "test_slices": len(test), "test_abnormal": int(test.abnormal.sum())},
+        "scores": scores, "loss": {"clamnet_first10": sum(hist[:10]) / 10, "clamnet_last10": sum(hist[-10:]) / 10, "cam_last10": sum(chist[-10:]) / 10},
+        "train_s": {"clamnet": t_clam, "cam": t_cam},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--features", type=int, nargs=6, default=[8, 8, 16, 32, 64, 8])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    out = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "speed": {d.type: speed(d) for d in devices},
+        "quality": quality(args.size, args.steps, tuple(args.features), args.seed),
+    }
+    q = out["quality"]["scores"]
+    for name, s in out["speed"].items():
+        print(f"{name}: {s['train_steps_per_s']:.3f} train steps/s (batch {s['train_batch']} pairs, 256^2), {s['infer_ms_per_slice']:.0f} ms per 256^2 slice")
+    for name in ("clamnet", "gradcam", "organ"):
+        print(f"{name:8s} Dice {q[name]['dice']:.3f}  IoU {q[name]['iou']:.3f}  ({q[name]['slices']} test slices, {q[name]['abnormal_slices']} abnormal)")
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""A simulated annotator for generated CT slices, and `labelfactory annotate` to apply it offline.
+
+It stands in for the radiologist in tests, the scripted loop and the demo models: a rule on HU
+ranges that labels the lungs (the one structure such a rule gets right). A person correcting the
+interpreter's masks in 3D Slicer is the real annotator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Image, write_image
+from labelfactory.labels import LABEL_NAMES
+
+
+def hu_rule_annotator(image: Image, prediction: Image | None = None) -> np.ndarray:
+    """Simulated annotator for an axial CT slice in HU (H, W) -> label (H, W) uint8.
+
+    Lungs are the air regions (< -400 HU) enclosed by the body (> -500 HU, holes filled), not
+    touching the image border; left/right by the body's midline (the image's left half is the
+    patient's right, radiological view). Everything else stays background.
+    """
+    hu = image.array.astype(np.float32)
+    if hu.ndim != 2:
+        raise LabelFactoryError(f"the simulated annotator takes a 2D slice, got shape {hu.shape}")
+    body, n = ndimage.label(hu > -500)
+    if n == 0:
+        return np.zeros(hu.shape, np.uint8)
+    largest = 1 + int(np.argmax(ndimage.sum(np.ones_like(hu), body, range(1, n + 1))))
+    inside = ndimage.binary_fill_holes(body == largest)
+    air, m = ndimage.label((hu < -400) & inside)
+    touching = set(np.unique(np.concatenate([air[0], air[-1], air[:, 0], air[:, -1]]))) - {0}
+    lungs = (air > 0) & ~np.isin(air, list(touching))
+    lungs = ndimage.binary_opening(lungs, iterations=1)
+    cols = np.nonzero(inside.any(axis=0))[0]
+    mid = (cols[0] + cols[-1]) / 2
+    out = np.zeros(hu.shape, np.uint8)
+    xs = np.arange(hu.shape[1])[None, :]
+    out[lungs & (xs < mid)] = LABEL_NAMES["right lung"]
+    out[lungs & (xs >= mid)] = LABEL_NAMES["left lung"]
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-29' or '1,5,9' or '0-9,20' -> sorted unique seeds."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise LabelFactoryError(f"seeds must look like 0-29 or 1,5,9; got {text!r}")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generator", required=True, help="generator file (stylegan2.pt)")
+    p.add_argument("--seeds", default="0-29", help="seeds to generate and annotate, e.g. 0-29")
+    p.add_argument("--truncation-psi", type=float, default=0.7)
+    p.add_argument("--out", required=True, help="folder for seed<N>.nii.gz masks (what train-interpreter --labels reads) and the images")
+
+
+def run(args: argparse.Namespace) -> int:
+    from labelfactory.gan.checkpoint import load_generator
+    from labelfactory.interpreter.taps import ws_from_seeds
+    from labelfactory.synthesis import generated_to_image, seed_name
+
+    G = load_generator(args.generator)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for seed in parse_seeds(args.seeds):
+        img = G.synthesis(ws_from_seeds(G, [seed], args.truncation_psi), noise_mode="const")
+        image = generated_to_image(img[0])
+        mask = hu_rule_annotator(image)
+        write_image(image, out / "images" / f"{seed_name(seed)}.nii.gz")
+        write_image(image.with_array(mask), out / f"{seed_name(seed)}.nii.gz")
+        counts[seed] = {n: int((mask == v).sum()) for n, v in LABEL_NAMES.items() if v and (mask == v).any()}
+    print(json.dumps({"out": str(out), "annotated": counts}, indent=1))
+    return 0

@@ -1,0 +1,56 @@
+"""MONAI Label adapters for ClamNet, called directly: train on the sample datastore copy, infer on a volume and a 2D image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from monailabel.datastore.local import LocalDatastore
+
+from labelfactory.clamnet.train import ClamNetConfig
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Image, read_image, write_image
+from labelfactory.tasks.clamnet import MODEL_FILE, ClamNetInfer, ClamNetTrain
+
+TINY = ClamNetConfig(size=32, features=(4, 4, 8, 8, 16, 4), steps=2, batch=2, seed=0)
+
+
+def test_infer_without_model_says_train_first(tmp_path):
+    with pytest.raises(LabelFactoryError, match="train clamnet first") as e:
+        ClamNetInfer(tmp_path)({"image": "whatever.nii.gz"})
+    assert e.value.status == 409
+
+
+def test_train_then_infer_volume_and_2d(tmp_path, datastore_copy, sample):
+    shutil.copy(sample / "image_labels.csv", datastore_copy / "image_labels.csv")
+    organ_dirs = [str(sample / "reference")]
+    ds = LocalDatastore(str(datastore_copy), extensions=("*.nii.gz",))
+    model_dir = tmp_path / "model"
+    trainer = ClamNetTrain(model_dir, TINY, organ_dirs=organ_dirs)
+    stats = trainer({"steps": 2}, ds)
+    assert (model_dir / MODEL_FILE).is_file() and stats["abnormal"] > 0
+    assert trainer.stats()["steps"] == 2 and "thorax_aorta" in stats["studies"]
+
+    infer = ClamNetInfer(model_dir, organ_dirs)
+    image_path = datastore_copy / "thorax_aorta.nii.gz"
+    label_path, result = infer({"image": str(image_path)})
+    image, label, prob = read_image(image_path), read_image(label_path), read_image(result["probability"])
+    assert label.array.shape == prob.array.shape == image.array.shape
+    assert np.allclose(label.spacing, image.spacing) and np.allclose(prob.origin, image.origin)
+    assert prob.array.min() >= 0 and prob.array.max() <= 1 and set(np.unique(label.array)) <= {0, 1}
+    aorta = read_image(sample / "reference" / "thorax_aorta" / "mask_aorta.nii.gz").array > 0
+    outside = ~aorta & (np.arange(aorta.shape[0])[:, None, None] > 155)  # slices without aorta stay 0
+    assert prob.array[outside].max() == 0
+    assert result["organ_crop"] == "organ mask of the study"
+
+    # a 2D image with its organ mask given in the request
+    k = 60
+    flat = Image(image.array[k], image.spacing[:2], image.origin[:2], (1.0, 0.0, 0.0, 1.0))
+    p2d, m2d = tmp_path / "slice.nii.gz", tmp_path / "slice_aorta.nii.gz"
+    write_image(flat, p2d)
+    write_image(flat.with_array(aorta[k].astype(np.uint8)), m2d)
+    label_path, result = infer({"image": str(p2d), "organ_mask": str(m2d)})
+    assert read_image(label_path).array.shape == flat.array.shape and result["organ_crop"] == "organ_mask"
+    assert json.dumps(result)

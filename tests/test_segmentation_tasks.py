@@ -1,0 +1,61 @@
+"""MONAI Label adapters `segmentation` (trainer and infer) called directly over a local datastore, and the app config."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from monailabel.datastore.local import LocalDatastore
+
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import read_image
+from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
+from labelfactory.segmentation.train import TrainConfig
+from tests.test_segmentation import make_pairs, one_thread  # noqa: F401  (fixture: one torch thread)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_infer_answers_train_first_then_segments_in_the_input_geometry(datastore_copy, tmp_path):
+    model_dir = tmp_path / "model"
+    infer = SegmentationInfer(model_dir)
+    image_path = datastore_copy / "torso_3mm.nii.gz"
+    with pytest.raises(LabelFactoryError, match="train segmentation first") as e:
+        infer({"image": str(image_path)})
+    assert e.value.status == 409
+
+    synthetic = make_pairs(tmp_path / "synthetic", 6, size=32)
+    trainer = SegmentationTrain(model_dir, TrainConfig(size=32, steps=2, val_interval=2, batch_size=2), str(synthetic))
+    assert trainer.config()["network"][0] == "unetpp"
+    datastore = LocalDatastore(str(datastore_copy), extensions=("*.nii.gz",), auto_reload=False)
+    stats = trainer({"network": ["unet"], "real": "4", "steps": 2}, datastore)
+    assert stats["network"] == "unet" and stats["synthetic_pairs"] == 6 and stats["real_slices"] == 4
+    assert stats["val_patients"] == ["torso_3mm"] and 0 <= stats["best_metric"] <= 1
+    assert trainer.stats() == json.loads((model_dir / "segmentation_train_stats.json").read_text())
+
+    label_file, info = infer({"image": str(image_path), "result_extension": ".nrrd"})
+    label, image = read_image(label_file), read_image(image_path)
+    assert label_file.endswith(".nrrd") and label.array.shape == image.array.shape and label.spacing == pytest.approx(image.spacing)
+    assert info["label_names"]["liver"] == 1 and "background" not in info["label_names"] and info["model"]["network"] == "unet"
+
+
+def test_trainer_uses_real_labels_only_without_a_synthetic_set(datastore_copy, tmp_path):
+    trainer = SegmentationTrain(tmp_path / "model", TrainConfig(network="unet", size=32, steps=2, val_interval=2, batch_size=4), str(tmp_path / "absent"))
+    datastore = LocalDatastore(str(datastore_copy), extensions=("*.nii.gz",), auto_reload=False)
+    stats = trainer({}, datastore)
+    assert stats["synthetic_pairs"] == 0 and stats["real_patients"] == ["abdomen"] and (tmp_path / "model" / "segmentation.pt").is_file()
+
+
+def test_app_config_offers_trainer_and_infer(tmp_path):
+    sys.path.insert(0, str(REPO / "apps" / "labelfactory"))
+    try:
+        from lib.configs.segmentation import Segmentation
+    finally:
+        sys.path.remove(str(REPO / "apps" / "labelfactory"))
+    config = Segmentation()
+    config.init("segmentation", str(tmp_path / "model"), {"segmentation_steps": "7"}, None)
+    assert isinstance(config.infer()["segmentation"], SegmentationInfer)
+    trainer = config.trainer()["segmentation"]
+    assert trainer.config()["steps"] == 7 and trainer.synthetic_dir == str(tmp_path / "synthetic")
