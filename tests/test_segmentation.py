@@ -12,7 +12,7 @@ import torch
 from labelfactory.checkpoints import load_checkpoint
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, write_image
-from labelfactory.segmentation.data import PairSubset, hybrid, real_slices, synthetic_pairs, training_sets
+from labelfactory.segmentation.data import PairSubset, real_slices, synthetic_pairs, training_sets
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS, build_network
 from labelfactory.segmentation.train import TrainConfig, train_segmenter
