@@ -71,17 +71,22 @@ def quality(size: int, steps: int, features: tuple[int, ...], seed: int) -> dict
     t = time.time()
     clf, chist = train_classifier(train, CamConfig(steps=steps, batch=8, lr=1e-3, seed=seed))
     t_cam = time.time() - t
-    scores = {
-        "clamnet": score_maps(predict_crops(pair, test.x, test.organ), test, cfg.threshold),
-        "gradcam": score_maps(cam_maps(clf, test.x, test.organ), test, 0.5),
-        "organ": score_maps(test.organ[:, 0], test, 0.5),
-    }
+    maps = {"clamnet": predict_crops(pair, test.x, test.organ), "gradcam": cam_maps(clf, test.x, test.organ), "organ": test.organ[:, 0]}
+    scores = {name: score_maps(m, test, cfg.threshold) | _where_it_looks(m, test) for name, m in maps.items()}
     return {
         "config": {"size": size, "steps": steps, "features": list(features), "seed": seed, "marker_fraction": cfg.marker_fraction, "eta": cfg.eta, "split": "slab 12, gap 4, every 3rd slab test"},
         "data": {"train_slices": len(train), "train_abnormal": int(train.abnormal.sum()), "test_slices": len(test), "test_abnormal": int(test.abnormal.sum())},
         "scores": scores, "loss": {"clamnet_first10": sum(hist[:10]) / 10, "clamnet_last10": sum(hist[-10:]) / 10, "cam_last10": sum(chist[-10:]) / 10},
         "train_s": {"clamnet": t_clam, "cam": t_cam},
     }
+
+
+def _where_it_looks(maps: torch.Tensor, test) -> dict[str, float]:
+    """Mean map value on the truth vs on the rest of the organ of abnormal test slices (threshold-free)."""
+    ab = test.abnormal & test.has_truth
+    truth, organ = test.truth[ab, 0] > 0.5, test.organ[ab, 0] > 0.5
+    m = maps[ab]
+    return {"mean_on_truth": m[truth].mean().item(), "mean_on_rest_of_organ": m[organ & ~truth].mean().item()}
 
 
 def main() -> None:
@@ -91,8 +96,9 @@ def main() -> None:
     ap.add_argument("--features", type=int, nargs=6, default=[8, 8, 16, 32, 64, 8])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU is shared; 1 avoids oversubscription)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     out = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -103,7 +109,8 @@ def main() -> None:
     for name, s in out["speed"].items():
         print(f"{name}: {s['train_steps_per_s']:.3f} train steps/s (batch {s['train_batch']} pairs, 256^2), {s['infer_ms_per_slice']:.0f} ms per 256^2 slice")
     for name in ("clamnet", "gradcam", "organ"):
-        print(f"{name:8s} Dice {q[name]['dice']:.3f}  IoU {q[name]['iou']:.3f}  ({q[name]['slices']} test slices, {q[name]['abnormal_slices']} abnormal)")
+        print(f"{name:8s} Dice {q[name]['dice']:.3f}  IoU {q[name]['iou']:.3f}  ({q[name]['slices']} test slices, {q[name]['abnormal_slices']} abnormal); "
+              f"mean map on truth {q[name]['mean_on_truth']:.3f} vs rest of organ {q[name]['mean_on_rest_of_organ']:.3f}")
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

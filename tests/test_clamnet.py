@@ -12,7 +12,6 @@ from labelfactory.clamnet.crop import box_mask, crop_slices, oriented_to_file_sl
 from labelfactory.clamnet.evaluate import dice_iou, slab_split
 from labelfactory.clamnet.image_labels import read_image_labels, slice_labels
 from labelfactory.clamnet.loss import clamnet_loss, hybrid_loss, label_targets
-from labelfactory.clamnet.network import ClamNetPair
 from labelfactory.clamnet.pairs import BLUR_RANGE, NEGATIVE, NORMAL, SAME, STRETCH_RANGE, PairSampler, draw_view, make_view, to_view_frame
 from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
 from labelfactory.clamnet.data import WeakSlices

@@ -63,3 +63,13 @@ def test_train_then_infer_volume_and_2d(tmp_path, datastore_copy, sample):
     label_path, result = infer({"image": str(p2d), "organ_mask": str(m2d)})
     assert read_image(label_path).array.shape == flat.array.shape and result["organ_crop"] == "organ_mask"
     assert json.dumps(result)
+
+
+def test_cli_train_clamnet(tmp_path, sample):
+    from labelfactory.cli import main
+
+    out = tmp_path / "clamnet.pt"
+    rc = main(["train-clamnet", "--studies", str(sample / "datastore"), "--organ-dir", str(sample / "reference"), "--steps", "1", "--batch", "2",
+               "--size", "32", "--features", "4", "4", "8", "8", "16", "4", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    assert main(["train-clamnet", "--studies", str(tmp_path), "--out", str(out)]) == 2  # no labels CSV: a one-line error

@@ -225,3 +225,11 @@ def test_folder_without_dicom(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(LabelFactoryError, match="no DICOM series"):
         read_image(tmp_path)
+
+
+def test_window_is_applied_to_slices(sample):
+    image, _ = _study(sample, "torso_3mm")
+    narrow, _ = volume_to_slices(image, 64, Window(level=40, width=400))
+    wide, _ = volume_to_slices(image, 64, Window(level=0, width=2000))
+    assert not np.allclose(narrow.numpy(), wide.numpy())
+    assert float((narrow == -1).float().mean()) > float((wide == -1).float().mean())  # more voxels below a narrow window's floor

@@ -71,6 +71,18 @@ def organ_mask(study: Study, image: Image, organ: str, organ_dirs: list[Path]) -
     return None
 
 
+def segmented_organ(model: str | os.PathLike, image: Image, organ: str) -> Image | None:
+    """The organ as the project's trained segmentation model sees it (None when it finds none)."""
+    from labelfactory.segmentation.infer import load_segmenter, segment_image
+
+    segmenter = load_segmenter(model)
+    if organ not in segmenter.label_names:
+        raise LabelFactoryError(f"the segmentation model at {model} does not segment '{organ}' (it knows {sorted(segmenter.label_names)})")
+    label = segment_image(segmenter, image)
+    mask = (label.array == segmenter.label_names[organ]).astype(np.uint8)
+    return label.with_array(mask) if mask.any() else None
+
+
 def default_organ_dirs(studies: str | os.PathLike) -> list[Path]:
     """`<studies>/reference` and `<studies>/../reference`, where they exist (the sample data's layout)."""
     s = Path(studies)

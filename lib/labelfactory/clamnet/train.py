@@ -25,9 +25,10 @@ KIND = "clamnet"
 @dataclass
 class ClamNetConfig:
     """size: crop side (px); features: BasicUNetPlusPlus's six widths; head: UNet++ depth used at
-    inference (1-4, <4 needs deep_supervision); eta: loss weight of abnormal slices without one in the
-    CSV; marker_fraction: share of an abnormal slice's organ pixels taken to hold the marker (see loss); mix: relative frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width) in HU;
-    margin_mm: organ crop margin; threshold: marker probability at which a pixel is in the mask."""
+    inference (1-4, <4 needs deep_supervision); eta: loss weight of abnormal slices without one in
+    the CSV; marker_fraction: share of an abnormal slice's organ pixels taken to hold the marker (see
+    loss.py); mix: relative frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width)
+    in HU; margin_mm: organ crop margin; threshold: marker probability at which a pixel is in the mask."""
 
     size: int = 256
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)

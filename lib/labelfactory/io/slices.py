@@ -64,7 +64,7 @@ def volume_to_slices(image: Image, size: int = 256, window: Window = Window()) -
     oriented, code = reorient(image)
     arr = oriented.array[None] if oriented.ndim == 2 else oriented.array
     geom = plan_geometry(arr.shape[1:], oriented.spacing[:2], size, code)
-    x = torch.from_numpy(np.ascontiguousarray(to_unit_range(arr)))[:, None]
+    x = torch.from_numpy(np.ascontiguousarray(to_unit_range(arr, window)))[:, None]
     return _to_grid(x, geom, mode="bilinear", fill=-1.0), geom
 
 

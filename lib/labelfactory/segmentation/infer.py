@@ -46,7 +46,12 @@ def predict_slices(network: nn.Module, images: torch.Tensor, batch_size: int = 8
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]), dtype=torch.long)
 
 
-def segment_image(segmenter: Segmenter, image: Image, window: Window = Window(), batch_size: int = 8) -> Image:
-    """A 2D image or 3D volume -> uint8 label Image with the input's exact shape and geometry."""
+def segment_image(segmenter: Segmenter, image: Image, window: Window = Window(), batch_size: int | None = None) -> Image:
+    """A 2D image or 3D volume -> uint8 label Image with the input's exact shape and geometry.
+
+    Default batch: 1 slice on CPU (measured faster per slice than 4 or 8 at 256^2), 16 on a GPU.
+    """
     slices, geom = volume_to_slices(image, segmenter.size, window)
+    if batch_size is None:
+        batch_size = 16 if next(segmenter.network.parameters()).is_cuda else 1
     return slices_to_label(predict_slices(segmenter.network, slices, batch_size), geom, image)

@@ -4,7 +4,8 @@ Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>
 The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
 Organ mask at inference, in order: request `organ_mask` (a file on the image's grid), request
 `crop_box` (file array indices, starts then ends), `mask_<organ>.nii.gz` under the organ dirs
-(see `labelfactory.clamnet.data`), the image's final label; else whole slices with a warning.
+(see `labelfactory.clamnet.data`), the image's final label, the project's segmentation model
+(<model_dir>/segmentation.pt) when one is trained; else whole slices with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 
 from labelfactory.clamnet.crop import box_mask
-from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask
+from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask, segmented_organ
 from labelfactory.clamnet.infer import predict_image
 from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
 from labelfactory.errors import LabelFactoryError
@@ -33,6 +34,7 @@ from labelfactory.io.image import suffix_of
 
 logger = logging.getLogger(__name__)
 MODEL_FILE = "clamnet.pt"
+SEGMENTATION_MODEL_FILE = "segmentation.pt"
 STATS_FILE = "clamnet_train_stats.json"
 MARKER_LABEL = {"marker": 1}
 TRAIN_KEYS = ("steps", "batch", "lr", "eta", "size", "seed", "margin_mm", "threshold")
@@ -79,6 +81,7 @@ class ClamNetInfer(InferTask):
     def __init__(self, model_dir: str | os.PathLike, organ_dirs: list[str] | None = None):
         super().__init__(InferType.SEGMENTATION, MARKER_LABEL, 3, "ClamNet weak marker segmentation (e.g. false lumen) within the organ crop", {"threshold": 0.5})
         self.path = Path(model_dir) / MODEL_FILE
+        self.segmentation_model = Path(model_dir) / SEGMENTATION_MODEL_FILE
         self.organ_dirs = organ_dirs
         self._loaded: tuple[float, Any, ClamNetConfig] | None = None
         self._lock = threading.Lock()
@@ -108,7 +111,12 @@ class ClamNetInfer(InferTask):
         label = next((q for q in (path.parent / "labels" / "final").glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None)
         dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(path.parent)
         mask = organ_mask(Study(sid, path, label), image, organ, dirs)
-        return mask, ("organ mask of the study" if mask is not None else "none (whole slices)")
+        if mask is not None:
+            return mask, "organ mask of the study"
+        if self.segmentation_model.is_file():
+            mask = segmented_organ(self.segmentation_model, image, organ)
+            return mask, ("segmentation model" if mask is not None else "none (segmentation model found no organ; whole slices)")
+        return None, "none (whole slices)"
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.time()
