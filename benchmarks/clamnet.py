@@ -63,7 +63,7 @@ def _to(b, device):
 
 def quality(size: int, steps: int, features: tuple[int, ...], seed: int) -> dict:
     cfg = ClamNetConfig(size=size, features=features, steps=steps, batch=8, lr=3e-3, seed=seed)
-    slices = load_weak_slices(SAMPLE / "datastore", SAMPLE / "image_labels.csv", cfg.organ, [SAMPLE / "reference"], "aorta_false_lumen", size, cfg.margin_mm, cfg.ct_window, cfg.eta)
+    slices = load_weak_slices(SAMPLE / "datastore", SAMPLE / "datastore" / "image_labels.csv", cfg.organ, [SAMPLE / "datastore" / "reference"], "aorta_false_lumen", size, cfg.margin_mm, cfg.ct_window, cfg.eta)
     train, test = split_by_slab(slices, slab=12, gap=4, test_every=3)
     t = time.time()
     pair, hist = train_clamnet(train, cfg)

@@ -68,7 +68,7 @@ write_dicom_with_uids(SRC / "abdomen-dicom/series", DST / "dicom/abdomen", "labe
 
 thorax = as_int16(read_image(SRC / "thorax-aorta/ct.nii.gz"))
 write_image(thorax, ds / "thorax_aorta.nii.gz")
-ref = DST / "reference/thorax_aorta"
+ref = ds / "reference/thorax_aorta"
 ref.mkdir(parents=True, exist_ok=True)
 for m in sorted((SRC / "thorax-aorta").glob("mask_*.nii.gz")):
     shutil.copy(m, ref / m.name)

@@ -93,7 +93,7 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     a, b = _infer(url, "synthesis", "seed000777"), _infer(url, "synthesis", "seed000777")
     assert a.status_code == 200 and a.content == b.content
     r = requests.post(f"{url}/infer/synthesis", params={"image": "seed000778", "output": "json"}, data={"params": json.dumps({"add_to_datastore": True})}, timeout=300)
-    assert r.status_code == 200 and r.json()["params"]["image_id"] == "gen_seed000778"
+    assert r.status_code == 200 and r.json()["image_id"] == "gen_seed000778"
 
     # downstream segmenter: 3D volume in, 3D label out on the same grid
     _train(client, "segmentation")

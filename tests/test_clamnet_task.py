@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -33,8 +32,7 @@ def test_infer_without_model_says_train_first(tmp_path):
 
 
 def test_train_then_infer_volume_and_2d(tmp_path, datastore_copy, sample):
-    shutil.copy(sample / "image_labels.csv", datastore_copy / "image_labels.csv")
-    organ_dirs = [str(sample / "reference")]
+    organ_dirs = [str(datastore_copy / "reference")]  # the copy holds image_labels.csv and reference/
     ds = LocalDatastore(str(datastore_copy), extensions=("*.nii.gz",))
     model_dir = tmp_path / "model"
     trainer = ClamNetTrain(model_dir, TINY, organ_dirs=organ_dirs)
@@ -49,7 +47,7 @@ def test_train_then_infer_volume_and_2d(tmp_path, datastore_copy, sample):
     assert label.array.shape == prob.array.shape == image.array.shape
     assert np.allclose(label.spacing, image.spacing) and np.allclose(prob.origin, image.origin)
     assert prob.array.min() >= 0 and prob.array.max() <= 1 and set(np.unique(label.array)) <= {0, 1}
-    aorta = read_image(sample / "reference" / "thorax_aorta" / "mask_aorta.nii.gz").array > 0
+    aorta = read_image(sample / "datastore" / "reference" / "thorax_aorta" / "mask_aorta.nii.gz").array > 0
     outside = ~aorta & (np.arange(aorta.shape[0])[:, None, None] > 155)  # slices without aorta stay 0
     assert prob.array[outside].max() == 0
     assert result["organ_crop"] == "organ mask of the study"
@@ -69,7 +67,7 @@ def test_cli_train_clamnet(tmp_path, sample):
     from labelfactory.cli import main
 
     out = tmp_path / "clamnet.pt"
-    rc = main(["train-clamnet", "--studies", str(sample / "datastore"), "--organ-dir", str(sample / "reference"), "--steps", "1", "--batch", "2",
+    rc = main(["train-clamnet", "--studies", str(sample / "datastore"), "--organ-dir", str(sample / "datastore" / "reference"), "--steps", "1", "--batch", "2",
                "--size", "32", "--features", "4", "4", "8", "8", "16", "4", "--out", str(out)])
     assert rc == 0 and out.is_file()
     assert main(["train-clamnet", "--studies", str(tmp_path), "--out", str(out)]) == 2  # no labels CSV: a one-line error

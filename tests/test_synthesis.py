@@ -11,7 +11,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.checkpoint import load_generator, publish_generator
 from labelfactory.gan.networks import Generator
 from labelfactory.interpreter import EnsembleConfig, Interpreter, PixelEnsemble, TapLayout, save_interpreter
-from labelfactory.io import Window, read_image, read_seg_nrrd
+from labelfactory.io import read_image, read_seg_nrrd
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.synthesis import generated_to_image, synthesize
 

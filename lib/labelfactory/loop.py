@@ -32,13 +32,15 @@ Annotator = Callable[[Image, "Image | None"], np.ndarray]
 
 
 def wait_for_training(client: MONAILabelClient, timeout: float = 3600, poll: float = 2.0) -> dict:
-    """Poll /train/ until no training runs; the last task's status dict."""
+    """Poll /train/ until the newest training task has finished (DONE, ERROR or STOPPED); its status dict."""
     t0 = time.time()
-    while client.train_status(check_if_running=True):
+    while True:
+        status = client.train_status()
+        if status.get("status") not in ("SUBMITTED", "QUEUED", "RUNNING"):
+            return status
         if time.time() - t0 > timeout:
             raise TimeoutError(f"training still running after {timeout:.0f} s")
         time.sleep(poll)
-    return client.train_status()
 
 
 def download_image(server: str, image_id: str, folder: Path) -> Path:

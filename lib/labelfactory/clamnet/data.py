@@ -1,7 +1,7 @@
 """Studies + image-level labels -> organ-cropped training slices (ClamNet's input).
 
 The organ mask of a study comes from, in order: `<organ_dir>/<study id>/mask_<organ>.nii.gz`
-for each organ dir given (the layout of `sample-data/reference`); the study's final label map
+for each organ dir given (the layout of `sample-data/datastore/reference`); the study's final label map
 (voxels equal to the organ's value in `labelfactory.labels.LABEL_NAMES`). A study with neither is
 left out of training with a warning: without an organ crop its slices would not look like the others.
 A pixel truth (for evaluation only) is looked up the same way as `mask_<truth>.nii.gz`; slices

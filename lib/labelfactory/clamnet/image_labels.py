@@ -37,7 +37,7 @@ def read_image_labels(path: str | os.PathLike) -> list[ImageLabel]:
     """Parse and validate the CSV; LabelFactoryError naming the line for any bad row."""
     path = Path(path)
     if not path.is_file():
-        raise LabelFactoryError(f"{path}: no image-level labels file; write one (columns {','.join(COLUMNS)}), see docs/clamnet.md")
+        raise LabelFactoryError(f"{path}: no image-level labels file; write one (columns {','.join(COLUMNS)}), see sample-data/README.md (image-level labels)")
     rows = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)

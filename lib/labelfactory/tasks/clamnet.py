@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label, write_image
 from labelfactory.io.dataset import Study
 from labelfactory.io.image import suffix_of
+from labelfactory.tasks.models import ModelCache
 
 logger = logging.getLogger(__name__)
 MODEL_FILE = "clamnet.pt"
@@ -83,24 +83,13 @@ class ClamNetInfer(InferTask):
         self.path = Path(model_dir) / MODEL_FILE
         self.segmentation_model = Path(model_dir) / SEGMENTATION_MODEL_FILE
         self.organ_dirs = organ_dirs
-        self._loaded: tuple[float, Any, ClamNetConfig] | None = None
-        self._lock = threading.Lock()
+        self.model = ModelCache(self.path, load_clamnet, "train clamnet first")
 
     def is_valid(self) -> bool:
         return True
 
     def get_path(self, validate: bool = True):
         return str(self.path)
-
-    def _model(self):
-        if not self.path.is_file():
-            raise LabelFactoryError("no ClamNet model yet: train clamnet first", status=409)
-        with self._lock:
-            mtime = self.path.stat().st_mtime
-            if self._loaded is None or self._loaded[0] != mtime:
-                pair, cfg = load_clamnet(self.path)
-                self._loaded = (mtime, pair, cfg)
-            return self._loaded[1], self._loaded[2]
 
     def _organ(self, request: dict[str, Any], path: Path, image: Image, organ: str) -> tuple[Image | None, str]:
         if request.get("organ_mask"):
@@ -120,7 +109,7 @@ class ClamNetInfer(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.time()
-        pair, cfg = self._model()
+        pair, cfg = self.model.get()
         if "threshold" in request:
             cfg = ClamNetConfig.from_dict({**vars(cfg), "threshold": float(request["threshold"])})
         path = Path(request["image"])

@@ -48,20 +48,17 @@ class InterpreterModels:
     def __init__(self, model_dir: str | os.PathLike):
         self.model_dir = Path(model_dir)
         self.generator = ModelCache(self.model_dir / GENERATOR_FILE, load_generator, "train stylegan2 first")
-        self._cached: tuple[tuple, Interpreter] | None = None
+        self._cache: tuple[Any, ModelCache] | None = None  # (generator, its interpreter cache)
         self._lock = threading.Lock()
 
     def interpreter(self) -> Interpreter:
+        """The interpreter for the served generator; 409 while none is trained for it."""
         G = self.generator.get()
-        path = self.model_dir / MODEL_FILE
-        if not path.is_file():
-            raise LabelFactoryError("no interpreter yet: label a few generated images, then train interpreter first", status=409)
-        st = path.stat()
-        key = (id(G), st.st_mtime, st.st_size)
         with self._lock:
-            if self._cached is None or self._cached[0] != key:
-                self._cached = (key, load_interpreter(path, G))
-            return self._cached[1]
+            if self._cache is None or self._cache[0] is not G:
+                hint = "label a few generated images, then train interpreter first"
+                self._cache = (G, ModelCache(self.model_dir / MODEL_FILE, lambda p: load_interpreter(p, G), hint))
+            return self._cache[1].get()
 
 
 class InterpreterTrain(TrainTask):

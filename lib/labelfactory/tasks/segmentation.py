@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,15 +25,15 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 
-from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image, write_image
 from labelfactory.io.dataset import Study
 from labelfactory.io.image import suffix_of
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.segmentation.data import training_sets
-from labelfactory.segmentation.infer import Segmenter, load_segmenter, segment_image
+from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import TrainConfig, train_segmenter
+from labelfactory.tasks.models import ModelCache
 
 MODEL_FILE = "segmentation.pt"
 STATS_FILE = "segmentation_train_stats.json"
@@ -86,8 +85,7 @@ class SegmentationInfer(InferTask):
         labels = {k: v for k, v in label_names.items() if v}
         super().__init__(InferType.SEGMENTATION, labels, 3, "Organ segmentation by the segmenter trained on synthetic (and real) pairs")
         self.path = Path(model_dir) / MODEL_FILE
-        self._loaded: tuple[float, Segmenter] | None = None
-        self._lock = threading.Lock()
+        self.model = ModelCache(self.path, load_segmenter, "train segmentation first")
 
     def is_valid(self) -> bool:
         return True
@@ -95,18 +93,9 @@ class SegmentationInfer(InferTask):
     def get_path(self, validate: bool = True):
         return str(self.path)
 
-    def _segmenter(self) -> Segmenter:
-        if not self.path.is_file():
-            raise LabelFactoryError("no segmentation model yet: train segmentation first", status=409)
-        with self._lock:
-            mtime = self.path.stat().st_mtime
-            if self._loaded is None or self._loaded[0] != mtime:
-                self._loaded = (mtime, load_segmenter(self.path))
-            return self._loaded[1]
-
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         t0 = time.time()
-        segmenter = self._segmenter()
+        segmenter = self.model.get()
         image = read_image(request["image"])
         label = segment_image(segmenter, image)
         out = tempfile.NamedTemporaryFile(suffix=request.get("result_extension") or ".nii.gz", delete=False).name
