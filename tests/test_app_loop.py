@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import subprocess
 import time
 
 import numpy as np
@@ -19,10 +19,9 @@ import psutil
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelClientException
 
 from labelfactory.annotator import hu_rule_annotator
-from labelfactory.io import read_image, write_image
+from labelfactory.io import read_image
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.loop import run_loop, wait_for_training
 
@@ -121,7 +120,16 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
 
 
 def _training_pids(server_pid):
-    return [p for p in psutil.Process(server_pid).children(recursive=True) if "-m" in p.cmdline() and "train" in p.cmdline()]
+    """The server's training subprocesses (`python -m monailabel.interfaces.utils.app -m train ...`)."""
+    out = []
+    for p in psutil.Process(server_pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+        if "monailabel.interfaces.utils.app" in cmd and "train" in cmd:
+            out.append(p)
+    return out
 
 
 def test_killed_training_resumes_and_keeps_labels(datastore_copy, app_copy, start_server):
@@ -130,20 +138,20 @@ def test_killed_training_resumes_and_keeps_labels(datastore_copy, app_copy, star
     client = MONAILabelClient(srv.url)
     labels_before = sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir())
     client.train_start("stylegan2", {})
-    state = app_copy / "model" / "stylegan2-run"
+    stats_file = app_copy / "model" / "stylegan2_train_stats.json"
     t0 = time.time()
-    while not list(state.glob("*.pt")) and time.time() - t0 < 600:
-        time.sleep(0.5)
-    assert list(state.glob("*.pt")), "a snapshot should appear"
+    while not stats_file.exists() and time.time() - t0 < 600:
+        time.sleep(0.2)
+    assert stats_file.exists(), "a snapshot should appear"
     pids = _training_pids(srv.proc.pid)
     assert pids, "training runs in a subprocess"
     for p in pids:
         os.kill(p.pid, signal.SIGKILL)
     wait_for_training(client, timeout=120, poll=0.5)
-    done_before = float(json.loads((app_copy / "model" / "stylegan2_train_stats.json").read_text())["kimg"])
-    assert 0 < done_before < 0.064
+    done_before = float(json.loads(stats_file.read_text())["kimg"])
+    assert 0 < done_before < 0.064, "killed before the end"
     _train(client, "stylegan2")
-    stats = json.loads((app_copy / "model" / "stylegan2_train_stats.json").read_text())
-    assert float(stats["kimg"]) >= 0.064
-    assert f"at {done_before:.3f} kimg" in srv.log.read_text(), "the second training must resume from the last snapshot"
+    assert float(json.loads(stats_file.read_text())["kimg"]) >= 0.064
+    resumed = [float(k) for k in re.findall(r"resumed \S+ at ([0-9.]+) kimg", srv.log.read_text())]
+    assert resumed and resumed[0] >= done_before, "the second training must resume from the last snapshot, not start over"
     assert sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir()) == labels_before
