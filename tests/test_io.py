@@ -233,3 +233,14 @@ def test_window_is_applied_to_slices(sample):
     wide, _ = volume_to_slices(image, 64, Window(level=0, width=2000))
     assert not np.allclose(narrow.numpy(), wide.numpy())
     assert float((narrow == -1).float().mean()) > float((wide == -1).float().mean())  # more voxels below a narrow window's floor
+
+
+def test_find_studies_takes_dicom_folders_and_skips_other_folders(sample, tmp_path):
+    from labelfactory.io.dataset import find_studies
+
+    shutil.copytree(sample / "dicom" / "abdomen", tmp_path / "abdomen_series")
+    shutil.copytree(sample / "datastore" / "reference", tmp_path / "reference")
+    shutil.copy(sample / "datastore" / "torso_3mm.nii.gz", tmp_path / "torso.nii.gz")
+    found = {s.id: s for s in find_studies(tmp_path)}
+    assert set(found) == {"abdomen_series", "torso"}
+    assert read_image(found["abdomen_series"].image).array.shape == (20, 512, 512)

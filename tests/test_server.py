@@ -19,3 +19,20 @@ def test_server_starts_on_the_sample_data_and_answers_info(datastore_copy, app_c
     assert all(0 <= c <= 1 for rgb in info["label_colors"].values() for c in rgb)
     assert info["datastore"]["total"] == 4  # every sample study is served
     assert info["datastore"]["completed"] == 2  # two carry final labels
+
+
+def test_serve_installs_demo_models_without_overwriting_trained_ones(tmp_path):
+    from labelfactory.serve import install_models, prepare_studies
+
+    src, dst = tmp_path / "demo", tmp_path / "app" / "model"
+    src.mkdir()
+    (src / "stylegan2.pt").write_bytes(b"demo-g")
+    (src / "segmentation.pt").write_bytes(b"demo-s")
+    dst.mkdir(parents=True)
+    (dst / "segmentation.pt").write_bytes(b"trained")
+    assert install_models(src, dst) == ["stylegan2.pt"]
+    assert (dst / "segmentation.pt").read_bytes() == b"trained" and (dst / "stylegan2.pt").read_bytes() == b"demo-g"
+    assert install_models(tmp_path / "none", dst) == []
+    # the sample data is served from a working copy, never in place
+    studies = prepare_studies(None, tmp_path / "runs")
+    assert studies == str(tmp_path / "runs" / "datastore") and (tmp_path / "runs" / "datastore" / "torso_3mm.nii.gz").is_file()

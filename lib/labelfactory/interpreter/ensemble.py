@@ -94,20 +94,40 @@ def _fold_bn(bn: nn.BatchNorm1d, w: torch.Tensor, b: torch.Tensor, M: int, H: in
     return (s[:, :, None] * w).detach().clone(), (torch.bmm(t[:, None], w)[:, 0] + b).detach().clone()
 
 
+def upsample_matrix(r: int, R: int) -> torch.Tensor:
+    """(R, r) matrix A with A @ v == F.interpolate(v, size=R, mode='linear', align_corners=False) along one axis.
+
+    Taken from PyTorch's own kernel, so source indices, weights and border clamping are its own.
+    """
+    return F.interpolate(torch.eye(r)[None], size=R, mode="linear", align_corners=False)[0].T.contiguous()
+
+
 class FactorizedEnsemble(nn.Module):
     """Folded ensemble over whole images: forward(taps) -> logits (B, M, K, R, R).
 
-    `coarse_to_fine=True` accumulates the running sum upward 2x at a time (fewer full-size
-    upsamples, faster) but bilinear upsamples do not compose exactly, so its numbers differ
-    slightly from the exact form; measure vote agreement before relying on it.
+    Exact form (default), one band of `band_rows` image rows at a time, so the (M*H1, R, R)
+    hidden map is never materialised: bilinear upsampling is separable, so each resolution's
+    projected map (r, r, M*H1) is upsampled along the height by a small matmul on the few source
+    rows the band needs, then along the width, and added into the band's hidden rows; ReLU and the
+    folded second and third layers follow on the band while it is in cache. Width upsampling is a
+    batched matmul for the coarse resolutions (scale >= 8, all of them in one op) and, for the
+    fine ones, s phase-wise weighted adds of shifted columns (each output column x = s*j + p is a
+    fixed 2-tap blend of source columns j-1, j, j+1).
+
+    `coarse_to_fine=True` accumulates the running sum upward 2x at a time (whole image) but
+    bilinear upsamples do not compose exactly, so its numbers differ slightly from the exact form;
+    measure vote agreement before relying on it.
     """
 
+    DENSE_MIN_SCALE = 8  # width pass as a matmul when R / r >= this; its cost grows with r, the phase form's with R / r
+
     def __init__(self, layout: TapLayout, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False):
+                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False, band_rows: int = 8):
         super().__init__()
-        self.layout, self.coarse_to_fine = layout, coarse_to_fine
+        self.layout, self.coarse_to_fine, self.band_rows = layout, coarse_to_fine, band_rows
         M, _, H1 = w1.shape
         self.members, self.hidden1 = M, H1
+        R = layout.image_resolution
         offsets = [0]
         for c in layout.channels:
             offsets.append(offsets[-1] + c)
@@ -115,6 +135,12 @@ class FactorizedEnsemble(nn.Module):
         for r, idx in self.groups.items():
             rows = torch.cat([w1[:, offsets[i]:offsets[i + 1]] for i in idx], dim=1)  # (M, C_r, H1)
             self.register_buffer(f"w1_r{r}", rows.permute(1, 0, 2).reshape(-1, M * H1).contiguous())  # (C_r, M*H1)
+            if r != R:
+                self.register_buffer(f"up_r{r}", upsample_matrix(r, R))  # (R, r)
+        self.dense = [r for r in self.groups if r != R and R // r >= self.DENSE_MIN_SCALE]
+        self.phased = [r for r in self.groups if r != R and R // r < self.DENSE_MIN_SCALE]
+        if self.dense:
+            self.register_buffer("up_dense", torch.cat([getattr(self, f"up_r{r}") for r in self.dense], dim=1))  # (R, sum r)
         self.register_buffer("b1", b1.reshape(M * H1).clone())
         self.register_buffer("w2", w2.contiguous())  # (M, H1, H2)
         self.register_buffer("b2", b2[:, None, :].clone())  # (M, 1, H2)
@@ -122,44 +148,85 @@ class FactorizedEnsemble(nn.Module):
         self.register_buffer("b3", b3[:, None, :].clone())
 
     def _project(self, taps: list[torch.Tensor], r: int) -> torch.Tensor:
-        """Taps at resolution r -> first-layer contribution (B, M*H1, r, r), channels-last: one matmul for all members."""
+        """Taps at resolution r -> first-layer contribution (B, r*r, M*H1), pixel-major: one matmul for all members."""
         idx = self.groups[r]
         x = taps[idx[0]] if len(idx) == 1 else torch.cat([taps[i] for i in idx], dim=1)
         B, C = x.shape[:2]
-        z = torch.matmul(x.reshape(B, C, r * r).transpose(1, 2), getattr(self, f"w1_r{r}"))  # (B, r*r, M*H1)
-        return z.reshape(B, r, r, -1).permute(0, 3, 1, 2)
+        return torch.matmul(x.reshape(B, C, r * r).transpose(1, 2), getattr(self, f"w1_r{r}"))
 
-    def hidden(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        """First layer pre-activation at image size: (B, M*H1, R, R), channels-last in memory.
+    def _phase_taps(self, r: int) -> list[list[tuple[int, float]]]:
+        """For each phase p of scale s = R/r: [(offset into the edge-padded source, weight)] of output column s*j + p."""
+        A, s = getattr(self, f"up_r{r}"), self.layout.image_resolution // r
+        # an interior source column j = 1 (padded index 2): its outputs s + p read padded columns 1..3 only
+        return [[(k, float(A[s + p, k - 1])) for k in (1, 2, 3) if A[s + p, k - 1] != 0] for p in range(s)]
 
-        Channels-last because CPU bilinear upsampling vectorises over channels there (about 2x
-        faster on M*H1 = 2560 channels) and the per-member layers then read contiguous rows.
-        """
-        self.layout.check(taps)
-        R = self.layout.image_resolution
-        res = list(self.groups)
-        up = lambda z, r: F.interpolate(z, size=(r, r), mode="bilinear", align_corners=False)  # noqa: E731
-        if self.coarse_to_fine:
-            acc = self._project(taps, res[0])
-            for r in res[1:]:
-                acc = up(acc, r).add_(self._project(taps, r))
-            if acc.shape[-1] != R:
-                acc = up(acc, R)
+    def _height(self, z: torch.Tensor, r: int, y0: int, y1: int) -> torch.Tensor:
+        """Projected map z (r, r, C) -> its rows y0:y1 upsampled along the height: (y1-y0, r, C), one small matmul."""
+        A = getattr(self, f"up_r{r}")[y0:y1]
+        used = A.any(dim=0).nonzero()[:, 0]
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        return torch.matmul(A[:, lo:hi], z[lo:hi].reshape(hi - lo, -1)).reshape(y1 - y0, r, -1)
+
+    def _band_hidden(self, x_full: torch.Tensor | None, z: dict[int, torch.Tensor], phases: dict, y0: int, y1: int) -> torch.Tensor:
+        """First-layer pre-activation of image rows y0:y1: (y1-y0, R, M*H1)."""
+        R, T = self.layout.image_resolution, y1 - y0
+        if x_full is None:
+            acc = self.b1.expand(T * R, -1).clone()
         else:
-            acc = self._project(taps, R) if R in self.groups else None
-            for r in (r for r in res if r != R):
-                z = up(self._project(taps, r), R)
-                acc = z if acc is None else acc.add_(z)
-                del z
-        return acc.add_(self.b1.reshape(1, -1, 1, 1))
+            acc = torch.addmm(self.b1, x_full[:, y0 * R:y1 * R].T, getattr(self, f"w1_r{R}"))
+        acc = acc.view(T, R, -1)
+        if self.dense:
+            zh = torch.cat([self._height(z[r], r, y0, y1) for r in self.dense], dim=1)  # (T, sum r, C)
+            acc.baddbmm_(self.up_dense.expand(T, -1, -1), zh)
+        for r in self.phased:
+            zh = self._height(z[r], r, y0, y1)
+            zp = torch.cat([zh[:, :1], zh, zh[:, -1:]], dim=1)  # edge-padded: (T, r+2, C)
+            out = acc.view(T, r, R // r, -1)
+            for p, taps in enumerate(phases[r]):
+                for k, wgt in taps:
+                    out[:, :, p].add_(zp[:, k - 1:k - 1 + r], alpha=wgt)
+        return acc
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden pre-activation rows h (P, M*H1) -> logits (M, K, P): ReLU, then the folded second and third layers."""
+        P = h.shape[0]
+        h = h.relu_().view(P, self.members, self.hidden1).transpose(0, 1)  # (M, P, H1), a view
+        h = torch.baddbmm(self.b2, h, self.w2).relu_()
+        return torch.baddbmm(self.b3, h, self.w3).transpose(1, 2)
 
     def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        h = self.hidden(taps).relu_()
-        B, R = h.shape[0], h.shape[-1]
-        h = h.permute(0, 2, 3, 1).reshape(B, R * R, self.members, self.hidden1).transpose(1, 2)  # (B, M, P, H1), a view
-        h = torch.matmul(h, self.w2).add_(self.b2).relu_()
-        logits = torch.matmul(h, self.w3).add_(self.b3)  # (B, M, P, K)
-        return logits.transpose(2, 3).reshape(B, self.members, -1, R, R)
+        self.layout.check(taps)
+        if self.coarse_to_fine:
+            return self._coarse_to_fine(taps)
+        R, B = self.layout.image_resolution, taps[0].shape[0]
+        low = {r: self._project(taps, r).reshape(B, r, r, -1) for r in self.groups if r != R}
+        phases = {r: self._phase_taps(r) for r in self.phased}
+        full = None
+        if R in self.groups:
+            idx = self.groups[R]
+            full = taps[idx[0]] if len(idx) == 1 else torch.cat([taps[i] for i in idx], dim=1)
+            full = full.reshape(B, -1, R * R)
+        out = torch.empty(B, self.members, self.w3.shape[-1], R, R, dtype=self.w3.dtype, device=self.w3.device)
+        for b in range(B):
+            z = {r: v[b] for r, v in low.items()}
+            for y0 in range(0, R, self.band_rows):
+                y1 = min(R, y0 + self.band_rows)
+                h = self._band_hidden(None if full is None else full[b], z, phases, y0, y1)
+                out[b, :, :, y0:y1] = self._head(h.view((y1 - y0) * R, -1)).reshape(self.members, -1, y1 - y0, R)
+        return out
+
+    def _coarse_to_fine(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        R, B = self.layout.image_resolution, taps[0].shape[0]
+        up = lambda z, r: F.interpolate(z, size=(r, r), mode="bilinear", align_corners=False)  # noqa: E731
+        proj = lambda r: self._project(taps, r).reshape(B, r, r, -1).permute(0, 3, 1, 2)  # noqa: E731  channels-last
+        res = list(self.groups)
+        acc = proj(res[0])
+        for r in res[1:]:
+            acc = up(acc, r).add_(proj(r))
+        if acc.shape[-1] != R:
+            acc = up(acc, R)
+        h = acc.add_(self.b1.reshape(1, -1, 1, 1)).permute(0, 2, 3, 1).reshape(B, R * R, -1)
+        return torch.stack([self._head(h[b]) for b in range(B)]).reshape(B, self.members, -1, R, R)
 
 
 def majority_vote(logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Studies in a folder (a MONAI Label local datastore layout) -> stacks of 2D training slices.
 
 Layout: images at the top (`*.nii.gz`, `*.nii`, `*.nrrd`, `*.png`), their labels at
-`labels/final/<same name>`. A DICOM series is a sub-folder of files.
+`labels/final/<same name>`. A DICOM series is a sub-folder of DICOM files; other sub-folders
+(e.g. `reference/` masks) are not studies.
 """
 
 from __future__ import annotations
@@ -42,9 +43,18 @@ def find_studies(folder: str | os.PathLike) -> list[Study]:
             sid = p.name[: -len(sfx)]
             lab = next((q for q in labels.glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None) if labels.is_dir() else None
             out.append(Study(sid, p, lab))
-        elif p.is_dir():
+        elif p.is_dir() and _holds_dicom(p):
             out.append(Study(p.name, p, None))
     return out
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """True if the folder's first file is DICOM (the 'DICM' marker at byte 128)."""
+    first = next((f for f in sorted(folder.iterdir()) if f.is_file()), None)
+    if first is None:
+        return False
+    with open(first, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
 
 
 def load_slices(images: list[Path], size: int = 256, window: Window = Window()) -> torch.Tensor:
