@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo models shipped in sample-data/models/, made on a CPU with the project's own commands
 # from the bundled sample data only. `labelfactory serve` copies them into the app's model folder
-# when it has none, so a new user's first infer works. Rerun to rebuild (about 15-25 minutes on 2 cores).
+# when it has none, so a new user's first infer works. Rerun to rebuild (about 30 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LF=".venv/bin/labelfactory"
@@ -10,7 +10,7 @@ OUT=sample-data/models
 rm -rf "$RUN"; mkdir -p "$RUN" "$OUT"
 
 # 1. StyleGAN2-ADA on the sample CT slices (demo preset: 64^2, narrow, CPU)
-$LF train-gan --preset demo --total-kimg "${GAN_KIMG:-4}" --snapshot-kimg 1 --out "$RUN/stylegan2" --model "$OUT/stylegan2.pt" --no-progress
+$LF train-gan --preset demo --total-kimg "${GAN_KIMG:-8}" --snapshot-kimg 1 --out "$RUN/stylegan2" --model "$OUT/stylegan2.pt" --no-progress
 # 2. 30 generated images annotated by the simulated annotator (HU rule: lungs)
 $LF annotate --generator "$OUT/stylegan2.pt" --seeds 0-29 --out "$RUN/annotations"
 # 3. the interpreter ensemble on those 30 annotations
@@ -18,7 +18,8 @@ $LF train-interpreter --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations
 # 4. a synthetic data set: 300 pairs, the 10% most uncertain dropped
 $LF synthesize --generator "$OUT/stylegan2.pt" --interpreter "$OUT/interpreter.pt" --seeds 1000-1299 --out "$RUN/synthetic"
 # 5. UNet++ on the synthetic pairs plus the real labelled studies (hybrid), validated on a held-out real study
-$LF train-segmentation --synthetic "$RUN/synthetic" --studies sample-data/datastore --real all --size 128 --steps 600 --val-interval 100 --out "$OUT/segmentation.pt"
+$LF train-segmentation --synthetic "$RUN/synthetic" --studies sample-data/datastore --real all --size 128 --steps 200 --val-interval 100 --batch-size 4 --out "$OUT/segmentation.pt"
 # 6. ClamNet from the image-level labels (aortic dissection: false lumen)
-$LF train-clamnet --studies sample-data/datastore --out "$OUT/clamnet.pt" --steps 200 --size 128
+$LF train-clamnet --studies sample-data/datastore --out "$OUT/clamnet.pt" --steps 150 --size 128
+rm -f "$OUT"/*.previous.pt
 ls -la "$OUT"

@@ -122,3 +122,24 @@ def test_image_score_is_mean_of_top_tenth():
     js = torch.arange(100, dtype=torch.float32).reshape(1, 10, 10)
     assert image_score(js).item() == pytest.approx(sum(range(90, 100)) / 10)
     assert image_score(js, top_fraction=0.5).item() == pytest.approx(sum(range(50, 100)) / 50)
+
+
+def test_factorized_bands_need_not_divide_the_image(setup):
+    _, taps, ens = setup
+    ref = naive_logits(ens, taps)
+    for rows in (1, 5, 32, 100):
+        f = ens.factorized()
+        f.band_rows = rows
+        assert (f(taps).double() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("channels, resolutions, R", [((3, 5), (8, 8), 8), ((2, 3, 4, 2), (1, 3, 3, 9), 9), ((4, 3), (4, 12), 12)])
+def test_factorized_matches_naive_on_other_layouts(channels, resolutions, R):
+    """All taps at image size (bias path), odd scales (a 1-tap phase), a 1-pixel tap, scale 3 next to 9."""
+    g = torch.Generator().manual_seed(3)
+    taps = [torch.randn(2, c, r, r, generator=g) for c, r in zip(channels, resolutions)]
+    ens = randomized_bn(PixelEnsemble(EnsembleConfig(channels, resolutions, R, num_classes=3, members=3, hidden=(6, 4))))
+    ref = naive_logits(ens, taps)
+    got = ens.factorized()(taps)
+    assert got.shape == ref.shape == (2, 3, 3, R, R)
+    assert (got.double() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())

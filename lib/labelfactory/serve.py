@@ -49,7 +49,7 @@ def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> l
     model_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in sorted(source.glob("*.pt")):
-        if not (model_dir / f.name).exists():
+        if not f.name.endswith(".previous.pt") and not (model_dir / f.name).exists():
             shutil.copy2(f, model_dir / f.name)
             copied.append(f.name)
     return copied

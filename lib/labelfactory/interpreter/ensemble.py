@@ -107,10 +107,10 @@ class FactorizedEnsemble(nn.Module):
 
     Exact form (default), one band of `band_rows` image rows at a time, so the (M*H1, R, R)
     hidden map is never materialised: bilinear upsampling is separable, so each resolution's
-    projected map (r, r, M*H1) is upsampled along the height by a small matmul on the few source
-    rows the band needs, then along the width, and added into the band's hidden rows; ReLU and the
-    folded second and third layers follow on the band while it is in cache. Width upsampling is a
-    batched matmul for the coarse resolutions (scale >= 8, all of them in one op) and, for the
+    projected map (r, r, M*H1) is upsampled along the width once per image, (r, R, M*H1), and each
+    band's rows are then blended from the few source rows it reads (one small matmul per
+    resolution, accumulating into the band); ReLU and the folded second and third layers follow on the band while it is in cache. Width upsampling is a
+    batched matmul for the coarse resolutions (scale >= 8) and, for the
     fine ones, s phase-wise weighted adds of shifted columns (each output column x = s*j + p is a
     fixed 2-tap blend of source columns j-1, j, j+1).
 
@@ -122,7 +122,7 @@ class FactorizedEnsemble(nn.Module):
     DENSE_MIN_SCALE = 8  # width pass as a matmul when R / r >= this; its cost grows with r, the phase form's with R / r
 
     def __init__(self, layout: TapLayout, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False, band_rows: int = 8):
+                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False, band_rows: int = 32):
         super().__init__()
         self.layout, self.coarse_to_fine, self.band_rows = layout, coarse_to_fine, band_rows
         M, _, H1 = w1.shape
@@ -137,10 +137,7 @@ class FactorizedEnsemble(nn.Module):
             self.register_buffer(f"w1_r{r}", rows.permute(1, 0, 2).reshape(-1, M * H1).contiguous())  # (C_r, M*H1)
             if r != R:
                 self.register_buffer(f"up_r{r}", upsample_matrix(r, R))  # (R, r)
-        self.dense = [r for r in self.groups if r != R and R // r >= self.DENSE_MIN_SCALE]
-        self.phased = [r for r in self.groups if r != R and R // r < self.DENSE_MIN_SCALE]
-        if self.dense:
-            self.register_buffer("up_dense", torch.cat([getattr(self, f"up_r{r}") for r in self.dense], dim=1))  # (R, sum r)
+        self.dense = [r for r in self.groups if r != R and (R // r >= self.DENSE_MIN_SCALE or r < 3)]
         self.register_buffer("b1", b1.reshape(M * H1).clone())
         self.register_buffer("w2", w2.contiguous())  # (M, H1, H2)
         self.register_buffer("b2", b2[:, None, :].clone())  # (M, 1, H2)
@@ -160,31 +157,32 @@ class FactorizedEnsemble(nn.Module):
         # an interior source column j = 1 (padded index 2): its outputs s + p read padded columns 1..3 only
         return [[(k, float(A[s + p, k - 1])) for k in (1, 2, 3) if A[s + p, k - 1] != 0] for p in range(s)]
 
-    def _height(self, z: torch.Tensor, r: int, y0: int, y1: int) -> torch.Tensor:
-        """Projected map z (r, r, C) -> its rows y0:y1 upsampled along the height: (y1-y0, r, C), one small matmul."""
-        A = getattr(self, f"up_r{r}")[y0:y1]
-        used = A.any(dim=0).nonzero()[:, 0]
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        return torch.matmul(A[:, lo:hi], z[lo:hi].reshape(hi - lo, -1)).reshape(y1 - y0, r, -1)
+    def _width(self, z: torch.Tensor, r: int) -> torch.Tensor:
+        """Projected map z (r, r, C) -> upsampled along the width: (r, R*C), rows contiguous."""
+        R = self.layout.image_resolution
+        if r in self.dense:
+            return torch.matmul(getattr(self, f"up_r{r}"), z).reshape(r, -1)  # (R, r) @ (r, r, C), batched over rows
+        zp = torch.cat([z[:, :1], z, z[:, -1:]], dim=1)  # edge-padded: (r, r+2, C)
+        zw = torch.empty(r, r, R // r, z.shape[-1], dtype=z.dtype, device=z.device)
+        for p, taps in enumerate(self._phase_taps(r)):
+            (k, wgt), *rest = taps
+            torch.mul(zp[:, k - 1:k - 1 + r], wgt, out=zw[:, :, p])
+            for k, wgt in rest:
+                zw[:, :, p].add_(zp[:, k - 1:k - 1 + r], alpha=wgt)
+        return zw.reshape(r, -1)
 
-    def _band_hidden(self, x_full: torch.Tensor | None, z: dict[int, torch.Tensor], phases: dict, y0: int, y1: int) -> torch.Tensor:
-        """First-layer pre-activation of image rows y0:y1: (y1-y0, R, M*H1)."""
+    def _band_hidden(self, x_full: torch.Tensor | None, zw: dict[int, torch.Tensor], y0: int, y1: int) -> torch.Tensor:
+        """First-layer pre-activation of image rows y0:y1: (y1-y0, R*M*H1); zw: width-upsampled maps (r, R*M*H1)."""
         R, T = self.layout.image_resolution, y1 - y0
         if x_full is None:
-            acc = self.b1.expand(T * R, -1).clone()
+            acc = torch.zeros(T, R * self.b1.shape[0], dtype=self.b1.dtype, device=self.b1.device)
         else:
-            acc = torch.addmm(self.b1, x_full[:, y0 * R:y1 * R].T, getattr(self, f"w1_r{R}"))
-        acc = acc.view(T, R, -1)
-        if self.dense:
-            zh = torch.cat([self._height(z[r], r, y0, y1) for r in self.dense], dim=1)  # (T, sum r, C)
-            acc.baddbmm_(self.up_dense.expand(T, -1, -1), zh)
-        for r in self.phased:
-            zh = self._height(z[r], r, y0, y1)
-            zp = torch.cat([zh[:, :1], zh, zh[:, -1:]], dim=1)  # edge-padded: (T, r+2, C)
-            out = acc.view(T, r, R // r, -1)
-            for p, taps in enumerate(phases[r]):
-                for k, wgt in taps:
-                    out[:, :, p].add_(zp[:, k - 1:k - 1 + r], alpha=wgt)
+            acc = torch.mm(x_full[:, y0 * R:y1 * R].T, getattr(self, f"w1_r{R}")).view(T, -1)
+        for r, zr in zw.items():  # height pass: each band row blends <= 2 source rows; only the rows the band reads
+            A = getattr(self, f"up_r{r}")[y0:y1]
+            used = A.any(dim=0).nonzero()[:, 0]
+            lo, hi = int(used[0]), int(used[-1]) + 1
+            acc.addmm_(A[:, lo:hi], zr[lo:hi])
         return acc
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
@@ -200,7 +198,10 @@ class FactorizedEnsemble(nn.Module):
             return self._coarse_to_fine(taps)
         R, B = self.layout.image_resolution, taps[0].shape[0]
         low = {r: self._project(taps, r).reshape(B, r, r, -1) for r in self.groups if r != R}
-        phases = {r: self._phase_taps(r) for r in self.phased}
+        # the first-layer bias rides on one upsampled map (bilinear weights sum to 1), else on the full-size one
+        bias_at = min(low) if low else None
+        if bias_at is not None:
+            low[bias_at] += self.b1
         full = None
         if R in self.groups:
             idx = self.groups[R]
@@ -208,10 +209,12 @@ class FactorizedEnsemble(nn.Module):
             full = full.reshape(B, -1, R * R)
         out = torch.empty(B, self.members, self.w3.shape[-1], R, R, dtype=self.w3.dtype, device=self.w3.device)
         for b in range(B):
-            z = {r: v[b] for r, v in low.items()}
+            zw = {r: self._width(v[b], r) for r, v in low.items()}
             for y0 in range(0, R, self.band_rows):
                 y1 = min(R, y0 + self.band_rows)
-                h = self._band_hidden(None if full is None else full[b], z, phases, y0, y1)
+                h = self._band_hidden(None if full is None else full[b], zw, y0, y1)
+                if bias_at is None:
+                    h += self.b1.repeat(R)
                 out[b, :, :, y0:y1] = self._head(h.view((y1 - y0) * R, -1)).reshape(self.members, -1, y1 - y0, R)
         return out
 
