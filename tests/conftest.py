@@ -19,6 +19,17 @@ DATASTORE = SAMPLE / "datastore"
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for tiny networks: on a shared 2-core machine, spinning OpenMP threads made them ~30x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def sample() -> Path:
     return SAMPLE
 

@@ -21,13 +21,7 @@ from labelfactory.io import Image
 TINY = (4, 4, 8, 8, 16, 4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run faster on one thread, and the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(n: int, size: int, seed: int) -> tuple[WeakSlices, torch.Tensor]:

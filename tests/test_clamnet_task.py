@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from monailabel.datastore.local import LocalDatastore
 
 from labelfactory.clamnet.train import ClamNetConfig
@@ -14,12 +13,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, write_image
 from labelfactory.tasks.clamnet import MODEL_FILE, ClamNetInfer, ClamNetTrain
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ClamNetConfig(size=32, features=(4, 4, 8, 8, 16, 4), steps=2, batch=2, seed=0)

@@ -20,13 +20,7 @@ from labelfactory.segmentation.train import TrainConfig, train_segmenter
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2 spinning OpenMP threads ran training ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pairs(folder: Path, n: int, size: int = SIZE, seed: int = 0) -> Path:
