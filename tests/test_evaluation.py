@@ -15,7 +15,9 @@ from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
 from labelfactory.segmentation.data import RealSlices
 from labelfactory.segmentation.train import TrainConfig
-from tests.test_segmentation import make_pairs, one_thread  # noqa: F401  (fixture: one torch thread)
+from tests.test_segmentation import make_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dice_and_iou_match_hand_counts():

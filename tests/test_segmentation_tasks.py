@@ -13,7 +13,9 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 from labelfactory.segmentation.train import TrainConfig
-from tests.test_segmentation import make_pairs, one_thread  # noqa: F401  (fixture: one torch thread)
+from tests.test_segmentation import make_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 

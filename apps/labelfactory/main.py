@@ -1,7 +1,7 @@
 """labelfactory as a MONAI Label app: wires the configs in lib/configs to infers, trainers,
 strategies and scoring. No model code lives here (see the `labelfactory` library).
 
-Conf options (`--conf KEY VALUE`): models (comma list or 'all', default all), preload,
+Conf options (`--conf KEY VALUE`): models (comma list or 'all', default all),
 skip_trainers, skip_strategies, skip_scoring, plus each config's own (see lib/configs).
 """
 

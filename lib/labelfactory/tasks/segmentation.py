@@ -25,6 +25,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
 
+from labelfactory.interpreter.records import LATENT_KEY
 from labelfactory.io import read_image, write_image
 from labelfactory.io.dataset import Study
 from labelfactory.io.image import suffix_of
@@ -67,6 +68,8 @@ class SegmentationTrain(TrainTask):
             synthetic = None  # nothing synthesized yet: real labels only
         real = str(request.get("real", "all"))
         studies = [Study(Path(d["image"]).name[: -len(suffix_of(d["image"]))], Path(d["image"]), Path(d["label"])) for d in datastore.datalist()]
+        # real patients only: labelled generated images (DatasetGAN's loop) belong to the interpreter
+        studies = [s for s in studies if LATENT_KEY not in (datastore.get_image_info(s.id) or {})]
         t0 = time.time()
         train, val, data = training_sets(studies, synthetic, None if real == "all" else int(real), int(request.get("val_patients", 1)), config.size)
         result = train_segmenter(train, val, config, out=self.model_dir / MODEL_FILE, log_dir=self.model_dir / "segmentation_logs", data=data)
