@@ -143,3 +143,29 @@ def test_factorized_matches_naive_on_other_layouts(channels, resolutions, R):
     got = ens.factorized()(taps)
     assert got.shape == ref.shape == (2, 3, 3, R, R)
     assert (got.double() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("rows, coarse_to_fine", [(32, False), (5, False), (1, False), (32, True)])
+def test_fused_vote_and_uncertainty_equal_those_from_full_logits(setup, rows, coarse_to_fine):
+    """vote_and_uncertainty works band by band without the full logits; same vote, same JS as on forward()."""
+    _, taps, ens = setup
+    f = ens.factorized(coarse_to_fine)
+    f.band_rows = rows
+    logits = f(taps)
+    mask, js = f.vote_and_uncertainty(taps)
+    assert mask.dtype == torch.int64 and mask.shape == js.shape == (2, 32, 32)
+    assert torch.equal(mask, majority_vote(logits))
+    assert (js - js_divergence(logits)).abs().max().item() < 1e-6
+    assert js.max().item() > 1e-3  # the members really disagree somewhere, so the JS check means something
+
+
+def test_fused_path_on_all_full_size_taps():
+    """No coarse taps: the first-layer bias is added per band."""
+    g = torch.Generator().manual_seed(4)
+    taps = [torch.randn(1, c, 8, 8, generator=g) for c in (3, 5)]
+    f = randomized_bn(PixelEnsemble(EnsembleConfig((3, 5), (8, 8), 8, num_classes=3, members=3, hidden=(6, 4)))).factorized()
+    f.band_rows = 3
+    logits = f(taps)
+    mask, js = f.vote_and_uncertainty(taps)
+    assert torch.equal(mask, majority_vote(logits))
+    assert (js - js_divergence(logits)).abs().max().item() < 1e-6

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labelfactory.interpreter.taps import TapLayout
+from labelfactory.interpreter.uncertainty import js_divergence
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,15 @@ class FactorizedEnsemble(nn.Module):
     """Folded ensemble over whole images: forward(taps) -> logits (B, M, K, R, R).
 
     Exact form (default), one band of `band_rows` image rows at a time, so the (M*H1, R, R)
-    hidden map is never materialised: bilinear upsampling is separable, so each resolution's
-    projected map (r, r, M*H1) is upsampled along the width once per image, (r, R, M*H1), and each
-    band's rows are then blended from the few source rows it reads (one small matmul per
-    resolution, accumulating into the band); ReLU and the folded second and third layers follow on the band while it is in cache. Width upsampling is a
-    batched matmul for the coarse resolutions (scale >= 8) and, for the
-    fine ones, s phase-wise weighted adds of shifted columns (each output column x = s*j + p is a
-    fixed 2-tap blend of source columns j-1, j, j+1).
+    hidden map is never materialised: bilinear upsampling is separable, so for each band and
+    resolution only the few projected source rows (r, M*H1) it reads are upsampled along the width,
+    then blended along the height into the band (one small matmul per resolution); ReLU and the
+    folded second and third layers follow on the band. All band buffers are allocated once per call
+    and reused (fresh large allocations cost page faults that dominated). Width upsampling is a
+    batched matmul for the coarse resolutions (scale >= 8) and, for the fine ones, s phase-wise
+    weighted adds of shifted columns (each output column x = s*j + p is a fixed 2-tap blend of
+    source columns j-1, j, j+1). `vote_and_uncertainty` consumes each band's logits at once, so
+    the (B, M, K, R, R) logits are only built when `forward` is asked for them.
 
     `coarse_to_fine=True` accumulates the running sum upward 2x at a time (whole image) but
     bilinear upsamples do not compose exactly, so its numbers differ slightly from the exact form;
@@ -157,45 +160,60 @@ class FactorizedEnsemble(nn.Module):
         # an interior source column j = 1 (padded index 2): its outputs s + p read padded columns 1..3 only
         return [[(k, float(A[s + p, k - 1])) for k in (1, 2, 3) if A[s + p, k - 1] != 0] for p in range(s)]
 
-    def _width(self, z: torch.Tensor, r: int) -> torch.Tensor:
-        """Projected map z (r, r, C) -> upsampled along the width: (r, R*C), rows contiguous."""
-        R = self.layout.image_resolution
+    def _width(self, z: torch.Tensor, r: int, out: torch.Tensor) -> torch.Tensor:
+        """Source rows z (n, r, C) of a projected map -> upsampled along the width into out (n, R*C); returns out."""
+        R, n = self.layout.image_resolution, z.shape[0]
         if r in self.dense:
-            return torch.matmul(getattr(self, f"up_r{r}"), z).reshape(r, -1)  # (R, r) @ (r, r, C), batched over rows
-        zp = torch.cat([z[:, :1], z, z[:, -1:]], dim=1)  # edge-padded: (r, r+2, C)
-        zw = torch.empty(r, r, R // r, z.shape[-1], dtype=z.dtype, device=z.device)
+            torch.matmul(getattr(self, f"up_r{r}"), z, out=out.view(n, R, -1))  # (R, r) @ (n, r, C), batched over rows
+            return out
+        zp = torch.cat([z[:, :1], z, z[:, -1:]], dim=1)  # edge-padded: (n, r+2, C)
+        zw = out.view(n, r, R // r, z.shape[-1])
         for p, taps in enumerate(self._phase_taps(r)):
             (k, wgt), *rest = taps
             torch.mul(zp[:, k - 1:k - 1 + r], wgt, out=zw[:, :, p])
             for k, wgt in rest:
                 zw[:, :, p].add_(zp[:, k - 1:k - 1 + r], alpha=wgt)
-        return zw.reshape(r, -1)
+        return out
 
-    def _band_hidden(self, x_full: torch.Tensor | None, zw: dict[int, torch.Tensor], y0: int, y1: int) -> torch.Tensor:
-        """First-layer pre-activation of image rows y0:y1: (y1-y0, R*M*H1); zw: width-upsampled maps (r, R*M*H1)."""
+    def _source_rows(self, r: int, y0: int, y1: int) -> tuple[int, int]:
+        """The rows lo:hi of a resolution-r map that image rows y0:y1 blend (bilinear: a few per band)."""
+        used = getattr(self, f"up_r{r}")[y0:y1].any(dim=0).nonzero()[:, 0]
+        return int(used[0]), int(used[-1]) + 1
+
+    def _band_hidden(self, acc: torch.Tensor, x_full: torch.Tensor | None, low: dict[int, torch.Tensor],
+                     wbuf: dict[int, torch.Tensor], y0: int, y1: int) -> None:
+        """First-layer pre-activation of image rows y0:y1 into acc ((y1-y0)*R, M*H1).
+
+        low: one image's projected maps (r, r, M*H1); wbuf: scratch (rows, R*M*H1) for their width passes.
+        Only the source rows the band reads are width-upsampled (a row shared by two bands is done twice),
+        so no whole-image (r, R*M*H1) map is ever allocated.
+        """
         R, T = self.layout.image_resolution, y1 - y0
         if x_full is None:
-            acc = torch.zeros(T, R * self.b1.shape[0], dtype=self.b1.dtype, device=self.b1.device)
+            acc.zero_()
         else:
-            acc = torch.mm(x_full[:, y0 * R:y1 * R].T, getattr(self, f"w1_r{R}")).view(T, -1)
-        for r, zr in zw.items():  # height pass: each band row blends <= 2 source rows; only the rows the band reads
-            A = getattr(self, f"up_r{r}")[y0:y1]
-            used = A.any(dim=0).nonzero()[:, 0]
-            lo, hi = int(used[0]), int(used[-1]) + 1
-            acc.addmm_(A[:, lo:hi], zr[lo:hi])
-        return acc
+            torch.mm(x_full[:, y0 * R:y1 * R].T, getattr(self, f"w1_r{R}"), out=acc)
+        rows = acc.view(T, -1)
+        for r, z in low.items():  # height pass: each band row blends <= 2 source rows
+            lo, hi = self._source_rows(r, y0, y1)
+            zw = self._width(z[lo:hi], r, wbuf[r][:hi - lo])
+            rows.addmm_(getattr(self, f"up_r{r}")[y0:y1, lo:hi], zw)
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden pre-activation rows h (P, M*H1) -> logits (M, K, P): ReLU, then the folded second and third layers."""
+    def _head(self, h: torch.Tensor, h2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Hidden pre-activation rows h (P, M*H1) -> logits out (M, P, K): ReLU, then the folded second and third layers.
+
+        h2 (M, P, H2) is scratch; the second layer runs one member at a time on strided views of h,
+        several times faster than a batched matmul that would first copy h member-major.
+        """
         P = h.shape[0]
-        h = h.relu_().view(P, self.members, self.hidden1).transpose(0, 1)  # (M, P, H1), a view
-        h = torch.baddbmm(self.b2, h, self.w2).relu_()
-        return torch.baddbmm(self.b3, h, self.w3).transpose(1, 2)
+        hv = h.relu_().view(P, self.members, self.hidden1)
+        for m in range(self.members):
+            torch.addmm(self.b2[m], hv[:, m], self.w2[m], out=h2[m])
+        return torch.baddbmm(self.b3, h2.relu_(), self.w3, out=out)
 
-    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+    def _bands(self, taps: list[torch.Tensor]):
+        """Yield (image b, rows y0:y1, logits (M, (y1-y0)*R, K)) band by band; buffers are reused, so use each before the next."""
         self.layout.check(taps)
-        if self.coarse_to_fine:
-            return self._coarse_to_fine(taps)
         R, B = self.layout.image_resolution, taps[0].shape[0]
         low = {r: self._project(taps, r).reshape(B, r, r, -1) for r in self.groups if r != R}
         # the first-layer bias rides on one upsampled map (bilinear weights sum to 1), else on the full-size one
@@ -207,16 +225,44 @@ class FactorizedEnsemble(nn.Module):
             idx = self.groups[R]
             full = taps[idx[0]] if len(idx) == 1 else torch.cat([taps[i] for i in idx], dim=1)
             full = full.reshape(B, -1, R * R)
-        out = torch.empty(B, self.members, self.w3.shape[-1], R, R, dtype=self.w3.dtype, device=self.w3.device)
+        P, like = min(self.band_rows, R) * R, self.w3
+        acc = like.new_empty(P, self.b1.shape[0])
+        h2 = like.new_empty(self.members, P, self.w2.shape[-1])
+        logits = like.new_empty(self.members, P, self.w3.shape[-1])
+        bands = [(y0, min(R, y0 + self.band_rows)) for y0 in range(0, R, self.band_rows)]
+        wbuf = {r: like.new_empty(max(hi - lo for lo, hi in (self._source_rows(r, *y) for y in bands)), R * self.b1.shape[0]) for r in low}
         for b in range(B):
-            zw = {r: self._width(v[b], r) for r, v in low.items()}
-            for y0 in range(0, R, self.band_rows):
-                y1 = min(R, y0 + self.band_rows)
-                h = self._band_hidden(None if full is None else full[b], zw, y0, y1)
+            for y0, y1 in bands:
+                n = (y1 - y0) * R
+                self._band_hidden(acc[:n], None if full is None else full[b], {r: v[b] for r, v in low.items()}, wbuf, y0, y1)
                 if bias_at is None:
-                    h += self.b1.repeat(R)
-                out[b, :, :, y0:y1] = self._head(h.view((y1 - y0) * R, -1)).reshape(self.members, -1, y1 - y0, R)
+                    acc[:n] += self.b1
+                yield b, y0, y1, self._head(acc[:n], h2[:, :n], logits[:, :n])
+
+    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        if self.coarse_to_fine:
+            self.layout.check(taps)
+            return self._coarse_to_fine(taps)
+        R, B = self.layout.image_resolution, taps[0].shape[0]
+        out = self.w3.new_empty(B, self.members, self.w3.shape[-1], R, R)
+        for b, y0, y1, lg in self._bands(taps):
+            out[b, :, :, y0:y1] = lg.transpose(1, 2).reshape(self.members, -1, y1 - y0, R)
         return out
+
+    def vote_and_uncertainty(self, taps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """taps -> (majority_vote (B, R, R) int64, js_divergence (B, R, R) nats), computed band by band so the
+        (B, M, K, R, R) logits are never stored; the same numbers as those functions on `forward(taps)`."""
+        if self.coarse_to_fine:
+            logits = self.forward(taps)
+            return majority_vote(logits), js_divergence(logits)
+        R, B = self.layout.image_resolution, taps[0].shape[0]
+        mask = torch.empty(B, R, R, dtype=torch.int64, device=self.w3.device)
+        js = self.w3.new_empty(B, R, R)
+        for b, y0, y1, lg in self._bands(taps):
+            band = lg.transpose(1, 2)[None]  # (1, M, K, P), a view
+            mask[b, y0:y1] = majority_vote(band).view(y1 - y0, R)
+            js[b, y0:y1] = js_divergence(band).view(y1 - y0, R)
+        return mask, js
 
     def _coarse_to_fine(self, taps: list[torch.Tensor]) -> torch.Tensor:
         R, B = self.layout.image_resolution, taps[0].shape[0]
@@ -229,11 +275,15 @@ class FactorizedEnsemble(nn.Module):
         if acc.shape[-1] != R:
             acc = up(acc, R)
         h = acc.add_(self.b1.reshape(1, -1, 1, 1)).permute(0, 2, 3, 1).reshape(B, R * R, -1)
-        return torch.stack([self._head(h[b]) for b in range(B)]).reshape(B, self.members, -1, R, R)
+        out = self.w3.new_empty(B, self.members, R * R, self.w3.shape[-1])
+        h2 = self.w3.new_empty(self.members, R * R, self.w2.shape[-1])
+        for b in range(B):
+            self._head(h[b], h2, out[b])
+        return out.transpose(2, 3).reshape(B, self.members, -1, R, R)
 
 
 def majority_vote(logits: torch.Tensor) -> torch.Tensor:
-    """logits (B, M, K, H, W) -> mask (B, H, W) int64: the class most members pick (ties: lowest class)."""
+    """logits (B, M, K, *spatial) -> mask (B, *spatial) int64: the class most members pick (ties: lowest class)."""
     B, M, K = logits.shape[:3]
     votes = logits.argmax(dim=2).reshape(B, M, -1)
     counts = torch.zeros(B, K, votes.shape[-1], dtype=torch.int32, device=logits.device)

@@ -16,9 +16,9 @@ import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.errors import LabelFactoryError
-from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble, majority_vote
+from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
 from labelfactory.interpreter.taps import TapLayout, generate_with_taps
-from labelfactory.interpreter.uncertainty import image_score, js_divergence
+from labelfactory.interpreter.uncertainty import image_score
 
 KIND = "interpreter"
 MODEL_FILE = "interpreter.pt"
@@ -56,10 +56,8 @@ class Interpreter:
     def label(self, ws: torch.Tensor, top_fraction: float = 0.1) -> Labelled:
         """ws (B, num_ws, w_dim) -> Labelled; deterministic (constant noise)."""
         img, taps = generate_with_taps(self.G, ws)
-        logits = self.factorized(taps)
-        del taps
-        js = js_divergence(logits)
-        return Labelled(img, majority_vote(logits), js, image_score(js, top_fraction))
+        mask, js = self.factorized.vote_and_uncertainty(taps)
+        return Labelled(img, mask, js, image_score(js, top_fraction))
 
 
 def save_interpreter(path: str | os.PathLike, ensemble: PixelEnsemble, label_names: dict[str, int], train_config: dict, data: dict, G) -> Path:
