@@ -125,7 +125,7 @@ class FactorizedEnsemble(nn.Module):
     DENSE_MIN_SCALE = 8  # width pass as a matmul when R / r >= this; its cost grows with r, the phase form's with R / r
 
     def __init__(self, layout: TapLayout, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False, band_rows: int = 32):
+                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False, band_rows: int = 16):
         super().__init__()
         self.layout, self.coarse_to_fine, self.band_rows = layout, coarse_to_fine, band_rows
         M, _, H1 = w1.shape
