@@ -57,7 +57,7 @@ def test_train_then_infer(setup):
     assert saved.ensemble.config.members == 2
 
     infer = DatasetGANInfer(InterpreterModels(model_dir))
-    out, meta = infer({"image": ds.get_image_uri(ids[1])})
+    out, meta = infer({"image": ds.get_image_uri(ids[1]), **latent(ds, ids[1])})
     mask = read_image(out).array
     w = torch.tensor(ds.get_image_info(ids[1])["labelfactory"]["w"])
     assert np.array_equal(mask, saved.label(ws_from_w(G, w)).mask[0].numpy())
@@ -67,6 +67,11 @@ def test_train_then_infer(setup):
         infer({"image": ds.get_image_uri("real")})
 
 
+def latent(ds, image_id):
+    """What the app adds to a datasetgan request: the image's latent record from its datastore info."""
+    return {"labelfactory": ds.get_image_info(image_id)["labelfactory"]}
+
+
 def test_missing_models_and_data(setup):
     model_dir, ds, G, tmp = setup
     with pytest.raises(LabelFactoryError, match="train interpreter") as e:
@@ -74,13 +79,13 @@ def test_missing_models_and_data(setup):
     assert e.value.status == 409
     image_id = add_generated(ds, G, 5, tmp)
     with pytest.raises(LabelFactoryError, match="train interpreter first") as e:
-        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id)})
+        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id), **latent(ds, image_id)})
     assert e.value.status == 409
     (model_dir / "stylegan2.pt").unlink()
     with pytest.raises(LabelFactoryError, match="train stylegan2 first"):
         InterpreterTrain(model_dir, FAST)({}, ds)
     with pytest.raises(LabelFactoryError, match="train stylegan2 first"):
-        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id)})
+        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id), **latent(ds, image_id)})
 
 
 def test_label_of_the_wrong_shape_is_refused(setup):

@@ -17,6 +17,7 @@ from monailabel.utils.others.class_utils import get_class_names
 from monailabel.utils.others.generic import strtobool
 
 from labelfactory import __version__
+from labelfactory.interpreter.records import LATENT_KEY
 from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
 from labelfactory.tasks.datastore import LabelFactoryDatastore
 from labelfactory.tasks.synthesis import SynthesisInfer, seed_of
@@ -67,7 +68,8 @@ class LabelFactoryApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """Only datastore ids or the server's own upload temp files reach a task, never other paths.
 
-        `synthesis` takes image=seed<N> instead of an image id (it makes the image).
+        `synthesis` takes image=seed<N> instead of an image id (it makes the image); a generated
+        image's latent record (seed, psi, w) is added to the request for `datasetgan`.
         """
         image = request.get("image")
         ds = datastore or self.datastore()
@@ -75,6 +77,9 @@ class LabelFactoryApp(MONAILabelApp):
             request = {**request, "seed": seed_of(image)}
         elif isinstance(image, str) and not _is_upload(image) and isinstance(ds, LabelFactoryDatastore):
             ds.require_image(image)
+            record = (ds.get_image_info(image) or {}).get(LATENT_KEY)
+            if record:  # a generated image: its latent travels with the request (tasks see only the path)
+                request = {**request, LATENT_KEY: record}
         return super().infer(request, datastore)
 
     def init_infers(self):

@@ -34,18 +34,22 @@ def find_studies(folder: str | os.PathLike) -> list[Study]:
     if not folder.is_dir():
         raise LabelFactoryError(f"{folder}: no such folder of studies")
     out = []
-    labels = folder / "labels" / "final"
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name == "labels":
             continue
-        sfx = suffix_of(p)
-        if p.is_file() and sfx in VOLUME_SUFFIXES + PICTURE_SUFFIXES:
-            sid = p.name[: -len(sfx)]
-            lab = next((q for q in labels.glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None) if labels.is_dir() else None
-            out.append(Study(sid, p, lab))
+        if p.is_file() and suffix_of(p) in VOLUME_SUFFIXES + PICTURE_SUFFIXES:
+            out.append(study_of(p))
         elif p.is_dir() and _holds_dicom(p):
             out.append(Study(p.name, p, None))
     return out
+
+
+def study_of(image: Path) -> Study:
+    """The study an image file or DICOM folder is, with its `labels/final/<id>.*` label if one exists."""
+    sid = image.name[: -len(suffix_of(image))] if image.is_file() else image.name
+    labels = image.parent / "labels" / "final"
+    label = next((q for q in labels.glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None) if labels.is_dir() else None
+    return Study(sid, image, label)
 
 
 def _holds_dicom(folder: Path) -> bool:

@@ -28,8 +28,7 @@ from labelfactory.clamnet.infer import predict_image
 from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label, write_image
-from labelfactory.io.dataset import Study
-from labelfactory.io.image import suffix_of
+from labelfactory.io.dataset import study_of
 from labelfactory.tasks.models import ModelCache
 
 logger = logging.getLogger(__name__)
@@ -96,10 +95,8 @@ class ClamNetInfer(InferTask):
             return read_label(request["organ_mask"], image), "organ_mask"
         if request.get("crop_box"):
             return box_mask(image, tuple(int(v) for v in request["crop_box"])), "crop_box"
-        sid = path.name[: -len(suffix_of(path))] if path.is_file() else path.name
-        label = next((q for q in (path.parent / "labels" / "final").glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None)
         dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(path.parent)
-        mask = organ_mask(Study(sid, path, label), image, organ, dirs)
+        mask = organ_mask(study_of(path), image, organ, dirs)
         if mask is not None:
             return mask, "organ mask of the study"
         if self.segmentation_model.is_file():

@@ -5,8 +5,8 @@ record of the current generator) with a final label -> the pixel-classifier ense
 regenerated from each w -> `<model_dir>/interpreter.pt` (atomic) and
 `<model_dir>/interpreter_train_stats.json`. Same library call as `labelfactory train-interpreter`.
 Infer: the mask of a generated image, recomputed from the w its info records, with label names.
-MONAI Label hands an infer only the image's path, so the info is read from the local datastore's
-index beside the image (datastore_v2.json) unless the request carries it under "labelfactory".
+MONAI Label hands an infer only the image's path, so the app adds the image's latent record to
+the request under "labelfactory" (apps/labelfactory/main.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.checkpoint import load_generator
 from labelfactory.interpreter.labeller import MODEL_FILE, Interpreter, generator_identity, load_interpreter, save_interpreter
-from labelfactory.interpreter.records import LATENT_KEY, latent_from_info, load_records, records_from_datastore
+from labelfactory.interpreter.records import latent_from_info, load_records, records_from_datastore
 from labelfactory.interpreter.taps import ws_from_w
 from labelfactory.interpreter.train import TrainConfig, train_ensemble
 from labelfactory.io import read_image, write_image
@@ -98,19 +98,8 @@ class InterpreterTrain(TrainTask):
 
 
 def latent_of(image_path: str | os.PathLike, request: dict[str, Any]) -> dict:
-    """The image's latent record: from the request, else from the local datastore index beside the image."""
-    if isinstance(request.get(LATENT_KEY), dict):
-        return latent_from_info(request, Path(image_path).name)
-    path = Path(image_path)
-    index = path.parent / "datastore_v2.json"
-    info: dict = {}
-    if index.is_file():
-        objects = json.loads(index.read_text()).get("objects", {})
-        for image_id, obj in objects.items():
-            if path.name == f"{image_id}{obj.get('image', {}).get('ext', '')}":
-                info = obj["image"].get("info") or {}
-                break
-    return latent_from_info(info, path.name)
+    """The image's latent record, which the app puts in the request from the image's datastore info."""
+    return latent_from_info(request, Path(image_path).name)
 
 
 class DatasetGANInfer(InferTask):
