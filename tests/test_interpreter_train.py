@@ -115,7 +115,9 @@ def test_cli_trains_from_seed_masks(trained, tmp_path, capsys):
     for r in records[:4]:
         write_image(Image(r.mask.astype(np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), labels / f"seed{r.seed:06d}.nii.gz")
     loaded = records_from_seed_masks(G, labels, 0.8, K, 255)
-    assert [r.seed for r in loaded] == [0, 1, 2, 3] and torch.allclose(loaded[1].w, records[1].w)
+    # w from a batch of 8 vs alone: the same math, last bits may differ by CPU / batch size (issue 10 #13)
+    assert [r.seed for r in loaded] == [0, 1, 2, 3]
+    torch.testing.assert_close(loaded[1].w, records[1].w, atol=1e-5, rtol=1e-4)
     out = tmp_path / "interpreter.pt"
     rc = main(["train-interpreter", "--generator", str(d / "stylegan2.pt"), "--labels", str(labels), "--truncation-psi", "0.8", "--out", str(out),
                "--members", "2", "--hidden", "8", "8", "--epochs", "2", "--pixels-per-image", "64", "--no-progress"])
