@@ -14,7 +14,7 @@ import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.networks import Generator
+from labelfactory.gan.networks import GENERATOR_LAYOUT, Generator
 
 KIND = "stylegan2"
 
@@ -22,7 +22,7 @@ KIND = "stylegan2"
 def publish_generator(G_ema: Generator, generator_kwargs: dict[str, Any], path: str | os.PathLike, config: dict[str, Any], data: dict[str, Any], kimg: float) -> Path:
     """Atomically write the EMA generator (weights on CPU) with the training config, data summary and kimg."""
     state = {k: v.detach().cpu().clone() for k, v in G_ema.state_dict().items()}
-    payload = {"kind": KIND, "config": config, "data": data, "kimg": float(kimg), "generator": {"kwargs": dict(generator_kwargs), "state_dict": state}}
+    payload = {"kind": KIND, "config": config, "data": data, "kimg": float(kimg), "generator": {"kwargs": dict(generator_kwargs), "layout": GENERATOR_LAYOUT, "state_dict": state}}
     return save_checkpoint(payload, path)
 
 
@@ -36,6 +36,10 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except LabelFactoryError as e:
         msg = str(e) if "train stylegan2 first" in str(e) else f"{e}: train stylegan2 first"
         raise LabelFactoryError(msg, status=409) from None
+    layout = payload.get("generator", {}).get("layout", 1)
+    if layout != GENERATOR_LAYOUT:
+        raise LabelFactoryError(f"{Path(path).name} was trained with an earlier generator layout ({layout}, this version reads "
+                                f"{GENERATOR_LAYOUT}): import or retrain stylegan2", status=409)
     try:
         G = Generator(**payload["generator"]["kwargs"])
         G.load_state_dict(payload["generator"]["state_dict"])

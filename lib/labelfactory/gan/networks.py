@@ -16,9 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labelfactory.gan.resample import downsample2d, upsample2d
+from labelfactory.gan.resample import downsample2d, filter2d, upsample2d
 
 LRELU_GAIN = math.sqrt(2.0)
+# 2: the reference's up-sampling conv (transposed conv, then filter); 1 (before): filter, then conv at 2x. Not compatible.
+GENERATOR_LAYOUT = 2
 
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -64,15 +66,18 @@ class MappingNetwork(nn.Module):
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, up: bool = False, demodulate: bool = True) -> torch.Tensor:
-    """x (N, I, H, W), weight (O, I, k, k), styles (N, I) -> (N, O, H', W').
+    """x (N, I, H, W), weight (O, I, k, k), styles (N, I) -> (N, O, H', W'), H' = 2H with `up`.
 
     Computed as scale-input / shared conv / scale-output (the "non-fused" form of the paper's
     Eq. 1-3): numerically the same as modulating the weight per sample, and one dense conv.
+    With `up`, the reference's order: a stride-2 transposed conv at the low resolution (a 1/4 of
+    the work of a conv after upsampling), then the [1, 3, 3, 1] filter (gain 4, 1 pixel each side).
     """
-    if up:
-        x = upsample2d(x)
     x = x * styles[:, :, None, None].to(x.dtype)
-    x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
+    if up:
+        x = filter2d(F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2), pad=1, gain=4.0)
+    else:
+        x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
     if demodulate:
         dcoefs = ((weight[None] * styles[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
         x = x * dcoefs[:, :, None, None].to(x.dtype)
@@ -86,15 +91,14 @@ class SynthesisLayer(nn.Module):
         super().__init__()
         self.resolution, self.up, self.conv_clamp = resolution, up, conv_clamp
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
-        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
-        self.weight_gain = 1 / math.sqrt(in_channels * 9)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))  # no equalized-lr gain: demodulated
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.noise_strength = nn.Parameter(torch.zeros([]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         styles = self.affine(w)
-        x = modulated_conv2d(x, self.weight * self.weight_gain, styles, up=self.up)
+        x = modulated_conv2d(x, self.weight, styles, up=self.up)
         if noise_mode == "random":
             x = x + torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype) * self.noise_strength.to(x.dtype)
         elif noise_mode == "const":

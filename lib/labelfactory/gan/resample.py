@@ -22,6 +22,11 @@ def upsample2d(x: torch.Tensor) -> torch.Tensor:
     return F.conv_transpose2d(x, _kernel(x, 4.0), stride=2, padding=1, groups=x.shape[1])
 
 
+def filter2d(x: torch.Tensor, pad: int, gain: float = 1.0) -> torch.Tensor:
+    """The FIR filter (times `gain`) with `pad` zeros each side: (N, C, H, W) -> (N, C, H + 2 pad - 3, W + 2 pad - 3)."""
+    return F.conv2d(F.pad(x, [pad] * 4), _kernel(x, gain), groups=x.shape[1])
+
+
 def downsample2d(x: torch.Tensor, stride: int = 2, pad: int = 1) -> torch.Tensor:
     """FIR-filter with `pad` zeros each side, then keep every `stride`-th pixel.
 

@@ -31,7 +31,7 @@ from labelfactory.gan.checkpoint import publish_generator
 from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.latents import z_from_seeds
 from labelfactory.gan.loss import StyleGAN2Loss
-from labelfactory.gan.networks import Discriminator, Generator
+from labelfactory.gan.networks import GENERATOR_LAYOUT, Discriminator, Generator
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Trainer:
             "opt_G": self.opts["G"].state_dict(), "opt_D": self.opts["D"].state_dict(),
             "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
             "ada": {"sign_sum": self.ada.sign_sum, "count": self.ada.count, "steps": self.ada.steps, "rt": self.ada.rt} if self.ada else None,
-            "pl_mean": float(self.loss.pl_mean), "cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "history": self.history,
+            "layout": GENERATOR_LAYOUT, "pl_mean": float(self.loss.pl_mean), "cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "history": self.history,
         }
 
     def _resume_if_possible(self) -> None:
@@ -140,6 +140,9 @@ class Trainer:
             logger.warning("%s was trained with another architecture (%s); starting a new run over it", self.state_path, saved.architecture())
             return
         s = payload["state"]
+        if s.get("layout", 1) != GENERATOR_LAYOUT:
+            logger.warning("%s holds an earlier generator layout (%s); starting a new run over it", self.state_path, s.get("layout", 1))
+            return
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
         self.G_ema.load_state_dict(s["G_ema"])
