@@ -9,7 +9,7 @@ from pathlib import Path
 
 from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
 from labelfactory.gan.config import PRESETS, preset
-from labelfactory.gan.data import load_training_slices, real_image_paths
+from labelfactory.gan.data import load_training_slices, openkbp_training_slices, real_image_paths
 from labelfactory.gan.training import train
 
 logger = logging.getLogger(__name__)
@@ -18,6 +18,9 @@ DEFAULT_STUDIES = Path(__file__).resolve().parents[3] / "sample-data" / "datasto
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--studies", type=Path, default=DEFAULT_STUDIES, help="folder of CT images (MONAI Label datastore layout); default: the sample data")
+    parser.add_argument("--openkbp", type=Path, default=None,
+                        help="train on an OpenKBP folder's body-centred crops instead of --studies (see labelfactory.datasets.openkbp)")
+    parser.add_argument("--split", default="train", help="with --openkbp: the split to train on")
     parser.add_argument("--out", type=Path, default=Path("runs/stylegan2"), help="run folder: state, preview.png, TensorBoard, train_stats.json (resumed when it exists)")
     parser.add_argument("--model", type=Path, default=None, help="also publish the EMA generator here (e.g. apps/labelfactory/model/stylegan2.pt)")
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="auto: paper256 with a GPU, demo on CPU")
@@ -35,10 +38,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = preset(args.preset).with_overrides(resolution=args.resolution, total_kimg=args.total_kimg, snapshot_kimg=args.snapshot_kimg, fid_kimg=args.fid_kimg,
                                                  batch_size=args.batch_size, r1_gamma=args.r1_gamma, seed=args.seed,
                                                  augment=False if args.no_augment else None, mixed_precision=True if args.mixed_precision else None)
-        paths = real_image_paths(args.studies)
-        images = load_training_slices(paths, cfg.resolution)
-        logger.info("training StyleGAN2-ADA at %d^2 on %d slices of %d images for %g kimg", cfg.resolution, len(images), len(paths), cfg.total_kimg)
-        stats = train(cfg, images, args.out, publish_path=args.model, data_info={"images": [p.name for p in paths], "slices": len(images)},
+        if args.openkbp is not None:
+            images, data_info = openkbp_training_slices(args.openkbp, args.split, cfg.resolution)
+        else:
+            paths = real_image_paths(args.studies)
+            images = load_training_slices(paths, cfg.resolution)
+            data_info = {"images": [p.name for p in paths], "slices": len(images)}
+        logger.info("training StyleGAN2-ADA at %d^2 on %d slices for %g kimg", cfg.resolution, len(images), cfg.total_kimg)
+        stats = train(cfg, images, args.out, publish_path=args.model, data_info=data_info,
                       fid_weights=args.fid_weights, progress=not args.no_progress)
         if is_main():
             print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=1))

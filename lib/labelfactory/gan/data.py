@@ -21,3 +21,14 @@ def load_training_slices(images: list[Path], resolution: int) -> torch.Tensor:
     if not images:
         raise LabelFactoryError("no real images to train the GAN on: add CT volumes to the datastore first")
     return load_slices(images, resolution)
+
+
+def openkbp_training_slices(root: str | os.PathLike, split: str, resolution: int) -> tuple[torch.Tensor, dict]:
+    """(N, 1, R, R) body-centred crops of an OpenKBP split at native spacing, and the data record for the checkpoint."""
+    from labelfactory.datasets import openkbp
+
+    cases = openkbp.load_slices(root, split, resolution)
+    images = torch.cat([c.images for c in cases])
+    info = {"dataset": "openkbp", "split": split, "patients": [c.case.name for c in cases], "slices": len(images),
+            "crop": f"{resolution} px body-centred, native spacing", "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high]}
+    return images, info

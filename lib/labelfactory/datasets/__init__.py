@@ -1,0 +1,1 @@
+"""Public CT data sets in the layouts the benchmarks and the bundled samples use."""
