@@ -20,6 +20,7 @@ from labelfactory.io import Window
 
 logger = logging.getLogger(__name__)
 KIND = "clamnet"
+MODEL_FILE = f"{KIND}.pt"  # in a model folder
 
 
 @dataclass

@@ -17,6 +17,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.networks import GENERATOR_LAYOUT, Generator
 
 KIND = "stylegan2"
+MODEL_FILE = f"{KIND}.pt"  # in a model folder
 
 
 def publish_generator(G_ema: Generator, generator_kwargs: dict[str, Any], path: str | os.PathLike, config: dict[str, Any], data: dict[str, Any], kimg: float) -> Path:

@@ -38,6 +38,7 @@ from labelfactory.segmentation.networks import build_network, network_options
 
 logger = logging.getLogger(__name__)
 KIND = "segmentation"
+MODEL_FILE = f"{KIND}.pt"  # in a model folder
 
 
 @dataclass

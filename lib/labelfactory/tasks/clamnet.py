@@ -10,85 +10,77 @@ Organ mask at inference, in order: request `organ_mask` (a file on the image's g
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
-from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelfactory.clamnet.crop import box_mask
 from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask, segmented_organ
 from labelfactory.clamnet.infer import predict_image
-from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
+from labelfactory.clamnet.train import KIND, MODEL_FILE, ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
 from labelfactory.errors import LabelFactoryError
-from labelfactory.io import Image, read_image, read_label, write_image
+from labelfactory.io import Image, read_image, read_label
 from labelfactory.io.dataset import study_of
+from labelfactory.options import config_overrides
+from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FILE
+from labelfactory.tasks.base import InferBase, TrainBase, result_file
 from labelfactory.tasks.models import ModelCache
 
-logger = logging.getLogger(__name__)
-MODEL_FILE = "clamnet.pt"
-SEGMENTATION_MODEL_FILE = "segmentation.pt"
-STATS_FILE = "clamnet_train_stats.json"
 MARKER_LABEL = {"marker": 1}
-TRAIN_KEYS = ("steps", "batch", "lr", "eta", "size", "seed", "margin_mm", "threshold")
 
 
-class ClamNetTrain(TrainTask):
+class ClamNetTrain(TrainBase):
     """Trains the ClamNet pair on the datastore's images with the image-level labels CSV."""
 
-    def __init__(self, model_dir: str | os.PathLike, config: ClamNetConfig | None = None, labels_csv: str | None = None, organ_dirs: list[str] | None = None):
-        super().__init__("ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)")
-        self.model_dir = Path(model_dir)
-        self.defaults = config or ClamNetConfig()
+    name = KIND
+    options = ("steps", "batch", "lr", "eta", "size", "seed", "margin_mm", "threshold")
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        config: ClamNetConfig | None = None,
+        labels_csv: str | None = None,
+        organ_dirs: list[str] | None = None,
+    ):
+        description = "ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)"
+        super().__init__(description, model_dir, config or ClamNetConfig())
         self.labels_csv, self.organ_dirs = labels_csv, organ_dirs
 
     def config(self) -> dict[str, Any]:
-        return {k: getattr(self.defaults, k) for k in TRAIN_KEYS} | {"labels_csv": self.labels_csv or ""}
+        return super().config() | {"labels_csv": self.labels_csv or ""}
 
-    def stats(self) -> dict[str, Any]:
-        p = self.model_dir / STATS_FILE
-        return json.loads(p.read_text()) if p.is_file() else {}
-
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        cfg = ClamNetConfig.from_dict({**vars(self.defaults), **{k: type(getattr(self.defaults, k))(request[k]) for k in TRAIN_KEYS if k in request}})
+    def train(
+        self, request: dict[str, Any], datastore: Datastore, cfg: ClamNetConfig, started: float
+    ) -> dict[str, Any]:
         images = [Path(datastore.get_image_uri(i)) for i in datastore.list_images()]
         if not images:
             raise LabelFactoryError("the datastore holds no images")
         studies = images[0].parent
         organ_dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(studies)
-        t0 = time.time()
-        slices = load_weak_slices(studies, request.get("labels_csv") or self.labels_csv, cfg.organ, organ_dirs, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta)
+        labels_csv = request.get("labels_csv") or self.labels_csv
+        slices = load_weak_slices(
+            studies, labels_csv, cfg.organ, organ_dirs, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta
+        )
         pair, history = train_clamnet(slices, cfg)
         data = {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
         save_clamnet(pair, cfg, data, self.model_dir / MODEL_FILE, history)
-        stats = {"name": "clamnet", "total_time": f"{time.time() - t0:.1f}s", "steps": cfg.steps, "loss_first": history[0], "loss_last": history[-1], **data}
-        tmp = self.model_dir / (STATS_FILE + ".tmp")
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, self.model_dir / STATS_FILE)
-        return stats
+        return {"steps": cfg.steps, "loss_first": history[0], "loss_last": history[-1], **data}
 
 
-class ClamNetInfer(InferTask):
+class ClamNetInfer(InferBase):
     """Marker mask (label file) and probability map (path in the result JSON) on the image's own grid."""
 
     def __init__(self, model_dir: str | os.PathLike, organ_dirs: list[str] | None = None):
-        super().__init__(InferType.SEGMENTATION, MARKER_LABEL, 3, "ClamNet weak marker segmentation (e.g. false lumen) within the organ crop", {"threshold": 0.5})
-        self.path = Path(model_dir) / MODEL_FILE
+        description = "ClamNet weak marker segmentation (e.g. false lumen) within the organ crop"
+        super().__init__(
+            Path(model_dir) / MODEL_FILE, InferType.SEGMENTATION, MARKER_LABEL, 3, description, {"threshold": 0.5}
+        )
         self.segmentation_model = Path(model_dir) / SEGMENTATION_MODEL_FILE
         self.organ_dirs = organ_dirs
         self.model = ModelCache(self.path, load_clamnet, "train clamnet first")
-
-    def is_valid(self) -> bool:
-        return True
-
-    def get_path(self, validate: bool = True):
-        return str(self.path)
 
     def _organ(self, request: dict[str, Any], path: Path, image: Image, organ: str) -> tuple[Image | None, str]:
         if request.get("organ_mask"):
@@ -101,24 +93,23 @@ class ClamNetInfer(InferTask):
             return mask, "organ mask of the study"
         if self.segmentation_model.is_file():
             mask = segmented_organ(self.segmentation_model, image, organ)
-            return mask, ("segmentation model" if mask is not None else "none (segmentation model found no organ; whole slices)")
+            found = (
+                "segmentation model" if mask is not None else "none (segmentation model found no organ; whole slices)"
+            )
+            return mask, found
         return None, "none (whole slices)"
 
-    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        t0 = time.time()
+    def infer(self, request: dict[str, Any]) -> tuple[Image, dict[str, Any]]:
         pair, cfg = self.model.get()
-        if "threshold" in request:
-            cfg = ClamNetConfig.from_dict({**vars(cfg), "threshold": float(request["threshold"])})
+        cfg = config_overrides(cfg, request, ("threshold",))
         path = Path(request["image"])
         image = read_image(path)
         organ, source = self._organ(request, path, image, cfg.organ)
         prob, mask = predict_image(pair, cfg, image, organ)
-        ext = request.get("result_extension") or ".nii.gz"
-        label_file = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
-        prob_file = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        write_image(mask, label_file)
-        write_image(prob, prob_file)
-        return label_file, {
-            "label_names": MARKER_LABEL, "probability": prob_file, "organ_crop": source, "threshold": cfg.threshold,
-            "marker_voxels": int(mask.array.sum()), "latencies": {"total": round(time.time() - t0, 3)},
+        return mask, {
+            "label_names": MARKER_LABEL,
+            "probability": result_file(prob),
+            "organ_crop": source,
+            "threshold": cfg.threshold,
+            "marker_voxels": int(mask.array.sum()),
         }

@@ -1,13 +1,14 @@
 """ClamNet (weak marker segmentation from image-level labels): trainer and infer `clamnet`.
 
 Conf: clamnet_labels_csv (default: image_labels.csv beside or inside the studies folder),
-clamnet_organ_dirs (comma list; default: a `reference` folder beside or inside the studies),
-clamnet_steps, clamnet_size.
+clamnet_organ_dirs (comma list; default: a `reference` folder beside or inside the studies), and
+clamnet_<option> for each trainer option (`ClamNetTrain.options`; defaults: `ClamNetConfig`).
 """
 
 from monailabel.interfaces.config import TaskConfig
 
 from labelfactory.clamnet.train import ClamNetConfig
+from labelfactory.options import config_overrides
 from labelfactory.tasks.clamnet import ClamNetInfer, ClamNetTrain
 
 
@@ -17,7 +18,7 @@ class ClamNet(TaskConfig):
         self.labels_csv = conf.get("clamnet_labels_csv") or None
         dirs = conf.get("clamnet_organ_dirs", "")
         self.organ_dirs = [d.strip() for d in dirs.split(",") if d.strip()] or None
-        self.defaults = ClamNetConfig(steps=int(conf.get("clamnet_steps", 300)), size=int(conf.get("clamnet_size", 256)))
+        self.defaults = config_overrides(ClamNetConfig(), conf, ClamNetTrain.options, prefix="clamnet_")
 
     def infer(self):
         return {"clamnet": ClamNetInfer(self.model_dir, self.organ_dirs)}

@@ -1,0 +1,28 @@
+"""What names a generator and its images: the generator's identity, a seed's name, a generated slice as a CT Image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from labelfactory.io import Image, Window
+
+
+def generator_identity(G) -> str | None:
+    """The generator checkpoint's provenance time (what latent records and interpreters name), if loaded from one."""
+    info = getattr(G, "checkpoint_info", None) or {}
+    return (info.get("provenance") or {}).get("time")
+
+
+def seed_name(seed: int) -> str:
+    """The file stem of seed N's generated image: seed000042."""
+    return f"seed{int(seed):06d}"
+
+
+def generated_to_image(
+    img: torch.Tensor, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0)
+) -> Image:
+    """One generated image (1, 1, R, R) or (R, R) in [-1, 1] -> 2D Image in HU, int16, origin 0, identity direction."""
+    arr = img.detach().float().cpu().numpy().reshape(img.shape[-2:])
+    hu = np.rint(window.to_hu(arr)).astype(np.int16)
+    return Image(hu, tuple(float(s) for s in spacing), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))

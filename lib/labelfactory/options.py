@@ -1,0 +1,77 @@
+"""Config dataclasses are the one home of defaults; request options, `--conf` options and CLI flags derive from them.
+
+`config_overrides(defaults, values, names)` reads the fields `names` from any string-keyed source
+(a MONAI Label request, the app's `--conf` dict with a prefix), casting each value to its field's
+type; `add_arguments` / `from_args` turn the same fields into argparse flags. Hand-written because
+neither MONAI Label nor argparse maps a dataclass onto options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from labelfactory.errors import LabelFactoryError
+
+C = TypeVar("C")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def field_type(cls: type, name: str) -> type:
+    """The field's scalar type (bool, int, float or str), `X | None` unwrapped; TypeError for other types."""
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint not in (bool, int, float, str):
+        raise TypeError(f"{cls.__name__}.{name}: only bool, int, float and str fields can be options, not {hint}")
+    return hint
+
+
+def parse_value(cls: type, name: str, value: Any) -> Any:
+    """One option value (a string from a form or conf, a JSON scalar, or Slicer's combo list) as the field's type."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None  # an options-table combo box sends its list; the first is the choice
+    typ = field_type(cls, name)
+    try:
+        if typ is bool and not isinstance(value, bool):
+            text = str(value).strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError(text)
+            return text in _TRUE
+        return typ(value)
+    except (TypeError, ValueError):
+        raise LabelFactoryError(f"option {name}={value!r}: expected a {typ.__name__}") from None
+
+
+def config_overrides(defaults: C, values: dict[str, Any], names: typing.Iterable[str], prefix: str = "") -> C:
+    """`defaults` with each field of `names` that `values` sets (key `prefix + name`, not None or "") replaced."""
+    cls = type(defaults)
+    changes = {n: parse_value(cls, n, values[prefix + n]) for n in names if values.get(prefix + n) not in (None, "")}
+    return dataclasses.replace(defaults, **changes) if changes else defaults
+
+
+def options(defaults: Any, names: typing.Iterable[str]) -> dict[str, Any]:
+    """{name: default} of the fields `names`: a task's options table in Slicer."""
+    return {n: getattr(defaults, n) for n in names}
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, defaults: Any, names: typing.Iterable[str], helps: dict[str, str] | None = None
+) -> None:
+    """A flag `--the-name` per field, typed and defaulted from `defaults` (bool: `--the-name` / `--no-the-name`)."""
+    helps = helps or {}
+    for n in names:
+        typ, default, flag = field_type(type(defaults), n), getattr(defaults, n), "--" + n.replace("_", "-")
+        text = helps.get(n, "") + (" " if n in helps else "") + f"(default: {default})"
+        if typ is bool:
+            parser.add_argument(flag, dest=n, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            parser.add_argument(flag, dest=n, type=typ, default=default, help=text)
+
+
+def from_args(defaults: C, args: argparse.Namespace, names: typing.Iterable[str]) -> C:
+    """`defaults` with the fields `names` taken from parsed flags (see add_arguments)."""
+    return dataclasses.replace(defaults, **{n: getattr(args, n) for n in names})

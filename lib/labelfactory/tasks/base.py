@@ -1,0 +1,97 @@
+"""The two bases every labelfactory adapter stands on, as MONAI Label's BasicTrainTask / BasicInferTask do.
+
+`TrainBase` owns what all our trainers share: the options table (`config()`, fields of the config
+dataclass), request overrides parsed from that dataclass, `stats()` and the atomic
+`<model_dir>/<name>_train_stats.json`, total time. A trainer declares `name`, `options` and
+`train()`. `InferBase` owns `is_valid` (models are checked per request: a missing one answers 409
+"train X first"), `get_path`, the temp result file and the latency timing; an infer declares
+`infer() -> (label Image, result JSON)`. Not BasicTrainTask / BasicInferTask themselves: those
+feed whole datastore files through dict transforms and save bare state dicts, while our models
+train on 2D slices or latents and publish versioned checkpoints (labelfactory.checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from labelfactory.io import Image, write_image
+from labelfactory.jsonio import read_json, write_json_atomic
+from labelfactory.options import config_overrides, options
+
+
+def stats_file(name: str) -> str:
+    """The train stats file of model `name` in its model folder."""
+    return f"{name}_train_stats.json"
+
+
+class TrainBase(TrainTask):
+    """A trainer: `name` (its model and stats file), `options` (the config fields a request may set), `train()`."""
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[str, ...]]
+
+    def __init__(self, description: str, model_dir: str | os.PathLike, defaults: Any):
+        super().__init__(description)
+        self.model_dir, self.defaults = Path(model_dir), defaults
+
+    def config(self) -> dict[str, Any]:
+        """The options table Slicer shows: each option's default (subclasses add their own keys)."""
+        return options(self.defaults, self.options)
+
+    def stats(self) -> dict[str, Any]:
+        return read_json(self.model_dir / stats_file(self.name), {})
+
+    def write_stats(self, stats: dict[str, Any], started: float) -> dict[str, Any]:
+        """Publish `stats` (with name and time since `started`) atomically as the train stats; returns them."""
+        stats = {"name": self.name, **stats, "total_time": f"{time.time() - started:.1f}s"}
+        write_json_atomic(stats, self.model_dir / stats_file(self.name))
+        return stats
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        started = time.time()
+        config = config_overrides(self.defaults, request, self.options)
+        return self.write_stats(self.train(request, datastore, config, started), started)
+
+    @abstractmethod
+    def train(self, request: dict[str, Any], datastore: Datastore, config: Any, started: float) -> dict[str, Any]:
+        """Train with `config` (the defaults plus the request's options); returns the stats to publish."""
+
+
+class InferBase(InferTask):
+    """An infer whose model is checked per request; `infer()` returns (label Image or None, result JSON)."""
+
+    def __init__(self, path: str | os.PathLike, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.path = Path(path)
+
+    def is_valid(self) -> bool:
+        return True  # listed even before training: a request then answers 409 "train X first"
+
+    def get_path(self, validate: bool = True) -> str:
+        return str(self.path)
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        started = time.time()
+        label, result = self.infer(request)
+        out = None if label is None else result_file(label, request.get("result_extension") or ".nii.gz")
+        return out, {**result, "latencies": {"total": round(time.time() - started, 3)}}
+
+    @abstractmethod
+    def infer(self, request: dict[str, Any]) -> tuple[Image | None, dict[str, Any]]:
+        """The label on the input's grid (written to the result file) and the result JSON."""
+
+
+def result_file(image: Image, suffix: str = ".nii.gz") -> str:
+    """Write `image` to a new temp file (MONAI Label sends it and removes it); returns its path."""
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    os.close(fd)
+    return str(write_image(image, path))
