@@ -2,32 +2,41 @@
 strategies and scoring. No model code lives here (see the `labelfactory` library).
 
 Conf options (`--conf KEY VALUE`): models (comma list or 'all', default all),
-skip_trainers, skip_strategies, skip_scoring, plus each config's own (see lib/configs).
+skip_trainers, skip_strategies, skip_scoring, model_dir (the models folder the app reads and
+trainers publish to; default <app_dir>/model), labels (a label map of `labelfactory.labels`;
+default: the map the models in model_dir record, see `served_map`), plus each config's own
+(see lib/configs). Infers refuse (409) a model trained under another label map than the served one.
 """
 
 import logging
 import os
 import tempfile
+import threading
 
 import lib.configs
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
+from monailabel.utils.async_tasks.utils import tasks as background_tasks
 from monailabel.utils.others.class_utils import get_class_names
 from monailabel.utils.others.generic import strtobool
 
 from labelfactory import __version__
-from labelfactory.interpreter.records import LATENT_KEY
-from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
+from labelfactory.checkpoints import remove_leftover_temp_files
+from labelfactory.io import read_image
+from labelfactory.labels import served_map
+from labelfactory.latent_record import LATENT_KEY
 from labelfactory.tasks.datastore import LabelFactoryDatastore
-from labelfactory.tasks.synthesis import SynthesisInfer, seed_of
+from labelfactory.tasks.synthesis import GENERATED_FILE, add_generated_image, seed_of
 
 logger = logging.getLogger(__name__)
 
 
 class LabelFactoryApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.model_dir = os.path.join(app_dir, "model")
+        self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")  # labelfactory serve --models
+        self.label_map, why = served_map(conf.get("labels"), self.model_dir)
+        logger.info(f"labelfactory models in {self.model_dir}, label map {self.label_map.describe()}: {why}")
         available = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
         unknown = [m for m in wanted if m != "all" and m not in available]
@@ -38,8 +47,9 @@ class LabelFactoryApp(MONAILabelApp):
         for name in names:
             cls = _load_class(available[name])
             self.models[name] = cls()
-            self.models[name].init(name, self.model_dir, conf, None)
+            self.models[name].init(name, self.model_dir, conf, None, label_map=self.label_map)
         logger.info(f"labelfactory models: {list(self.models)}")
+        self._scoring_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -47,13 +57,35 @@ class LabelFactoryApp(MONAILabelApp):
             name="labelfactory",
             description="A labelling factory for CT: DatasetGAN synthesis and segmentation, ClamNet weak segmentation, UNet++",
             version=__version__,
-            labels=LABEL_NAMES,
+            labels=self.label_map.values,
         )
 
     def info(self):
         meta = super().info()
-        meta["label_colors"] = {name: [c / 255 for c in rgb] for name, rgb in LABEL_COLORS.items()}
+        meta["label_colors"] = {name: [c / 255 for c in rgb] for name, rgb in self.label_map.colors.items()}
+        meta["label_map"] = self.label_map.name
         return meta
+
+    def on_init_complete(self):
+        """Server start (never in a training or scoring subprocess): temp files of writes a crash cut short are removed."""
+        remove_leftover_temp_files(self.model_dir)
+        if isinstance(self._datastore, LabelFactoryDatastore):
+            self._datastore.remove_leftover_temp_files()
+        super().on_init_complete()
+
+    def async_scoring(self, method, params=None):
+        """Coalesced: a method with a run already waiting to start gets no second one (that run will see the new images)."""
+        with self._scoring_lock:
+            waiting = {
+                t["request"].get("method") for t in background_tasks("scoring") if t.get("status") == "SUBMITTED"
+            }
+            methods = [m for m in ([method] if method else self._scoring_methods) if m not in waiting]
+            if len(methods) < (1 if method else len(self._scoring_methods)):
+                logger.info(f"scoring already waiting for {sorted(waiting)}: not queued again")
+            result = {}
+            for m in methods:
+                result[m] = super().async_scoring(m, params)
+        return result.get(method, {}) if method else result
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -63,13 +95,15 @@ class LabelFactoryApp(MONAILabelApp):
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            label_names=self.label_map.values,
         )
 
     def infer(self, request, datastore=None):
         """Only datastore ids or the server's own upload temp files reach a task, never other paths.
 
-        `synthesis` takes image=seed<N> instead of an image id (it makes the image); a generated
-        image's latent record (seed, psi, w) is added to the request for `datasetgan`.
+        The app is the infers' one door to the datastore: a generated image's latent record (seed,
+        psi, w) is added to the request for `datasetgan`; `synthesis` takes image=seed<N> (it makes
+        the image) and, asked to add it, the app stores the image it names like the strategy does.
         """
         image = request.get("image")
         ds = datastore or self.datastore()
@@ -80,14 +114,20 @@ class LabelFactoryApp(MONAILabelApp):
             record = (ds.get_image_info(image) or {}).get(LATENT_KEY)
             if record:  # a generated image: its latent travels with the request (tasks see only the path)
                 request = {**request, LATENT_KEY: record}
-        return super().infer(request, datastore)
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        generated = params.pop(GENERATED_FILE, None)
+        if generated:
+            try:
+                params["image_id"] = add_generated_image(
+                    ds, read_image(generated), params[LATENT_KEY], params["uncertainty"]
+                )
+            finally:
+                os.unlink(generated)
+        return result
 
     def init_infers(self):
-        infers = {k: v for c in self.models.values() for k, v in _as_dict(c.infer(), c.name).items()}
-        for task in infers.values():
-            if isinstance(task, SynthesisInfer):
-                task.datastore = self._datastore  # where add_to_datastore puts generated images
-        return infers
+        return {k: v for c in self.models.values() for k, v in _as_dict(c.infer(), c.name).items()}
 
     def init_trainers(self):
         if strtobool(self.conf.get("skip_trainers", "false")):
@@ -112,7 +152,11 @@ class LabelFactoryApp(MONAILabelApp):
 
 def _is_upload(path):
     """MONAI Label writes uploaded files to the system temp folder before calling infer."""
-    return os.path.isabs(path) and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir()) and os.path.isfile(path)
+    return (
+        os.path.isabs(path)
+        and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
+        and os.path.isfile(path)
+    )
 
 
 def _as_dict(task, name):

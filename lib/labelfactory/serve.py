@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from labelfactory.checkpoints import hash_path
 from labelfactory.errors import LabelFactoryError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,12 +22,27 @@ DEMO_MODELS = REPO / "sample-data" / "models"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--studies", default=None, help="folder of studies or a DICOMweb URL (default: a working copy of sample-data/datastore)")
+    p.add_argument(
+        "--studies",
+        default=None,
+        help="folder of studies or a DICOMweb URL (default: a working copy of sample-data/datastore)",
+    )
     p.add_argument("--workdir", default=str(REPO / "runs"), help="where the sample data copy lives (default: runs/)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: auth is off, keep it local)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--models", default=str(DEMO_MODELS), help="model files to start from when the app has none of its own (default: the demo models made by scripts/make_demo_models.sh); '' for none")
-    p.add_argument("--conf", action="append", nargs=2, metavar=("KEY", "VALUE"), default=[], help="app option, e.g. --conf models all")
+    p.add_argument(
+        "--models",
+        default=str(DEMO_MODELS),
+        help="model files to start from when the app has none of its own (default: the demo models made by scripts/make_demo_models.sh); '' for none",
+    )
+    p.add_argument(
+        "--conf",
+        action="append",
+        nargs=2,
+        metavar=("KEY", "VALUE"),
+        default=[],
+        help="app option, e.g. --conf models all",
+    )
 
 
 def prepare_studies(studies: str | None, workdir: str | os.PathLike) -> str:
@@ -42,7 +58,7 @@ def prepare_studies(studies: str | None, workdir: str | os.PathLike) -> str:
 
 
 def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> list[str]:
-    """Copy each model file of `source` that `model_dir` lacks (never overwrites a trained model)."""
+    """Copy each model file of `source` that `model_dir` lacks, with its `.sha256` (never overwrites a trained model)."""
     source, model_dir = Path(source), Path(model_dir)
     if not source.is_dir():
         return []
@@ -50,14 +66,33 @@ def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> l
     copied = []
     for f in sorted(source.glob("*.pt")):
         if not f.name.endswith(".previous.pt") and not (model_dir / f.name).exists():
+            if hash_path(f).exists():  # the hash first: the model never sits there unchecked
+                shutil.copy2(hash_path(f), hash_path(model_dir / f.name))
             shutil.copy2(f, model_dir / f.name)
             copied.append(f.name)
     return copied
 
 
-def server_command(studies: str, host: str, port: int, conf: list[tuple[str, str]], app_dir: str | os.PathLike = APP_DIR) -> list[str]:
+def server_command(
+    studies: str, host: str, port: int, conf: list[tuple[str, str]], app_dir: str | os.PathLike = APP_DIR
+) -> list[str]:
     """The `monailabel start_server` command line for this app (errors answered as 4xx, see tasks.server)."""
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", studies, "--host", host, "--port", str(port), "--uvicorn_app", "labelfactory.tasks.server:app"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        studies,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--uvicorn_app",
+        "labelfactory.tasks.server:app",
+    ]
     for k, v in conf:
         cmd += ["--conf", k, v]
     return cmd
@@ -75,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if args.models:
         copied = install_models(args.models, APP_DIR / "model")
         if copied:
-            print(f"labelfactory: starting from the demo models {', '.join(copied)} (see {args.models}/README.md)", flush=True)
+            print(
+                f"labelfactory: starting from the demo models {', '.join(copied)} (see {args.models}/README.md)",
+                flush=True,
+            )
     cmd = server_command(studies, args.host, args.port, [tuple(c) for c in args.conf])
     print(f"labelfactory: serving {studies} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     os.execve(cmd[0], cmd, server_env())

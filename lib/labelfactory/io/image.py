@@ -1,56 +1,34 @@
-"""One image type for every format we read: NIfTI, NRRD (incl. Slicer .seg.nrrd), DICOM series, PNG/JPEG.
+"""Reading and writing images of every format we take: NIfTI, NRRD (incl. Slicer .seg.nrrd), DICOM series, PNG/JPEG.
 
-Arrays are in numpy (SimpleITK) index order: (D, H, W) for volumes, (H, W) for 2D images.
-Geometry is in SimpleITK's (x, y[, z]) order: spacing in mm, origin in mm (LPS), direction as
-row-major cosines whose column i is axis i's direction.
+Every reader returns `Image` (labelfactory.io.image_type: numpy-order array plus SimpleITK geometry)
+and validates what it read: 2D or 3D, not empty, complete, finite. NIfTI goes through nibabel's
+header first (ITK's NIfTI reader silently turns NaN and Inf voxels into 0 and zero-fills a short
+file); a .nii.gz is decompressed once, then ITK reads the plain bytes for the geometry.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import tempfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.spatialimages import HeaderDataError
+from nibabel.wrapstruct import WrapStructError
 
 from labelfactory.errors import LabelFactoryError
+from labelfactory.io.image_type import Image
+from labelfactory.io.segnrrd import read_seg_nrrd
+from labelfactory.labels import check_label_values
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-@dataclass
-class Image:
-    """Pixel array plus physical geometry. `array`: (D, H, W) or (H, W); geometry in (x, y[, z])."""
-
-    array: np.ndarray
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    @property
-    def ndim(self) -> int:
-        return self.array.ndim
-
-    def to_sitk(self) -> sitk.Image:
-        img = sitk.GetImageFromArray(self.array)
-        img.SetSpacing([float(s) for s in self.spacing])
-        img.SetOrigin([float(o) for o in self.origin])
-        img.SetDirection([float(d) for d in self.direction])
-        return img
-
-    @classmethod
-    def from_sitk(cls, img: sitk.Image) -> "Image":
-        return cls(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
-
-    def with_array(self, array: np.ndarray) -> "Image":
-        """Same geometry, new pixels (shape must match)."""
-        if array.shape != self.array.shape:
-            raise LabelFactoryError(f"array shape {array.shape} does not match the image's {self.array.shape}")
-        return Image(array, self.spacing, self.origin, self.direction)
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def suffix_of(path: str | os.PathLike) -> str:
@@ -68,17 +46,12 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Image:
         raise LabelFactoryError(f"{path}: no such file or folder")
     if path.is_dir():
         img = _read_dicom_series(path, series_uid)
+    elif path.stat().st_size == 0:
+        raise LabelFactoryError(f"{path.name}: the file is empty")
+    elif suffix_of(path) in NIFTI_SUFFIXES:
+        img = _read_nifti(path)
     else:
-        if path.stat().st_size == 0:
-            raise LabelFactoryError(f"{path.name}: the file is empty")
-        _check_complete(path)
-        try:
-            img = sitk.ReadImage(str(path))
-        except RuntimeError as e:
-            raise LabelFactoryError(
-                f"{path.name}: not a readable image ({_first_line(e)}); expected NIfTI, NRRD, "
-                "PNG/JPEG or a DICOM series folder, complete and uncorrupted"
-            ) from None
+        img = _sitk_read(path, path.name)
     return _validated(Image.from_sitk(_to_scalar(img, path.name)), path.name)
 
 
@@ -87,19 +60,20 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix_of(path) == ".png" and (image.ndim != 2 or image.array.dtype not in (np.uint8, np.uint16)):
-        raise LabelFactoryError(f"{path.name}: PNG takes a 2D uint8 or uint16 array, got {image.array.dtype} {image.array.shape}")
+        raise LabelFactoryError(
+            f"{path.name}: PNG takes a 2D uint8 or uint16 array, got {image.array.dtype} {image.array.shape}"
+        )
     sitk.WriteImage(image.to_sitk(), str(path), useCompression=True)
     return path
 
 
-def read_label(path: str | os.PathLike, reference: Image | None = None, label_names: dict[str, int] | None = None) -> Image:
+def read_label(
+    path: str | os.PathLike, reference: Image | None = None, label_names: dict[str, int] | None = None
+) -> Image:
     """Read a label map (NIfTI/NRRD, or Slicer .seg.nrrd with segment names mapped through `label_names`).
 
     With `reference`, the label must have its shape; with `label_names`, every value must be in it.
     """
-    from labelfactory.io.segnrrd import read_seg_nrrd
-    from labelfactory.labels import check_label_values
-
     path = Path(path)
     if suffix_of(path) == ".seg.nrrd":
         label = read_seg_nrrd(path, label_names)
@@ -107,7 +81,9 @@ def read_label(path: str | os.PathLike, reference: Image | None = None, label_na
         label = read_image(path)
         if not np.all(np.mod(label.array, 1) == 0):
             raise LabelFactoryError(f"{path.name}: a label map must hold whole numbers, found fractions")
-        label = label.with_array(label.array.astype(np.uint8 if label.array.max() < 256 and label.array.min() >= 0 else np.int32))
+        label = label.with_array(
+            label.array.astype(np.uint8 if label.array.max() < 256 and label.array.min() >= 0 else np.int32)
+        )
     if reference is not None and label.array.shape != reference.array.shape:
         # Slicer may save a single 2D slice as a 1-slice volume
         squeezed = label.array.reshape(reference.array.shape) if label.array.size == reference.array.size else None
@@ -122,24 +98,61 @@ def read_label(path: str | os.PathLike, reference: Image | None = None, label_na
     return label
 
 
-def _check_complete(path: Path) -> None:
-    """Catch truncated files that ITK would silently zero-fill: a cut gzip stream or a short .nii."""
-    if path.name.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
-        except (EOFError, OSError, zlib.error) as e:
-            raise LabelFactoryError(f"{path.name}: not a readable image: truncated or corrupt compressed data ({e}); copy it again from its source") from None
-    elif path.name.lower().endswith(".nii") and path.stat().st_size >= 348:
-        hdr = np.fromfile(path, dtype=np.uint8, count=348).tobytes()
-        order = "<" if int.from_bytes(hdr[:4], "little") == 348 else ">"
-        dims = np.frombuffer(hdr[40:56], dtype=order + "i2")
-        bitpix = int(np.frombuffer(hdr[72:74], dtype=order + "i2")[0])
-        offset = int(np.frombuffer(hdr[108:112], dtype=order + "f4")[0])
-        n = int(np.prod(dims[1 : 1 + max(0, min(int(dims[0]), 7))].astype(np.int64)))
-        if path.stat().st_size < offset + n * bitpix // 8:
-            raise LabelFactoryError(f"{path.name}: truncated NIfTI ({path.stat().st_size} bytes, header needs {offset + n * bitpix // 8}); copy it again from its source")
+def _sitk_read(path: Path, name: str) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise LabelFactoryError(
+            f"{name}: not a readable image ({_first_line(e)}); expected NIfTI, NRRD, "
+            "PNG/JPEG or a DICOM series folder, complete and uncorrupted"
+        ) from None
+
+
+def _read_nifti(path: Path) -> sitk.Image:
+    """A .nii / .nii.gz, decompressed once: complete and finite (checked on the bytes), then read by ITK."""
+    raw = path.read_bytes()
+    if not path.name.lower().endswith(".gz"):
+        _check_nifti_voxels(raw, path.name)
+        return _sitk_read(path, path.name)
+    try:
+        raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+        raise LabelFactoryError(
+            f"{path.name}: not a readable image: truncated or corrupt compressed data ({e}); copy it again from its source"
+        ) from None
+    _check_nifti_voxels(raw, path.name)
+    with tempfile.TemporaryDirectory(prefix="lf-nii-") as tmp:
+        plain = Path(tmp) / "image.nii"
+        plain.write_bytes(raw)
+        del raw
+        return _sitk_read(plain, path.name)
+
+
+def _check_nifti_voxels(raw: bytes, name: str) -> None:
+    """Catch what ITK would hide: a short voxel block (zero-filled) and NaN / Inf voxels (read as 0)."""
+    header_class = nib.Nifti2Header if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Header
+    try:
+        hdr = header_class.from_fileobj(io.BytesIO(raw[: header_class.template_dtype.itemsize]))
+        dtype, shape, offset = hdr.get_data_dtype(), hdr.get_data_shape(), int(hdr.get_data_offset())
+    except (HeaderDataError, WrapStructError, ValueError) as e:
+        raise LabelFactoryError(
+            f"{name}: not a readable image (NIfTI header: {e}); expected a complete, uncorrupted NIfTI"
+        ) from None
+    n = int(np.prod(shape, dtype=np.int64))
+    needed = offset + n * dtype.itemsize
+    if len(raw) < needed:
+        raise LabelFactoryError(
+            f"{name}: truncated NIfTI ({len(raw)} bytes of voxels and header, the header needs {needed}); copy it again from its source"
+        )
+    if dtype.kind in "fc":
+        voxels = np.frombuffer(raw, dtype=dtype, count=n, offset=offset)
+        bad = int(n - np.count_nonzero(np.isfinite(voxels)))
+        if bad:
+            raise LabelFactoryError(f"{name}: {bad} voxels are NaN or infinite; fix or mask them before use")
+    if not all(v is None or np.isfinite(v) for v in hdr.get_slope_inter()):
+        raise LabelFactoryError(
+            f"{name}: its intensity scaling (scl_slope / scl_inter) is NaN or infinite; fix the header"
+        )
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
@@ -169,7 +182,9 @@ def _to_scalar(img: sitk.Image, name: str) -> sitk.Image:
     if n == 1:
         return img
     if n not in (3, 4) or img.GetDimension() != 2:
-        raise LabelFactoryError(f"{name}: {n} values per voxel (a 4D or vector image); give a single-channel 2D slice or 3D volume")
+        raise LabelFactoryError(
+            f"{name}: {n} values per voxel (a 4D or vector image); give a single-channel 2D slice or 3D volume"
+        )
     arr = sitk.GetArrayFromImage(img).astype(np.float64)
     rgb = arr[..., :3] if n >= 3 else np.repeat(arr[..., :1], 3, axis=-1)
     grey = rgb @ np.array([0.299, 0.587, 0.114])
@@ -181,7 +196,9 @@ def _to_scalar(img: sitk.Image, name: str) -> sitk.Image:
 def _validated(image: Image, name: str) -> Image:
     a = image.array
     if a.ndim not in (2, 3):
-        raise LabelFactoryError(f"{name}: {a.ndim}D images are not supported (shape {a.shape}); give a 2D slice or a 3D volume")
+        raise LabelFactoryError(
+            f"{name}: {a.ndim}D images are not supported (shape {a.shape}); give a 2D slice or a 3D volume"
+        )
     if a.size == 0:
         raise LabelFactoryError(f"{name}: the image is empty (shape {a.shape})")
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
@@ -192,5 +209,7 @@ def _validated(image: Image, name: str) -> Image:
 
 def _first_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    msg = next((ln for ln in reversed(lines) if "ERROR" not in ln.upper() or len(lines) == 1), lines[-1] if lines else "")
+    msg = next(
+        (ln for ln in reversed(lines) if "ERROR" not in ln.upper() or len(lines) == 1), lines[-1] if lines else ""
+    )
     return msg[:200]

@@ -14,7 +14,7 @@ import nrrd
 import numpy as np
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.io.image import Image
+from labelfactory.io.image_type import Image
 
 
 def _as_3d(label: Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -27,7 +27,12 @@ def _as_3d(label: Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return label.array[None], np.array([*label.spacing, 1.0]), np.array([*label.origin, 0.0]), direction
 
 
-def write_seg_nrrd(label: Image, path: str | os.PathLike, label_names: dict[str, int], colors: dict[str, tuple[int, int, int]] | None = None) -> Path:
+def write_seg_nrrd(
+    label: Image,
+    path: str | os.PathLike,
+    label_names: dict[str, int],
+    colors: dict[str, tuple[int, int, int]] | None = None,
+) -> Path:
     """Write a label map as a Slicer segmentation: one segment per non-background entry of `label_names`.
 
     `label_names`: name -> value (0 = background, skipped); `colors`: name -> RGB 0-255.
@@ -113,7 +118,9 @@ def _segments(h: dict) -> list[dict]:
     out, i = [], 0
     while f"Segment{i}_Name" in h:
         p = f"Segment{i}_"
-        out.append({"name": h[p + "Name"], "value": int(h.get(p + "LabelValue", i + 1)), "layer": int(h.get(p + "Layer", 0))})
+        out.append(
+            {"name": h[p + "Name"], "value": int(h.get(p + "LabelValue", i + 1)), "layer": int(h.get(p + "Layer", 0))}
+        )
         i += 1
     return out
 

@@ -1,19 +1,81 @@
-"""The FastAPI app MONAI Label serves, with labelfactory's errors answered as 4xx.
+"""The FastAPI app MONAI Label serves, with labelfactory's answers to bad input, uploads and load.
 
 Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app ...` (what
-`labelfactory serve` does). MONAI Label itself answers every exception with a 500 and a
-traceback in its log; here a bad request gets its status and a message a person can act on,
-and the server stays up.
+`labelfactory serve` does). MONAI Label's own app, plus:
+- Errors are answers: a `LabelFactoryError` gets its status, MONAI Label's invalid-input errors
+  400, a `params` / `info` form field that is not a JSON object 400; never a traceback.
+- Uploads (infer `file`, label saves, image uploads) are streamed into a temp file that is removed
+  whatever the outcome; a body over `LABELFACTORY_MAX_UPLOAD_MB` (default 4096) is refused (413).
+- Light routes stay light: MONAI Label runs infers and next-sample inside the event loop, so
+  `/info` and a label save waited behind a segmentation. Here infers run in a bounded worker pool
+  (`LABELFACTORY_INFER_WORKERS`, default 2) and next-sample in its own (same size); label and
+  image saves run in the server's thread pool.
+- Training: exactly one `POST /train/{model}` is accepted while a training runs or waits to start;
+  the others get 429 (MONAI Label counted only started ones, so a burst queued duplicates).
+Routes replaced keep MONAI Label's paths, parameters and roles, and call its own functions.
 """
 
-from fastapi import Request
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fastapi import BackgroundTasks, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from monailabel.app import app
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelError, MONAILabelException
+from monailabel.config import settings
+from monailabel.endpoints import activelearning as al_endpoint
+from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import train as train_endpoint
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.exception import (
+    ImageNotFoundException,
+    LabelNotFoundException,
+    MONAILabelError,
+    MONAILabelException,
+)
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.utils import tasks as background_tasks
+from starlette.concurrency import run_in_threadpool
 
 from labelfactory.errors import LabelFactoryError
 
 _STATUS = {MONAILabelError.INVALID_INPUT: 400, MONAILabelError.SERVER_ERROR: 500}
+API = settings.MONAI_LABEL_API_STR
+UPLOAD_PREFIX = "lf-upload-"
+_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,8}){1,3}$")
+USER, ANNOTATOR, ADMIN = (
+    settings.MONAI_LABEL_AUTH_ROLE_USER,
+    settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR,
+    settings.MONAI_LABEL_AUTH_ROLE_ADMIN,
+)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else default
+
+
+def max_upload_bytes() -> int:
+    return _env_int("LABELFACTORY_MAX_UPLOAD_MB", 4096) << 20
+
+
+_INFERS = ThreadPoolExecutor(_env_int("LABELFACTORY_INFER_WORKERS", 2), thread_name_prefix="lf-infer")
+_SAMPLES = ThreadPoolExecutor(_env_int("LABELFACTORY_INFER_WORKERS", 2), thread_name_prefix="lf-next-sample")
+
+
+# ---- errors ----
 
 
 @app.exception_handler(LabelFactoryError)
@@ -30,4 +92,221 @@ async def _monailabel_error(request: Request, exc: MONAILabelException) -> JSONR
     return JSONResponse(status_code=status, content={"detail": exc.msg})
 
 
-__all__ = ["app"]
+def json_form(text: str | None, field: str) -> dict[str, Any]:
+    """A form field holding a JSON object -> dict; 400 with the parse error otherwise."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise LabelFactoryError(
+            f"{field} must be a JSON object, e.g. {field}={{}}: {e.msg} at character {e.pos}"
+        ) from None
+    if not isinstance(value, dict):
+        raise LabelFactoryError(f"{field} must be a JSON object ({{...}}), got a {type(value).__name__}")
+    return value
+
+
+# ---- uploads: bounded, always removed ----
+
+
+class BoundedBody:
+    """ASGI middleware: a request announcing a body over max_upload_bytes() is answered 413 before it is read."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if length.isdigit() and int(length) > max_upload_bytes():
+                detail = f"the request body ({int(length) >> 20} MB) is over the server's upload limit ({max_upload_bytes() >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)"
+                await JSONResponse(status_code=413, content={"detail": detail})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(BoundedBody)
+
+
+def upload_suffix(filename: str | None) -> str:
+    suffix = "".join(Path(filename or "").suffixes)
+    return suffix if _SUFFIX.match(suffix) else ".nii.gz"
+
+
+def _copy_bounded(src, dst, limit: int) -> None:
+    size = 0
+    while chunk := src.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise LabelFactoryError(
+                f"the upload is over the server's limit ({limit >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)", status=413
+            )
+        dst.write(chunk)
+
+
+@contextlib.asynccontextmanager
+async def saved_upload(file: UploadFile | None) -> AsyncIterator[str | None]:
+    """The upload as a temp file in the system temp folder (where the app accepts uploads); removed on exit, whatever happened."""
+    if file is None:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=upload_suffix(file.filename))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            await run_in_threadpool(_copy_bounded, file.file, out, max_upload_bytes())
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+async def _in_pool(pool: ThreadPoolExecutor, fn: Callable, *args) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+
+def _replace_route(path: str, methods: set[str]) -> None:
+    """Drop MONAI Label's route for `path` + `methods`, so the one defined next answers it."""
+    app.router.routes[:] = [
+        r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path == API + path and r.methods & methods)
+    ]
+
+
+# ---- infer and next sample: off the event loop, in bounded pools ----
+
+_replace_route("/infer/{model}", {"POST"})
+
+
+@app.post(API + "/infer/{model}", summary="Run inference (labelfactory: in a bounded worker pool)")
+async def api_run_inference(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: infer_endpoint.ResultType | None = None,
+    user: User = Depends(RBAC(USER)),
+):
+    p = json_form(params, "params")
+    if label is not None:
+        raise LabelFactoryError("no labelfactory model takes a label with its infer: send the image only")
+    if not (image or file or session_id):
+        raise LabelFactoryError("give the image to infer on: image=<datastore id> (or upload it as file=...)")
+    async with saved_upload(file) as path:
+        return await _in_pool(
+            _INFERS,
+            infer_endpoint.run_inference,
+            background_tasks,
+            model,
+            path or image,
+            session_id,
+            json.dumps(p),
+            None,
+            None,
+            output,
+        )
+
+
+_replace_route("/activelearning/{strategy}", {"POST"})
+
+
+@app.post(API + "/activelearning/{strategy}", summary="Next sample (labelfactory: in a bounded worker pool)")
+async def api_sample(strategy: str, params: dict | None = None, user: User = Depends(RBAC(USER))):
+    return await _in_pool(_SAMPLES, al_endpoint.sample, strategy, params, user.username)
+
+
+# ---- datastore writes: JSON checked, uploads removed, off the event loop ----
+
+
+def _save_label(image: str, path: str, tag: str, params: dict[str, Any]) -> dict[str, Any]:
+    instance = app_instance()
+    label_id = instance.datastore().save_label(image, path, tag, params)
+    return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
+
+
+_replace_route("/datastore/label", {"PUT"})
+
+
+@app.put(API + "/datastore/label", summary="Save a finished label (labelfactory: validated, atomic)")
+async def api_save_label(
+    image: str,
+    params: str = Form("{}"),
+    tag: str = DefaultLabelTag.FINAL.value,
+    label: UploadFile = File(...),
+    user: User = Depends(RBAC(ANNOTATOR)),
+):
+    p = json_form(params, "params")
+    async with saved_upload(label) as path:
+        return await run_in_threadpool(_save_label, image, path, tag or DefaultLabelTag.FINAL.value, p)
+
+
+_replace_route("/datastore/image", {"PUT"})
+_replace_route("/datastore/", {"PUT"})
+
+
+@app.put(API + "/datastore/", include_in_schema=False, deprecated=True)
+@app.put(API + "/datastore/image", summary="Upload a new image (labelfactory: validated, atomic)")
+async def api_add_image(
+    image: str | None = None,
+    params: str = Form("{}"),
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(ANNOTATOR)),
+):
+    p = json_form(params, "params")
+    if user.username:
+        p["user"] = user.username
+    image_id = image or Path(file.filename or "").name.removesuffix(upload_suffix(file.filename))
+    if not image_id:
+        raise LabelFactoryError("give the new image's id: image=<id>")
+    async with saved_upload(file) as path:
+        return {"image": await run_in_threadpool(app_instance().datastore().add_image, image_id, path, p)}
+
+
+_replace_route("/datastore/image/info", {"PUT"})
+
+
+@app.put(API + "/datastore/image/info", summary="Update image info")
+async def api_put_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
+    i = {**json_form(info, "info"), **({"user": user.username} if user.username else {})}
+    return await run_in_threadpool(app_instance().datastore().update_image_info, image, i)
+
+
+_replace_route("/datastore/label/info", {"PUT"})
+_replace_route("/datastore/updatelabelinfo", {"PUT"})
+
+
+@app.put(API + "/datastore/updatelabelinfo", include_in_schema=False, deprecated=True)
+@app.put(API + "/datastore/label/info", summary="Update label info")
+async def api_put_label_info(
+    label: str, tag: str, info: str = Form(None), params: str = Form(None), user: User = Depends(RBAC(ANNOTATOR))
+):
+    i = {
+        **json_form(info if info is not None else params, "info"),
+        **({"user": user.username} if user.username else {}),
+    }
+    return await run_in_threadpool(app_instance().datastore().update_label_info, label, tag, i)
+
+
+# ---- training: one accepted at a time ----
+
+_replace_route("/train/{model}", {"POST"})
+
+
+@app.post(API + "/train/{model}", summary="Run a training task (labelfactory: one at a time, others 429)")
+async def api_run_model(
+    model: str,
+    params: dict | None = None,
+    run_sync: bool | None = False,
+    enqueue: bool | None = False,
+    user: User = Depends(RBAC(ADMIN)),
+):
+    # checked and submitted without yielding the event loop, so of a burst exactly one passes
+    if not enqueue and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in background_tasks("train")):
+        raise LabelFactoryError(
+            "a training is already running or about to start: wait for it (GET /train/?check_if_running=true) "
+            "or stop it (DELETE /train/), or send enqueue=true to queue this one",
+            status=429,
+        )
+    return train_endpoint.run_model(model, params, run_sync, enqueue)
+
+
+__all__ = ["app", "json_form", "max_upload_bytes", "saved_upload"]
