@@ -9,6 +9,8 @@ Names: `mapping.fcN` -> `mapping.layers.N`; `synthesis.b<R>.conv0/conv1` -> `syn
 `noise_strength`, `affine` keep theirs. The `resample_filter` buffers are checked to be [1, 3, 3, 1]
 and dropped (ours is a constant). FP16 layers (`num_fp16_res`) change only the reference's run-time
 precision, not its weights: the import computes in float32, as the reference with `force_fp32=True`.
+`conv_clamp` carries over; the reference also clamps toRGB outputs to it, ours does not (images in
+[-1, 1] are far from the 256 its training script sets, so the outputs stay equal).
 
 Three colour channels become one by averaging toRGB's weights and biases over its outputs. The image
 is a sum of upsampled toRGB outputs, each linear in (weight, bias) per channel, so this gives exactly
@@ -46,7 +48,7 @@ def _refuse(option: str) -> LabelFactoryError:
 
 
 def _check_mapping(mapping: Record, z_dim: int, w_dim: int) -> tuple[int, float]:
-    """-> (num_layers, lr_multiplier); refuses conditioning, other widths, activations or no w_avg."""
+    """-> (num_layers, lr_multiplier); refuses layer widths other than w_dim, other activations, no w_avg."""
     num_layers = int(mapping.attr("num_layers", 0))
     fcs = [mapping.modules.get(f"fc{i}") for i in range(num_layers)]
     if num_layers < 1 or any(fc is None for fc in fcs):
@@ -58,7 +60,7 @@ def _check_mapping(mapping: Record, z_dim: int, w_dim: int) -> tuple[int, float]
             raise _refuse(f"mapping activation={fc.attr('activation')!r}")
         shape = tuple(fc.state["_parameters"]["weight"].shape)
         if shape != (w_dim, z_dim if i == 0 else w_dim):
-            raise _refuse(f"mapping layer_features={shape[0] if i < num_layers - 1 else shape[1]} (not w_dim={w_dim})")
+            raise _refuse(f"mapping layer_features other than w_dim={w_dim} (fc{i} weight {list(shape)})")
     gains = {float(fc.attr("bias_gain")) for fc in fcs}
     if len(gains) != 1:
         raise _refuse(f"mapping lr multipliers {sorted(gains)} differing by layer")
@@ -185,7 +187,11 @@ def import_generator(src: str | Path, out: str | Path) -> dict[str, Any]:
             400,
         ) from None
     snapshot = re.fullmatch(r"network-snapshot-(\d+)\.pkl", src.name)
-    sha256 = hashlib.sha256(src.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with src.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
     config = {"imported": {**facts, "file": src.name, "sha256": sha256}}
     publish_generator(
         G.eval(),
