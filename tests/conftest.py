@@ -51,13 +51,22 @@ def free_port() -> int:
 class Server:
     """A real `monailabel start_server` for the app, on 127.0.0.1 and a free port; stopped by PID."""
 
-    def __init__(self, studies: Path, app_dir: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None, log: Path | None = None):
+    def __init__(
+        self,
+        studies: Path,
+        app_dir: Path,
+        conf: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = server_command(str(studies), "127.0.0.1", self.port, list((conf or {}).items()), app_dir)
         self.log = log or (studies.parent / f"server-{self.port}.log")
         self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**server_env(), **(env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**server_env(), **(env or {})}, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 180) -> None:
         import requests
@@ -90,7 +99,12 @@ def start_server(tmp_path):
     """Factory: start_server(studies, app_dir=..., conf=...) -> ready Server; all stopped at teardown."""
     servers = []
 
-    def _start(studies: Path, app_dir: Path | None = None, conf: dict[str, str] | None = None, env: dict[str, str] | None = None) -> Server:
+    def _start(
+        studies: Path,
+        app_dir: Path | None = None,
+        conf: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Server:
         srv = Server(studies, app_dir or tmp_path / "app", conf, env)
         servers.append(srv)
         srv.wait_ready()
@@ -107,3 +121,44 @@ def app_copy(tmp_path) -> Path:
     dst = tmp_path / "app"
     shutil.copytree(REPO / "apps" / "labelfactory", dst, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     return dst
+
+
+def _make_pairs(folder: Path, n: int, size: int = 32, seed: int = 0) -> Path:
+    """n drawn-shape pairs in the synthesis layout: 2D CT in HU (body, liver=1, spleen=2, aorta=6), uint8 labels."""
+    import numpy as np
+
+    from labelfactory.io import Image, write_image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    for i in range(n):
+        image = np.full((size, size), -1000.0, np.float32)
+        label = np.zeros((size, size), np.uint8)
+        body = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.45) ** 2 < 1
+        image[body] = 0.0
+        for value, hu, r in ((1, 150.0, 0.18), (2, -300.0, 0.1), (6, 600.0, 0.06)):
+            cy, cx = rng.uniform(0.3, 0.7, 2)
+            blob = ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 < 1
+            image[blob & body] = hu
+            label[blob & body] = value
+        image += rng.normal(0, 20, image.shape).astype(np.float32)
+        geometry = ((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+        write_image(Image(image, *geometry), folder / "images" / f"seed{seed * 1000 + i:06d}.nii.gz")
+        write_image(Image(label, *geometry), folder / "labels" / f"seed{seed * 1000 + i:06d}.nii.gz")
+    (folder / "manifest.csv").write_text("seed\n" + "\n".join(str(seed * 1000 + i) for i in range(n)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_pairs():
+    """make_pairs(folder, n, size=32, seed=0) -> folder: a tiny synthetic data set (images/, labels/, manifest.csv)."""
+    return _make_pairs
+
+
+@pytest.fixture
+def app_config(monkeypatch):
+    """app_config(name) -> the module apps/labelfactory/lib/configs/<name>.py, imported as the app imports it."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "apps" / "labelfactory"))
+    return lambda name: importlib.import_module(f"lib.configs.{name}")

@@ -23,10 +23,20 @@ def naive_logits(ens: PixelEnsemble, taps: list[torch.Tensor]) -> torch.Tensor:
     M, (H1, H2) = ens.config.members, ens.config.hidden
     out = []
     for m in range(M):
+
         def bn(h, bn_mod, H):
             sl = slice(m * H, (m + 1) * H)
-            return F.batch_norm(h, bn_mod.running_mean[sl].double(), bn_mod.running_var[sl].double(),
-                                bn_mod.weight[sl].double(), bn_mod.bias[sl].double(), False, 0.0, bn_mod.eps)
+            return F.batch_norm(
+                h,
+                bn_mod.running_mean[sl].double(),
+                bn_mod.running_var[sl].double(),
+                bn_mod.weight[sl].double(),
+                bn_mod.bias[sl].double(),
+                False,
+                0.0,
+                bn_mod.eps,
+            )
+
         h = bn(torch.relu(x @ ens.w1[m].double() + ens.b1[m].double()), ens.bn1, H1)
         h = bn(torch.relu(h @ ens.w2[m].double() + ens.b2[m].double()), ens.bn2, H2)
         out.append(h @ ens.w3[m].double() + ens.b3[m].double())
@@ -78,14 +88,6 @@ def test_factorized_matches_naive(setup):
     assert agree >= 0.999
 
 
-def test_coarse_to_fine_is_close_but_not_identical(setup):
-    _, taps, ens = setup
-    exact, c2f = ens.factorized()(taps), ens.factorized(coarse_to_fine=True)(taps)
-    assert c2f.shape == exact.shape
-    assert not torch.allclose(c2f, exact, atol=1e-6)
-    assert (majority_vote(c2f) == majority_vote(exact)).float().mean().item() > 0.5
-
-
 def test_training_form_equals_inference_form_at_sampled_pixels(setup):
     _, taps, ens = setup
     rows, cols = torch.tensor([0, 5, 31, 17, 31]), torch.tensor([0, 30, 31, 3, 0])
@@ -133,23 +135,27 @@ def test_factorized_bands_need_not_divide_the_image(setup):
         assert (f(taps).double() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("channels, resolutions, R", [((3, 5), (8, 8), 8), ((2, 3, 4, 2), (1, 3, 3, 9), 9), ((4, 3), (4, 12), 12)])
+@pytest.mark.parametrize(
+    "channels, resolutions, R", [((3, 5), (8, 8), 8), ((2, 3, 4, 2), (1, 3, 3, 9), 9), ((4, 3), (4, 12), 12)]
+)
 def test_factorized_matches_naive_on_other_layouts(channels, resolutions, R):
     """All taps at image size (bias path), odd scales (a 1-tap phase), a 1-pixel tap, scale 3 next to 9."""
     g = torch.Generator().manual_seed(3)
     taps = [torch.randn(2, c, r, r, generator=g) for c, r in zip(channels, resolutions)]
-    ens = randomized_bn(PixelEnsemble(EnsembleConfig(channels, resolutions, R, num_classes=3, members=3, hidden=(6, 4))))
+    ens = randomized_bn(
+        PixelEnsemble(EnsembleConfig(channels, resolutions, R, num_classes=3, members=3, hidden=(6, 4)))
+    )
     ref = naive_logits(ens, taps)
     got = ens.factorized()(taps)
     assert got.shape == ref.shape == (2, 3, 3, R, R)
     assert (got.double() - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("rows, coarse_to_fine", [(32, False), (5, False), (1, False), (32, True)])
-def test_fused_vote_and_uncertainty_equal_those_from_full_logits(setup, rows, coarse_to_fine):
+@pytest.mark.parametrize("rows", [32, 5, 1])
+def test_fused_vote_and_uncertainty_equal_those_from_full_logits(setup, rows):
     """vote_and_uncertainty works band by band without the full logits; same vote, same JS as on forward()."""
     _, taps, ens = setup
-    f = ens.factorized(coarse_to_fine)
+    f = ens.factorized()
     f.band_rows = rows
     logits = f(taps)
     mask, js = f.vote_and_uncertainty(taps)
@@ -163,7 +169,9 @@ def test_fused_path_on_all_full_size_taps():
     """No coarse taps: the first-layer bias is added per band."""
     g = torch.Generator().manual_seed(4)
     taps = [torch.randn(1, c, 8, 8, generator=g) for c in (3, 5)]
-    f = randomized_bn(PixelEnsemble(EnsembleConfig((3, 5), (8, 8), 8, num_classes=3, members=3, hidden=(6, 4)))).factorized()
+    f = randomized_bn(
+        PixelEnsemble(EnsembleConfig((3, 5), (8, 8), 8, num_classes=3, members=3, hidden=(6, 4)))
+    ).factorized()
     f.band_rows = 3
     logits = f(taps)
     mask, js = f.vote_and_uncertainty(taps)

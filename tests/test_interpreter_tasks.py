@@ -7,11 +7,11 @@ from monailabel.datastore.local import LocalDatastore
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.checkpoint import load_generator, publish_generator
+from labelfactory.gan.identity import generated_to_image, generator_identity
 from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import generator_identity, load_interpreter, ws_from_seeds, ws_from_w, generate_with_taps
+from labelfactory.interpreter import generate_with_taps, load_interpreter, ws_from_seeds, ws_from_w
 from labelfactory.interpreter.train import TrainConfig
 from labelfactory.io import Image, read_image, write_image
-from labelfactory.synthesis import generated_to_image
 from labelfactory.tasks.interpreter import DatasetGANInfer, InterpreterModels, InterpreterTrain
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
@@ -34,7 +34,14 @@ def add_generated(ds, G, seed, tmp_path, label=True):
     img, _ = generate_with_taps(G, ws)
     image = generated_to_image(img)
     path = write_image(image, tmp_path / f"gen{seed}.nii.gz")
-    info = {"labelfactory": {"seed": seed, "truncation_psi": 0.7, "w": ws[0, 0].tolist(), "generator": generator_identity(G)}}
+    info = {
+        "labelfactory": {
+            "seed": seed,
+            "truncation_psi": 0.7,
+            "w": ws[0, 0].tolist(),
+            "generator": generator_identity(G),
+        }
+    }
     image_id = ds.add_image(f"gen{seed}", str(path), info)
     if label:
         lab = write_image(image.with_array((img[0, 0] > 0).numpy().astype(np.uint8)), tmp_path / f"lab{seed}.nii.gz")
@@ -46,7 +53,9 @@ def test_train_then_infer(setup):
     model_dir, ds, G, tmp = setup
     ids = [add_generated(ds, G, s, tmp) for s in range(3)]
     add_generated(ds, G, 99, tmp, label=False)
-    plain = write_image(Image(np.zeros((32, 32), np.int16), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp / "real.nii.gz")
+    plain = write_image(
+        Image(np.zeros((32, 32), np.int16), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp / "real.nii.gz"
+    )
     ds.add_image("real", str(plain), {})
     ds.save_label("real", str(plain), "final", {})
 
@@ -60,8 +69,10 @@ def test_train_then_infer(setup):
     out, meta = infer({"image": ds.get_image_uri(ids[1]), **latent(ds, ids[1])})
     mask = read_image(out).array
     w = torch.tensor(ds.get_image_info(ids[1])["labelfactory"]["w"])
-    assert np.array_equal(mask, saved.label(ws_from_w(G, w)).mask[0].numpy())
-    assert meta["label_names"]["liver"] == 1 and "background" not in meta["label_names"] and meta["uncertainty"] >= 0
+    expected = saved.label(ws_from_w(G, w))
+    assert np.array_equal(mask, expected.mask[0].numpy())
+    assert meta["label_names"]["liver"] == 1 and "background" not in meta["label_names"]
+    assert meta["uncertainty"] == pytest.approx(float(expected.score[0]), rel=1e-5, abs=1e-7)  # this image's score
 
     with pytest.raises(LabelFactoryError, match="no recorded latent"):
         infer({"image": ds.get_image_uri("real")})
@@ -91,7 +102,9 @@ def test_missing_models_and_data(setup):
 def test_label_of_the_wrong_shape_is_refused(setup):
     model_dir, ds, G, tmp = setup
     image_id = add_generated(ds, G, 1, tmp, label=False)
-    bad = write_image(Image(np.zeros((16, 16), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp / "bad.nii.gz")
+    bad = write_image(
+        Image(np.zeros((16, 16), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp / "bad.nii.gz"
+    )
     ds.save_label(image_id, str(bad), "final", {})
     with pytest.raises(LabelFactoryError, match="differs from its image"):
         InterpreterTrain(model_dir, FAST)({}, ds)

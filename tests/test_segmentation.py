@@ -11,7 +11,7 @@ import torch
 
 from labelfactory.checkpoints import load_checkpoint
 from labelfactory.errors import LabelFactoryError
-from labelfactory.io import Image, read_image, write_image
+from labelfactory.io import read_image
 from labelfactory.segmentation.data import PairSubset, real_slices, synthetic_pairs, training_sets
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS, build_network
@@ -23,38 +23,18 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_pairs(folder: Path, n: int, size: int = SIZE, seed: int = 0) -> Path:
-    """n drawn-shape pairs in the synthesis layout: 2D CT in HU (body, liver=1, spleen=2, aorta=6), uint8 labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
-    for i in range(n):
-        image = np.full((size, size), -1000.0, np.float32)
-        label = np.zeros((size, size), np.uint8)
-        body = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.45) ** 2 < 1
-        image[body] = 0.0
-        for value, hu, r in ((1, 150.0, 0.18), (2, -300.0, 0.1), (6, 600.0, 0.06)):
-            cy, cx = rng.uniform(0.3, 0.7, 2)
-            blob = ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 < 1
-            image[blob & body] = hu
-            label[blob & body] = value
-        image += rng.normal(0, 20, image.shape).astype(np.float32)
-        geometry = ((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
-        write_image(Image(image, *geometry), folder / "images" / f"seed{seed * 1000 + i:06d}.nii.gz")
-        write_image(Image(label, *geometry), folder / "labels" / f"seed{seed * 1000 + i:06d}.nii.gz")
-    (folder / "manifest.csv").write_text("seed\n" + "\n".join(str(seed * 1000 + i) for i in range(n)) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory) -> Path:
+def pairs_dir(tmp_path_factory, make_pairs) -> Path:
     return make_pairs(tmp_path_factory.mktemp("synthetic"), 8)
 
 
 def tiny(network: str = "unetpp", **kw) -> TrainConfig:
-    return TrainConfig(**{"network": network, "size": SIZE, "steps": 4, "batch_size": 4, "val_interval": 2, "lr": 3e-3, **kw})
+    return TrainConfig(
+        **{"network": network, "size": SIZE, "steps": 4, "batch_size": 4, "val_interval": 2, "lr": 3e-3, **kw}
+    )
 
 
-def test_synthetic_pairs_read_the_synthesis_layout(pairs_dir, tmp_path):
+def test_synthetic_pairs_read_the_synthesis_layout(pairs_dir, tmp_path, make_pairs):
     ds = synthetic_pairs(pairs_dir, SIZE)
     assert len(ds) == 8 and ds.groups[0] == "seed000000"
     item = ds[3]
@@ -86,7 +66,9 @@ def test_networks_map_one_channel_to_class_logits(name):
 
 def test_training_sets_keep_validation_patients_out(pairs_dir, sample):
     studies = sample / "datastore"
-    train, val, info = training_sets(studies, pairs_dir, k_real=0, size=SIZE)  # synthetic only: every real patient validates
+    train, val, info = training_sets(
+        studies, pairs_dir, k_real=0, size=SIZE
+    )  # synthetic only: every real patient validates
     assert len(train) == 8 and set(val.groups) == {"abdomen", "torso_3mm"} and info["real_slices"] == 0
     train, val, info = training_sets(studies, None, k_real=None, size=SIZE)  # real only
     assert set(train.groups).isdisjoint(val.groups) and info["val_patients"] == ["torso_3mm"]
@@ -101,12 +83,18 @@ def test_each_segmenter_trains_validates_and_saves(name, pairs_dir, sample, tmp_
     val = real_slices(sample / "datastore", SIZE)
     val = PairSubset(val, range(0, len(val), 10))
     out = tmp_path / "segmentation.pt"
-    result = train_segmenter(synthetic_pairs(pairs_dir, SIZE), val, tiny(name), out=out, log_dir=tmp_path / "tb", data={"pairs": 8})
+    result = train_segmenter(
+        synthetic_pairs(pairs_dir, SIZE), val, tiny(name), out=out, log_dir=tmp_path / "tb", data={"pairs": 8}
+    )
     assert result.steps == 4 and [h["step"] for h in result.history] == [2, 4]
-    assert 0 <= result.best_val_dice <= 1 and result.best_val_dice == max(h["val_dice"] for h in result.history)
+    assert result.best_val_dice == max(h["val_dice"] for h in result.history)
     assert all(np.isfinite(h["loss"]) for h in result.history)
     payload = load_checkpoint(out, "segmentation")
-    assert payload["config"]["network"] == name and payload["data"] == {"pairs": 8} and payload["metrics"]["step"] == result.best_step
+    assert (
+        payload["config"]["network"] == name
+        and payload["data"] == {"pairs": 8}
+        and payload["metrics"]["step"] == result.best_step
+    )
     assert "package" in payload["provenance"]
     assert any((tmp_path / "tb").iterdir())
 
@@ -139,8 +127,29 @@ def test_cli_train_segmentation_hybrid(pairs_dir, sample, tmp_path, capsys):
     from labelfactory.cli import main
 
     out = tmp_path / "model" / "segmentation.pt"
-    rc = main(["train-segmentation", "--synthetic", str(pairs_dir), "--studies", str(sample / "datastore"), "--real", "6",
-               "--out", str(out), "--network", "unet", "--size", str(SIZE), "--steps", "2", "--val-interval", "2", "--batch-size", "4"])
+    rc = main(
+        [
+            "train-segmentation",
+            "--synthetic",
+            str(pairs_dir),
+            "--studies",
+            str(sample / "datastore"),
+            "--real",
+            "6",
+            "--out",
+            str(out),
+            "--network",
+            "unet",
+            "--size",
+            str(SIZE),
+            "--steps",
+            "2",
+            "--val-interval",
+            "2",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["data"]["real_slices"] == 6 and summary["data"]["val_patients"] == ["torso_3mm"]

@@ -9,11 +9,12 @@ import torch
 from labelfactory.cli import main
 from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.checkpoint import load_generator, publish_generator
+from labelfactory.gan.identity import generated_to_image
 from labelfactory.gan.networks import Generator
 from labelfactory.interpreter import EnsembleConfig, Interpreter, PixelEnsemble, TapLayout, save_interpreter
 from labelfactory.io import read_image, read_seg_nrrd
 from labelfactory.labels import LABEL_NAMES
-from labelfactory.synthesis import generated_to_image, synthesize
+from labelfactory.synthesis import synthesize
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
 K = max(LABEL_NAMES.values()) + 1
@@ -86,9 +87,32 @@ def test_reproducible_and_resumable(models, tmp_path):
 
 def test_cli_synthesize_and_missing_models(models, tmp_path, capsys):
     d, _ = models
-    rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--out", str(tmp_path / "o"), "--seeds", "3,5-6", "--drop-fraction", "0", "--no-progress"])
+    rc = main(
+        [
+            "synthesize",
+            "--generator",
+            str(d / "stylegan2.pt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--seeds",
+            "3,5-6",
+            "--drop-fraction",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and len(manifest(tmp_path / "o" / "manifest.csv")) == 3
-    rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--interpreter", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
+    rc = main(
+        [
+            "synthesize",
+            "--generator",
+            str(d / "stylegan2.pt"),
+            "--interpreter",
+            str(tmp_path / "none.pt"),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "train interpreter first" in capsys.readouterr().err
     rc = main(["synthesize", "--generator", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "train stylegan2 first" in capsys.readouterr().err

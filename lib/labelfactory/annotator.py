@@ -15,8 +15,10 @@ import numpy as np
 from scipy import ndimage
 
 from labelfactory.errors import LabelFactoryError
+from labelfactory.gan.identity import generated_to_image, parse_seeds, seed_name
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES
+from labelfactory.latent_record import TRUNCATION_PSI
 
 
 def hu_rule_annotator(image: Image, prediction: Image | None = None) -> np.ndarray:
@@ -47,28 +49,20 @@ def hu_rule_annotator(image: Image, prediction: Image | None = None) -> np.ndarr
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0-29' or '1,5,9' or '0-9,20' -> sorted unique seeds."""
-    out: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise LabelFactoryError(f"seeds must look like 0-29 or 1,5,9; got {text!r}")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return sorted(out)
-
-
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator", required=True, help="generator file (stylegan2.pt)")
     p.add_argument("--seeds", default="0-29", help="seeds to generate and annotate, e.g. 0-29")
-    p.add_argument("--truncation-psi", type=float, default=0.7)
-    p.add_argument("--out", required=True, help="folder for seed<N>.nii.gz masks (what train-interpreter --labels reads) and the images")
+    p.add_argument("--truncation-psi", type=float, default=TRUNCATION_PSI, help=f"(default: {TRUNCATION_PSI})")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for seed<N>.nii.gz masks (what train-interpreter --labels reads) and the images",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from labelfactory.gan.checkpoint import load_generator
     from labelfactory.interpreter.taps import ws_from_seeds
-    from labelfactory.synthesis import generated_to_image, seed_name
 
     G = load_generator(args.generator)
     out = Path(args.out)

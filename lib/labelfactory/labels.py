@@ -116,13 +116,14 @@ def recorded_map(payload: dict[str, Any]) -> LabelMap:
     return map_of(payload["config"]["label_names"])
 
 
-def require_same_map(trained: dict[str, int], served: LabelMap, model_file: str) -> None:
-    """LabelFactoryError 409 when a model trained with `trained` (name -> value) would serve under `served`."""
-    if dict(trained) == served.values:
+def require_same_map(trained: dict[str, int], served: dict[str, int], model_file: str) -> None:
+    """LabelFactoryError 409 when a model trained with the map `trained` (name -> value) would serve under `served`."""
+    if dict(trained) == dict(served):
         return
+    mine = map_of(trained)
     raise LabelFactoryError(
-        f"{model_file} was trained with the label map {map_of(trained).describe()}, but this server serves "
-        f"{served.describe()}: serve that model with its own data set (--conf labels {map_of(trained).name}, "
+        f"{model_file} was trained with the label map {mine.describe()}, but this server serves "
+        f"{map_of(served).describe()}: serve that model with its own data set (--conf labels {mine.name}, "
         "or its own --models folder), or train it again on this one",
         status=409,
     )

@@ -12,6 +12,7 @@ from typing import Any
 from labelfactory.errors import LabelFactoryError
 
 LATENT_KEY = "labelfactory"
+TRUNCATION_PSI = 0.7  # the psi images are generated with unless a request or flag says otherwise
 
 
 def latent_record(seed: int, truncation_psi: float, w: list[float], generator: str | None) -> dict[str, Any]:

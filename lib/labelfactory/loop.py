@@ -14,8 +14,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import requests
@@ -52,9 +52,17 @@ def download_image(server: str, image_id: str, folder: Path) -> Path:
     return path
 
 
-def run_loop(server: str, rounds: int, annotate: Annotator = hu_rule_annotator, strategy: str = "generated_uncertain",
-             infer_model: str = "datasetgan", train_model: str = "interpreter", retrain_every: int = 3,
-             train_params: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
+def run_loop(
+    server: str,
+    rounds: int,
+    annotate: Annotator = hu_rule_annotator,
+    strategy: str = "generated_uncertain",
+    infer_model: str = "datasetgan",
+    train_model: str = "interpreter",
+    retrain_every: int = 3,
+    train_params: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. One record per round."""
     client = MONAILabelClient(server)
     records = []
@@ -79,7 +87,10 @@ def run_loop(server: str, rounds: int, annotate: Annotator = hu_rule_annotator, 
             names = [{"name": n, "idx": v} for n, v in LABEL_NAMES.items() if v]
             client.save_label(image_id, str(path), tag="final", params={"label_info": names})
             rec = {"round": r, "image": image_id, "uncertainty": sample.get("uncertainty"), "agreement": agreement}
-            log(f"round {r}: labelled {image_id}" + (f", auto-segmentation agreed on {agreement:.1%} of pixels" if agreement is not None else ""))
+            log(
+                f"round {r}: labelled {image_id}"
+                + (f", auto-segmentation agreed on {agreement:.1%} of pixels" if agreement is not None else "")
+            )
             if (r + 1) % retrain_every == 0:
                 client.train_start(train_model, train_params or {})
                 status = wait_for_training(client)
@@ -100,7 +111,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    records = run_loop(args.server, args.rounds, hu_rule_annotator, args.strategy, args.infer_model, args.train_model,
-                       args.retrain_every, json.loads(args.train_params))
+    records = run_loop(
+        args.server,
+        args.rounds,
+        hu_rule_annotator,
+        args.strategy,
+        args.infer_model,
+        args.train_model,
+        args.retrain_every,
+        json.loads(args.train_params),
+    )
     print(json.dumps(records, indent=1))
     return 0

@@ -30,11 +30,10 @@ def field_type(cls: type, name: str) -> type:
     return hint
 
 
-def parse_value(cls: type, name: str, value: Any) -> Any:
-    """One option value (a string from a form or conf, a JSON scalar, or Slicer's combo list) as the field's type."""
+def cast(typ: type, name: str, value: Any) -> Any:
+    """One option value (a string from a form or conf, a JSON scalar, or Slicer's combo list) as `typ`."""
     if isinstance(value, list | tuple):
         value = value[0] if value else None  # an options-table combo box sends its list; the first is the choice
-    typ = field_type(cls, name)
     try:
         if typ is bool and not isinstance(value, bool):
             text = str(value).strip().lower()
@@ -44,6 +43,11 @@ def parse_value(cls: type, name: str, value: Any) -> Any:
         return typ(value)
     except (TypeError, ValueError):
         raise LabelFactoryError(f"option {name}={value!r}: expected a {typ.__name__}") from None
+
+
+def parse_value(cls: type, name: str, value: Any) -> Any:
+    """A value for field `name` of dataclass `cls`, as the field's type."""
+    return cast(field_type(cls, name), name, value)
 
 
 def config_overrides(defaults: C, values: dict[str, Any], names: typing.Iterable[str], prefix: str = "") -> C:
@@ -59,13 +63,21 @@ def options(defaults: Any, names: typing.Iterable[str]) -> dict[str, Any]:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, defaults: Any, names: typing.Iterable[str], helps: dict[str, str] | None = None
+    parser: argparse.ArgumentParser,
+    defaults: Any,
+    names: typing.Iterable[str],
+    helps: dict[str, str] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> None:
-    """A flag `--the-name` per field, typed and defaulted from `defaults` (bool: `--the-name` / `--no-the-name`)."""
-    helps = helps or {}
+    """A flag `--the-name` (or `aliases[name]`) per field, typed and defaulted from `defaults` (bool: `--x` / `--no-x`)."""
+    helps, aliases = helps or {}, aliases or {}
     for n in names:
-        typ, default, flag = field_type(type(defaults), n), getattr(defaults, n), "--" + n.replace("_", "-")
-        text = helps.get(n, "") + (" " if n in helps else "") + f"(default: {default})"
+        typ, default, flag = (
+            field_type(type(defaults), n),
+            getattr(defaults, n),
+            aliases.get(n, "--" + n.replace("_", "-")),
+        )
+        text = (helps[n] + " " if n in helps else "") + f"(default: {default})"
         if typ is bool:
             parser.add_argument(flag, dest=n, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:

@@ -22,29 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.interpreter.labeller import Interpreter, generator_identity
+from labelfactory.gan.identity import generated_to_image, generator_identity, seed_name
+from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import Image, Window, write_image, write_seg_nrrd
 from labelfactory.labels import LABEL_COLORS
+from labelfactory.latent_record import TRUNCATION_PSI
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("images", "labels", "uncertainty")
-
-
-def generated_to_image(img: torch.Tensor, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0)) -> Image:
-    """One generated image (1, 1, R, R) or (R, R) in [-1, 1] -> 2D Image in HU, int16, origin 0, identity direction."""
-    arr = img.detach().float().cpu().numpy().reshape(img.shape[-2:])
-    hu = np.rint(window.to_hu(arr)).astype(np.int16)
-    return Image(hu, tuple(float(s) for s in spacing), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
-
-
-def seed_name(seed: int) -> str:
-    return f"seed{int(seed):06d}"
 
 
 @dataclass
@@ -57,9 +47,18 @@ class SynthesisResult:
     out: Path
 
 
-def synthesize(interpreter: Interpreter, seeds: list[int], out: str | os.PathLike, truncation_psi: float = 0.7, drop_fraction: float = 0.1,
-               png: bool = False, window: Window = Window(), spacing: tuple[float, float] = (1.0, 1.0),
-               preview_pairs: int = 8, progress: bool = True) -> SynthesisResult:
+def synthesize(
+    interpreter: Interpreter,
+    seeds: list[int],
+    out: str | os.PathLike,
+    truncation_psi: float = TRUNCATION_PSI,
+    drop_fraction: float = 0.1,
+    png: bool = False,
+    window: Window = Window(),
+    spacing: tuple[float, float] = (1.0, 1.0),
+    preview_pairs: int = 8,
+    progress: bool = True,
+) -> SynthesisResult:
     """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction, write manifest and preview.
 
     Each seed is generated on its own (batching changes float rounding), so a pair depends only on
@@ -70,10 +69,16 @@ def synthesize(interpreter: Interpreter, seeds: list[int], out: str | os.PathLik
     out = Path(out)
     log_path = out / "records.jsonl"
     done = _read_records(log_path)
-    origin = {"truncation_psi": float(truncation_psi), "generator": generator_identity(interpreter.G), "interpreter": interpreter.identity}
+    origin = {
+        "truncation_psi": float(truncation_psi),
+        "generator": generator_identity(interpreter.G),
+        "interpreter": interpreter.identity,
+    }
     for rec in done.values():
         if any(rec.get(k) != v for k, v in origin.items()):
-            raise LabelFactoryError(f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); write to a new folder")
+            raise LabelFactoryError(
+                f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); write to a new folder"
+            )
     todo = [s for s in dict.fromkeys(int(s) for s in seeds) if s not in done]
     names = sorted(interpreter.label_names, key=interpreter.label_names.get)
     for kind in KINDS:
@@ -84,9 +89,22 @@ def synthesize(interpreter: Interpreter, seeds: list[int], out: str | os.PathLik
             lab = interpreter.label(ws_from_seeds(interpreter.G, [seed], truncation_psi))
             image = generated_to_image(lab.image[0], window, spacing)
             mask = lab.mask[0].cpu().numpy().astype(np.uint8)
-            _write_pair(out, seed, image, mask, lab.uncertainty[0].cpu().numpy().astype(np.float32), interpreter.label_names, png)
+            _write_pair(
+                out,
+                seed,
+                image,
+                mask,
+                lab.uncertainty[0].cpu().numpy().astype(np.float32),
+                interpreter.label_names,
+                png,
+            )
             counts = np.bincount(mask.reshape(-1), minlength=len(names))
-            rec = {"seed": seed, "uncertainty": float(lab.score[0]), "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names}, **origin}
+            rec = {
+                "seed": seed,
+                "uncertainty": float(lab.score[0]),
+                "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names},
+                **origin,
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
             done[seed] = rec
@@ -114,7 +132,15 @@ def _read_records(path: Path) -> dict[int, dict]:
     return records
 
 
-def _write_pair(out: Path, seed: int, image: Image, mask: np.ndarray, uncertainty: np.ndarray, label_names: dict[str, int], png: bool) -> None:
+def _write_pair(
+    out: Path,
+    seed: int,
+    image: Image,
+    mask: np.ndarray,
+    uncertainty: np.ndarray,
+    label_names: dict[str, int],
+    png: bool,
+) -> None:
     name = seed_name(seed)
     label = image.with_array(mask)
     write_image(image, out / "images" / f"{name}.nii.gz")
@@ -122,7 +148,12 @@ def _write_pair(out: Path, seed: int, image: Image, mask: np.ndarray, uncertaint
     write_seg_nrrd(label, out / "labels" / f"{name}.seg.nrrd", label_names, LABEL_COLORS)
     write_image(image.with_array(uncertainty), out / "uncertainty" / f"{name}.nii.gz")
     if png:
-        write_image(image.with_array(np.rint((image.array.astype(np.float32) + 1024) / 2048 * 255).clip(0, 255).astype(np.uint8)), out / "images" / f"{name}.png")
+        write_image(
+            image.with_array(
+                np.rint((image.array.astype(np.float32) + 1024) / 2048 * 255).clip(0, 255).astype(np.uint8)
+            ),
+            out / "images" / f"{name}.png",
+        )
         write_image(label, out / "labels" / f"{name}.png")
 
 
@@ -135,7 +166,14 @@ def _split(records: dict[int, dict], drop_fraction: float) -> tuple[list[int], l
 
 def _files(seed: int) -> list[str]:
     n = seed_name(seed)
-    return [f"images/{n}.nii.gz", f"images/{n}.png", f"labels/{n}.nii.gz", f"labels/{n}.seg.nrrd", f"labels/{n}.png", f"uncertainty/{n}.nii.gz"]
+    return [
+        f"images/{n}.nii.gz",
+        f"images/{n}.png",
+        f"labels/{n}.nii.gz",
+        f"labels/{n}.seg.nrrd",
+        f"labels/{n}.png",
+        f"uncertainty/{n}.nii.gz",
+    ]
 
 
 def _arrange(out: Path, kept: list[int], dropped: list[int]) -> None:
@@ -156,7 +194,15 @@ def _write_manifest(path: Path, records: list[dict], names: list[str], prefix: s
         w.writerow(["seed", "image", "label", "uncertainty", *[f"pixels_{n.replace(' ', '_')}" for n in names]])
         for r in records:
             n = seed_name(r["seed"])
-            w.writerow([r["seed"], f"{prefix}images/{n}.nii.gz", f"{prefix}labels/{n}.nii.gz", f"{r['uncertainty']:.6g}", *[r["pixels"][k] for k in names]])
+            w.writerow(
+                [
+                    r["seed"],
+                    f"{prefix}images/{n}.nii.gz",
+                    f"{prefix}labels/{n}.nii.gz",
+                    f"{r['uncertainty']:.6g}",
+                    *[r["pixels"][k] for k in names],
+                ]
+            )
     os.replace(tmp, path)
 
 
@@ -184,7 +230,9 @@ def _write_preview(path: Path, out: Path, seeds: list[int], label_names: dict[st
         mask = read_image(out / "labels" / f"{n}.nii.gz").array.astype(int)
         unc = read_image(out / "uncertainty" / f"{n}.nii.gz").array
         for i, (a, title) in enumerate(zip(axes[:, j], (n, "mask", "uncertainty"))):
-            a.imshow(img, cmap="gray", vmin=window.low, vmax=window.high) if i < 2 else a.imshow(unc, cmap="magma", vmin=0)
+            a.imshow(img, cmap="gray", vmin=window.low, vmax=window.high) if i < 2 else a.imshow(
+                unc, cmap="magma", vmin=0
+            )
             if i == 1:
                 a.imshow(lut[mask.clip(0, len(lut) - 1)])
             a.set_title(title, fontsize=7)

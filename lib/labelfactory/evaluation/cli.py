@@ -18,28 +18,68 @@ DEFAULT_STUDIES = Path(__file__).resolve().parents[3] / "sample-data" / "datasto
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--studies", type=Path, default=DEFAULT_STUDIES, help="real studies with labels/final (test-R, real and hybrid training)")
-    p.add_argument("--synthetic", type=Path, help="synthetic data set folder (images/, labels/) for tables I, III-C and III")
-    p.add_argument("--annotated", action="append", default=[], metavar="K=DIR",
-                   help="table II: synthetic data set made by an interpreter trained on K annotated images (repeat per K)")
-    p.add_argument("--tables", default=None, help=f"comma list of {', '.join(TABLES)} (default: every table its data allows)")
-    p.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md, table_*.png and TensorBoard logs")
+    p.add_argument(
+        "--studies",
+        type=Path,
+        default=DEFAULT_STUDIES,
+        help="real studies with labels/final (test-R, real and hybrid training)",
+    )
+    p.add_argument(
+        "--synthetic", type=Path, help="synthetic data set folder (images/, labels/) for tables I, III-C and III"
+    )
+    p.add_argument(
+        "--annotated",
+        action="append",
+        default=[],
+        metavar="K=DIR",
+        help="table II: synthetic data set made by an interpreter trained on K annotated images (repeat per K)",
+    )
+    p.add_argument(
+        "--tables", default=None, help=f"comma list of {', '.join(TABLES)} (default: every table its data allows)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for results.json, results.md, table_*.png and TensorBoard logs"
+    )
     p.add_argument("--folds", type=int, default=5, help="patient-wise folds (default 5)")
     p.add_argument("--size", type=int, default=256, help="slice size in pixels (default 256)")
     p.add_argument("--test-size", type=int, default=100, help="most pairs in test-G and test-R per fold (default 100)")
-    p.add_argument("--sizes", default=None, help="table I: comma list of synthetic training set sizes (default: 1/4, 1/2, all of the pool)")
-    p.add_argument("--train-pairs", type=int, default=None, help="synthetic training pairs for tables II, III-C, III (default: the whole pool)")
-    p.add_argument("--k-real", type=int, default=30, help="real slices added to the synthetic pairs in the hybrid set (default 30)")
-    p.add_argument("--baseline", default="deeplabv3", choices=NETWORKS, help="segmenter of tables I, II, III-C (default deeplabv3, as the paper)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="table I: comma list of synthetic training set sizes (default: 1/4, 1/2, all of the pool)",
+    )
+    p.add_argument(
+        "--train-pairs",
+        type=int,
+        default=None,
+        help="synthetic training pairs for tables II, III-C, III (default: the whole pool)",
+    )
+    p.add_argument(
+        "--k-real", type=int, default=30, help="real slices added to the synthetic pairs in the hybrid set (default 30)"
+    )
+    p.add_argument(
+        "--baseline",
+        default="deeplabv3",
+        choices=NETWORKS,
+        help="segmenter of tables I, II, III-C (default deeplabv3, as the paper)",
+    )
     p.add_argument("--networks", default=",".join(PAPER_SEGMENTERS), help="table III: comma list of segmenters")
     p.add_argument("--steps", type=int, default=2000, help="training iterations per run (default 2000)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-interval", type=int, default=200, help="iterations between validation Dice checks (default 200)")
+    p.add_argument(
+        "--val-interval", type=int, default=200, help="iterations between validation Dice checks (default 200)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fid-weights", default=None, help="pytorch-fid Inception weights file (FID of the synthetic set is skipped without it)")
+    p.add_argument(
+        "--fid-weights",
+        default=None,
+        help="pytorch-fid Inception weights file (FID of the synthetic set is skipped without it)",
+    )
     p.add_argument("--fid-images", type=int, default=1000, help="images per side for FID (default 1000; 0 skips FID)")
-    p.add_argument("--note", default="", help="a line to put at the top of results.md (e.g. the machine and what was reduced)")
+    p.add_argument(
+        "--note", default="", help="a line to put at the top of results.md (e.g. the machine and what was reduced)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,18 +90,41 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not k.isdigit():
             raise LabelFactoryError(f"--annotated {item!r}: expected K=DIR, e.g. 30=synthetic-k30")
         by_k[int(k)], folders[int(k)] = synthetic_pairs(folder, args.size), folder
-    tables = args.tables.split(",") if args.tables else [t for t in TABLES if (t == "II" and by_k) or (t != "II" and synthetic is not None)]
+    tables = (
+        args.tables.split(",")
+        if args.tables
+        else [t for t in TABLES if (t == "II" and by_k) or (t != "II" and synthetic is not None)]
+    )
     if not tables:
         raise LabelFactoryError("nothing to evaluate: pass --synthetic DIR and/or --annotated K=DIR")
     real = real_slices(args.studies, args.size)
-    settings = Settings(folds=args.folds, test_size=args.test_size, baseline=args.baseline, log_dir=args.out / "tensorboard",
-                        train=TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, val_interval=args.val_interval, seed=args.seed))
+    settings = Settings(
+        folds=args.folds,
+        test_size=args.test_size,
+        baseline=args.baseline,
+        log_dir=args.out / "tensorboard",
+        train=TrainConfig(
+            size=args.size,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            val_interval=args.val_interval,
+            seed=args.seed,
+        ),
+    )
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-    results = run_experiments(real, settings, synthetic, by_k, tables, sizes, args.k_real, args.networks.split(","), args.train_pairs)
-    results["fid"] = synthetic_fid(synthetic, real, args.fid_weights, args.fid_images) if synthetic is not None and args.fid_images > 0 else None
+    results = run_experiments(
+        real, settings, synthetic, by_k, tables, sizes, args.k_real, args.networks.split(","), args.train_pairs
+    )
+    results["fid"] = (
+        synthetic_fid(synthetic, real, args.fid_weights, args.fid_images)
+        if synthetic is not None and args.fid_images > 0
+        else None
+    )
     results["note"] = args.note
-    results["data"].update(studies=str(args.studies), synthetic=str(args.synthetic) if args.synthetic else None,
-                           annotated=folders)
+    results["data"].update(
+        studies=str(args.studies), synthetic=str(args.synthetic) if args.synthetic else None, annotated=folders
+    )
     for what, path in write_report(results, args.out).items():
         print(f"{what}: {path}")
     return 0

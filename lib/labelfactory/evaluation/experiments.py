@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -78,7 +78,9 @@ class Experiments:
     def synthetic_split(self, synthetic: Dataset, fold: int) -> tuple[PairSubset, PairSubset]:
         """(training pool, test-G) of a synthetic set for `fold`."""
         if id(synthetic) not in self._synthetic_folds:
-            self._synthetic_folds[id(synthetic)] = group_folds(synthetic.groups, self.settings.folds, self.settings.train.seed)
+            self._synthetic_folds[id(synthetic)] = group_folds(
+                synthetic.groups, self.settings.folds, self.settings.train.seed
+            )
         pool, test = train_test(self._synthetic_folds[id(synthetic)], fold)
         check_disjoint(synthetic.groups, pool, test)
         return PairSubset(synthetic, pool), evenly_spaced_subset(synthetic, test, self.settings.test_size)
@@ -87,21 +89,43 @@ class Experiments:
         """The smallest synthetic training pool over folds: the most pairs every fold can train on."""
         return min(len(self.synthetic_split(synthetic, f)[0]) for f in range(self.settings.folds))
 
-    def score(self, key: tuple, network: str, fold: int, train: Dataset, val: Dataset | None, tests: dict[str, Dataset]) -> dict[str, dict]:
+    def score(
+        self, key: tuple, network: str, fold: int, train: Dataset, val: Dataset | None, tests: dict[str, Dataset]
+    ) -> dict[str, dict]:
         """Train `network` on `train` (once per key/network/fold) and score it on each test set."""
         cache_key = (network, key, fold)
         if cache_key not in self._done:
             cfg = replace(self.settings.train, network=network)
-            log_dir = self.settings.log_dir / f"{network}-{'-'.join(map(str, key))}-fold{fold}" if self.settings.log_dir else None
+            log_dir = (
+                self.settings.log_dir / f"{network}-{'-'.join(map(str, key))}-fold{fold}"
+                if self.settings.log_dir
+                else None
+            )
             t0 = time.time()
             result = train_segmenter(train, val, cfg, log_dir=log_dir)
             seconds = time.time() - t0
             self._done[cache_key] = {name: score_dataset(result.network, ds, cfg) for name, ds in tests.items()}
-            self.runs.append({"network": network, "training_set": list(map(str, key)), "fold": fold, "train_items": len(train),
-                              "val_items": len(val) if val is not None else 0, "best_val_dice": result.best_val_dice,
-                              "best_step": result.best_step, "steps": result.steps, "seconds": round(seconds, 1),
-                              **{f"{n}_miou": s["miou"] for n, s in self._done[cache_key].items()}})
-            logger.info("fold %d %s on %s: %s", fold, network, key, {n: round(s["miou"], 3) for n, s in self._done[cache_key].items()})
+            self.runs.append(
+                {
+                    "network": network,
+                    "training_set": list(map(str, key)),
+                    "fold": fold,
+                    "train_items": len(train),
+                    "val_items": len(val) if val is not None else 0,
+                    "best_val_dice": result.best_val_dice,
+                    "best_step": result.best_step,
+                    "steps": result.steps,
+                    "seconds": round(seconds, 1),
+                    **{f"{n}_miou": s["miou"] for n, s in self._done[cache_key].items()},
+                }
+            )
+            logger.info(
+                "fold %d %s on %s: %s",
+                fold,
+                network,
+                key,
+                {n: round(s["miou"], 3) for n, s in self._done[cache_key].items()},
+            )
         return self._done[cache_key]
 
     def row(self, table: str, name: str, network: str, key: tuple, make_train, synthetic: Dataset) -> dict:
@@ -125,7 +149,9 @@ def score_dataset(network: torch.nn.Module, dataset: Dataset, config: TrainConfi
     """Per-class Dice/IoU and mIoU of `network` over every pixel of `dataset`."""
     cm = torch.zeros(config.n_classes, config.n_classes, dtype=torch.long)
     for batch in DataLoader(dataset, config.batch_size, shuffle=False, num_workers=config.num_workers):
-        cm += confusion_matrix(predict_slices(network, batch["image"], config.batch_size), batch["label"][:, 0], config.n_classes)
+        cm += confusion_matrix(
+            predict_slices(network, batch["image"], config.batch_size), batch["label"][:, 0], config.n_classes
+        )
     return scores(cm, config.label_names)
 
 
@@ -137,10 +163,15 @@ def summarize(table: str, name: str, network: str, n_train: list[int], per_fold:
         miou, miou_std = mean_std([s["miou"] for s in folds])
         dice, dice_std = mean_std([s["mean_dice"] for s in folds])
         classes = folds[0]["dice"].keys()
-        out[t] = {"miou": miou, "miou_std": miou_std, "mean_dice": dice, "mean_dice_std": dice_std,
-                  "miou_folds": [s["miou"] for s in folds],
-                  "dice": {c: mean_std([s["dice"][c] for s in folds])[0] for c in classes},
-                  "iou": {c: mean_std([s["iou"][c] for s in folds])[0] for c in classes}}
+        out[t] = {
+            "miou": miou,
+            "miou_std": miou_std,
+            "mean_dice": dice,
+            "mean_dice_std": dice_std,
+            "miou_folds": [s["miou"] for s in folds],
+            "dice": {c: mean_std([s["dice"][c] for s in folds])[0] for c in classes},
+            "iou": {c: mean_std([s["iou"][c] for s in folds])[0] for c in classes},
+        }
     return out
 
 
@@ -149,17 +180,39 @@ def synthetic_size_vs_miou(ex: Experiments, synthetic: Dataset, sizes: Sequence[
     pool = ex.pool_size(synthetic)
     too_big = [n for n in sizes if n > pool]
     if too_big:
-        raise LabelFactoryError(f"synthetic set sizes {too_big} exceed the {pool} training pairs each fold has; synthesize more pairs or pass smaller sizes")
-    return [ex.row("I", f"synthetic pairs={n}", ex.settings.baseline, ("synthetic", n), lambda f, p, r, n=n: PairSubset(p, range(n)), synthetic)
-            for n in sizes]
+        raise LabelFactoryError(
+            f"synthetic set sizes {too_big} exceed the {pool} training pairs each fold has; synthesize more pairs or pass smaller sizes"
+        )
+    return [
+        ex.row(
+            "I",
+            f"synthetic pairs={n}",
+            ex.settings.baseline,
+            ("synthetic", n),
+            lambda f, p, r, n=n: PairSubset(p, range(n)),
+            synthetic,
+        )
+        for n in sizes
+    ]
 
 
-def annotations_vs_miou(ex: Experiments, synthetic_by_annotations: dict[int, Dataset], n_train: int | None = None) -> list[dict]:
+def annotations_vs_miou(
+    ex: Experiments, synthetic_by_annotations: dict[int, Dataset], n_train: int | None = None
+) -> list[dict]:
     """Table II: one synthetic set per number of annotated images (interpreter training); the baseline on `n_train` pairs of each."""
     rows = []
     for k, synthetic in sorted(synthetic_by_annotations.items()):
         n = min(n_train or ex.pool_size(synthetic), ex.pool_size(synthetic))
-        rows.append(ex.row("II", f"annotated images={k}", ex.settings.baseline, ("annotated", k, n), lambda f, p, r, n=n: PairSubset(p, range(n)), synthetic))
+        rows.append(
+            ex.row(
+                "II",
+                f"annotated images={k}",
+                ex.settings.baseline,
+                ("annotated", k, n),
+                lambda f, p, r, n=n: PairSubset(p, range(n)),
+                synthetic,
+            )
+        )
     return rows
 
 
@@ -170,23 +223,43 @@ def synthetic_real_hybrid(ex: Experiments, synthetic: Dataset, k_real: int, n_tr
     return [
         ex.row("III-C", f"synthetic ({n})", b, ("synthetic", n), lambda f, p, r: PairSubset(p, range(n)), synthetic),
         ex.row("III-C", "real (all training patients)", b, ("real",), lambda f, p, r: r.train, synthetic),
-        ex.row("III-C", f"hybrid ({n} synthetic + {k_real} real)", b, ("hybrid", n, k_real), lambda f, p, r: hybrid(PairSubset(p, range(n)), r.train, k_real), synthetic),
+        ex.row(
+            "III-C",
+            f"hybrid ({n} synthetic + {k_real} real)",
+            b,
+            ("hybrid", n, k_real),
+            lambda f, p, r: hybrid(PairSubset(p, range(n)), r.train, k_real),
+            synthetic,
+        ),
     ]
 
 
-def segmenters_compared(ex: Experiments, synthetic: Dataset, networks: Sequence[str], n_train: int | None = None) -> list[dict]:
+def segmenters_compared(
+    ex: Experiments, synthetic: Dataset, networks: Sequence[str], n_train: int | None = None
+) -> list[dict]:
     """Table III: each segmenter trained on the same synthetic pairs, scored on test-G and test-R."""
     n = min(n_train or ex.pool_size(synthetic), ex.pool_size(synthetic))
-    return [ex.row("III", net, net, ("synthetic", n), lambda f, p, r: PairSubset(p, range(n)), synthetic) for net in networks]
+    return [
+        ex.row("III", net, net, ("synthetic", n), lambda f, p, r: PairSubset(p, range(n)), synthetic)
+        for net in networks
+    ]
 
 
 TABLES = ("I", "II", "III-C", "III")
 PAPER_SEGMENTERS = ("deeplabv3", "fcn", "unet", "unetpp")
 
 
-def run_experiments(real: Dataset, settings: Settings, synthetic: Dataset | None = None, synthetic_by_annotations: dict[int, Dataset] | None = None,
-                    tables: Sequence[str] = TABLES, sizes: Sequence[int] | None = None, k_real: int = 30,
-                    networks: Sequence[str] = PAPER_SEGMENTERS, n_train: int | None = None) -> dict:
+def run_experiments(
+    real: Dataset,
+    settings: Settings,
+    synthetic: Dataset | None = None,
+    synthetic_by_annotations: dict[int, Dataset] | None = None,
+    tables: Sequence[str] = TABLES,
+    sizes: Sequence[int] | None = None,
+    k_real: int = 30,
+    networks: Sequence[str] = PAPER_SEGMENTERS,
+    n_train: int | None = None,
+) -> dict:
     """Run the chosen tables; returns {"settings", "data", "tables": {name: rows}, "runs": every training}.
 
     Table I sizes default to a quarter, half and all of the synthetic training pool.
@@ -211,12 +284,26 @@ def run_experiments(real: Dataset, settings: Settings, synthetic: Dataset | None
         out["III"] = segmenters_compared(ex, synthetic, networks, n_train)
     t = settings.train
     return {
-        "settings": {"folds": settings.folds, "test_size": settings.test_size, "baseline": settings.baseline, "size": t.size,
-                     "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "val_interval": t.val_interval, "seed": t.seed,
-                     "k_real": k_real, "n_train": n_train, "label_names": t.label_names},
-        "data": {"real_slices": len(real), "real_patients": sorted(set(real.groups)),
-                 "synthetic_pairs": len(synthetic) if synthetic is not None else 0,
-                 "synthetic_by_annotations": {k: len(d) for k, d in (synthetic_by_annotations or {}).items()}},
+        "settings": {
+            "folds": settings.folds,
+            "test_size": settings.test_size,
+            "baseline": settings.baseline,
+            "size": t.size,
+            "steps": t.steps,
+            "batch_size": t.batch_size,
+            "lr": t.lr,
+            "val_interval": t.val_interval,
+            "seed": t.seed,
+            "k_real": k_real,
+            "n_train": n_train,
+            "label_names": t.label_names,
+        },
+        "data": {
+            "real_slices": len(real),
+            "real_patients": sorted(set(real.groups)),
+            "synthetic_pairs": len(synthetic) if synthetic is not None else 0,
+            "synthetic_by_annotations": {k: len(d) for k, d in (synthetic_by_annotations or {}).items()},
+        },
         "tables": out,
         "runs": ex.runs,
     }
@@ -228,7 +315,9 @@ def synthetic_fid(synthetic: Dataset, real: Dataset, weights: str | None = None,
 
     found = find_fid_weights(weights)
     if found is None:
-        logger.warning("FID skipped: no Inception weights (pass --fid-weights, set LABELFACTORY_FID_WEIGHTS, or run `python -m labelfactory.evaluation.fid_weights`)")
+        logger.warning(
+            "FID skipped: no Inception weights (pass --fid-weights, set LABELFACTORY_FID_WEIGHTS, or run `python -m labelfactory.evaluation.fid_weights`)"
+        )
         return None
     model = load_inception(found)
 

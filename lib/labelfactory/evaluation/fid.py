@@ -80,10 +80,19 @@ class FIDEvaluator:
         self.real_features = inception_features(model, real_images[:num_images])
 
     @classmethod
-    def create(cls, real_images: torch.Tensor, num_images: int, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FIDEvaluator | None:
+    def create(
+        cls,
+        real_images: torch.Tensor,
+        num_images: int,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> FIDEvaluator | None:
         found = find_fid_weights(weights)
         if found is None:
-            logger.warning("FID skipped: no Inception weights at %s (run `python -m labelfactory.evaluation.fid_weights` or set LABELFACTORY_FID_WEIGHTS)", weights or fid_weights_cache_path())
+            logger.warning(
+                "FID skipped: no Inception weights at %s (run `python -m labelfactory.evaluation.fid_weights` or set LABELFACTORY_FID_WEIGHTS)",
+                weights or fid_weights_cache_path(),
+            )
             return None
         return cls(load_inception(found, device), real_images, num_images)
 

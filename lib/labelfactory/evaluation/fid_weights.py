@@ -28,7 +28,10 @@ def _pytorch_fid_skeleton() -> torch.nn.Module:
     """pytorch-fid's FIDInceptionV3 with uninitialised weights (its loader patched out)."""
     from pytorch_fid import inception
 
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), mock.patch.object(torch.nn.Module, "load_state_dict"):
+    with (
+        mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(torch.nn.Module, "load_state_dict"),
+    ):
         return inception.fid_inception_v3()
 
 
@@ -41,7 +44,9 @@ def convert(torchscript_path: str | Path) -> dict[str, torch.Tensor]:
     prefixes_src = [k[: -len(".weight")] for k, v in src.items() if k.endswith(".weight") and v.ndim == 4]
     prefixes_dst = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
     if len(prefixes_src) != len(prefixes_dst):
-        raise ValueError(f"{len(prefixes_src)} convolutions in the TorchScript, {len(prefixes_dst)} in pytorch-fid's Inception")
+        raise ValueError(
+            f"{len(prefixes_src)} convolutions in the TorchScript, {len(prefixes_dst)} in pytorch-fid's Inception"
+        )
     out = {}
     for s, d in zip(prefixes_src, prefixes_dst):
         w = src[f"{s}.weight"]
@@ -97,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(convert(src), tmp)
         diff = max_pool3_difference(src, tmp)
         if diff > 1e-3:
-            print(f"converted Inception differs from the TorchScript (max |pool3 diff| {diff:.2e}); not installed", file=sys.stderr)
+            print(
+                f"converted Inception differs from the TorchScript (max |pool3 diff| {diff:.2e}); not installed",
+                file=sys.stderr,
+            )
             return 1
         tmp.replace(args.out)
     finally:

@@ -22,7 +22,9 @@ def confusion_matrix(pred: torch.Tensor, truth: torch.Tensor, n_classes: int) ->
     return torch.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def scores(confusion: torch.Tensor, class_names: dict[str, int] | None = None, include_background: bool = False) -> dict:
+def scores(
+    confusion: torch.Tensor, class_names: dict[str, int] | None = None, include_background: bool = False
+) -> dict:
     """Per-class IoU and Dice (NaN where a class is absent from both) and their means, from a confusion matrix.
 
     Returns {"iou": {name: v}, "dice": {name: v}, "miou": float, "mean_dice": float}; names default to "0", "1", ...

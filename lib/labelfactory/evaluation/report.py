@@ -45,14 +45,19 @@ def markdown(results: dict) -> str:
     if results.get("fid") is not None:
         lines += [f"FID of the synthetic images against the real slices: {results['fid']:.2f}", ""]
     for table, rows in results["tables"].items():
-        lines += [f"## {TITLES.get(table, table)}", "",
-                  "| | network | training items per fold | mIoU on test-G | mIoU on test-R | mean Dice on test-R |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {TITLES.get(table, table)}",
+            "",
+            "| | network | training items per fold | mIoU on test-G | mIoU on test-R | mean Dice on test-R |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rows:
             n = sorted(set(r["train_items"]))
-            lines.append(f"| {r['row']} | {r['network']} | {'-'.join(map(str, [n[0], n[-1]] if len(n) > 1 else n))} | "
-                         f"{fmt(r['test_G']['miou'], r['test_G']['miou_std'])} | {fmt(r['test_R']['miou'], r['test_R']['miou_std'])} | "
-                         f"{fmt(r['test_R']['mean_dice'], r['test_R']['mean_dice_std'])} |")
+            lines.append(
+                f"| {r['row']} | {r['network']} | {'-'.join(map(str, [n[0], n[-1]] if len(n) > 1 else n))} | "
+                f"{fmt(r['test_G']['miou'], r['test_G']['miou_std'])} | {fmt(r['test_R']['miou'], r['test_R']['miou_std'])} | "
+                f"{fmt(r['test_R']['mean_dice'], r['test_R']['mean_dice_std'])} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

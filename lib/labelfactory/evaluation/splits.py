@@ -3,7 +3,7 @@ and whole groups go to a fold, so no patient is ever in both training and test."
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

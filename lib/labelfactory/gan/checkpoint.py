@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
-from labelfactory.errors import LabelFactoryError
+from labelfactory.errors import LabelFactoryError, ModelMissing
 from labelfactory.gan.networks import GENERATOR_LAYOUT, Generator
 
 KIND = "stylegan2"
@@ -30,22 +30,23 @@ def publish_generator(G_ema: Generator, generator_kwargs: dict[str, Any], path: 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
     """The published EMA generator in eval mode, frozen, with `.checkpoint_info` = {config, provenance, kimg, data}.
 
-    Raises LabelFactoryError(409, "train stylegan2 first") when the file is missing or unusable.
+    Raises ModelMissing(model="stylegan2") (409, "train stylegan2 first") when the file is missing or unusable.
     """
     try:
         payload = load_checkpoint(path, KIND)
-    except LabelFactoryError as e:
-        msg = str(e) if "train stylegan2 first" in str(e) else f"{e}: train stylegan2 first"
-        raise LabelFactoryError(msg, status=409) from None
+    except ModelMissing:
+        raise
+    except LabelFactoryError as e:  # corrupt, changed or another kind of file
+        raise ModelMissing(f"{e}: train stylegan2 first", model=KIND) from None
     layout = payload.get("generator", {}).get("layout", 1)
     if layout != GENERATOR_LAYOUT:
-        raise LabelFactoryError(f"{Path(path).name} was trained with an earlier generator layout ({layout}, this version reads "
-                                f"{GENERATOR_LAYOUT}): import or retrain stylegan2", status=409)
+        raise ModelMissing(f"{Path(path).name} was trained with an earlier generator layout ({layout}, this version reads "
+                           f"{GENERATOR_LAYOUT}): import or retrain stylegan2", model=KIND)
     try:
         G = Generator(**payload["generator"]["kwargs"])
         G.load_state_dict(payload["generator"]["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise LabelFactoryError(f"{Path(path).name} does not hold a usable generator ({type(e).__name__}): train stylegan2 first", status=409) from None
+        raise ModelMissing(f"{Path(path).name} does not hold a usable generator ({type(e).__name__}): train stylegan2 first", model=KIND) from None
     G = G.to(device).eval().requires_grad_(False)
     G.checkpoint_info = {"config": payload["config"], "provenance": payload["provenance"], "kimg": payload["kimg"], "data": payload["data"]}
     return G

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, Window
 
 
@@ -26,3 +27,14 @@ def generated_to_image(
     arr = img.detach().float().cpu().numpy().reshape(img.shape[-2:])
     hu = np.rint(window.to_hu(arr)).astype(np.int16)
     return Image(hu, tuple(float(s) for s in spacing), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-29', '1,5,9' or '0-9,20' (inclusive ranges) -> the sorted unique seeds; LabelFactoryError otherwise."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise LabelFactoryError(f"--seeds {text!r}: seeds must look like 0-29 or 1,5,9 (inclusive ranges)")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)

@@ -45,7 +45,7 @@ class EnsembleConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EnsembleConfig":
+    def from_dict(cls, d: dict) -> EnsembleConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -65,7 +65,11 @@ class PixelEnsemble(nn.Module):
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + m)
             w1[m], w2[m], w3[m] = _kaiming((C, H1), C, gen), _kaiming((H1, H2), H1, gen), _kaiming((H2, K), H2, gen)
         self.w1, self.w2, self.w3 = nn.Parameter(w1), nn.Parameter(w2), nn.Parameter(w3)
-        self.b1, self.b2, self.b3 = nn.Parameter(torch.zeros(M, H1)), nn.Parameter(torch.zeros(M, H2)), nn.Parameter(torch.zeros(M, K))
+        self.b1, self.b2, self.b3 = (
+            nn.Parameter(torch.zeros(M, H1)),
+            nn.Parameter(torch.zeros(M, H2)),
+            nn.Parameter(torch.zeros(M, K)),
+        )
         self.bn1, self.bn2 = nn.BatchNorm1d(M * H1), nn.BatchNorm1d(M * H2)
 
     @staticmethod
@@ -80,12 +84,12 @@ class PixelEnsemble(nn.Module):
         return torch.baddbmm(self.b3[:, None], h, self.w3)
 
     @torch.no_grad()
-    def factorized(self, coarse_to_fine: bool = False) -> "FactorizedEnsemble":
+    def factorized(self) -> FactorizedEnsemble:
         """The inference form with eval-mode BatchNorm folded into the next linear layer."""
         M, (H1, H2) = self.config.members, self.config.hidden
         w2, b2 = _fold_bn(self.bn1, self.w2, self.b2, M, H1)
         w3, b3 = _fold_bn(self.bn2, self.w3, self.b3, M, H2)
-        return FactorizedEnsemble(self.config.layout, self.w1.detach(), self.b1.detach(), w2, b2, w3, b3, coarse_to_fine)
+        return FactorizedEnsemble(self.config.layout, self.w1.detach(), self.b1.detach(), w2, b2, w3, b3)
 
 
 def _fold_bn(bn: nn.BatchNorm1d, w: torch.Tensor, b: torch.Tensor, M: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,18 +120,23 @@ class FactorizedEnsemble(nn.Module):
     weighted adds of shifted columns (each output column x = s*j + p is a fixed 2-tap blend of
     source columns j-1, j, j+1). `vote_and_uncertainty` consumes each band's logits at once, so
     the (B, M, K, R, R) logits are only built when `forward` is asked for them.
-
-    `coarse_to_fine=True` accumulates the running sum upward 2x at a time (whole image) but
-    bilinear upsamples do not compose exactly, so its numbers differ slightly from the exact form;
-    measure vote agreement before relying on it.
     """
 
     DENSE_MIN_SCALE = 8  # width pass as a matmul when R / r >= this; its cost grows with r, the phase form's with R / r
 
-    def __init__(self, layout: TapLayout, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 w3: torch.Tensor, b3: torch.Tensor, coarse_to_fine: bool = False, band_rows: int = 16):
+    def __init__(
+        self,
+        layout: TapLayout,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+        w3: torch.Tensor,
+        b3: torch.Tensor,
+        band_rows: int = 16,
+    ):
         super().__init__()
-        self.layout, self.coarse_to_fine, self.band_rows = layout, coarse_to_fine, band_rows
+        self.layout, self.band_rows = layout, band_rows
         M, _, H1 = w1.shape
         self.members, self.hidden1 = M, H1
         R = layout.image_resolution
@@ -136,7 +145,7 @@ class FactorizedEnsemble(nn.Module):
             offsets.append(offsets[-1] + c)
         self.groups = layout.groups()
         for r, idx in self.groups.items():
-            rows = torch.cat([w1[:, offsets[i]:offsets[i + 1]] for i in idx], dim=1)  # (M, C_r, H1)
+            rows = torch.cat([w1[:, offsets[i] : offsets[i + 1]] for i in idx], dim=1)  # (M, C_r, H1)
             self.register_buffer(f"w1_r{r}", rows.permute(1, 0, 2).reshape(-1, M * H1).contiguous())  # (C_r, M*H1)
             if r != R:
                 self.register_buffer(f"up_r{r}", upsample_matrix(r, R))  # (R, r)
@@ -170,9 +179,9 @@ class FactorizedEnsemble(nn.Module):
         zw = out.view(n, r, R // r, z.shape[-1])
         for p, taps in enumerate(self._phase_taps(r)):
             (k, wgt), *rest = taps
-            torch.mul(zp[:, k - 1:k - 1 + r], wgt, out=zw[:, :, p])
+            torch.mul(zp[:, k - 1 : k - 1 + r], wgt, out=zw[:, :, p])
             for k, wgt in rest:
-                zw[:, :, p].add_(zp[:, k - 1:k - 1 + r], alpha=wgt)
+                zw[:, :, p].add_(zp[:, k - 1 : k - 1 + r], alpha=wgt)
         return out
 
     def _source_rows(self, r: int, y0: int, y1: int) -> tuple[int, int]:
@@ -180,8 +189,15 @@ class FactorizedEnsemble(nn.Module):
         used = getattr(self, f"up_r{r}")[y0:y1].any(dim=0).nonzero()[:, 0]
         return int(used[0]), int(used[-1]) + 1
 
-    def _band_hidden(self, acc: torch.Tensor, x_full: torch.Tensor | None, low: dict[int, torch.Tensor],
-                     wbuf: dict[int, torch.Tensor], y0: int, y1: int) -> None:
+    def _band_hidden(
+        self,
+        acc: torch.Tensor,
+        x_full: torch.Tensor | None,
+        low: dict[int, torch.Tensor],
+        wbuf: dict[int, torch.Tensor],
+        y0: int,
+        y1: int,
+    ) -> None:
         """First-layer pre-activation of image rows y0:y1 into acc ((y1-y0)*R, M*H1).
 
         low: one image's projected maps (r, r, M*H1); wbuf: scratch (rows, R*M*H1) for their width passes.
@@ -192,11 +208,11 @@ class FactorizedEnsemble(nn.Module):
         if x_full is None:
             acc.zero_()
         else:
-            torch.mm(x_full[:, y0 * R:y1 * R].T, getattr(self, f"w1_r{R}"), out=acc)
+            torch.mm(x_full[:, y0 * R : y1 * R].T, getattr(self, f"w1_r{R}"), out=acc)
         rows = acc.view(T, -1)
         for r, z in low.items():  # height pass: each band row blends <= 2 source rows
             lo, hi = self._source_rows(r, y0, y1)
-            zw = self._width(z[lo:hi], r, wbuf[r][:hi - lo])
+            zw = self._width(z[lo:hi], r, wbuf[r][: hi - lo])
             rows.addmm_(getattr(self, f"up_r{r}")[y0:y1, lo:hi], zw)
 
     def _head(self, h: torch.Tensor, h2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -230,19 +246,23 @@ class FactorizedEnsemble(nn.Module):
         h2 = like.new_empty(self.members, P, self.w2.shape[-1])
         logits = like.new_empty(self.members, P, self.w3.shape[-1])
         bands = [(y0, min(R, y0 + self.band_rows)) for y0 in range(0, R, self.band_rows)]
-        wbuf = {r: like.new_empty(max(hi - lo for lo, hi in (self._source_rows(r, *y) for y in bands)), R * self.b1.shape[0]) for r in low}
+        wbuf = {
+            r: like.new_empty(
+                max(hi - lo for lo, hi in (self._source_rows(r, *y) for y in bands)), R * self.b1.shape[0]
+            )
+            for r in low
+        }
         for b in range(B):
             for y0, y1 in bands:
                 n = (y1 - y0) * R
-                self._band_hidden(acc[:n], None if full is None else full[b], {r: v[b] for r, v in low.items()}, wbuf, y0, y1)
+                self._band_hidden(
+                    acc[:n], None if full is None else full[b], {r: v[b] for r, v in low.items()}, wbuf, y0, y1
+                )
                 if bias_at is None:
                     acc[:n] += self.b1
                 yield b, y0, y1, self._head(acc[:n], h2[:, :n], logits[:, :n])
 
     def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        if self.coarse_to_fine:
-            self.layout.check(taps)
-            return self._coarse_to_fine(taps)
         R, B = self.layout.image_resolution, taps[0].shape[0]
         out = self.w3.new_empty(B, self.members, self.w3.shape[-1], R, R)
         for b, y0, y1, lg in self._bands(taps):
@@ -252,9 +272,6 @@ class FactorizedEnsemble(nn.Module):
     def vote_and_uncertainty(self, taps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """taps -> (majority_vote (B, R, R) int64, js_divergence (B, R, R) nats), computed band by band so the
         (B, M, K, R, R) logits are never stored; the same numbers as those functions on `forward(taps)`."""
-        if self.coarse_to_fine:
-            logits = self.forward(taps)
-            return majority_vote(logits), js_divergence(logits)
         R, B = self.layout.image_resolution, taps[0].shape[0]
         mask = torch.empty(B, R, R, dtype=torch.int64, device=self.w3.device)
         js = self.w3.new_empty(B, R, R)
@@ -263,23 +280,6 @@ class FactorizedEnsemble(nn.Module):
             mask[b, y0:y1] = majority_vote(band).view(y1 - y0, R)
             js[b, y0:y1] = js_divergence(band).view(y1 - y0, R)
         return mask, js
-
-    def _coarse_to_fine(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        R, B = self.layout.image_resolution, taps[0].shape[0]
-        up = lambda z, r: F.interpolate(z, size=(r, r), mode="bilinear", align_corners=False)  # noqa: E731
-        proj = lambda r: self._project(taps, r).reshape(B, r, r, -1).permute(0, 3, 1, 2)  # noqa: E731  channels-last
-        res = list(self.groups)
-        acc = proj(res[0])
-        for r in res[1:]:
-            acc = up(acc, r).add_(proj(r))
-        if acc.shape[-1] != R:
-            acc = up(acc, R)
-        h = acc.add_(self.b1.reshape(1, -1, 1, 1)).permute(0, 2, 3, 1).reshape(B, R * R, -1)
-        out = self.w3.new_empty(B, self.members, R * R, self.w3.shape[-1])
-        h2 = self.w3.new_empty(self.members, R * R, self.w2.shape[-1])
-        for b in range(B):
-            self._head(h[b], h2, out[b])
-        return out.transpose(2, 3).reshape(B, self.members, -1, R, R)
 
 
 def majority_vote(logits: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The trained interpreter beside its generator: latents -> (image, mask, uncertainty); its model file.
 
 Model file `<model_dir>/interpreter.pt` (kind "interpreter"): the ensemble's weights and config,
-the label names, the training config and data, and which generator it was trained on (the
-generator checkpoint's provenance time). Loading it beside another generator is refused:
-its features mean something else.
+the label names, the training config and data, and which generator it was trained on (its
+identity, `labelfactory.gan.identity`). Loading it beside another generator is refused: its
+features mean something else.
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ from pathlib import Path
 import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
-from labelfactory.errors import LabelFactoryError
+from labelfactory.errors import ModelMissing
+from labelfactory.gan.identity import generator_identity
 from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
 from labelfactory.interpreter.taps import TapLayout, generate_with_taps
 from labelfactory.interpreter.uncertainty import image_score
+from labelfactory.labels import map_of
 
 KIND = "interpreter"
-MODEL_FILE = "interpreter.pt"
-
-
-def generator_identity(G) -> str | None:
-    """The generator checkpoint's provenance time (what latent records and interpreters name), if loaded from one."""
-    info = getattr(G, "checkpoint_info", None) or {}
-    return (info.get("provenance") or {}).get("time")
+MODEL_FILE = f"{KIND}.pt"  # in a model folder, beside the generator's
 
 
 @dataclass
@@ -42,15 +38,19 @@ class Labelled:
 
 
 class Interpreter:
-    """Generator + factorized ensemble. `label(ws)` regenerates the taps and labels every pixel."""
+    """Generator + factorized ensemble. `label(ws)` regenerates the taps and labels every pixel.
 
-    def __init__(self, G, ensemble: PixelEnsemble, label_names: dict[str, int], coarse_to_fine: bool = False, identity: str | None = None):
+    identity: the interpreter model file's provenance time (what synthesized pairs record).
+    """
+
+    def __init__(self, G, ensemble: PixelEnsemble, label_names: dict[str, int], identity: str | None = None):
         if TapLayout.of(G) != ensemble.config.layout:
-            raise LabelFactoryError("the interpreter was trained on a generator with other feature taps: train interpreter again", status=409)
-        self.G, self.label_names, self.identity = G, dict(label_names), identity  # identity: the model file's provenance time
+            msg = "the interpreter was trained on a generator with other feature taps: train interpreter again"
+            raise ModelMissing(msg, model=KIND)
+        self.G, self.label_names, self.identity = G, dict(label_names), identity
         device = next(G.parameters()).device
         self.ensemble = ensemble.eval()
-        self.factorized = ensemble.factorized(coarse_to_fine).to(device)
+        self.factorized = ensemble.factorized().to(device)
 
     @torch.no_grad()
     def label(self, ws: torch.Tensor, top_fraction: float = 0.1) -> Labelled:
@@ -60,30 +60,32 @@ class Interpreter:
         return Labelled(img, mask, js, image_score(js, top_fraction))
 
 
-def save_interpreter(path: str | os.PathLike, ensemble: PixelEnsemble, label_names: dict[str, int], train_config: dict, data: dict, G) -> Path:
+def save_interpreter(
+    path: str | os.PathLike, ensemble: PixelEnsemble, label_names: dict[str, int], train_config: dict, data: dict, G
+) -> Path:
     """Atomically publish the ensemble with its config, data summary and the generator it belongs to."""
     payload = {
         "kind": KIND,
         "config": {"ensemble": ensemble.config.to_dict(), "train": train_config, "label_names": dict(label_names)},
         "data": data,
         "generator": generator_identity(G),
+        "label_map": map_of(label_names).record(),  # names, values and colours (labelfactory.labels)
         "state_dict": {k: v.detach().cpu() for k, v in ensemble.state_dict().items()},
     }
     return save_checkpoint(payload, path)
 
 
-def load_interpreter(path: str | os.PathLike, G, coarse_to_fine: bool = False) -> Interpreter:
-    """Load `interpreter.pt` for generator G; LabelFactoryError(409) if missing, corrupt or made for another generator."""
+def load_interpreter(path: str | os.PathLike, G) -> Interpreter:
+    """Load `interpreter.pt` for generator G; ModelMissing (409) if missing, corrupt or made for another generator."""
     payload = load_checkpoint(path, KIND)
-    trained_on, current = payload.get("generator"), generator_identity(G)
+    name, trained_on, current = Path(path).name, payload.get("generator"), generator_identity(G)
     if trained_on != current:
-        raise LabelFactoryError(
-            f"{Path(path).name} was trained on the generator of {trained_on}, the current one is from {current}: train interpreter again",
-            status=409,
-        )
+        msg = f"{name} was trained on the generator of {trained_on}, the current one is from {current}"
+        raise ModelMissing(f"{msg}: train interpreter again", model=KIND)
     try:
         ens = PixelEnsemble(EnsembleConfig.from_dict(payload["config"]["ensemble"]))
         ens.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise LabelFactoryError(f"{Path(path).name} does not hold a usable interpreter ({type(e).__name__}): train interpreter again", status=409) from None
-    return Interpreter(G, ens, payload["config"]["label_names"], coarse_to_fine, identity=payload["provenance"].get("time"))
+        msg = f"{name} does not hold a usable interpreter ({type(e).__name__}): train interpreter again"
+        raise ModelMissing(msg, model=KIND) from None
+    return Interpreter(G, ens, payload["config"]["label_names"], identity=payload["provenance"].get("time"))

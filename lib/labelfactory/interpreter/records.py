@@ -1,8 +1,9 @@
 """Annotated generated images as the interpreter trains on them: a latent w plus a label mask.
 
 Nothing else is kept: features are regenerated from w. Records come from a MONAI Label
-datastore (images whose info holds the "labelfactory" latent record, with a final label) or from
-a folder of masks named seed<N>.nii.gz (seed + truncation psi give w).
+datastore (images whose info holds a latent record, `labelfactory.latent_record`, with a final
+label) or from a folder of masks named seed<N>.nii.gz (seed + truncation psi give w). Mask pixels
+equal to the config's `ignore_index` (255) are unlabelled: training never draws them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.interpreter.taps import ws_from_seeds
+from labelfactory.latent_record import is_generated, latent_from_info
 
-LATENT_KEY = "labelfactory"
 SEED_NAME = re.compile(r"^seed(\d+)(\.nii\.gz|\.nii|\.seg\.nrrd|\.nrrd)$")
 
 
@@ -31,17 +32,6 @@ class LatentRecord:
     name: str
     seed: int | None = None
     truncation_psi: float | None = None
-
-
-def latent_from_info(info: dict, what: str) -> dict:
-    """The latent record {"seed", "truncation_psi", "w", "generator"} of an image's info, or a LabelFactoryError."""
-    rec = (info or {}).get(LATENT_KEY)
-    if not isinstance(rec, dict) or not isinstance(rec.get("w"), (list, tuple)) or not rec["w"]:
-        raise LabelFactoryError(
-            f"{what} has no recorded latent (no '{LATENT_KEY}.w' in its info): it is not a generated image; "
-            "get generated images from the datasetgan next-sample strategy or `labelfactory synthesize`"
-        )
-    return rec
 
 
 def check_mask(mask: np.ndarray, resolution: int, num_classes: int, ignore_index: int | None, what: str) -> np.ndarray:
@@ -59,7 +49,8 @@ def check_mask(mask: np.ndarray, resolution: int, num_classes: int, ignore_index
     if unknown:
         raise LabelFactoryError(
             f"{what}: label holds values {unknown[:10]} outside the label map (0..{num_classes - 1}"
-            + (f", ignore {ignore_index}" if ignore_index is not None else "") + "); relabel those pixels"
+            + (f", ignore {ignore_index}" if ignore_index is not None else "")
+            + "); relabel those pixels"
         )
     return mask.astype(np.int64)
 
@@ -69,7 +60,7 @@ def records_from_datastore(datastore, label_tag: str = "final") -> list[tuple[st
     out = []
     for image_id in sorted(datastore.get_labeled_images(label_tag)):
         info = datastore.get_image_info(image_id)
-        if not isinstance(info.get(LATENT_KEY), dict):
+        if not is_generated(info):
             continue
         label = datastore.get_label_by_image_id(image_id, label_tag)
         if label:
@@ -77,7 +68,9 @@ def records_from_datastore(datastore, label_tag: str = "final") -> list[tuple[st
     return out
 
 
-def load_records(G, items: list[tuple[str, dict, str]], num_classes: int, ignore_index: int | None) -> list[LatentRecord]:
+def load_records(
+    G, items: list[tuple[str, dict, str]], num_classes: int, ignore_index: int | None
+) -> list[LatentRecord]:
     """(name, latent record, label path) -> validated LatentRecords with w as the generator sees it."""
     from labelfactory.io import read_label
 
@@ -85,13 +78,17 @@ def load_records(G, items: list[tuple[str, dict, str]], num_classes: int, ignore
     for name, latent, label_path in items:
         w = torch.tensor(latent["w"], dtype=torch.float32)
         if w.numel() != G.w_dim:
-            raise LabelFactoryError(f"{name}: its recorded w has {w.numel()} values, the generator takes {G.w_dim}; it was made by another generator")
+            raise LabelFactoryError(
+                f"{name}: its recorded w has {w.numel()} values, the generator takes {G.w_dim}; it was made by another generator"
+            )
         mask = check_mask(read_label(label_path).array, G.img_resolution, num_classes, ignore_index, name)
         records.append(LatentRecord(w, mask, name, latent.get("seed"), latent.get("truncation_psi")))
     return records
 
 
-def records_from_seed_masks(G, folder: str | os.PathLike, truncation_psi: float, num_classes: int, ignore_index: int | None) -> list[LatentRecord]:
+def records_from_seed_masks(
+    G, folder: str | os.PathLike, truncation_psi: float, num_classes: int, ignore_index: int | None
+) -> list[LatentRecord]:
     """Masks named seed<N>.nii.gz (or .seg.nrrd) in `folder`; w = mapping(z(seed)) truncated by psi."""
     from labelfactory.io import read_label
     from labelfactory.labels import LABEL_NAMES
@@ -110,7 +107,15 @@ def records_from_seed_masks(G, folder: str | os.PathLike, truncation_psi: float,
         seed = int(SEED_NAME.match(p.name).group(1))
         w = ws_from_seeds(G, [seed], truncation_psi)[0, 0].cpu()
         label = read_label(p, label_names=LABEL_NAMES if p.name.endswith(".seg.nrrd") else None)
-        records.append(LatentRecord(w, check_mask(label.array, G.img_resolution, num_classes, ignore_index, p.name), p.name, seed, truncation_psi))
+        records.append(
+            LatentRecord(
+                w,
+                check_mask(label.array, G.img_resolution, num_classes, ignore_index, p.name),
+                p.name,
+                seed,
+                truncation_psi,
+            )
+        )
     return records
 
 
@@ -121,13 +126,15 @@ def records_from_datastore_folder(folder: str | os.PathLike, label_tag: str = "f
     folder = Path(folder)
     index = folder / "datastore_v2.json"
     if not index.exists():
-        raise LabelFactoryError(f"{folder}: not a MONAI Label datastore (no datastore_v2.json); start the server on it once, or pass --labels")
+        raise LabelFactoryError(
+            f"{folder}: not a MONAI Label datastore (no datastore_v2.json); start the server on it once, or pass --labels"
+        )
     ds = json.loads(index.read_text())
     out = []
     for image_id, obj in sorted(ds.get("objects", {}).items()):
         label = (obj.get("labels") or {}).get(label_tag)
         info = (obj.get("image") or {}).get("info") or {}
-        if label and isinstance(info.get(LATENT_KEY), dict):
+        if label and is_generated(info):
             path = folder / ds.get("labels_dir", "labels") / label_tag / f"{image_id}{label.get('ext', '.nii.gz')}"
             out.append((image_id, latent_from_info(info, image_id), str(path)))
     return out

@@ -24,7 +24,7 @@ class TapLayout:
     image_resolution: int
 
     @classmethod
-    def of(cls, G) -> "TapLayout":
+    def of(cls, G) -> TapLayout:
         return cls(tuple(G.tap_channels), tuple(G.tap_resolutions), int(G.img_resolution))
 
     @property
@@ -73,7 +73,9 @@ def pixel_grid(rows: torch.Tensor, cols: torch.Tensor, image_resolution: int) ->
     return torch.stack([x, y], dim=-1)[None, None]
 
 
-def sample_taps(taps: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor, image_resolution: int) -> torch.Tensor:
+def sample_taps(
+    taps: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor, image_resolution: int
+) -> torch.Tensor:
     """The upsampled, concatenated feature vector at chosen pixels only: (P, sum C_i), one image's taps (1, C_i, r, r).
 
     Bilinear with border clamping at pixel centres is exactly what F.interpolate(size=R,
@@ -81,5 +83,8 @@ def sample_taps(taps: list[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor
     features the full-image forms use, without building the (sum C_i, R, R) map.
     """
     grid = pixel_grid(rows, cols, image_resolution).to(taps[0].device)
-    cols_out = [F.grid_sample(t.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0] for t in taps]
+    cols_out = [
+        F.grid_sample(t.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0]
+        for t in taps
+    ]
     return torch.cat(cols_out, dim=0).T.contiguous()

@@ -4,8 +4,8 @@ Each step takes a few images; each member draws its own random labelled pixels f
 them, and sees the features at those pixels exactly as the full-image forms compute them
 (bilinear at pixel centres, `sample_taps`). Taps are regenerated from w and kept in memory at
 their native resolution (fp16, ~20x smaller than the upsampled map) up to a budget; beyond it
-they are regenerated every time. Cross-entropy (ignore label, optional class weights), Adam,
-early stopping on the epoch loss with the best weights kept.
+they are regenerated every time. Pixels labelled `ignore_index` are never drawn. Cross-entropy
+(optional class weights), Adam, early stopping on the epoch loss with the best weights kept.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Training knobs. pixels_per_image: per member, per image, per step."""
+    """How to train the ensemble (the one home of these defaults: CLI flags and app options derive from it)."""
 
-    members: int = 10
-    hidden: tuple[int, int] = (256, 128)
-    max_epochs: int = 30
-    patience: int = 3
+    members: int = 10  # pixel MLPs in the ensemble
+    hidden: tuple[int, int] = (256, 128)  # their hidden widths
+    max_epochs: int = 30  # at most this many epochs; early stopping may end sooner
+    patience: int = 3  # epochs without progress before stopping
     min_improvement: float = 0.01  # relative drop of the epoch loss that counts as progress
-    lr: float = 1e-3
-    pixels_per_image: int = 1024
+    lr: float = 1e-3  # Adam learning rate
+    pixels_per_image: int = 1024  # pixels each member draws from each image per step
     images_per_step: int = 2
-    ignore_index: int = 255
-    class_weights: tuple[float, ...] | None = None
-    cache_gb: float = 2.0
+    ignore_index: int = 255  # mask value of unlabelled pixels (never drawn)
+    class_weights: tuple[float, ...] | None = None  # one cross-entropy weight per class value
+    cache_gb: float = 2.0  # taps kept in memory (fp16) up to this size
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -75,10 +75,14 @@ def _draw_pixels(valid: torch.Tensor, n: int, R: int, gen: torch.Generator) -> t
     return flat // R, flat % R
 
 
-def train_ensemble(G, records: list[LatentRecord], num_classes: int, config: TrainConfig = TrainConfig(), progress: bool = True) -> tuple[PixelEnsemble, dict]:
+def train_ensemble(
+    G, records: list[LatentRecord], num_classes: int, config: TrainConfig = TrainConfig(), progress: bool = True
+) -> tuple[PixelEnsemble, dict]:
     """Fit an ensemble of `config.members` pixel MLPs. Returns (ensemble in eval mode, history)."""
     if not records:
-        raise LabelFactoryError("no annotated generated images to train on: label a few generated images first", status=409)
+        raise LabelFactoryError(
+            "no annotated generated images to train on: label a few generated images first", status=409
+        )
     layout = TapLayout.of(G)
     R, M = layout.image_resolution, config.members
     valid = [torch.from_numpy(np.flatnonzero(r.mask.reshape(-1) != config.ignore_index)) for r in records]
@@ -90,7 +94,9 @@ def train_ensemble(G, records: list[LatentRecord], num_classes: int, config: Tra
         raise LabelFactoryError(f"class weights: {len(weight)} given, the label map has {num_classes} classes")
 
     torch.manual_seed(config.seed)
-    ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, R, num_classes, M, tuple(config.hidden), config.seed))
+    ens = PixelEnsemble(
+        EnsembleConfig(layout.channels, layout.resolutions, R, num_classes, M, tuple(config.hidden), config.seed)
+    )
     opt = torch.optim.Adam(ens.parameters(), lr=config.lr)
     taps_of = TapCache(G, records, config.cache_gb * 2**30)
     gen = torch.Generator().manual_seed(config.seed)
@@ -104,7 +110,7 @@ def train_ensemble(G, records: list[LatentRecord], num_classes: int, config: Tra
         order = [usable[i] for i in torch.randperm(len(usable), generator=gen).tolist()]
         total = 0.0
         for s in range(steps):
-            batch = order[s * config.images_per_step:(s + 1) * config.images_per_step]
+            batch = order[s * config.images_per_step : (s + 1) * config.images_per_step]
             xs, ys = [], []
             for i in batch:
                 rows, cols = _draw_pixels(valid[i], M * config.pixels_per_image, R, gen)
@@ -112,7 +118,7 @@ def train_ensemble(G, records: list[LatentRecord], num_classes: int, config: Tra
                 ys.append(masks[i][rows * R + cols].reshape(M, -1))
             x, y = torch.cat(xs, 1), torch.cat(ys, 1)
             logits = ens(x)
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), weight=weight, ignore_index=config.ignore_index)
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -130,5 +136,7 @@ def train_ensemble(G, records: list[LatentRecord], num_classes: int, config: Tra
                 break
     ens.load_state_dict(best_state)
     history["best_loss"] = best
-    logger.info(f"interpreter: {len(history['epoch_loss'])} epochs, best loss {best:.4f} at epoch {history['best_epoch']}")
+    logger.info(
+        f"interpreter: {len(history['epoch_loss'])} epochs, best loss {best:.4f} at epoch {history['best_epoch']}"
+    )
     return ens.eval(), history

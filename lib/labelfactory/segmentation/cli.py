@@ -7,24 +7,38 @@ import json
 from pathlib import Path
 
 from labelfactory import distributed
+from labelfactory.options import add_arguments, from_args
 from labelfactory.segmentation.data import training_sets
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import TrainConfig, train_segmenter
 
+FLAGS = ("size", "steps", "batch_size", "lr", "val_interval", "seed")
+
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--synthetic", type=Path, help="synthetic data set folder (images/, labels/), from labelfactory synthesis")
-    p.add_argument("--studies", type=Path, help="real studies with labels/final: real training slices and validation Dice")
-    p.add_argument("--real", default=None, help="real slices to train on: 'all' (default without --synthetic), 0 (default with it), or a number (hybrid)")
-    p.add_argument("--val-patients", type=int, default=1, help="real patients held out for validation Dice when real slices are trained on (default 1)")
-    p.add_argument("--out", type=Path, required=True, help="model file to write (e.g. apps/labelfactory/model/segmentation.pt)")
-    p.add_argument("--network", default="unetpp", choices=NETWORKS)
-    p.add_argument("--size", type=int, default=256, help="slice size in pixels (default 256)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-interval", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--synthetic", type=Path, help="synthetic data set folder (images/, labels/), from labelfactory synthesis"
+    )
+    p.add_argument(
+        "--studies", type=Path, help="real studies with labels/final: real training slices and validation Dice"
+    )
+    p.add_argument(
+        "--real",
+        default=None,
+        help="real slices to train on: 'all' (default without --synthetic), 0 (default with it), or a number (hybrid)",
+    )
+    p.add_argument(
+        "--val-patients",
+        type=int,
+        default=1,
+        help="real patients held out for validation Dice when real slices are trained on (default 1)",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="model file to write (e.g. apps/labelfactory/model/segmentation.pt)"
+    )
+    d = TrainConfig()
+    p.add_argument("--network", default=d.network, choices=NETWORKS, help=f"(default: {d.network})")
+    add_arguments(p, d, FLAGS, helps={"size": "slice size in pixels"})
     p.add_argument("--log-dir", type=Path, default=None, help="TensorBoard folder (default: <out>.logs)")
 
 
@@ -34,10 +48,21 @@ def run(args: argparse.Namespace) -> int:
         real = args.real if args.real is not None else ("0" if args.synthetic else "all")
         k_real = None if real == "all" else int(real)
         train, val, info = training_sets(args.studies, args.synthetic, k_real, args.val_patients, args.size)
-        config = TrainConfig(network=args.network, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             val_interval=args.val_interval, seed=args.seed)
-        result = train_segmenter(train, val, config, out=args.out, log_dir=args.log_dir or args.out.with_suffix(".logs"), data=info)
+        config = from_args(TrainConfig(), args, ("network", *FLAGS))
+        result = train_segmenter(
+            train, val, config, out=args.out, log_dir=args.log_dir or args.out.with_suffix(".logs"), data=info
+        )
         if distributed.is_main():
-            print(json.dumps({"model": str(result.path), "best_val_dice": result.best_val_dice, "best_step": result.best_step,
-                              "steps": result.steps, "data": info}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "model": str(result.path),
+                        "best_val_dice": result.best_val_dice,
+                        "best_step": result.best_step,
+                        "steps": result.steps,
+                        "data": info,
+                    },
+                    indent=2,
+                )
+            )
     return 0

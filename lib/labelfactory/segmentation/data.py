@@ -11,8 +11,8 @@ Synthetic layout (written by labelfactory.synthesis): `<dir>/images/seed<NNNNNN>
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,13 @@ class RealSlices(Dataset):
 class SyntheticPairs(Dataset):
     """Synthetic pairs read from disk on demand (thousands fit no memory at 256^2); groups = file stems."""
 
-    def __init__(self, pairs: Sequence[tuple[Path, Path]], size: int, window: Window = Window(), label_names: dict[str, int] | None = None):
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        size: int,
+        window: Window = Window(),
+        label_names: dict[str, int] | None = None,
+    ):
         self.pairs, self.size, self.window, self.label_names = list(pairs), size, window, label_names
         self.groups = [_stem(p) for p, _ in self.pairs]
 
@@ -75,26 +81,40 @@ class PairConcat(ConcatDataset):
         self.groups = [g for d in self.datasets for g in d.groups]
 
 
-def synthetic_pairs(folder: str | os.PathLike, size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None) -> SyntheticPairs:
+def synthetic_pairs(
+    folder: str | os.PathLike, size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None
+) -> SyntheticPairs:
     """The pairs in a synthetic data-set folder, sorted by seed; LabelFactoryError when there are none."""
     folder = Path(folder)
     images, labels = folder / "images", folder / "labels"
     if not images.is_dir():
-        raise LabelFactoryError(f"{folder}: no images/ folder; synthesize a data set there first (labelfactory synthesize)")
+        raise LabelFactoryError(
+            f"{folder}: no images/ folder; synthesize a data set there first (labelfactory synthesize)"
+        )
     pairs = []
     for p in sorted(images.iterdir()):
-        if not p.name.endswith(".nii.gz") or p.name.startswith(".") or not p.is_file():  # images/ may also hold PNG previews
+        if (
+            not p.name.endswith(".nii.gz") or p.name.startswith(".") or not p.is_file()
+        ):  # images/ may also hold PNG previews
             continue
         label = labels / p.name
         if not label.exists():
-            raise LabelFactoryError(f"{folder}: image {p.name} has no labels/{p.name}; the data set is incomplete, synthesize it again")
+            raise LabelFactoryError(
+                f"{folder}: image {p.name} has no labels/{p.name}; the data set is incomplete, synthesize it again"
+            )
         pairs.append((p, label))
     if not pairs:
         raise LabelFactoryError(f"{folder}: no synthetic pairs in images/; synthesize a data set there first")
     return SyntheticPairs(pairs, size, window, label_names)
 
 
-def real_slices(studies: Sequence[Study] | str | os.PathLike, size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None, foreground_only: bool = True) -> RealSlices:
+def real_slices(
+    studies: Sequence[Study] | str | os.PathLike,
+    size: int = 256,
+    window: Window = Window(),
+    label_names: dict[str, int] | None = None,
+    foreground_only: bool = True,
+) -> RealSlices:
     """Labelled slices of real studies (a folder or a list of Study); with `foreground_only`, slices showing at least one labelled structure."""
     studies = find_studies(studies) if isinstance(studies, (str, os.PathLike)) else list(studies)
     images, masks, ids = load_labelled_slices(studies, size, window, label_names)
@@ -122,8 +142,14 @@ def _stem(path: Path) -> str:
     return path.name[: -len(suffix_of(path))]
 
 
-def training_sets(studies: str | os.PathLike | Sequence[Study] | None, synthetic_dir: str | os.PathLike | None, k_real: int | None = None,
-                  val_patients: int = 1, size: int = 256, label_names: dict[str, int] | None = None) -> tuple[Dataset, Dataset | None, dict]:
+def training_sets(
+    studies: str | os.PathLike | Sequence[Study] | None,
+    synthetic_dir: str | os.PathLike | None,
+    k_real: int | None = None,
+    val_patients: int = 1,
+    size: int = 256,
+    label_names: dict[str, int] | None = None,
+) -> tuple[Dataset, Dataset | None, dict]:
     """(training set, validation set or None, a description) for synthetic-only, real-only or hybrid training.
 
     `k_real`: real slices to train on (None: every training patient's, 0: none). Validation is the
@@ -131,10 +157,14 @@ def training_sets(studies: str | os.PathLike | Sequence[Study] | None, synthetic
     else the last `val_patients` patients by id, kept out of training when at least one other remains.
     """
     synthetic = synthetic_pairs(synthetic_dir, size, label_names=label_names) if synthetic_dir else None
-    has_labels = studies is not None and any(s.label for s in (find_studies(studies) if isinstance(studies, (str, os.PathLike)) else studies))
+    has_labels = studies is not None and any(
+        s.label for s in (find_studies(studies) if isinstance(studies, (str, os.PathLike)) else studies)
+    )
     real = real_slices(studies, size, label_names=label_names) if has_labels else None
     if synthetic is None and (real is None or k_real == 0):
-        raise LabelFactoryError("nothing to train on: give a synthetic data set, or studies with labels (labels/final) and real slices to use")
+        raise LabelFactoryError(
+            "nothing to train on: give a synthetic data set, or studies with labels (labels/final) and real slices to use"
+        )
     if real is None:
         return synthetic, None, {"synthetic": str(synthetic_dir), "synthetic_pairs": len(synthetic), "real_slices": 0}
     patients = sorted(set(real.groups))
@@ -144,9 +174,18 @@ def training_sets(studies: str | os.PathLike | Sequence[Study] | None, synthetic
         held = patients[-val_patients:] if 0 < val_patients < len(patients) else []
     train_real = PairSubset(real, [i for i, g in enumerate(real.groups) if g not in held])
     val = PairSubset(real, [i for i, g in enumerate(real.groups) if g in held]) if held else None
-    chosen = PairSubset(train_real, evenly_spaced(len(train_real), len(train_real) if k_real is None else k_real)) if k_real != 0 else None
+    chosen = (
+        PairSubset(train_real, evenly_spaced(len(train_real), len(train_real) if k_real is None else k_real))
+        if k_real != 0
+        else None
+    )
     train = PairConcat([d for d in (synthetic, chosen) if d is not None])
-    info = {"synthetic": str(synthetic_dir) if synthetic_dir else None, "synthetic_pairs": len(synthetic) if synthetic else 0,
-            "real_slices": len(chosen) if chosen else 0, "real_patients": sorted(set(chosen.groups)) if chosen else [],
-            "val_patients": sorted(held), "val_slices": len(val) if val else 0}
+    info = {
+        "synthetic": str(synthetic_dir) if synthetic_dir else None,
+        "synthetic_pairs": len(synthetic) if synthetic else 0,
+        "real_slices": len(chosen) if chosen else 0,
+        "real_patients": sorted(set(chosen.groups)) if chosen else [],
+        "val_patients": sorted(held),
+        "val_slices": len(val) if val else 0,
+    }
     return train, val, info

@@ -8,12 +8,10 @@ weights (no download) with their first convolution replaced by a 1-channel one.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
-from monai.networks.nets import UNet, BasicUNetPlusPlus
-from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101, fcn_resnet50, fcn_resnet101
+from monai.networks.nets import BasicUNetPlusPlus, UNet
+from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50
 
 from labelfactory.errors import LabelFactoryError
 
@@ -27,9 +25,11 @@ UNET_CHANNELS = (16, 32, 64, 128, 256)
 class UNetPlusPlus(nn.Module):
     """MONAI BasicUNetPlusPlus with deep supervision; train: [main, aux...] heads, eval: the main head."""
 
-    def __init__(self, n_classes: int, features: tuple[int, ...] = UNETPP_FEATURES):
+    def __init__(self, n_classes: int):
         super().__init__()
-        self.net = BasicUNetPlusPlus(spatial_dims=2, in_channels=1, out_channels=n_classes, features=features, deep_supervision=True)
+        self.net = BasicUNetPlusPlus(
+            spatial_dims=2, in_channels=1, out_channels=n_classes, features=UNETPP_FEATURES, deep_supervision=True
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         heads = self.net(x)  # [x_0_1, x_0_2, x_0_3, x_0_4]; x_0_4 is the full-depth output
@@ -48,25 +48,23 @@ class TorchvisionSegmenter(nn.Module):
         return self.model(x)["out"]
 
 
-def build_network(name: str, n_classes: int, **options: Any) -> nn.Module:
-    """A fresh network by name (see NETWORKS). Options: `features` (unetpp), `channels` (unet),
-    `backbone` ("resnet50" or "resnet101"; fcn and deeplabv3)."""
+def build_network(name: str, n_classes: int) -> nn.Module:
+    """A fresh network by name (see NETWORKS); torchvision's on a ResNet-50 backbone."""
     if name == "unetpp":
-        return UNetPlusPlus(n_classes, tuple(options.get("features", UNETPP_FEATURES)))
+        return UNetPlusPlus(n_classes)
     if name == "unet":
-        channels = tuple(options.get("channels", UNET_CHANNELS))
-        return UNet(spatial_dims=2, in_channels=1, out_channels=n_classes, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
-    if name in ("fcn", "deeplabv3"):
-        backbone = options.get("backbone", "resnet50")
-        makers = {("fcn", "resnet50"): fcn_resnet50, ("fcn", "resnet101"): fcn_resnet101,
-                  ("deeplabv3", "resnet50"): deeplabv3_resnet50, ("deeplabv3", "resnet101"): deeplabv3_resnet101}
-        if (name, backbone) not in makers:
-            raise LabelFactoryError(f"unknown backbone '{backbone}' for {name}; choose resnet50 or resnet101")
-        return TorchvisionSegmenter(makers[name, backbone](weights=None, weights_backbone=None, num_classes=n_classes, aux_loss=False))
+        strides = (2,) * (len(UNET_CHANNELS) - 1)
+        return UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=n_classes,
+            channels=UNET_CHANNELS,
+            strides=strides,
+            num_res_units=2,
+        )
+    makers = {"fcn": fcn_resnet50, "deeplabv3": deeplabv3_resnet50}
+    if name in makers:
+        return TorchvisionSegmenter(
+            makers[name](weights=None, weights_backbone=None, num_classes=n_classes, aux_loss=False)
+        )
     raise LabelFactoryError(f"unknown segmentation network '{name}'; choose one of {', '.join(NETWORKS)}")
-
-
-def network_options(name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The options of `config` that `build_network(name, ...)` reads."""
-    keys = {"unetpp": ("features",), "unet": ("channels",), "fcn": ("backbone",), "deeplabv3": ("backbone",)}.get(name, ())
-    return {k: config[k] for k in keys if config.get(k) is not None}

@@ -33,30 +33,32 @@ from torch.utils.data import DataLoader, Dataset
 from labelfactory import distributed
 from labelfactory.checkpoints import save_checkpoint
 from labelfactory.errors import LabelFactoryError
-from labelfactory.labels import LABEL_NAMES
-from labelfactory.segmentation.networks import build_network, network_options
+from labelfactory.labels import LABEL_NAMES, map_of
+from labelfactory.segmentation.networks import build_network
 
 logger = logging.getLogger(__name__)
 KIND = "segmentation"
 MODEL_FILE = f"{KIND}.pt"  # in a model folder
+SLICINGS = ("resize", "body-crop")  # TrainConfig.slicing
 
 
 @dataclass
 class TrainConfig:
-    """How to train. `steps` is rounded up to a whole number of validation rounds; sizes in pixels."""
+    """How to train (the one home of these defaults: CLI flags and app options derive from it)."""
 
-    network: str = "unetpp"
-    size: int = 256
-    steps: int = 2000
+    network: str = "unetpp"  # one of networks.NETWORKS
+    size: int = 256  # slice side in pixels
+    steps: int = 2000  # training iterations, rounded up to a whole number of validation rounds
     batch_size: int = 8
-    lr: float = 1e-3
-    val_interval: int = 200
+    lr: float = 1e-3  # Adam learning rate
+    val_interval: int = 200  # iterations between validation Dice measurements
     seed: int = 0
     label_names: dict[str, int] = field(default_factory=lambda: dict(LABEL_NAMES))
-    features: tuple[int, ...] | None = None  # unetpp widths (default networks.UNETPP_FEATURES)
-    channels: tuple[int, ...] | None = None  # unet widths
-    backbone: str | None = None  # fcn / deeplabv3: resnet50 (default) or resnet101
-    num_workers: int = 0
+    # how the training slices were made, which the infer repeats: "resize" (whole axial slices resized to size,
+    # io.volume_to_slices) or "body-crop" (size x size body-centred crops at native spacing, datasets.openkbp)
+    slicing: str = "resize"
+    window: tuple[float, float] = (0.0, 2000.0)  # (level, width) in HU of the training images (io.Window)
+    num_workers: int = 0  # DataLoader worker processes
 
     @property
     def n_classes(self) -> int:
@@ -75,29 +77,47 @@ class TrainResult:
     path: Path | None
 
 
-def train_segmenter(train_set: Dataset, val_set: Dataset | None, config: TrainConfig, out: str | os.PathLike | None = None,
-                    log_dir: str | os.PathLike | None = None, data: dict[str, Any] | None = None, device: torch.device | None = None) -> TrainResult:
+def train_segmenter(
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: TrainConfig,
+    out: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
+    data: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
     """Train `config.network` on `train_set` ({"image", "label"} items), keep the best on `val_set`, write it to `out`."""
+    if config.slicing not in SLICINGS:
+        raise LabelFactoryError(f"slicing {config.slicing!r}: expected one of {', '.join(SLICINGS)}")
     if len(train_set) < 2:
-        raise LabelFactoryError(f"only {len(train_set)} training pair(s): a segmenter needs at least 2; label or synthesize more")
+        raise LabelFactoryError(
+            f"only {len(train_set)} training pair(s): a segmenter needs at least 2; label or synthesize more"
+        )
     rank, world, auto_device = distributed.init_from_env()
     device = device or auto_device
     set_determinism(config.seed)
-    network = build_network(config.network, config.n_classes, **network_options(config.network, asdict(config))).to(device)
+    network = build_network(config.network, config.n_classes).to(device)
     model = DistributedDataParallel(network) if world > 1 else network
 
     rounds_len = min(config.val_interval, config.steps)
     rounds = math.ceil(config.steps / rounds_len)
     trainer = SupervisedTrainer(
-        device=device, max_epochs=rounds, epoch_length=rounds_len, train_data_loader=_train_loader(train_set, config, world),
-        network=model, optimizer=torch.optim.Adam(model.parameters(), config.lr), loss_function=_loss(config.network),
-        amp=device.type == "cuda", decollate=False,
+        device=device,
+        max_epochs=rounds,
+        epoch_length=rounds_len,
+        train_data_loader=_train_loader(train_set, config, world),
+        network=model,
+        optimizer=torch.optim.Adam(model.parameters(), config.lr),
+        loss_function=_loss(config.network),
+        amp=device.type == "cuda",
+        decollate=False,
     )
     history: list[dict[str, float]] = []
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     best = {"state": None, "step": 0, "dice": None}
-    payload = {"kind": KIND, "config": asdict(config), "data": data or {}}
+    label_map = map_of(config.label_names).record()  # names, values and colours (labelfactory.labels)
+    payload = {"kind": KIND, "config": asdict(config), "data": data or {}, "label_map": label_map}
 
     def save(state: dict[str, torch.Tensor], step: int, dice: float | None) -> None:
         if out is not None and distributed.is_main():
@@ -110,11 +130,17 @@ def train_segmenter(train_set: Dataset, val_set: Dataset | None, config: TrainCo
         @evaluator.on(Events.EPOCH_COMPLETED)
         def keep_best(engine) -> None:  # runs after MONAI updated best_metric
             if engine.state.best_metric_epoch == engine.state.epoch:
-                best.update(state=copy.deepcopy(network.state_dict()), step=trainer.state.iteration, dice=float(engine.state.best_metric))
+                best.update(
+                    state=copy.deepcopy(network.state_dict()),
+                    step=trainer.state.iteration,
+                    dice=float(engine.state.best_metric),
+                )
                 save(best["state"], best["step"], best["dice"])
 
         if distributed.is_main() and log_dir is not None:
-            TensorBoardStatsHandler(log_dir=str(log_dir), output_transform=lambda x: None, global_epoch_transform=lambda e: e * rounds_len).attach(evaluator)
+            TensorBoardStatsHandler(
+                log_dir=str(log_dir), output_transform=lambda x: None, global_epoch_transform=lambda e: e * rounds_len
+            ).attach(evaluator)
     else:
         evaluator = None
 
@@ -126,9 +152,13 @@ def train_segmenter(train_set: Dataset, val_set: Dataset | None, config: TrainCo
         history.append(row)
 
     if distributed.is_main():
-        StatsHandler(name=logger.name, tag_name="train_loss", output_transform=_loss_value, iteration_log=rounds_len).attach(trainer)
+        StatsHandler(
+            name=logger.name, tag_name="train_loss", output_transform=_loss_value, iteration_log=rounds_len
+        ).attach(trainer)
         if log_dir is not None:
-            TensorBoardStatsHandler(log_dir=str(log_dir), tag_name="train_loss", output_transform=_loss_value).attach(trainer)
+            TensorBoardStatsHandler(log_dir=str(log_dir), tag_name="train_loss", output_transform=_loss_value).attach(
+                trainer
+            )
     trainer.run()
     steps = trainer.state.iteration
 
@@ -137,7 +167,9 @@ def train_segmenter(train_set: Dataset, val_set: Dataset | None, config: TrainCo
         save(best["state"], steps, None)
     distributed.barrier()
     network.load_state_dict(best["state"])
-    return TrainResult(network.cpu().eval(), best["dice"], best["step"], steps, history, Path(out) if out is not None else None)
+    return TrainResult(
+        network.cpu().eval(), best["dice"], best["step"], steps, history, Path(out) if out is not None else None
+    )
 
 
 def _loss_value(output: dict[str, torch.Tensor]) -> float:
@@ -154,19 +186,29 @@ def _train_loader(train_set: Dataset, config: TrainConfig, world: int) -> DataLo
     drop_last = len(train_set) // world > config.batch_size
     if world > 1:
         sampler = DistributedSampler(train_set, shuffle=True, seed=config.seed)
-        return DataLoader(train_set, config.batch_size, sampler=sampler, drop_last=drop_last, num_workers=config.num_workers)
+        return DataLoader(
+            train_set, config.batch_size, sampler=sampler, drop_last=drop_last, num_workers=config.num_workers
+        )
     gen = torch.Generator().manual_seed(config.seed)
-    return DataLoader(train_set, config.batch_size, shuffle=True, generator=gen, drop_last=drop_last, num_workers=config.num_workers)
+    return DataLoader(
+        train_set, config.batch_size, shuffle=True, generator=gen, drop_last=drop_last, num_workers=config.num_workers
+    )
 
 
-def _evaluator(val_set: Dataset, model: nn.Module, config: TrainConfig, device: torch.device, world: int) -> SupervisedEvaluator:
+def _evaluator(
+    val_set: Dataset, model: nn.Module, config: TrainConfig, device: torch.device, world: int
+) -> SupervisedEvaluator:
     """Mean foreground Dice (MONAI MeanDice, gathered over ranks) of the argmax prediction."""
     sampler = DistributedSampler(val_set, shuffle=False, even_divisible=False) if world > 1 else None
     loader = DataLoader(val_set, config.batch_size, shuffle=False, sampler=sampler, num_workers=config.num_workers)
     c = config.n_classes
     return SupervisedEvaluator(
-        device=device, val_data_loader=loader, network=model,
+        device=device,
+        val_data_loader=loader,
+        network=model,
         postprocessing=AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=(c, c)),
-        key_val_metric={"val_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        key_val_metric={
+            "val_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))
+        },
         amp=device.type == "cuda",
     )

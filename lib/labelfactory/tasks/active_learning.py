@@ -11,8 +11,6 @@ latents, so this is a random sample that stays reproducible).
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +19,14 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from labelfactory.errors import LabelFactoryError
-from labelfactory.interpreter.labeller import Interpreter, generator_identity
-from labelfactory.interpreter.records import LATENT_KEY
+from labelfactory.errors import LabelFactoryError, ModelMissing
+from labelfactory.gan.identity import generated_to_image, generator_identity
+from labelfactory.interpreter.labeller import KIND as INTERPRETER
+from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
-from labelfactory.io import write_image
-from labelfactory.synthesis import generated_to_image, seed_name
+from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.tasks.interpreter import InterpreterModels
+from labelfactory.tasks.synthesis import add_generated_image
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +35,8 @@ def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
     """The interpreter of the served generator, or None while none is trained for it."""
     try:
         return models.interpreter()
-    except LabelFactoryError as e:
-        if e.status != 409 or "stylegan2" in str(e):
+    except ModelMissing as e:
+        if e.model != INTERPRETER:
             raise
         logger.info(f"no interpreter: {e}")
         return None
@@ -56,8 +55,10 @@ def used_seeds(datastore: Datastore) -> list[int]:
 class GeneratedUncertain(Strategy):
     """Adds the most uncertain of K new generated images to the datastore and returns its id."""
 
-    def __init__(self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = 0.7):
-        super().__init__(f"A new generated image, the most uncertain of {candidates} candidates for the interpreter (random until one is trained)")
+    def __init__(self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = TRUNCATION_PSI):
+        super().__init__(
+            f"A new generated image, the most uncertain of {candidates} candidates for the interpreter (random until one is trained)"
+        )
         self.models, self.candidates, self.truncation_psi = models, candidates, truncation_psi
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
@@ -78,12 +79,8 @@ class GeneratedUncertain(Strategy):
         with torch.no_grad():
             img = G.synthesis(ws[pick : pick + 1], noise_mode="const")
         seed = seeds[pick]
-        record = {"seed": seed, "truncation_psi": psi, "w": ws[pick, 0].tolist(), "generator": generator_identity(G)}
-        info = {LATENT_KEY: record, "uncertainty": score}
-        image_id = f"gen_{seed_name(seed)}"
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_image(generated_to_image(img), Path(tmp) / f"{image_id}.nii.gz")
-            datastore.add_image(image_id, str(path), info)
+        record = latent_record(seed, psi, ws[pick, 0].tolist(), generator_identity(G))
+        image_id = add_generated_image(datastore, generated_to_image(img), record, score)
         logger.info(f"next sample: {image_id} (of seeds {seeds[0]}..{seeds[-1]}, uncertainty {score})")
         return {"id": image_id, "seed": seed, "uncertainty": score}
 

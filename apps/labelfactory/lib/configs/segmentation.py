@@ -1,13 +1,16 @@
 """Downstream segmenter (UNet++ by default): trainer and infer `segmentation`.
 
 Conf: segmentation_synthetic (synthetic data set folder; default <app_dir>/synthetic, used when it
-exists), segmentation_network, segmentation_steps, segmentation_size.
+exists) and segmentation_<option> for each trainer option (`SegmentationTrain.options`;
+defaults: `labelfactory.segmentation.train.TrainConfig`).
 """
 
 import os
 
 from monailabel.interfaces.config import TaskConfig
 
+from labelfactory.labels import DEFAULT
+from labelfactory.options import config_overrides
 from labelfactory.segmentation.train import TrainConfig
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 
@@ -16,11 +19,12 @@ class Segmentation(TaskConfig):
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.synthetic_dir = conf.get("segmentation_synthetic") or os.path.join(os.path.dirname(model_dir), "synthetic")
-        self.defaults = TrainConfig(network=conf.get("segmentation_network", "unetpp"), steps=int(conf.get("segmentation_steps", 2000)),
-                                    size=int(conf.get("segmentation_size", 256)))
+        self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
+        base = TrainConfig(label_names=self.label_names)
+        self.defaults = config_overrides(base, conf, SegmentationTrain.options, prefix="segmentation_")
 
     def infer(self):
-        return {"segmentation": SegmentationInfer(self.model_dir)}
+        return {"segmentation": SegmentationInfer(self.model_dir, self.label_names)}
 
     def trainer(self):
         return {"segmentation": SegmentationTrain(self.model_dir, self.defaults, self.synthetic_dir)}
