@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,13 +39,8 @@ def test_trainer_publishes_model_stats_and_continues(small_store, tmp_path):
     assert [h["kimg"] for h in task.stats()["history"]] == [0.004, 0.008, 0.012]
 
 
-def test_app_config_builds_trainer(tmp_path):
-    sys.path.insert(0, str(REPO / "apps" / "labelfactory"))
-    try:
-        from lib.configs.stylegan2 import StyleGAN2
-    finally:
-        sys.path.remove(str(REPO / "apps" / "labelfactory"))
-    c = StyleGAN2()
+def test_app_config_builds_trainer(tmp_path, app_config):
+    c = app_config("stylegan2").StyleGAN2()
     c.init("stylegan2", str(tmp_path), {"stylegan2_preset": "demo", "stylegan2_resolution": "32", "stylegan2_total_kimg": "1"}, None)
     trainer = c.trainer()["stylegan2"]
     assert trainer.defaults.resolution == 32 and trainer.defaults.total_kimg == 1.0 and c.infer() == {}

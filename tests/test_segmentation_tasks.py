@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from monailabel.datastore.local import LocalDatastore
@@ -14,9 +13,6 @@ from labelfactory.segmentation.train import TrainConfig
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_infer_answers_train_first_then_segments_in_the_input_geometry(datastore_copy, tmp_path, make_pairs):
     model_dir = tmp_path / "model"
