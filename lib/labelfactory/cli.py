@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("labelfactory.evaluation.cli", "the paper's segmentation experiments (tables I, II, III-C, III): mIoU over patient-wise folds on test-G and test-R"),
     "train-gan": ("labelfactory.gan.cli", "train StyleGAN2-ADA on the CT slices of a folder of studies (torchrun for several GPUs)"),
     "import-gan": ("labelfactory.gan.import_gan", "a stylegan2-ada-pytorch G_ema as our generator file (no code run)"),
+    "openkbp-download": ("labelfactory.datasets.convert_openkbp", "download OpenKBP (head-and-neck CT, organs, PTVs) and convert it to NIfTI + cases.csv (or --from a local copy)"),
 }
 
 
