@@ -21,6 +21,7 @@ while getopts "r:n:o:" opt; do
   esac
 done
 shift $((OPTIND - 1))
+REV=$(git -C "$ROOT" rev-parse --short "$REV")  # one commit for the whole run, even if the branch moves meanwhile
 [ $# -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
 
 declare -A TESTS=(
@@ -73,7 +74,7 @@ for module in "$@"; do
     total=$(wc -l < states.txt)
     killed=$(grep -c -E ': (killed|timeout|segfault)' states.txt || true)
     {
-      echo "$module @ $(git -C "$ROOT" rev-parse --short "$REV"): $killed / $total killed" \
+      echo "$module @ $REV: $killed / $total killed" \
         "($(awk -v k="$killed" -v t="$total" 'BEGIN { printf "%.1f", t ? 100 * k / t : 0 }')%)," \
         "$([ "$EVERY" -gt 1 ] && echo "every ${EVERY}th mutant" || echo "all mutants")," \
         "tests: ${selection//\"/}"
