@@ -1,9 +1,11 @@
 """The baseline: a slice classifier trained on the same image-level labels, explained with Grad-CAM.
 
-MONAI's 2D ResNet-10 (one logit: abnormal) on the same organ crops; maps from MONAI's `GradCAM` on
-its last block ('layer4'). Grad-CAM is min-max normalised per slice, so it alone would light up
-something in every slice; the map is multiplied by the classifier's probability of 'abnormal' so
-slices it calls normal stay dark. Then gated to the organ, exactly like ClamNet's output.
+A MONAI 2D ResNet (basic blocks, one per stage, one logit: abnormal; `widths` per stage, so it can
+be sized like one ClamNet UNet++) on the same organ crops; no stride in its stem and no max-pool,
+so its last block ('layer4') keeps 1/8 of the input's side for Grad-CAM (MONAI's `GradCAM`).
+Grad-CAM is min-max normalised per slice, so it alone would light up something in every slice;
+the map is multiplied by the classifier's probability of 'abnormal' so slices it calls normal stay
+dark. Then gated to the organ, exactly like ClamNet's output.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import resnet10
+from monai.networks.nets import ResNet
 from monai.visualize import GradCAM
 from torch import nn
 
@@ -28,16 +30,27 @@ class CamConfig:
     batch: int = 8
     lr: float = 1e-3
     seed: int = 0
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the four stages (~0.3 M parameters)
 
 
-def build_classifier() -> nn.Module:
-    return resnet10(spatial_dims=2, n_input_channels=1, num_classes=1)
+def build_classifier(widths: tuple[int, ...] = CamConfig.widths) -> nn.Module:
+    return ResNet(
+        "basic",
+        [1, 1, 1, 1],
+        list(widths),
+        spatial_dims=2,
+        n_input_channels=1,
+        num_classes=1,
+        conv1_t_stride=1,
+        no_max_pool=True,
+    )
 
 
 def train_classifier(slices: WeakSlices, config: CamConfig) -> tuple[nn.Module, list[float]]:
-    """BCE on image-level labels, batches half abnormal half normal. Returns (classifier in eval mode, loss per step)."""
+    """BCE on image-level labels, batches half abnormal half normal. Returns (classifier in eval mode, loss per
+    step)."""
     torch.manual_seed(config.seed)
-    model = build_classifier()
+    model = build_classifier(config.widths)
     gen = torch.Generator().manual_seed(config.seed)
     pos, neg = torch.nonzero(slices.abnormal).flatten(), torch.nonzero(~slices.abnormal).flatten()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -45,7 +58,12 @@ def train_classifier(slices: WeakSlices, config: CamConfig) -> tuple[nn.Module, 
     history = []
     for step in range(config.steps):
         half = config.batch // 2
-        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)], neg[torch.randint(len(neg), (config.batch - half,), generator=gen)]])
+        idx = torch.cat(
+            [
+                pos[torch.randint(len(pos), (half,), generator=gen)],
+                neg[torch.randint(len(neg), (config.batch - half,), generator=gen)],
+            ]
+        )
         loss = F.binary_cross_entropy_with_logits(model(slices.x[idx])[:, 0], slices.abnormal[idx].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -41,9 +41,14 @@ from labelfactory.clamnet.pairs import SAME, PairBatch, to_view_frame
 EPS = 1e-6
 
 
-def hybrid_loss(y: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
-    """Equation (1) per slice. y, p: (B, C, H, W) in [0, 1]; mask: (B, 1, H, W) of counted pixels or None. Returns (B,)."""
-    terms = y * torch.log(p.clamp_min(eps)) + y * p / (y * y + p * p + eps)
+def hybrid_loss(
+    y: torch.Tensor, p: torch.Tensor, mask: torch.Tensor | None = None, eps: float = EPS, dice_term: bool = True
+) -> torch.Tensor:
+    """Equation (1) per slice. y, p: (B, C, H, W) in [0, 1]; mask: (B, 1, H, W) of counted pixels or None;
+    dice_term False: the cross-entropy term alone (an ablation). Returns (B,)."""
+    terms = y * torch.log(p.clamp_min(eps))
+    if dice_term:
+        terms = terms + y * p / (y * y + p * p + eps)
     if mask is None:
         mask = torch.ones_like(p[:, :1])
     n = mask.flatten(1).sum(1).clamp_min(1.0)
@@ -63,7 +68,7 @@ def label_targets(abnormal: torch.Tensor, organ: torch.Tensor, marker: torch.Ten
     return torch.cat([1.0 - y, y], dim=1)
 
 
-def _pair_loss(pa: torch.Tensor, pb: torch.Tensor, batch: PairBatch, fraction: float) -> torch.Tensor:
+def _pair_loss(pa: torch.Tensor, pb: torch.Tensor, batch: PairBatch, fraction: float, dice_term: bool) -> torch.Tensor:
     """One head's loss: pa, pb (B, 2, S, S) probabilities of networks a and b. Returns a scalar."""
     per_slice = []
     for i in range(len(pa)):
@@ -71,18 +76,34 @@ def _pair_loss(pa: torch.Tensor, pb: torch.Tensor, batch: PairBatch, fraction: f
         if int(batch.kind[i]) == SAME:
             a_in_b = to_view_frame(a, batch.views[i])
             valid = batch.valid[i : i + 1]
-            per_slice.append(hybrid_loss(b.detach(), a_in_b, valid) + hybrid_loss(a_in_b.detach(), b, valid))
+            per_slice.append(
+                hybrid_loss(b.detach(), a_in_b, valid, dice_term=dice_term)
+                + hybrid_loss(a_in_b.detach(), b, valid, dice_term=dice_term)
+            )
             continue
         losses = []
-        for p, abnormal, organ, eta in ((a, batch.abnormal_a, batch.organ_a, batch.eta_a), (b, batch.abnormal_b, batch.organ_b, batch.eta_b)):
+        for p, abnormal, organ, eta in (
+            (a, batch.abnormal_a, batch.organ_a, batch.eta_a),
+            (b, batch.abnormal_b, batch.organ_b, batch.eta_b),
+        ):
             weight = eta[i] if bool(abnormal[i]) else torch.ones(())
-            losses.append(weight * hybrid_loss(label_targets(abnormal[i : i + 1], organ[i : i + 1], p[:, MARKER:], fraction), p))
+            y = label_targets(abnormal[i : i + 1], organ[i : i + 1], p[:, MARKER:], fraction)
+            losses.append(weight * hybrid_loss(y, p, dice_term=dice_term))
         per_slice.append(losses[0] + losses[1])
     return torch.cat(per_slice).sum() / len(pa)
 
 
-def clamnet_loss(logits_a: list[torch.Tensor], logits_b: list[torch.Tensor], batch: PairBatch, fraction: float = 0.25) -> torch.Tensor:
+def clamnet_loss(
+    logits_a: list[torch.Tensor],
+    logits_b: list[torch.Tensor],
+    batch: PairBatch,
+    fraction: float = 0.25,
+    dice_term: bool = True,
+) -> torch.Tensor:
     """Total loss of a pair batch; logits_*: the heads of each network, each (B, 2, S, S); fraction:
-    the share of an abnormal slice's organ pixels taken to hold the marker. Scalar."""
-    heads = [_pair_loss(la.softmax(1), lb.softmax(1), batch, fraction) for la, lb in zip(logits_a, logits_b)]
+    the share of an abnormal slice's organ pixels taken to hold the marker; dice_term: see hybrid_loss. Scalar."""
+    heads = [
+        _pair_loss(la.softmax(1), lb.softmax(1), batch, fraction, dice_term)
+        for la, lb in zip(logits_a, logits_b, strict=True)
+    ]
     return torch.stack(heads).mean()

@@ -28,8 +28,9 @@ class ClamNetConfig:
     """size: crop side (px); features: BasicUNetPlusPlus's six widths; head: UNet++ depth used at
     inference (1-4, <4 needs deep_supervision); eta: loss weight of abnormal slices without one in
     the CSV; marker_fraction: share of an abnormal slice's organ pixels taken to hold the marker (see
-    loss.py); mix: relative frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width)
-    in HU; margin_mm: organ crop margin; threshold: marker probability at which a pixel is in the mask."""
+    loss.py); dice_term: keep equation (1)'s Dice-like term (False: cross-entropy only); mix: relative
+    frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width) in HU; margin_mm: organ crop
+    margin; threshold: marker probability at which a pixel is in the mask."""
 
     size: int = 256
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
@@ -40,6 +41,7 @@ class ClamNetConfig:
     lr: float = 1e-3
     eta: float = 0.5
     marker_fraction: float = 0.25
+    dice_term: bool = True
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
     organ: str = "aorta"
@@ -52,7 +54,7 @@ class ClamNetConfig:
         return Window(*self.window)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClamNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ClamNetConfig:
         d = dict(d)
         for k in ("features", "mix", "window"):
             if k in d:
@@ -64,7 +66,9 @@ def build_pair(config: ClamNetConfig) -> ClamNetPair:
     return ClamNetPair(config.features, config.deep_supervision, config.head)
 
 
-def train_clamnet(slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[int, float], None] | None = None) -> tuple[ClamNetPair, list[float]]:
+def train_clamnet(
+    slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[int, float], None] | None = None
+) -> tuple[ClamNetPair, list[float]]:
     """Adam on both UNet++ for `config.steps` pair batches. Returns the pair (eval mode) and the loss per step."""
     torch.manual_seed(config.seed)
     pair = build_pair(config)
@@ -76,7 +80,7 @@ def train_clamnet(slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[
     t0 = time.time()
     for step in range(config.steps):
         batch = sampler.sample(config.batch, gen)
-        loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch, config.marker_fraction)
+        loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch, config.marker_fraction, config.dice_term)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -88,9 +92,18 @@ def train_clamnet(slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[
     return pair.eval(), history
 
 
-def save_clamnet(pair: ClamNetPair, config: ClamNetConfig, data: dict[str, Any], path: str | os.PathLike, history: list[float] | None = None) -> None:
+def save_clamnet(
+    pair: ClamNetPair,
+    config: ClamNetConfig,
+    data: dict[str, Any],
+    path: str | os.PathLike,
+    history: list[float] | None = None,
+) -> None:
     """Atomic checkpoint: kind 'clamnet', config, data description, both networks' weights, loss history."""
-    save_checkpoint({"kind": KIND, "config": asdict(config), "data": data, "state": pair.state_dict(), "history": history or []}, path)
+    save_checkpoint(
+        {"kind": KIND, "config": asdict(config), "data": data, "state": pair.state_dict(), "history": history or []},
+        path,
+    )
 
 
 def load_clamnet(path: str | os.PathLike) -> tuple[ClamNetPair, ClamNetConfig]:

@@ -1,0 +1,75 @@
+"""OpenKBP head-and-neck CT as a weak-segmentation task for ClamNet (see `labelfactory.datasets.openkbp`).
+
+Image-level label of an axial slice: abnormal if it holds PTV70 (the 70 Gy planning target
+volume), normal otherwise; normal and abnormal slices come from the same patients and scans.
+Pixel truth, for evaluation only: the PTV70 mask. A PTV is tumour plus a margin, not a lesion
+outline. Organ crop (ClamNet section 3.2): the body (`labelfactory.clamnet.body`), the one region
+segmentable on every patient here: the organ labels miss the target's tissue (PTV70 surrounds
+oropharynx, larynx and neck nodes) and are not contoured in every patient. eta from the slice
+labels: `ramp_eta` over each patient's z axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from labelfactory.clamnet.body import body_mask
+from labelfactory.clamnet.crop import crop_mask, crop_slices, oriented_to_file_slice
+from labelfactory.clamnet.data import WeakSlices
+from labelfactory.clamnet.image_labels import ramp_eta
+from labelfactory.datasets.openkbp import PTV70, WINDOW, Case
+from labelfactory.io import read_image, read_label
+
+
+@dataclass(frozen=True)
+class WeakTask:
+    """size: crop side (px); margin_mm: crop margin around the body; ramp_mm, eta_floor: see `ramp_eta`."""
+
+    size: int = 64
+    margin_mm: float = 5.0
+    ramp_mm: float = 10.0
+    eta_floor: float = 0.2
+
+
+def load_case_slices(case: Case, task: WeakTask = WeakTask()) -> WeakSlices:
+    """One patient -> body crops of every slice with body, PTV70 truth on the crops, labels and eta per slice."""
+    image = read_image(case.ct)
+    crops = crop_slices(image, body_mask(image), task.size, task.margin_mm, WINDOW)
+    ptv = read_label(case.ptv, image)
+    target = ptv.with_array((ptv.array == PTV70).astype(np.uint8))
+    file_slice = torch.from_numpy(oriented_to_file_slice(image))[crops.slices]
+    abnormal_z = target.array.reshape(len(target.array), -1).any(1)  # (D,) along the file's slice axis
+    eta_z = ramp_eta(abnormal_z, case.spacing_mm[2], task.ramp_mm, task.eta_floor)
+    n = len(crops.x)
+    return WeakSlices(
+        x=crops.x,
+        organ=crops.organ,
+        truth=crop_mask(target, crops),
+        has_truth=torch.ones(n, dtype=torch.bool),
+        abnormal=torch.from_numpy(abnormal_z)[file_slice],
+        eta=torch.from_numpy(eta_z)[file_slice],
+        study=[case.name] * n,
+        file_slice=file_slice,
+    )
+
+
+def load_weak_task(cases: list[Case], task: WeakTask = WeakTask()) -> WeakSlices:
+    """Every case's slices, concatenated (study = case name)."""
+    return concat([load_case_slices(c, task) for c in cases])
+
+
+def concat(parts: list[WeakSlices]) -> WeakSlices:
+    """WeakSlices one after the other."""
+    return WeakSlices(
+        x=torch.cat([p.x for p in parts]),
+        organ=torch.cat([p.organ for p in parts]),
+        truth=torch.cat([p.truth for p in parts]),
+        has_truth=torch.cat([p.has_truth for p in parts]),
+        abnormal=torch.cat([p.abnormal for p in parts]),
+        eta=torch.cat([p.eta for p in parts]),
+        study=[s for p in parts for s in p.study],
+        file_slice=torch.cat([p.file_slice for p in parts]),
+    )
