@@ -27,9 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import EnsembleConfig, LatentRecord, PixelEnsemble, TapLayout, TrainConfig, generate_with_taps, train_ensemble, ws_from_seeds
+from labelfactory.interpreter import (
+    EnsembleConfig,
+    LatentRecord,
+    PixelEnsemble,
+    TapLayout,
+    TrainConfig,
+    generate_with_taps,
+    train_ensemble,
+    ws_from_seeds,
+)
 from labelfactory.interpreter.ensemble import majority_vote
 from labelfactory.interpreter.uncertainty import image_score, js_divergence
+from labelfactory.jsonio import write_json_atomic
 
 K = 9
 
@@ -51,14 +61,27 @@ def part_train(args) -> dict:
         ws = ws_from_seeds(G, [s], 0.7)
         img, _ = generate_with_taps(G, ws)
         q = torch.quantile(img[0, 0].flatten(), torch.tensor([0.25, 0.5, 0.75]))
-        records.append(LatentRecord(ws[0, 0], torch.bucketize(img[0, 0], q).numpy().astype(np.int64), f"seed{s}", s, 0.7))
+        records.append(
+            LatentRecord(ws[0, 0], torch.bucketize(img[0, 0], q).numpy().astype(np.int64), f"seed{s}", s, 0.7)
+        )
     cfg = TrainConfig(max_epochs=args.max_epochs)
     t0 = time.perf_counter()
     _, history = train_ensemble(G, records, K, cfg, progress=False)
     secs = time.perf_counter() - t0
-    return {"part": "train", "images": 30, "resolution": 256, "members": cfg.members, "hidden": list(cfg.hidden), "seconds": round(secs, 1),
-            "epochs": len(history["epoch_loss"]), "seconds_per_epoch": round(secs / len(history["epoch_loss"]), 1),
-            "first_loss": history["epoch_loss"][0], "best_loss": history["best_loss"], "stopped_early": history["stopped_early"], "peak_rss_gb": round(peak_rss_gb(), 2)}
+    return {
+        "part": "train",
+        "images": 30,
+        "resolution": 256,
+        "members": cfg.members,
+        "hidden": list(cfg.hidden),
+        "seconds": round(secs, 1),
+        "epochs": len(history["epoch_loss"]),
+        "seconds_per_epoch": round(secs / len(history["epoch_loss"]), 1),
+        "first_loss": history["epoch_loss"][0],
+        "best_loss": history["best_loss"],
+        "stopped_early": history["stopped_early"],
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
 
 
 def random_ensemble(G) -> PixelEnsemble:
@@ -77,19 +100,25 @@ def naive_logits(ens: PixelEnsemble, taps: list[torch.Tensor]) -> torch.Tensor:
     """Upsample every tap, concatenate (C_total, R*R), first layer for all members in one matmul, BN unfolded."""
     R = ens.config.image_resolution
     M, (H1, H2) = ens.config.members, ens.config.hidden
-    x = torch.cat([F.interpolate(t, size=(R, R), mode="bilinear", align_corners=False) for t in taps], 1).reshape(-1, R * R)
+    x = torch.cat([F.interpolate(t, size=(R, R), mode="bilinear", align_corners=False) for t in taps], 1).reshape(
+        -1, R * R
+    )
     h = torch.relu(ens.w1.permute(0, 2, 1).reshape(M * H1, -1) @ x + ens.b1.reshape(-1, 1))
     del x
-    h = F.batch_norm(h.T, ens.bn1.running_mean, ens.bn1.running_var, ens.bn1.weight, ens.bn1.bias, False, 0.0, ens.bn1.eps).T.reshape(M, H1, -1)
+    h = F.batch_norm(
+        h.T, ens.bn1.running_mean, ens.bn1.running_var, ens.bn1.weight, ens.bn1.bias, False, 0.0, ens.bn1.eps
+    ).T.reshape(M, H1, -1)
     h = torch.relu(torch.bmm(ens.w2.transpose(1, 2), h) + ens.b2[:, :, None]).reshape(M * H2, -1)
-    h = F.batch_norm(h.T, ens.bn2.running_mean, ens.bn2.running_var, ens.bn2.weight, ens.bn2.bias, False, 0.0, ens.bn2.eps).T.reshape(M, H2, -1)
+    h = F.batch_norm(
+        h.T, ens.bn2.running_mean, ens.bn2.running_var, ens.bn2.weight, ens.bn2.bias, False, 0.0, ens.bn2.eps
+    ).T.reshape(M, H2, -1)
     return (torch.bmm(ens.w3.transpose(1, 2), h) + ens.b3[:, :, None]).reshape(1, M, K, R, R)
 
 
 def part_synth(args, mode: str) -> dict:
     G, ens = default_generator(), None
     ens = random_ensemble(G)
-    forms = {"factorized": ens.factorized(), "coarse_to_fine": ens.factorized(coarse_to_fine=True), "naive": lambda taps: naive_logits(ens, taps)}
+    forms = {"factorized": ens.factorized(), "naive": lambda taps: naive_logits(ens, taps)}
     run = forms[mode]
     ws = ws_from_seeds(G, [123], 0.7)
 
@@ -115,7 +144,12 @@ def part_synth(args, mode: str) -> dict:
         gen_s = time.perf_counter() - t0
         logits = run(taps)  # untimed, for the logit agreement check
     torch.save({"logits": logits, "vote": vote}, f"{args.tmp}/{mode}.pt")
-    return {"part": f"synth-{mode}", "seconds": round(float(np.median(times)), 3), "generator_seconds": round(gen_s, 3), "peak_rss_gb": round(peak_rss_gb(), 2)}
+    return {
+        "part": f"synth-{mode}",
+        "seconds": round(float(np.median(times)), 3),
+        "generator_seconds": round(gen_s, 3),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
 
 
 def main() -> None:
@@ -131,27 +165,41 @@ def main() -> None:
         res = part_train(args) if args.child == "train" else part_synth(args, args.child)
         print(json.dumps(res))
         return
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
-    children = (["train"] if "train" in args.parts else []) + (["factorized", "naive", "coarse_to_fine"] if "synth" in args.parts else [])
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    }
+    children = (["train"] if "train" in args.parts else []) + (["factorized", "naive"] if "synth" in args.parts else [])
     for child in children:
-        cmd = [sys.executable, __file__, "--child", child, "--max-epochs", str(args.max_epochs), "--repeats", str(args.repeats), "--tmp", args.tmp]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            child,
+            "--max-epochs",
+            str(args.max_epochs),
+            "--repeats",
+            str(args.repeats),
+            "--tmp",
+            args.tmp,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[child] = json.loads(out)
         print(json.dumps(results[child]), flush=True)
     if "synth" in args.parts:
-        a, b, c = (torch.load(f"{args.tmp}/{m}.pt") for m in ("factorized", "naive", "coarse_to_fine"))
+        a, b = (torch.load(f"{args.tmp}/{m}.pt") for m in ("factorized", "naive"))
         results["agreement"] = {
             "factorized_vs_naive_max_abs_logit_diff": float((a["logits"].float() - b["logits"].float()).abs().max()),
             "logit_scale": float(b["logits"].float().abs().max()),
             "factorized_vs_naive_vote_agreement": float((a["vote"] == b["vote"]).float().mean()),
-            "coarse_to_fine_vs_exact_vote_agreement": float((c["vote"] == a["vote"]).float().mean()),
             "speedup_factorized": round(results["naive"]["seconds"] / results["factorized"]["seconds"], 2),
-            "speedup_coarse_to_fine": round(results["naive"]["seconds"] / results["coarse_to_fine"]["seconds"], 2),
         }
         print(json.dumps(results["agreement"]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json_atomic(results, args.out)
 
 
 if __name__ == "__main__":

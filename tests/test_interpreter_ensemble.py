@@ -24,7 +24,7 @@ def naive_logits(ens: PixelEnsemble, taps: list[torch.Tensor]) -> torch.Tensor:
     out = []
     for m in range(M):
 
-        def bn(h, bn_mod, H):
+        def bn(h, bn_mod, H, m=m):
             sl = slice(m * H, (m + 1) * H)
             return F.batch_norm(
                 h,
@@ -141,7 +141,7 @@ def test_factorized_bands_need_not_divide_the_image(setup):
 def test_factorized_matches_naive_on_other_layouts(channels, resolutions, R):
     """All taps at image size (bias path), odd scales (a 1-tap phase), a 1-pixel tap, scale 3 next to 9."""
     g = torch.Generator().manual_seed(3)
-    taps = [torch.randn(2, c, r, r, generator=g) for c, r in zip(channels, resolutions)]
+    taps = [torch.randn(2, c, r, r, generator=g) for c, r in zip(channels, resolutions, strict=True)]
     ens = randomized_bn(
         PixelEnsemble(EnsembleConfig(channels, resolutions, R, num_classes=3, members=3, hidden=(6, 4)))
     )

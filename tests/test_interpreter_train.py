@@ -43,7 +43,8 @@ def threshold_records(G, seeds, psi=0.8):
     ws = ws_from_seeds(G, seeds, psi)
     img, _ = generate_with_taps(G, ws)
     return [
-        LatentRecord(w[0], (im[0] > 0).numpy().astype(np.int64), f"seed{s}", s, psi) for s, w, im in zip(seeds, ws, img)
+        LatentRecord(w[0], (im[0] > 0).numpy().astype(np.int64), f"seed{s}", s, psi)
+        for s, w, im in zip(seeds, ws, img, strict=True)
     ]
 
 
@@ -75,7 +76,7 @@ def test_training_is_deterministic(trained):
     cfg = TrainConfig(members=2, hidden=(8, 8), max_epochs=2, pixels_per_image=64)
     a, _ = train_ensemble(G, records[:3], K, cfg, progress=False)
     b, _ = train_ensemble(G, records[:3], K, cfg, progress=False)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_ignored_pixels_teach_nothing(trained):

@@ -1,4 +1,4 @@
-"""Downstream segmenter: pair data sets, the four networks, MONAI training with validation, inference geometry, CLI and MONAI Label adapters."""
+"""Downstream segmenter: pair data sets, the four networks, MONAI training with validation, inference geometry, CLI."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_training_is_deterministic_and_learns(pairs_dir):
     ds = synthetic_pairs(pairs_dir, SIZE)
     a = train_segmenter(ds, None, tiny("unet", steps=30, val_interval=30))
     b = train_segmenter(ds, None, tiny("unet", steps=30, val_interval=30))
-    for p, q in zip(a.network.state_dict().values(), b.network.state_dict().values()):
+    for p, q in zip(a.network.state_dict().values(), b.network.state_dict().values(), strict=True):
         assert torch.equal(p, q)
     first = train_segmenter(ds, None, tiny("unet", steps=2, val_interval=2)).history[-1]["loss"]
     assert a.history[-1]["loss"] < first

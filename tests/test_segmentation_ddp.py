@@ -1,4 +1,4 @@
-"""`labelfactory train-segmentation` under torchrun: two gloo workers on CPU train one model (DDP) and rank 0 writes it."""
+"""`labelfactory train-segmentation` under torchrun: two gloo workers on CPU train one model (DDP), rank 0 writes it."""
 
 from __future__ import annotations
 

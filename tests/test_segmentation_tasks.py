@@ -1,4 +1,4 @@
-"""MONAI Label adapters `segmentation` (trainer and infer) called directly over a local datastore, and the app config."""
+"""MONAI Label adapters `segmentation` (trainer and infer) called directly over a local datastore; the app config."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from labelfactory.segmentation.train import TrainConfig
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_infer_answers_train_first_then_segments_in_the_input_geometry(datastore_copy, tmp_path, make_pairs):
     model_dir = tmp_path / "model"

@@ -63,7 +63,7 @@ def run_loop(
     train_params: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. One record per round."""
+    """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. A record a round."""
     client = MONAILabelClient(server)
     records = []
     with tempfile.TemporaryDirectory() as tmp:

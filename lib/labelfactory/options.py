@@ -69,7 +69,7 @@ def add_arguments(
     helps: dict[str, str] | None = None,
     aliases: dict[str, str] | None = None,
 ) -> None:
-    """A flag `--the-name` (or `aliases[name]`) per field, typed and defaulted from `defaults` (bool: `--x` / `--no-x`)."""
+    """A flag `--the-name` (or `aliases[name]`) per field, typed and defaulted from `defaults` (bool: --x/--no-x)."""
     helps, aliases = helps or {}, aliases or {}
     for n in names:
         typ, default, flag = (

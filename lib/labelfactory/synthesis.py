@@ -59,7 +59,8 @@ def synthesize(
     preview_pairs: int = 8,
     progress: bool = True,
 ) -> SynthesisResult:
-    """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction, write manifest and preview.
+    """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction,
+    write manifest and preview.
 
     Each seed is generated on its own (batching changes float rounding), so a pair depends only on
     its seed, psi and the models, however runs are split or resumed.
@@ -77,7 +78,8 @@ def synthesize(
     for rec in done.values():
         if any(rec.get(k) != v for k, v in origin.items()):
             raise LabelFactoryError(
-                f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); write to a new folder"
+                f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); "
+                "write to a new folder"
             )
     todo = [s for s in dict.fromkeys(int(s) for s in seeds) if s not in done]
     names = sorted(interpreter.label_names, key=interpreter.label_names.get)
@@ -229,7 +231,7 @@ def _write_preview(path: Path, out: Path, seeds: list[int], label_names: dict[st
         img = read_image(out / "images" / f"{n}.nii.gz").array
         mask = read_image(out / "labels" / f"{n}.nii.gz").array.astype(int)
         unc = read_image(out / "uncertainty" / f"{n}.nii.gz").array
-        for i, (a, title) in enumerate(zip(axes[:, j], (n, "mask", "uncertainty"))):
+        for i, (a, title) in enumerate(zip(axes[:, j], (n, "mask", "uncertainty"), strict=True)):
             a.imshow(img, cmap="gray", vmin=window.low, vmax=window.high) if i < 2 else a.imshow(
                 unc, cmap="magma", vmin=0
             )

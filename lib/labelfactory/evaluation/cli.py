@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.experiments import PAPER_SEGMENTERS, TABLES, Settings, run_experiments, synthetic_fid
 from labelfactory.evaluation.report import write_report
@@ -14,15 +15,13 @@ from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import TrainConfig
 
 logger = logging.getLogger(__name__)
-DEFAULT_STUDIES = Path(__file__).resolve().parents[3] / "sample-data" / "datastore"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--studies",
         type=Path,
-        default=DEFAULT_STUDIES,
-        help="real studies with labels/final (test-R, real and hybrid training)",
+        help=f"real studies with labels/final (test-R, real and hybrid training); checkout default: {SAMPLE_STUDIES}",
     )
     p.add_argument(
         "--synthetic", type=Path, help="synthetic data set folder (images/, labels/) for tables I, III-C and III"
@@ -97,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not tables:
         raise LabelFactoryError("nothing to evaluate: pass --synthetic DIR and/or --annotated K=DIR")
-    real = real_slices(args.studies, args.size)
+    studies = args.studies or checkout_default(SAMPLE_STUDIES, "--studies")
+    real = real_slices(studies, args.size)
     settings = Settings(
         folds=args.folds,
         test_size=args.test_size,
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     )
     results["note"] = args.note
     results["data"].update(
-        studies=str(args.studies), synthetic=str(args.synthetic) if args.synthetic else None, annotated=folders
+        studies=str(studies), synthetic=str(args.synthetic) if args.synthetic else None, annotated=folders
     )
     for what, path in write_report(results, args.out).items():
         print(f"{what}: {path}")

@@ -129,7 +129,7 @@ class Experiments:
         return self._done[cache_key]
 
     def row(self, table: str, name: str, network: str, key: tuple, make_train, synthetic: Dataset) -> dict:
-        """One table row: train per fold on `make_train(fold, synthetic_pool, real_split)`; test on test-G and test-R."""
+        """One table row: train per fold on `make_train(fold, synthetic_pool, real_split)`; test on test-G, test-R."""
         per_fold = []
         n_train = []
         for f in range(self.settings.folds):
@@ -181,7 +181,8 @@ def synthetic_size_vs_miou(ex: Experiments, synthetic: Dataset, sizes: Sequence[
     too_big = [n for n in sizes if n > pool]
     if too_big:
         raise LabelFactoryError(
-            f"synthetic set sizes {too_big} exceed the {pool} training pairs each fold has; synthesize more pairs or pass smaller sizes"
+            f"synthetic set sizes {too_big} exceed the {pool} training pairs each fold has; "
+            "synthesize more pairs or pass smaller sizes"
         )
     return [
         ex.row(
@@ -199,7 +200,8 @@ def synthetic_size_vs_miou(ex: Experiments, synthetic: Dataset, sizes: Sequence[
 def annotations_vs_miou(
     ex: Experiments, synthetic_by_annotations: dict[int, Dataset], n_train: int | None = None
 ) -> list[dict]:
-    """Table II: one synthetic set per number of annotated images (interpreter training); the baseline on `n_train` pairs of each."""
+    """Table II: one synthetic set per number of annotated images (interpreter training); the baseline on
+    `n_train` pairs of each."""
     rows = []
     for k, synthetic in sorted(synthetic_by_annotations.items()):
         n = min(n_train or ex.pool_size(synthetic), ex.pool_size(synthetic))
@@ -217,7 +219,7 @@ def annotations_vs_miou(
 
 
 def synthetic_real_hybrid(ex: Experiments, synthetic: Dataset, k_real: int, n_train: int | None = None) -> list[dict]:
-    """Section III-C: the baseline on synthetic pairs only, on real slices only, and on synthetic + `k_real` real slices."""
+    """Section III-C: the baseline on synthetic pairs only, on real slices only, and on synthetic + `k_real` real."""
     n = min(n_train or ex.pool_size(synthetic), ex.pool_size(synthetic))
     b = ex.settings.baseline
     return [
@@ -310,13 +312,14 @@ def run_experiments(
 
 
 def synthetic_fid(synthetic: Dataset, real: Dataset, weights: str | None = None, n_images: int = 1000) -> float | None:
-    """FID (pytorch-fid Inception) of up to `n_images` synthetic images against as many real slices; None without weights."""
+    """FID (pytorch-fid Inception) of up to `n_images` synthetic images against as many real slices; None unweighted."""
     from labelfactory.evaluation.fid import find_fid_weights, frechet_distance, inception_features, load_inception
 
     found = find_fid_weights(weights)
     if found is None:
         logger.warning(
-            "FID skipped: no Inception weights (pass --fid-weights, set LABELFACTORY_FID_WEIGHTS, or run `python -m labelfactory.evaluation.fid_weights`)"
+            "FID skipped: no Inception weights (pass --fid-weights, set LABELFACTORY_FID_WEIGHTS, "
+            "or run `python -m labelfactory.evaluation.fid_weights`)"
         )
         return None
     model = load_inception(found)

@@ -38,7 +38,7 @@ def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu
     """pytorch-fid's InceptionV3 (2048-d pool3 output) with its weights read from `weights`, never the network."""
     from pytorch_fid import inception
 
-    def _local(url, *args, **kwargs):
+    def _local(*_args, **_kwargs):  # stands in for load_state_dict_from_url(url, ...)
         return torch.load(weights, map_location="cpu", weights_only=True)
 
     with mock.patch.object(inception, "load_state_dict_from_url", _local):
@@ -90,7 +90,8 @@ class FIDEvaluator:
         found = find_fid_weights(weights)
         if found is None:
             logger.warning(
-                "FID skipped: no Inception weights at %s (run `python -m labelfactory.evaluation.fid_weights` or set LABELFACTORY_FID_WEIGHTS)",
+                "FID skipped: no Inception weights at %s "
+                "(run `python -m labelfactory.evaluation.fid_weights` or set LABELFACTORY_FID_WEIGHTS)",
                 weights or fid_weights_cache_path(),
             )
             return None

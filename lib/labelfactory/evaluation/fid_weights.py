@@ -48,7 +48,7 @@ def convert(torchscript_path: str | Path) -> dict[str, torch.Tensor]:
             f"{len(prefixes_src)} convolutions in the TorchScript, {len(prefixes_dst)} in pytorch-fid's Inception"
         )
     out = {}
-    for s, d in zip(prefixes_src, prefixes_dst):
+    for s, d in zip(prefixes_src, prefixes_dst, strict=True):
         w = src[f"{s}.weight"]
         if w.shape != target[f"{d}.conv.weight"].shape:
             raise ValueError(f"shape mismatch: {s} {tuple(w.shape)} vs {d} {tuple(target[f'{d}.conv.weight'].shape)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 -- after matplotlib.use: the backend is chosen before pyplot loads
+
+from labelfactory.jsonio import write_json_atomic  # noqa: E402 -- kept with the other imports of this block
 
 TITLES = {
     "I": "Table I: synthetic training set size vs mIoU",
@@ -25,7 +26,7 @@ def write_report(results: dict, out: str | os.PathLike) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    paths["json"].write_text(json.dumps(results, indent=2, allow_nan=True))
+    write_json_atomic(results, paths["json"], indent=2)
     paths["markdown"].write_text(markdown(results))
     for table, rows in results["tables"].items():
         paths[f"plot {table}"] = plot_table(table, rows, out / f"table_{table}.png")
@@ -55,7 +56,8 @@ def markdown(results: dict) -> str:
             n = sorted(set(r["train_items"]))
             lines.append(
                 f"| {r['row']} | {r['network']} | {'-'.join(map(str, [n[0], n[-1]] if len(n) > 1 else n))} | "
-                f"{fmt(r['test_G']['miou'], r['test_G']['miou_std'])} | {fmt(r['test_R']['miou'], r['test_R']['miou_std'])} | "
+                f"{fmt(r['test_G']['miou'], r['test_G']['miou_std'])} | "
+                f"{fmt(r['test_R']['miou'], r['test_R']['miou_std'])} | "
                 f"{fmt(r['test_R']['mean_dice'], r['test_R']['mean_dice_std'])} |"
             )
         lines.append("")

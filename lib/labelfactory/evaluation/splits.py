@@ -16,7 +16,8 @@ def group_folds(groups: Sequence[str], n_folds: int, seed: int = 0) -> list[list
     unique = sorted(set(groups))
     if len(unique) < n_folds:
         raise LabelFactoryError(
-            f"{len(unique)} patient(s) cannot make {n_folds} patient-wise folds; pass fewer folds (at most {len(unique)}) or add labelled studies"
+            f"{len(unique)} patient(s) cannot make {n_folds} patient-wise folds; "
+            f"pass fewer folds (at most {len(unique)}) or add labelled studies"
         )
     rng = np.random.default_rng(seed)
     order = [unique[i] for i in rng.permutation(len(unique))]

@@ -7,17 +7,17 @@ import json
 import logging
 from pathlib import Path
 
+from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
 from labelfactory.gan.config import PRESETS, preset
 from labelfactory.gan.data import load_training_slices, openkbp_training_slices, real_image_paths
 from labelfactory.gan.training import train
 
 logger = logging.getLogger(__name__)
-DEFAULT_STUDIES = Path(__file__).resolve().parents[3] / "sample-data" / "datastore"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--studies", type=Path, default=DEFAULT_STUDIES, help="folder of CT images (MONAI Label datastore layout); default: the sample data")
+    parser.add_argument("--studies", type=Path, help=f"folder of CT images (MONAI Label datastore layout); default in a checkout: {SAMPLE_STUDIES}")
     parser.add_argument("--openkbp", type=Path, default=None,
                         help="train on an OpenKBP folder's body-centred crops instead of --studies (see labelfactory.datasets.openkbp)")
     parser.add_argument("--split", default="train", help="with --openkbp: the split to train on")
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         if args.openkbp is not None:
             images, data_info = openkbp_training_slices(args.openkbp, args.split, cfg.resolution)
         else:
-            paths = real_image_paths(args.studies)
+            paths = real_image_paths(args.studies or checkout_default(SAMPLE_STUDIES, "--studies"))
             images = load_training_slices(paths, cfg.resolution)
             data_info = {"images": [p.name for p in paths], "slices": len(images)}
         logger.info("training StyleGAN2-ADA at %d^2 on %d slices for %g kimg", cfg.resolution, len(images), cfg.total_kimg)

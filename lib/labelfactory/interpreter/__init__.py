@@ -1,4 +1,4 @@
-"""DatasetGAN's style interpreter: generator feature taps, a factorized pixel-classifier ensemble, uncertainty, training."""
+"""DatasetGAN's style interpreter: generator feature taps, a factorized pixel-classifier ensemble, uncertainty."""
 
 from labelfactory.interpreter.ensemble import EnsembleConfig, FactorizedEnsemble, PixelEnsemble, majority_vote
 from labelfactory.interpreter.labeller import MODEL_FILE, Interpreter, Labelled, load_interpreter, save_interpreter

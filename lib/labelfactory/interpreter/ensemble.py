@@ -164,7 +164,7 @@ class FactorizedEnsemble(nn.Module):
         return torch.matmul(x.reshape(B, C, r * r).transpose(1, 2), getattr(self, f"w1_r{r}"))
 
     def _phase_taps(self, r: int) -> list[list[tuple[int, float]]]:
-        """For each phase p of scale s = R/r: [(offset into the edge-padded source, weight)] of output column s*j + p."""
+        """Per phase p of scale s = R/r: [(offset into the edge-padded source, weight)] of output column s*j + p."""
         A, s = getattr(self, f"up_r{r}"), self.layout.image_resolution // r
         # an interior source column j = 1 (padded index 2): its outputs s + p read padded columns 1..3 only
         return [[(k, float(A[s + p, k - 1])) for k in (1, 2, 3) if A[s + p, k - 1] != 0] for p in range(s)]
@@ -216,7 +216,7 @@ class FactorizedEnsemble(nn.Module):
             rows.addmm_(getattr(self, f"up_r{r}")[y0:y1, lo:hi], zw)
 
     def _head(self, h: torch.Tensor, h2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Hidden pre-activation rows h (P, M*H1) -> logits out (M, P, K): ReLU, then the folded second and third layers.
+        """Hidden pre-activation rows h (P, M*H1) -> logits out (M, P, K): ReLU, the folded second and third layers.
 
         h2 (M, P, H2) is scratch; the second layer runs one member at a time on strided views of h,
         several times faster than a batched matmul that would first copy h member-major.
@@ -228,7 +228,7 @@ class FactorizedEnsemble(nn.Module):
         return torch.baddbmm(self.b3, h2.relu_(), self.w3, out=out)
 
     def _bands(self, taps: list[torch.Tensor]):
-        """Yield (image b, rows y0:y1, logits (M, (y1-y0)*R, K)) band by band; buffers are reused, so use each before the next."""
+        """Yield (image b, rows y0:y1, logits (M, (y1-y0)*R, K)) band by band; buffers are reused: use each at once."""
         self.layout.check(taps)
         R, B = self.layout.image_resolution, taps[0].shape[0]
         low = {r: self._project(taps, r).reshape(B, r, r, -1) for r in self.groups if r != R}

@@ -79,7 +79,8 @@ def load_records(
         w = torch.tensor(latent["w"], dtype=torch.float32)
         if w.numel() != G.w_dim:
             raise LabelFactoryError(
-                f"{name}: its recorded w has {w.numel()} values, the generator takes {G.w_dim}; it was made by another generator"
+                f"{name}: its recorded w has {w.numel()} values, the generator takes {G.w_dim}; "
+                "it was made by another generator"
             )
         mask = check_mask(read_label(label_path).array, G.img_resolution, num_classes, ignore_index, name)
         records.append(LatentRecord(w, mask, name, latent.get("seed"), latent.get("truncation_psi")))
@@ -127,7 +128,8 @@ def records_from_datastore_folder(folder: str | os.PathLike, label_tag: str = "f
     index = folder / "datastore_v2.json"
     if not index.exists():
         raise LabelFactoryError(
-            f"{folder}: not a MONAI Label datastore (no datastore_v2.json); start the server on it once, or pass --labels"
+            f"{folder}: not a MONAI Label datastore (no datastore_v2.json); "
+            "start the server on it once, or pass --labels"
         )
     ds = json.loads(index.read_text())
     out = []

@@ -40,7 +40,7 @@ class TapLayout:
 
     def check(self, taps: list[torch.Tensor]) -> None:
         got = [(t.shape[1], t.shape[-1]) for t in taps]
-        want = list(zip(self.channels, self.resolutions))
+        want = list(zip(self.channels, self.resolutions, strict=True))
         if got != want:
             raise ValueError(f"taps (channels, resolution) {got} do not match the layout {want}")
 

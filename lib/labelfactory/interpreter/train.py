@@ -76,9 +76,10 @@ def _draw_pixels(valid: torch.Tensor, n: int, R: int, gen: torch.Generator) -> t
 
 
 def train_ensemble(
-    G, records: list[LatentRecord], num_classes: int, config: TrainConfig = TrainConfig(), progress: bool = True
+    G, records: list[LatentRecord], num_classes: int, config: TrainConfig | None = None, progress: bool = True
 ) -> tuple[PixelEnsemble, dict]:
-    """Fit an ensemble of `config.members` pixel MLPs. Returns (ensemble in eval mode, history)."""
+    """Fit `config.members` pixel MLPs (default config: TrainConfig()). Returns (ensemble in eval mode, history)."""
+    config = config or TrainConfig()
     if not records:
         raise LabelFactoryError(
             "no annotated generated images to train on: label a few generated images first", status=409

@@ -115,14 +115,15 @@ def real_slices(
     label_names: dict[str, int] | None = None,
     foreground_only: bool = True,
 ) -> RealSlices:
-    """Labelled slices of real studies (a folder or a list of Study); with `foreground_only`, slices showing at least one labelled structure."""
+    """Labelled slices of real studies (a folder or a list of Study); with `foreground_only`, slices showing at least
+    one labelled structure."""
     studies = find_studies(studies) if isinstance(studies, (str, os.PathLike)) else list(studies)
     images, masks, ids = load_labelled_slices(studies, size, window, label_names)
     if foreground_only:
         keep = (masks > 0).flatten(1).any(1)
         if not keep.any():
             raise LabelFactoryError("the labelled studies hold no labelled structure on any slice")
-        images, masks, ids = images[keep], masks[keep], [g for g, k in zip(ids, keep.tolist()) if k]
+        images, masks, ids = images[keep], masks[keep], [g for g, k in zip(ids, keep.tolist(), strict=True) if k]
     return RealSlices(images, masks, ids)
 
 
@@ -163,7 +164,8 @@ def training_sets(
     real = real_slices(studies, size, label_names=label_names) if has_labels else None
     if synthetic is None and (real is None or k_real == 0):
         raise LabelFactoryError(
-            "nothing to train on: give a synthetic data set, or studies with labels (labels/final) and real slices to use"
+            "nothing to train on: give a synthetic data set, "
+            "or studies with labels (labels/final) and real slices to use"
         )
     if real is None:
         return synthetic, None, {"synthetic": str(synthetic_dir), "synthetic_pairs": len(synthetic), "real_slices": 0}

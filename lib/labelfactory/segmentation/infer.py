@@ -28,7 +28,7 @@ from labelfactory.segmentation.train import KIND
 
 @dataclass
 class Segmenter:
-    """A loaded segmenter: network in eval mode, the slice size it was trained at, its label map, its checkpoint's record."""
+    """A loaded segmenter: network in eval mode, the slice size it was trained at, label map, checkpoint record."""
 
     network: nn.Module
     size: int

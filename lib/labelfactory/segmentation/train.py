@@ -86,14 +86,14 @@ def train_segmenter(
     data: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Train `config.network` on `train_set` ({"image", "label"} items), keep the best on `val_set`, write it to `out`."""
+    """Train `config.network` on `train_set` ({"image", "label"} items), keep the best on `val_set`, write to `out`."""
     if config.slicing not in SLICINGS:
         raise LabelFactoryError(f"slicing {config.slicing!r}: expected one of {', '.join(SLICINGS)}")
     if len(train_set) < 2:
         raise LabelFactoryError(
             f"only {len(train_set)} training pair(s): a segmenter needs at least 2; label or synthesize more"
         )
-    rank, world, auto_device = distributed.init_from_env()
+    _, world, auto_device = distributed.init_from_env()
     device = device or auto_device
     set_determinism(config.seed)
     network = build_network(config.network, config.n_classes).to(device)

@@ -66,11 +66,11 @@ class InterpreterTrain(TrainBase):
     def __init__(
         self,
         model_dir: str | os.PathLike,
-        defaults: TrainConfig = TrainConfig(),
+        defaults: TrainConfig | None = None,
         label_names: dict[str, int] = LABEL_NAMES,
     ):
         description = "DatasetGAN style interpreter: an ensemble of pixel MLPs on the generator's features"
-        super().__init__(f"{description}, from labelled generated images", model_dir, defaults)
+        super().__init__(f"{description}, from labelled generated images", model_dir, defaults or TrainConfig())
         self.label_names = dict(label_names)
 
     def train(self, request: dict[str, Any], datastore: Datastore, cfg: TrainConfig, started: float) -> dict[str, Any]:
