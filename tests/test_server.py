@@ -35,4 +35,5 @@ def test_serve_installs_demo_models_without_overwriting_trained_ones(tmp_path):
     assert install_models(tmp_path / "none", dst) == []
     # the sample data is served from a working copy, never in place
     studies = prepare_studies(None, tmp_path / "runs")
-    assert studies == str(tmp_path / "runs" / "datastore") and (tmp_path / "runs" / "datastore" / "torso_3mm.nii.gz").is_file()
+    copy = tmp_path / "runs" / "totalsegmentator" / "datastore"
+    assert studies == str(copy) and (copy / "torso_3mm.nii.gz").is_file()

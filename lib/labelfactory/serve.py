@@ -1,7 +1,10 @@
-"""`labelfactory serve`: run the MONAI Label app on a working copy of a studies folder.
+"""`labelfactory serve`: run the MONAI Label app on a studies folder with a models folder of its own.
 
-The bundled sample data is copied to `runs/datastore` on first use, so the server (which writes
-labels and its own index into the datastore) never modifies the files under version control.
+`--models DIR` is the folder the app reads its models from and its trainers publish to, so two
+deployments on one machine never mix models. Defaults: a bundled sample (`SAMPLES`: OpenKBP when
+its models are shipped, else the TotalSegmentator sample with its demo models) served from working
+copies, `runs/<sample>/datastore` and `runs/<sample>/models` (seeded from the shipped models, never
+overwriting a trained one), so the server never modifies the files under version control.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from labelfactory.checkpoints import hash_path
@@ -21,19 +25,63 @@ SAMPLE = REPO / "sample-data" / "datastore"
 DEMO_MODELS = REPO / "sample-data" / "models"
 
 
+@dataclass(frozen=True)
+class Sample:
+    """A bundled data set: its datastore, its shipped models and its label map (`labelfactory.labels`)."""
+
+    name: str
+    datastore: Path
+    models: Path
+    labels: str
+
+
+SAMPLES = {
+    "openkbp": Sample(
+        "openkbp",
+        REPO / "sample-data" / "openkbp" / "datastore",
+        REPO / "sample-data" / "openkbp" / "models",
+        "openkbp",
+    ),
+    "totalsegmentator": Sample("totalsegmentator", SAMPLE, DEMO_MODELS, "totalsegmentator"),
+}
+
+
+def choose_sample(name: str) -> tuple[Sample, str]:
+    """The sample to serve and why: `name`, or for 'auto' OpenKBP when its models are shipped, else TotalSegmentator."""
+    if name != "auto":
+        return SAMPLES[name], "chosen with --sample"
+    openkbp = SAMPLES["openkbp"]
+    if any(openkbp.models.glob("*.pt")):
+        return openkbp, f"its models are shipped in {openkbp.models}"
+    return SAMPLES["totalsegmentator"], (
+        f"{openkbp.models} holds no models yet, so the TotalSegmentator "
+        "sample and its demo models instead (--sample openkbp serves OpenKBP untrained)"
+    )
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--studies",
         default=None,
-        help="folder of studies or a DICOMweb URL (default: a working copy of sample-data/datastore)",
+        help="folder of studies or a DICOMweb URL (default: a working copy of the --sample's datastore)",
     )
-    p.add_argument("--workdir", default=str(REPO / "runs"), help="where the sample data copy lives (default: runs/)")
+    p.add_argument(
+        "--sample",
+        default="auto",
+        choices=["auto", *SAMPLES],
+        help="bundled sample served without --studies, whose models seed the default --models (default auto: "
+        "openkbp when sample-data/openkbp/models holds models, else totalsegmentator)",
+    )
+    p.add_argument(
+        "--workdir", default=str(REPO / "runs"), help="where the samples' working copies live (default: runs/)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: auth is off, keep it local)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--models",
-        default=str(DEMO_MODELS),
-        help="model files to start from when the app has none of its own (default: the demo models made by scripts/make_demo_models.sh); '' for none",
+        default=None,
+        help="the models folder the app reads and its trainers publish to (default: <workdir>/<sample>/models, "
+        "a working copy of the sample's shipped models)",
     )
     p.add_argument(
         "--conf",
@@ -45,15 +93,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
 
 
-def prepare_studies(studies: str | None, workdir: str | os.PathLike) -> str:
-    """The studies argument for MONAI Label: a URL or folder as given, else the sample data's working copy."""
+def prepare_studies(
+    studies: str | None, workdir: str | os.PathLike, sample: Sample = SAMPLES["totalsegmentator"]
+) -> str:
+    """The studies argument for MONAI Label: a URL or folder as given, else `sample`'s working copy."""
     if studies:
         if not studies.startswith(("http://", "https://")) and not Path(studies).is_dir():
             raise LabelFactoryError(f"--studies {studies}: no such folder")
         return studies
-    copy = Path(workdir) / "datastore"
+    copy = Path(workdir) / sample.name / "datastore"
     if not copy.exists():
-        shutil.copytree(SAMPLE, copy)
+        shutil.copytree(sample.datastore, copy)
     return str(copy)
 
 
@@ -106,14 +156,22 @@ def server_env() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    studies = prepare_studies(args.studies, args.workdir)
+    sample, why = choose_sample(args.sample)
+    studies = prepare_studies(args.studies, args.workdir, sample)
+    conf = [tuple(c) for c in args.conf]
     if args.models:
-        copied = install_models(args.models, APP_DIR / "model")
+        models = Path(args.models).resolve()
+        models.mkdir(parents=True, exist_ok=True)
+    else:
+        models = Path(args.workdir).resolve() / sample.name / "models"
+        copied = install_models(sample.models, models)
         if copied:
-            print(
-                f"labelfactory: starting from the demo models {', '.join(copied)} (see {args.models}/README.md)",
-                flush=True,
-            )
-    cmd = server_command(studies, args.host, args.port, [tuple(c) for c in args.conf])
-    print(f"labelfactory: serving {studies} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+            print(f"labelfactory: {models} starts from {', '.join(copied)} of {sample.models} (its README says how)")
+    if not args.studies and not any(k == "labels" for k, _ in conf):
+        conf.append(("labels", sample.labels))  # the sample's own map, even before its models exist
+        print(f"labelfactory: the {sample.name} sample ({why})")
+    conf.append(("model_dir", str(models)))
+    cmd = server_command(studies, args.host, args.port, conf)
+    where = f"{studies} with the models in {models}"
+    print(f"labelfactory: serving {where} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     os.execve(cmd[0], cmd, server_env())
