@@ -79,7 +79,7 @@ for module in "$@"; do
         "$([ "$EVERY" -gt 1 ] && echo "every ${EVERY}th mutant" || echo "all mutants")," \
         "tests: ${selection//\"/}"
       grep -v -E ': (killed|timeout|segfault)' states.txt || true
-      for m in $(grep -v -E ': (killed|timeout|segfault)' states.txt | cut -d: -f1); do mm show "$m"; done
+      for m in $(grep -v -E ': (killed|timeout|segfault)' states.txt | cut -d: -f1); do mm show "$m" 2>&1 || echo "(mutmut show failed for $m)"; done
     } > "$report"
     head -1 "$report"
   )

@@ -181,6 +181,7 @@ def test_pictures_map_their_full_range_onto_minus_one_one(dtype, top):
     ((20, 10), (1.0, 1.0), 8, (8, 4), (0, 2)),
     ((4, 4), (0.5, 0.5), 8, (8, 8), (0, 0)),
     ((1, 100), (1.0, 1.0), 16, (1, 16), (7, 0)),  # never fewer than one row
+    ((100, 1), (1.0, 1.0), 16, (16, 1), (0, 7)),  # nor one column
 ])
 def test_plan_geometry_fills_the_longer_physical_side_and_centres_the_other(hw, spacing, size, scaled, offset):
     g = plan_geometry(hw, spacing, size, "LPS")
@@ -216,10 +217,18 @@ def test_labels_go_to_slices_by_nearest_and_come_back_exactly():
     back = slices_to_label(s, g, ras)
     assert back.array.dtype == np.uint8 and np.array_equal(back.array, ras.array)
     assert back.direction == ras.direction and back.spacing == ras.spacing
-    with pytest.raises(LabelFactoryError):
+    with pytest.raises(LabelFactoryError, match=r"\(D, 8, 8\), got \(2, 7, 8\)"):
         slices_to_label(s[:, :7], g, ras)
-    with pytest.raises(LabelFactoryError):
+    with pytest.raises(LabelFactoryError, match=r"\(2, 4\) differs from its image's \(3, 4\)"):
         label_to_slices(_volume(lab[:, :2]), g)
+
+
+def test_downsampled_slices_are_antialiased():
+    """8 -> 2 pixels a side: bilinear sampling alone reads only the middle two of every four source pixels."""
+    hu = np.full((1, 8, 8), -1000.0, dtype=np.float32)
+    hu[:, [0, 3, 4, 7]] = 1000.0  # rows bilinear sampling would skip
+    x, g = volume_to_slices(_volume(hu), size=2)
+    assert g.scaled_hw == (2, 2) and (x > -0.9).all() and torch.allclose(x, x.flatten()[0])
 
 
 def test_probabilities_come_back_bilinearly_from_the_scaled_region_only():
@@ -231,7 +240,11 @@ def test_probabilities_come_back_bilinearly_from_the_scaled_region_only():
     maps[:, 1:5] = np.kron(p, np.ones((2, 2)))
     back = probabilities_to_volume(maps, g, vol)
     assert back.array.dtype == np.float32 and np.allclose(back.array, p, atol=1e-6)  # 2x2 block means
-    pic = Image(np.zeros((2, 4), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    pic = Image(np.zeros((2, 4), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))  # 2D: never reoriented
     x, g2 = volume_to_slices(pic, size=4)
     assert g2.orientation is None and g2.scaled_hw == (2, 4) and torch.equal(x[0, 0, 1:3], torch.full((2, 4), -1.0))
-    assert slices_to_label(np.ones((1, 4, 4)), g2, pic).array.shape == (2, 4)
+    assert volume_to_slices(pic)[1].size == 256  # the default grid
+    lab2d = pic.with_array(np.array([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=np.uint8))
+    s2 = label_to_slices(lab2d, g2)
+    assert s2.shape == (1, 4, 4) and np.array_equal(s2[0, 1:3].numpy(), lab2d.array)
+    assert np.array_equal(slices_to_label(s2, g2, lab2d).array, lab2d.array)
