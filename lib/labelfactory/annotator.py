@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.identity import generated_to_image, parse_seeds, seed_name
+from labelfactory.gan.identity import generated_to_image, generator_window, parse_seeds, seed_name
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.latent_record import TRUNCATION_PSI
@@ -58,22 +58,30 @@ def configure(p: argparse.ArgumentParser) -> None:
         required=True,
         help="folder for seed<N>.nii.gz masks (what train-interpreter --labels reads) and the images",
     )
+    p.add_argument(
+        "--annotator-model",
+        default=None,
+        help="segmentation model file that labels the images (labelfactory.annotator_model); default: the HU rule",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from labelfactory.annotator_model import ModelAnnotator
     from labelfactory.gan.checkpoint import load_generator
     from labelfactory.interpreter.taps import ws_from_seeds
 
     G = load_generator(args.generator)
+    annotate = ModelAnnotator(args.annotator_model) if args.annotator_model else hu_rule_annotator
+    label_names = getattr(annotate, "label_names", LABEL_NAMES)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {}
     for seed in parse_seeds(args.seeds):
         img = G.synthesis(ws_from_seeds(G, [seed], args.truncation_psi), noise_mode="const")
-        image = generated_to_image(img[0])
-        mask = hu_rule_annotator(image)
+        image = generated_to_image(img[0], generator_window(G))
+        mask = annotate(image)
         write_image(image, out / "images" / f"{seed_name(seed)}.nii.gz")
         write_image(image.with_array(mask), out / f"{seed_name(seed)}.nii.gz")
-        counts[seed] = {n: int((mask == v).sum()) for n, v in LABEL_NAMES.items() if v and (mask == v).any()}
+        counts[seed] = {n: int((mask == v).sum()) for n, v in label_names.items() if v and (mask == v).any()}
     print(json.dumps({"out": str(out), "annotated": counts}, indent=1))
     return 0

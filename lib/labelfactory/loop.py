@@ -62,8 +62,11 @@ def run_loop(
     retrain_every: int = 3,
     train_params: dict | None = None,
     log: Callable[[str], None] = print,
+    label_names: dict[str, int] | None = None,
 ) -> list[dict]:
-    """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. A record a round."""
+    """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. A record a round.
+
+    `label_names` (name -> value) name the annotator's values to the server (default: the TotalSegmentator map)."""
     client = MONAILabelClient(server)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +87,7 @@ def run_loop(
             if prediction is not None:
                 agreement = float((prediction.array == mask).mean())
             path = write_image(image.with_array(mask.astype(np.uint8)), tmp / f"{image_id}_label.nii.gz")
-            names = [{"name": n, "idx": v} for n, v in LABEL_NAMES.items() if v]
+            names = [{"name": n, "idx": v} for n, v in (label_names or LABEL_NAMES).items() if v]
             client.save_label(image_id, str(path), tag="final", params={"label_info": names})
             rec = {"round": r, "image": image_id, "uncertainty": sample.get("uncertainty"), "agreement": agreement}
             log(
@@ -108,18 +111,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer-model", default="datasetgan")
     p.add_argument("--train-model", default="interpreter")
     p.add_argument("--train-params", default="{}", help="JSON for the train request, e.g. '{\"epochs\": 5}'")
+    p.add_argument(
+        "--annotator-model",
+        default=None,
+        help="segmentation model file that labels each image (labelfactory.annotator_model); default: the HU rule",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from labelfactory.annotator_model import ModelAnnotator
+
+    annotate = ModelAnnotator(args.annotator_model) if args.annotator_model else hu_rule_annotator
     records = run_loop(
         args.server,
         args.rounds,
-        hu_rule_annotator,
+        annotate,
         args.strategy,
         args.infer_model,
         args.train_model,
         args.retrain_every,
         json.loads(args.train_params),
+        label_names=getattr(annotate, "label_names", None),
     )
     print(json.dumps(records, indent=1))
     return 0

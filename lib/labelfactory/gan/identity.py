@@ -15,6 +15,15 @@ def generator_identity(G) -> str | None:
     return (info.get("provenance") or {}).get("time")
 
 
+def generator_window(G) -> Window:
+    """The HU window a loaded generator's training images were made with (its data record), else the default."""
+    low_high = ((getattr(G, "checkpoint_info", None) or {}).get("data") or {}).get("window_hu")
+    if not low_high:
+        return Window()
+    low, high = (float(v) for v in low_high)
+    return Window(level=(low + high) / 2, width=high - low)
+
+
 def seed_name(seed: int) -> str:
     """The file stem of seed N's generated image: seed000042."""
     return f"seed{int(seed):06d}"

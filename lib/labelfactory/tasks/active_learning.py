@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from labelfactory.errors import LabelFactoryError, ModelMissing
-from labelfactory.gan.identity import generated_to_image, generator_identity
+from labelfactory.gan.identity import generated_to_image, generator_identity, generator_window
 from labelfactory.interpreter.labeller import KIND as INTERPRETER
 from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
@@ -80,7 +80,7 @@ class GeneratedUncertain(Strategy):
             img = G.synthesis(ws[pick : pick + 1], noise_mode="const")
         seed = seeds[pick]
         record = latent_record(seed, psi, ws[pick, 0].tolist(), generator_identity(G))
-        image_id = add_generated_image(datastore, generated_to_image(img), record, score)
+        image_id = add_generated_image(datastore, generated_to_image(img, generator_window(G)), record, score)
         logger.info(f"next sample: {image_id} (of seeds {seeds[0]}..{seeds[-1]}, uncertainty {score})")
         return {"id": image_id, "seed": seed, "uncertainty": score}
 

@@ -20,7 +20,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.identity import generated_to_image, generator_identity, seed_name
+from labelfactory.gan.identity import generated_to_image, generator_identity, generator_window, seed_name
 from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES, foreground
@@ -77,7 +77,7 @@ class SynthesisInfer(InferBase):
         interp = self.models.interpreter()
         ws = ws_from_seeds(interp.G, [seed], psi)
         lab = interp.label(ws)
-        image = generated_to_image(lab.image[0])
+        image = generated_to_image(lab.image[0], generator_window(interp.G))
         record = latent_record(seed, psi, ws[0, 0].tolist(), generator_identity(interp.G))
         result = {
             "seed": seed,

@@ -1,0 +1,1033 @@
+"""The DatasetGAN label-efficiency experiment on OpenKBP head-and-neck CT (issue 12), one resumable command.
+
+Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage is skipped on rerun):
+  generator   the published generator: kimg, FID vs real train slices (the trainer's pytorch-fid path), samples
+  annotator   the stand-in annotator: UNet++ on every train patient's real crops; its validation Dice (upper reference)
+  labels      30 annotated generated images: (a) random seeds, (b) `generated_uncertain` through a real server loop
+  synthetic   per label set: interpreter trained on it, >= 1,500 pairs synthesized, the most uncertain dropped
+  segmenters  UNet++ rows (synthetic x2, real-30, hybrid, real-all) with one step budget, and table III's networks
+  report      validation figures (3D Dice per organ on patients having it, mean Dice, mIoU), JSON + markdown + PNGs
+
+    .venv/bin/python benchmarks/label_efficiency.py --data ../shared/datasets/openkbp \\
+        --generator /work/runs/openkbp-gan64/stylegan2.pt --out /work/runs/label-efficiency
+
+`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py). Validation patients are only
+ever read for the figures; nothing is tuned on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.datasets import openkbp
+from labelfactory.jsonio import read_json, write_json_atomic
+from labelfactory.segmentation.networks import build_network
+from labelfactory.segmentation.train import KIND as SEG_KIND
+from labelfactory.segmentation.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LABEL_NAMES: dict[str, int] = {"background": 0, **{name: v for v, name in openkbp.ORGANS.items()}}
+STATE_KIND = "label-efficiency-training-state"
+
+
+@dataclass
+class Sizes:
+    """Every size of the protocol (defaults) ; `reduced()` gives the test suite's."""
+
+    size: int = 64  # crop side in pixels (native spacing)
+    annotator_steps: int = 1200  # stand-in annotator iterations (batch `batch_size`)
+    annotations: int = 30  # labelled generated images per selection strategy
+    retrain_every: int = 5  # loop labels between interpreter retrainings
+    candidates: int = 16  # K candidates the strategy scores per next sample
+    members: int = 10  # interpreter ensemble size
+    interpreter_epochs: int = 4
+    pairs: int = 1500  # synthetic pairs kept per label set, after dropping
+    drop_fraction: float = 0.1  # the most uncertain fraction dropped
+    steps: int = 1200  # segmenter iterations, the same for every row
+    batch_size: int = 16
+    seeds: int = 3  # seeds for the cheap rows
+    fid_images: int = 2000
+    eval_patients: int = 0  # validation patients scored (0: all)
+    save_every: int = 100  # iterations between training-state snapshots
+
+    @classmethod
+    def reduced(cls) -> Sizes:
+        return cls(
+            size=64,
+            annotator_steps=6,
+            annotations=4,
+            retrain_every=2,
+            candidates=2,
+            members=2,
+            interpreter_epochs=1,
+            pairs=6,
+            steps=4,
+            batch_size=4,
+            seeds=2,
+            fid_images=8,
+            eval_patients=0,
+            save_every=3,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- stage bookkeeping
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
+    """Run `fn(<out>/<name>)` unless `<out>/<name>/done.json` exists; the marker holds fn's result and CPU time."""
+    folder = out / name
+    done = read_json(folder / "done.json")
+    if done is not None:
+        log(f"stage {name}: done before ({done['cpu_hours']:.2f} CPU-h), skipped")
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"stage {name}: start")
+    c0, t0 = cpu_seconds(), time.time()
+    result = fn(folder)
+    earlier = read_json(folder / "cpu.json", {}).get("cpu_seconds", 0.0)  # CPU spent by interrupted earlier runs
+    done = {
+        "stage": name,
+        "result": result,
+        "cpu_hours": (earlier + cpu_seconds() - c0) / 3600,
+        "wall_hours": (time.time() - t0) / 3600,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(done, folder / "done.json")
+    log(f"stage {name}: done in {done['wall_hours'] * 60:.1f} min ({done['cpu_hours']:.2f} CPU-h)")
+    return done
+
+
+def add_cpu(folder: Path, seconds: float) -> None:
+    """Record CPU seconds spent in `folder`'s stage so far (survives an interrupted run)."""
+    rec = read_json(folder / "cpu.json", {"cpu_seconds": 0.0})
+    write_json_atomic({"cpu_seconds": rec["cpu_seconds"] + seconds}, folder / "cpu.json")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Slices:
+    """Crops of many cases: images (N, 1, S, S) in [-1, 1], organs (N, S, S) int64, the case name of each slice."""
+
+    images: torch.Tensor
+    organs: torch.Tensor
+    cases: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def stack(case_slices: list[openkbp.CaseSlices]) -> Slices:
+    return Slices(
+        torch.cat([c.images for c in case_slices]),
+        torch.cat([c.organs for c in case_slices]),
+        [c.case.name for c in case_slices for _ in range(len(c.images))],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- resumable training
+
+
+def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> TrainConfig:
+    return TrainConfig(
+        network=network,
+        size=sizes.size,
+        steps=steps,
+        batch_size=sizes.batch_size,
+        seed=seed,
+        label_names=dict(LABEL_NAMES),
+        val_interval=steps,
+        slicing="body-crop",
+        window=(openkbp.WINDOW.level, openkbp.WINDOW.width),
+    )
+
+
+def train_resumable(
+    images: torch.Tensor, masks: torch.Tensor, config: TrainConfig, folder: Path, data: dict, save_every: int
+) -> Path:
+    """Train `config.network` on (N, 1, S, S) images / (N, S, S) masks; write `folder/segmentation.pt`.
+
+    The project's networks and loss (DiceCE, deep supervision for UNet++), Adam with a cosine learning-rate decay.
+    Hand-written rather than `segmentation.train.train_segmenter` because a CPU run of an hour must survive an
+    interruption: every `save_every` iterations network, optimizer and step go to `training-state.pt`, and batches
+    are a pure function of (seed, step), so a resumed run draws the same batches as an uninterrupted one.
+    """
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    model_file, state_file = folder / "segmentation.pt", folder / "training-state.pt"
+    if model_file.is_file():
+        return model_file
+    torch.manual_seed(config.seed)
+    network = build_network(config.network, config.n_classes)
+    optimizer = torch.optim.Adam(network.parameters(), config.lr)
+    step = 0
+    if state_file.is_file():
+        state = load_checkpoint(state_file, STATE_KIND)
+        network.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        log(f"{folder.name}: resumed at step {step}/{config.steps}")
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DeepSupervisionLoss(dice_ce) if config.network == "unetpp" else dice_ce
+    n, bs = len(images), min(config.batch_size, len(images))
+    per_epoch = max(1, n // bs)
+    network.train()
+    c0, t0, losses = cpu_seconds(), time.time(), []
+    while step < config.steps:
+        epoch, b = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+        idx = order[b * bs : (b + 1) * bs]
+        for g in optimizer.param_groups:
+            g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(network(images[idx]), masks[idx][:, None])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+        if step % save_every == 0 or step == config.steps:
+            save_checkpoint(
+                {
+                    "kind": STATE_KIND,
+                    "config": asdict(config),
+                    "data": data,
+                    "step": step,
+                    "state_dict": network.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                },
+                state_file,
+            )
+            add_cpu(folder.parent, cpu_seconds() - c0)
+            c0 = cpu_seconds()
+            rate = (time.time() - t0) / len(losses)
+            log(
+                f"{folder.name}: step {step}/{config.steps} loss {np.mean(losses[-save_every:]):.4f} "
+                f"({rate:.2f} s/step, {rate * (config.steps - step) / 60:.0f} min left)"
+            )
+    network.eval()
+    save_checkpoint(
+        {
+            "kind": SEG_KIND,
+            "config": asdict(config),
+            "data": data,
+            "state_dict": network.state_dict(),
+            "metrics": {"final_loss": float(np.mean(losses[-save_every:])) if losses else None},
+        },
+        model_file,
+    )
+    state_file.unlink(missing_ok=True)
+    return model_file
+
+
+# ---------------------------------------------------------------------------------------------- 3D evaluation
+
+
+@torch.inference_mode()
+def predict_case(network: torch.nn.Module, case: openkbp.CaseSlices, shape: tuple[int, int, int]) -> np.ndarray:
+    """A case's crops through the network, pasted back onto the CT's (z, y, x) grid of `shape` (0 off the crops)."""
+    from labelfactory.segmentation.infer import predict_slices
+
+    crops = predict_slices(network, case.images, batch_size=64).numpy().astype(np.uint8)
+    return openkbp.paste(crops, case.boxes, shape)
+
+
+def volume_scores(pred: np.ndarray, truth: np.ndarray, present: tuple[int, ...]) -> dict[int, dict[str, int]]:
+    """Per organ contoured in this patient: voxel counts tp, fp, fn of the 3D prediction."""
+    out = {}
+    for v in present:
+        p, t = pred == v, truth == v
+        out[v] = {"tp": int((p & t).sum()), "fp": int((p & ~t).sum()), "fn": int((~p & t).sum())}
+    return out
+
+
+def summarize(per_patient: dict[str, dict[int, dict[str, int]]]) -> dict:
+    """Dice and IoU per organ over the patients that have it: pooled (voxel counts summed) and mean of patients;
+    mean Dice and mIoU over organs (of the pooled scores), and the per-patient mean Dice's mean."""
+    organs = {}
+    for v, name in openkbp.ORGANS.items():
+        rows = [p[v] for p in per_patient.values() if v in p]
+        if not rows:
+            continue
+        tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
+        per = [2 * r["tp"] / max(1, 2 * r["tp"] + r["fp"] + r["fn"]) for r in rows]
+        organs[name] = {
+            "patients": len(rows),
+            "dice": 2 * tp / max(1, 2 * tp + fp + fn),
+            "iou": tp / max(1, tp + fp + fn),
+            "dice_patient_mean": float(np.mean(per)),
+        }
+    return {
+        "organs": organs,
+        "mean_dice": float(np.mean([o["dice"] for o in organs.values()])),
+        "miou": float(np.mean([o["iou"] for o in organs.values()])),
+        "mean_dice_patient_mean": float(np.mean([o["dice_patient_mean"] for o in organs.values()])),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8."""
+    return ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def save_grid(path: Path, images: torch.Tensor, columns: int = 8) -> Path:
+    """Tile (N, 1, S, S) images in [-1, 1] into one greyscale PNG, `columns` across."""
+    from PIL import Image as PILImage
+
+    x = to_uint8(images)
+    n, s = len(x), x.shape[-1]
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * s, columns * s), np.uint8)
+    for i, tile in enumerate(x):
+        r, c = divmod(i, columns)
+        grid[r * s : (r + 1) * s, c * s : (c + 1) * s] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(grid).save(path)
+    return path
+
+
+def organ_colors() -> dict[int, tuple[float, float, float]]:
+    """value -> matplotlib RGB of each organ (tab10: the label map's anatomical colours repeat for the parotids)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {v: cmap(i)[:3] for i, v in enumerate(openkbp.ORGANS)}
+
+
+def contour_figure(path: Path, images: np.ndarray, truth: np.ndarray, rows: dict[str, np.ndarray], title: str) -> Path:
+    """Columns = slices ((N, S, S) images in [-1, 1], `truth` masks); one row per model in `rows` (name -> (N, S, S)
+    predictions): true contours solid, predicted dashed, one colour per organ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colors = organ_colors()
+    n = len(images)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.0 * len(rows) + 0.6), squeeze=False)
+    for r, (name, pred) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(images[c], cmap="gray", vmin=-1, vmax=1)
+            for v, rgb in colors.items():
+                for mask, style in ((truth[c], "solid"), (pred[c], "dashed")):
+                    if (mask == v).any():
+                        ax.contour(mask == v, levels=[0.5], colors=[rgb], linewidths=0.9, linestyles=style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    handles = [Line2D([], [], color=colors[v], label=openkbp.ORGANS[v]) for v in colors]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(f"{title}\n(true contours solid, predicted dashed)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pairs_figure(path: Path, sets: dict[str, Path], n: int = 6) -> Path:
+    """For each synthetic set (name -> pairs folder): the first `n` kept pairs as image / mask / uncertainty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labelfactory.io import read_image
+
+    colors = organ_colors()
+    fig, axes = plt.subplots(3 * len(sets), n, figsize=(1.7 * n, 1.8 * 3 * len(sets)), squeeze=False)
+    for k, (name, folder) in enumerate(sets.items()):
+        files = sorted((folder / "images").glob("seed*.nii.gz"))[:n]
+        for c, f in enumerate(files):
+            img = openkbp.WINDOW.to_unit(read_image(f).array)
+            mask = read_image(folder / "labels" / f.name).array
+            unc = read_image(folder / "uncertainty" / f.name).array
+            overlay = np.repeat(((img + 1) / 2)[..., None], 3, axis=2)
+            for v, rgb in colors.items():
+                overlay[mask == v] = 0.45 * overlay[mask == v] + 0.55 * np.asarray(rgb)
+            for r, (pic, kw) in enumerate(
+                ((img, {"cmap": "gray", "vmin": -1, "vmax": 1}), (overlay, {}), (unc, {"cmap": "magma"}))
+            ):
+                ax = axes[3 * k + r, c]
+                ax.imshow(pic, **kw)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(f"{name}\n{('image', 'mask', 'uncertainty')[r]}", fontsize=7)
+    fig.suptitle("synthetic pairs: generated image, interpreter mask, ensemble uncertainty (JS divergence)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figure_slices(case: openkbp.CaseSlices, n: int = 5) -> list[int]:
+    """`n` crop indices of a case spread over the slices showing organs, inferior to superior."""
+    with_organs = [i for i in range(len(case.organs)) if (case.organs[i] > 0).any()]
+    if not with_organs:
+        return list(range(min(n, len(case.organs))))
+    return [with_organs[i] for i in np.linspace(0, len(with_organs) - 1, min(n, len(with_organs))).round().astype(int)]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+SYNTH_SEED0 = 1_000_000  # synthetic pairs use seeds from here (the annotated images use 0, 1, ...)
+ROWS = ("synthetic-random", "synthetic-uncertainty", "real-30", "hybrid", "real-all")
+TABLE_III = ("deeplabv3", "fcn", "unet")  # plus the UNet++ of the synthetic-uncertainty row
+PAPER = {"synthetic": 0.551, "hybrid": 0.762, "real": 0.799}  # DatasetGAN for small medical data, SegTHOR 256^2
+
+
+class Experiment:
+    """The stages over one data folder, one output folder and one set of sizes."""
+
+    def __init__(self, data: Path, out: Path, generator: Path | None, sizes: Sizes, publish: bool = False):
+        self.data, self.out, self.source_generator, self.sizes, self.publish = data, out, generator, sizes, publish
+        self._train: list[openkbp.CaseSlices] | None = None
+        self._val: list[openkbp.CaseSlices] | None = None
+        self._truth: dict[str, np.ndarray] = {}
+        self._G = None
+
+    # --- shared inputs
+    @property
+    def train(self) -> list[openkbp.CaseSlices]:
+        if self._train is None:
+            t0 = time.time()
+            self._train = openkbp.load_slices(self.data, "train", self.sizes.size)
+            log(
+                f"train: {len(self._train)} patients, {sum(len(c.images) for c in self._train)} slices "
+                f"({time.time() - t0:.0f} s)"
+            )
+        return self._train
+
+    @property
+    def val(self) -> list[openkbp.CaseSlices]:
+        if self._val is None:
+            cases = openkbp.read_cases(self.data, "validation")
+            if self.sizes.eval_patients:
+                cases = cases[: self.sizes.eval_patients]
+            self._val = [openkbp.load_case(c, self.sizes.size) for c in cases]
+        return self._val
+
+    def truth(self, case: openkbp.CaseSlices) -> np.ndarray:
+        if case.case.name not in self._truth:
+            self._truth[case.case.name] = openkbp.read_array(case.case.label)
+        return self._truth[case.case.name]
+
+    @property
+    def generator_file(self) -> Path:
+        return self.out / "generator" / "stylegan2.pt"
+
+    @property
+    def annotator_file(self) -> Path:
+        return self.out / "annotator" / "segmentation.pt"
+
+    @property
+    def G(self):
+        from labelfactory.gan.checkpoint import load_generator
+
+        if self._G is None:
+            self._G = load_generator(self.generator_file)
+        return self._G
+
+    def evaluate(self, model_file: Path) -> dict:
+        """A segmentation checkpoint on the validation cases as 3D volumes (scored only on contoured organs)."""
+        from labelfactory.segmentation.infer import load_segmenter
+
+        network = load_segmenter(model_file).network
+        per_patient = {}
+        for c in self.val:
+            truth = self.truth(c)
+            per_patient[c.case.name] = volume_scores(
+                predict_case(network, c, truth.shape), truth, c.case.organs_present
+            )
+        return {
+            **summarize(per_patient),
+            "per_patient": {k: {openkbp.ORGANS[v]: s for v, s in d.items()} for k, d in per_patient.items()},
+        }
+
+    # --- stage 1
+    def generator(self, folder: Path) -> dict:
+        """Snapshot the published generator (the run keeps publishing), its kimg, FID and a sample grid."""
+        from labelfactory.checkpoints import hash_path
+        from labelfactory.evaluation.fid import FIDEvaluator
+        from labelfactory.segmentation.data import evenly_spaced
+
+        if self.source_generator is None:
+            raise SystemExit("the generator stage needs --generator (the GAN run's published stylegan2.pt)")
+        if not self.generator_file.is_file():
+            if hash_path(self.source_generator).is_file():
+                shutil.copy2(hash_path(self.source_generator), hash_path(self.generator_file))
+            shutil.copy2(self.source_generator, self.generator_file)
+        G = self.G
+        reals = torch.cat([c.images for c in self.train])
+        idx = evenly_spaced(len(reals), self.sizes.fid_images)
+        log(f"generator: {G.checkpoint_info['kimg']:.0f} kimg; FID on {len(idx)} images")
+        evaluator = FIDEvaluator.create(reals[idx], len(idx))
+        fid = evaluator(G) if evaluator is not None else None
+        with torch.no_grad():
+            fakes = G(torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(0)), noise_mode="const")
+        save_grid(folder / "samples.png", torch.cat([fakes[:32], reals[evenly_spaced(len(reals), 32)]]))
+        stats = read_json(self.source_generator.parent / "train_stats.json", {}) or {}
+        history = stats.get("history", []) if isinstance(stats, dict) else []
+        trainer_fid = next((h.get("fid") for h in reversed(history) if h.get("fid") is not None), None)
+        return {
+            "generator": str(self.source_generator),
+            "kimg": float(G.checkpoint_info["kimg"]),
+            "fid": fid,
+            "fid_images": len(idx),
+            "fid_reals": "train slices evenly spread over all train patients",
+            "trainer_last_fid": trainer_fid,
+            "config": G.checkpoint_info["config"],
+            "samples": str(folder / "samples.png"),
+            "samples_layout": "top 4 rows generated (psi 1), bottom 4 real",
+        }
+
+    # --- stage 2
+    def annotator(self, folder: Path) -> dict:
+        """The stand-in annotator: UNet++ on all train patients' crops, scored on validation volumes."""
+        s = stack(self.train)
+        config = segmenter_config("unetpp", self.sizes, self.sizes.annotator_steps, seed=0)
+        data = {
+            "dataset": "openkbp",
+            "split": "train",
+            "patients": len(self.train),
+            "slices": len(s),
+            "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high],
+        }
+        model = train_resumable(s.images, s.organs, config, folder, data, self.sizes.save_every)
+        log("annotator: scoring on validation volumes")
+        validation = self.evaluate(model)
+        self.validation_figure(
+            folder / "validation.png", {"annotator": model}, "stand-in annotator (UNet++, all train)"
+        )
+        return {
+            "model": str(model),
+            "slices": len(s),
+            "patients": len(self.train),
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "validation": validation,
+            "crop_coverage": self.crop_coverage(),
+            "figure": str(folder / "validation.png"),
+        }
+
+    def crop_coverage(self) -> dict[str, float]:
+        """Per organ: the fraction of its validation voxels on cropped slices (what a prediction can reach)."""
+        cover = {}
+        for v, name in openkbp.ORGANS.items():
+            have = [c for c in self.val if v in c.case.organs_present]
+            total = sum(int((self.truth(c) == v).sum()) for c in have)
+            cover[name] = sum(int((c.organs == v).sum()) for c in have) / total if total else float("nan")
+        return cover
+
+    def validation_figure(self, path: Path, models: dict[str, Path], title: str) -> Path:
+        """Five slices of the first validation patient, one row per model: predicted vs true contours."""
+        from labelfactory.segmentation.infer import load_segmenter, predict_slices
+
+        case = self.val[0]
+        idx = figure_slices(case)
+        images = case.images[idx]
+        rows = {name: predict_slices(load_segmenter(f).network, images, 16).numpy() for name, f in models.items()}
+        return contour_figure(path, images[:, 0].numpy(), case.organs[idx].numpy(), rows, f"{title}: {case.case.name}")
+
+    # --- stage 3
+    def labels(self, folder: Path) -> dict:
+        """30 annotated generated images picked (a) at random, (b) by `generated_uncertain` through a real server."""
+        n = self.sizes.annotations
+        random_dir = folder / "random"
+        if len(list(random_dir.glob("seed*.nii.gz"))) < n:
+            run_logged(
+                [
+                    *CLI,
+                    "annotate",
+                    "--generator",
+                    str(self.generator_file),
+                    "--seeds",
+                    f"0-{n - 1}",
+                    "--annotator-model",
+                    str(self.annotator_file),
+                    "--out",
+                    str(random_dir),
+                ],
+                folder / "annotate.log",
+            )
+        loop = self.server_loop(folder / "uncertainty")
+        return {
+            "random": {"folder": str(random_dir), "count": len(list(random_dir.glob("seed*.nii.gz")))},
+            "uncertainty": loop,
+        }
+
+    def server_loop(self, folder: Path) -> dict:
+        """`labelfactory serve` on a fresh datastore with the generator, `labelfactory loop` with the annotator."""
+        from labelfactory.checkpoints import hash_path
+        from labelfactory.interpreter.records import records_from_datastore_folder
+
+        s = self.sizes
+        datastore, models = folder / "datastore", folder / "models"
+        datastore.mkdir(parents=True, exist_ok=True)
+        models.mkdir(parents=True, exist_ok=True)
+        if not (models / "stylegan2.pt").is_file():
+            shutil.copy2(hash_path(self.generator_file), hash_path(models / "stylegan2.pt"))
+            shutil.copy2(self.generator_file, models / "stylegan2.pt")
+
+        def labelled() -> int:
+            return len(records_from_datastore_folder(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        serve = [
+            *CLI,
+            "serve",
+            "--studies",
+            str(datastore),
+            "--models",
+            str(models),
+            "--port",
+            str(port),
+            "--conf",
+            "labels",
+            "openkbp",
+            "--conf",
+            "models",
+            "datasetgan",
+            "--conf",
+            "candidates",
+            str(s.candidates),
+            "--conf",
+            "interpreter_members",
+            str(s.members),
+            "--conf",
+            "interpreter_max_epochs",
+            str(s.interpreter_epochs),
+        ]
+        with open(folder / "server.log", "a") as server_log:
+            server = subprocess.Popen(serve, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_for_server(url, server)
+                todo = s.annotations - labelled()
+                log(f"labels: server at {url}; {todo} of {s.annotations} annotations to go")
+                if todo > 0:
+                    run_logged(
+                        [
+                            *CLI,
+                            "loop",
+                            "--server",
+                            url,
+                            "--rounds",
+                            str(todo),
+                            "--retrain-every",
+                            str(s.retrain_every),
+                            "--annotator-model",
+                            str(self.annotator_file),
+                        ],
+                        folder / "loop.log",
+                    )
+            finally:
+                stop(server)
+        return {"folder": str(datastore), "count": labelled(), "server": serve, "loop_log": str(folder / "loop.log")}
+
+    # --- stage 4
+    def synthetic(self, folder: Path) -> dict:
+        """Per label set: the interpreter trained on it (one recipe for both), then the synthetic pairs."""
+        from labelfactory.interpreter.labeller import load_interpreter
+        from labelfactory.synthesis import synthesize
+
+        s, G = self.sizes, self.G
+        labels = self.out / "labels"
+        n_seeds = math.ceil(s.pairs / (1 - s.drop_fraction))
+        spacing = float(np.median([c.case.spacing_mm[0] for c in self.train]))
+        result = {}
+        for name in ("random", "uncertainty"):
+            d = folder / name
+            interp_file = d / "interpreter.pt"
+            if not interp_file.is_file():
+                self.train_interpreter(name, labels, interp_file)
+            res = synthesize(
+                load_interpreter(interp_file, G),
+                list(range(SYNTH_SEED0, SYNTH_SEED0 + n_seeds)),
+                d / "pairs",
+                drop_fraction=s.drop_fraction,
+                window=openkbp.WINDOW,
+                spacing=(spacing, spacing),
+                progress=False,
+            )
+            result[name] = {
+                "interpreter": str(interp_file),
+                "pairs": str(d / "pairs"),
+                "kept": len(res.kept),
+                "dropped": len(res.dropped),
+            }
+            log(f"synthetic {name}: {len(res.kept)} pairs kept, {len(res.dropped)} dropped")
+        pairs_figure(folder / "pairs.png", {n: folder / n / "pairs" for n in result})
+        return {**result, "figure": str(folder / "pairs.png")}
+
+    def train_interpreter(self, name: str, labels: Path, out: Path) -> None:
+        from labelfactory.interpreter.labeller import save_interpreter
+        from labelfactory.interpreter.records import (
+            load_records,
+            records_from_datastore_folder,
+            records_from_seed_masks,
+        )
+        from labelfactory.interpreter.train import TrainConfig as InterpreterConfig
+        from labelfactory.interpreter.train import train_ensemble
+        from labelfactory.latent_record import TRUNCATION_PSI
+
+        G, k = self.G, len(LABEL_NAMES)
+        cfg = InterpreterConfig(members=self.sizes.members, max_epochs=self.sizes.interpreter_epochs)
+        if name == "random":
+            records = records_from_seed_masks(G, labels / "random", TRUNCATION_PSI, k, cfg.ignore_index)
+        else:
+            items = records_from_datastore_folder(labels / "uncertainty" / "datastore")
+            records = load_records(G, items, k, cfg.ignore_index)
+        log(f"synthetic {name}: interpreter on {len(records)} annotated images")
+        ensemble, history = train_ensemble(G, records, k, cfg, progress=False)
+        data = {"images": [r.name for r in records], "count": len(records), "history": history, "selection": name}
+        save_interpreter(out, ensemble, LABEL_NAMES, cfg.to_dict(), data, G)
+
+    # --- stage 5
+    def runs(self) -> list[tuple[str, str, int]]:
+        """(row, network, seed) of every segmenter to train."""
+        unetpp = [(row, "unetpp", seed) for row in ROWS for seed in range(self.sizes.seeds)]
+        return unetpp + [("synthetic-uncertainty", net, 0) for net in TABLE_III]
+
+    def segmenters(self, folder: Path) -> dict:
+        """Every row's segmenters, one step budget; each scored on the validation volumes as it finishes."""
+        out = {}
+        todo = self.runs()
+        for i, (row, network, seed) in enumerate(todo):
+            d = folder / f"{row}.{network}.seed{seed}"
+            ev = read_json(d / "eval.json")
+            if ev is None:
+                log(f"segmenters: {i + 1}/{len(todo)} {d.name}")
+                images, masks, data = self.training_set(row, seed)
+                config = segmenter_config(network, self.sizes, self.sizes.steps, seed)
+                model = train_resumable(images, masks, config, d, data, self.sizes.save_every)
+                ev = {"row": row, "network": network, "seed": seed, "data": data, "validation": self.evaluate(model)}
+                write_json_atomic(ev, d / "eval.json")
+            out[d.name] = {k: ev[k] for k in ("row", "network", "seed")} | {
+                "mean_dice": ev["validation"]["mean_dice"],
+                "miou": ev["validation"]["miou"],
+            }
+        return {"runs": out}
+
+    def training_set(self, row: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(N, 1, S, S) images, (N, S, S) masks and a data record for one row and seed."""
+        if row.startswith("synthetic-"):
+            return self.synthetic_pairs(row.split("-", 1)[1])
+        if row == "real-all":
+            s = stack(self.train)
+            return s.images, s.organs, {"real": "all", "slices": len(s), "patients": len(self.train)}
+        real = self.real_30(seed)
+        if row == "real-30":
+            return real
+        images, masks, data = self.synthetic_pairs("uncertainty")
+        return torch.cat([images, real[0]]), torch.cat([masks, real[1]]), {**data, "real": real[2]}
+
+    def synthetic_pairs(self, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        from labelfactory.io import read_image
+
+        folder = self.out / "synthetic" / name / "pairs"
+        files = sorted((folder / "images").glob("seed*.nii.gz"))
+        images = torch.from_numpy(np.stack([openkbp.WINDOW.to_unit(read_image(f).array) for f in files]))[:, None]
+        masks = torch.from_numpy(
+            np.stack([read_image(folder / "labels" / f.name).array for f in files]).astype(np.int64)
+        )
+        return images, masks, {"synthetic": str(folder), "pairs": len(files)}
+
+    def real_30(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """`annotations` real slices drawn at random (by seed) among the train slices showing an organ."""
+        s = stack(self.train)
+        labelled = torch.nonzero((s.organs > 0).flatten(1).any(1))[:, 0].numpy()
+        pick = np.sort(np.random.default_rng(seed).choice(labelled, self.sizes.annotations, replace=False))
+        return s.images[pick], s.organs[pick], {"real_slices": [f"{s.cases[i]}:{i}" for i in pick.tolist()]}
+
+    # --- stage 6
+    def report(self, folder: Path) -> dict:
+        """Tables (JSON + markdown) and figures from whatever stages have finished."""
+        stages = {name: read_json(self.out / name / "done.json") for name in STAGES if name != "report"}
+        evals = [read_json(p) for p in sorted((self.out / "segmenters").glob("*/eval.json"))]
+        table = table_rows([e for e in evals if e["network"] == "unetpp"])
+        table3 = table_rows([e for e in evals if e["row"] == "synthetic-uncertainty"], key="network")
+        figures = {}
+        if stages["generator"]:
+            figures["generator"] = Path(stages["generator"]["result"]["samples"])
+        if stages["annotator"]:
+            figures["annotator"] = Path(stages["annotator"]["result"]["figure"])
+        if stages["synthetic"]:
+            figures["pairs"] = Path(stages["synthetic"]["result"]["figure"])
+        seed0 = {
+            e["row"]: self.out / "segmenters" / f"{e['row']}.unetpp.seed0" / "segmentation.pt"
+            for e in evals
+            if e["network"] == "unetpp" and e["seed"] == 0
+        }
+        if seed0:
+            figures["validation"] = self.validation_figure(folder / "validation.png", seed0, "segmenters (seed 0)")
+        results = {
+            "sizes": asdict(self.sizes),
+            "cpu_hours": {k: v["cpu_hours"] for k, v in stages.items() if v},
+            "generator": stages["generator"] and stages["generator"]["result"],
+            "annotator": stages["annotator"]
+            and {k: v for k, v in stages["annotator"]["result"].items() if k != "validation"}
+            | {"validation": strip_patients(stages["annotator"]["result"]["validation"])},
+            "table": table,
+            "table_iii": table3,
+            "goals": goals(table),
+            "paper": PAPER,
+            "figures": {k: str(v) for k, v in figures.items()},
+        }
+        write_json_atomic(results, folder / "results.json")
+        (folder / "results.md").write_text(markdown(results))
+        if self.publish:
+            write_json_atomic(results, REPO / "benchmarks" / "results" / "label_efficiency.json")
+            (REPO / "benchmarks" / "results" / "label_efficiency.md").write_text(markdown(results))
+            for k, v in figures.items():
+                shutil.copy2(v, REPO / "docs" / "results" / f"label-efficiency-{k}.png")
+        return {"results": str(folder / "results.json"), "markdown": str(folder / "results.md")}
+
+
+def strip_patients(validation: dict) -> dict:
+    return {k: v for k, v in validation.items() if k != "per_patient"}
+
+
+def table_rows(evals: list[dict], key: str = "row") -> dict[str, dict]:
+    """Group eval records by `key`: mean and std over seeds of mean Dice, mIoU and each organ's Dice."""
+    from labelfactory.evaluation.metrics import mean_std
+
+    groups: dict[str, list[dict]] = {}
+    for e in evals:
+        groups.setdefault(e[key], []).append(e["validation"])
+    out = {}
+    for name, vals in groups.items():
+        row = {"seeds": len(vals)}
+        for metric in ("mean_dice", "miou"):
+            row[metric] = mean_std([v[metric] for v in vals])
+        row["organs"] = {
+            o: mean_std([v["organs"][o]["dice"] for v in vals if o in v["organs"]]) for o in vals[0]["organs"]
+        }
+        out[name] = row
+    return out
+
+
+def goals(table: dict[str, dict]) -> dict[str, float | bool | None]:
+    """The issue's goals, from the table's mean Dice (None where a row is missing)."""
+    d = {k: v["mean_dice"][0] for k, v in table.items()}
+    synth = d.get("synthetic-uncertainty")
+    real_all = d.get("real-all")
+
+    def ratio(a: float | None) -> float | None:
+        return a / real_all if a is not None and real_all else None
+
+    return {
+        "synthetic_over_real_all": ratio(synth),
+        "synthetic_goal_0.75": (ratio(synth) or 0) >= 0.75,
+        "hybrid_over_real_all": ratio(d.get("hybrid")),
+        "hybrid_goal_0.95": (ratio(d.get("hybrid")) or 0) >= 0.95,
+        "synthetic_beats_real_30": synth is not None and d.get("real-30") is not None and synth > d["real-30"],
+        "uncertainty_beats_random": synth is not None
+        and d.get("synthetic-random") is not None
+        and synth > d["synthetic-random"],
+    }
+
+
+def fmt(ms: tuple[float, float] | list[float], seeds: int) -> str:
+    m, s = ms
+    return "-" if m != m else (f"{m:.3f} +- {s:.3f}" if seeds > 1 else f"{m:.3f}")
+
+
+def markdown(r: dict) -> str:
+    """The results as markdown tables."""
+    organs = list(openkbp.ORGANS.values())
+    g = r.get("generator") or {}
+    lines = [
+        f"# Label efficiency on OpenKBP (generator at {g.get('kimg', float('nan')):.0f} kimg, "
+        f"FID {g.get('fid') if g.get('fid') is None else round(g['fid'], 1)})",
+        "",
+    ]
+    a = r.get("annotator")
+    if a:
+        v = a["validation"]
+        lines += [
+            "## Stand-in annotator (UNet++, all train patients): validation, 3D, patients having the organ",
+            "",
+            "| organ | patients | Dice (pooled) | Dice (patient mean) | voxels on cropped slices |",
+            "|---|---|---|---|---|",
+        ]
+        for o, s in v["organs"].items():
+            lines.append(
+                f"| {o} | {s['patients']} | {s['dice']:.3f} | {s['dice_patient_mean']:.3f} | "
+                f"{a['crop_coverage'].get(o, float('nan')):.0%} |"
+            )
+        lines += [
+            f"| **mean** | | **{v['mean_dice']:.3f}** | {v['mean_dice_patient_mean']:.3f} | |",
+            "",
+            f"mIoU {v['miou']:.3f}; {a['steps']} steps of batch {a['batch_size']} on {a['slices']} slices.",
+            "",
+        ]
+    if r["table"]:
+        lines += [
+            "## Segmenters (UNet++, one step budget), validation volumes",
+            "",
+            "| row | seeds | mean Dice | mIoU | " + " | ".join(organs) + " | paper |",
+            "|---|---|---|---|" + "---|" * len(organs) + "---|",
+        ]
+        paper = {"synthetic-uncertainty": PAPER["synthetic"], "hybrid": PAPER["hybrid"], "real-all": PAPER["real"]}
+        for row in ROWS:
+            if row in r["table"]:
+                t = r["table"][row]
+                lines.append(
+                    f"| {row} | {t['seeds']} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} | "
+                    + " | ".join(fmt(t["organs"].get(o, (float("nan"), 0)), t["seeds"]) for o in organs)
+                    + f" | {paper.get(row, '')} |"
+                )
+        lines += [
+            "",
+            "Goals: "
+            + ", ".join(f"{k} = {v if not isinstance(v, float) else round(v, 3)}" for k, v in r["goals"].items()),
+            "",
+        ]
+    if r["table_iii"]:
+        lines += [
+            "## Table III: networks on the synthetic (uncertainty-30) set",
+            "",
+            "| network | mean Dice | mIoU |",
+            "|---|---|---|",
+        ]
+        for net, t in r["table_iii"].items():
+            lines.append(f"| {net} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} |")
+        lines.append("")
+    lines += ["## CPU-hours per stage", "", "| stage | CPU-hours |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["cpu_hours"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+CLI = [sys.executable, "-m", "labelfactory.cli"]
+
+
+def run_logged(cmd: list[str], log_file: Path) -> None:
+    """Run a command to completion, its output appended to `log_file`; SystemExit with the log's tail on failure."""
+    log(" ".join(cmd))
+    with open(log_file, "a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log_file.read_text()[-2000:]
+        raise SystemExit(f"{cmd[3]} failed ({rc}); {log_file}:\n{tail}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
+    import requests
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited ({server.returncode}) before answering; see its server.log")
+        try:
+            if requests.get(f"{url}/info/", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    raise SystemExit(f"the server at {url} did not answer within {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End the server we started (its whole session: uvicorn and any training subprocess)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+STAGES = ("generator", "annotator", "labels", "synthetic", "segmenters", "report")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "datasets" / "openkbp",
+        help="OpenKBP folder (cases.csv, volumes/)",
+    )
+    p.add_argument("--generator", type=Path, help="published generator (stylegan2.pt) of the GAN run")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per stage)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--reduced", action="store_true", help="tiny sizes (the test suite)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="the report also writes benchmarks/results/label_efficiency.{json,md} and docs/results PNGs",
+    )
+    for f in fields(Sizes):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = Sizes.reduced() if args.reduced else Sizes()
+    for f in fields(Sizes):
+        if getattr(args, f.name) is not None:
+            setattr(sizes, f.name, getattr(args, f.name))
+    exp = Experiment(args.data, args.out, args.generator, sizes, args.publish)
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    write_json_atomic(
+        {"sizes": asdict(sizes), "data": str(args.data), "generator": str(args.generator)}, args.out / "config.json"
+    )
+    for name in STAGES:
+        if name == "report" and name in wanted:
+            exp.report(args.out / "report")  # always redone: cheap, and earlier stages may have grown
+        elif name in wanted:
+            run_stage(args.out, name, getattr(exp, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
