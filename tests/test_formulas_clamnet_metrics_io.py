@@ -51,7 +51,7 @@ def ref_targets(abnormal: np.ndarray, organ: np.ndarray, marker: np.ndarray, fra
     return np.concatenate([1 - y, y], axis=1)
 
 
-@pytest.mark.parametrize("fraction", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5, 1.0])
 def test_label_targets_take_the_top_ceil_fraction_of_organ_pixels(fraction):
     organ = np.zeros((3, 1, 3, 3))
     organ[:, :, :2, :] = 1  # six organ pixels; the last row is outside (and holds the highest marker values)
@@ -132,17 +132,20 @@ def test_confusion_matrix_counts_truth_rows_and_prediction_columns():
 
 @pytest.mark.parametrize("include_background", [False, True])
 def test_scores_are_tp_over_tp_fp_fn_and_their_nan_aware_means(include_background):
-    cm = np.array([[50, 3, 2, 0], [4, 20, 1, 0], [0, 5, 7, 0], [0, 0, 0, 0]])  # class 3 absent from truth and prediction
+    cm = np.zeros((5, 5), dtype=np.int64)
+    cm[:3, :3] = [[50, 3, 2], [4, 20, 1], [0, 5, 7]]
+    cm[4, 4] = 1  # one pixel, found: IoU = Dice = 1 from TP + FP + FN = 1; class 3 absent from truth and prediction
     tp, fp, fn = np.diag(cm), cm.sum(0) - np.diag(cm), cm.sum(1) - np.diag(cm)
-    iou, dice = tp[:3] / (tp + fp + fn)[:3], 2 * tp[:3] / (2 * tp + fp + fn)[:3]
-    s = scores(torch.from_numpy(cm), {"background": 0, "heart": 1, "aorta": 2, "trachea": 3}, include_background)
-    for c, name in enumerate(("background", "heart", "aorta")):
+    scored = [0, 1, 2, 4]
+    iou, dice = tp[scored] / (tp + fp + fn)[scored], 2 * tp[scored] / (2 * tp + fp + fn)[scored]
+    s = scores(torch.from_numpy(cm), {"background": 0, "heart": 1, "aorta": 2, "trachea": 3, "esophagus": 4}, include_background)
+    for c, name in enumerate(("background", "heart", "aorta", "esophagus")):
         assert s["iou"][name] == pytest.approx(iou[c], rel=1e-12) and s["dice"][name] == pytest.approx(dice[c], rel=1e-12)
     assert math.isnan(s["iou"]["trachea"]) and math.isnan(s["dice"]["trachea"])
     first = 0 if include_background else 1
     assert s["miou"] == pytest.approx(iou[first:].mean(), rel=1e-12)
     assert s["mean_dice"] == pytest.approx(dice[first:].mean(), rel=1e-12)
-    assert sorted(scores(torch.from_numpy(cm))["iou"]) == ["0", "1", "2", "3"]  # unnamed classes keep their index
+    assert sorted(scores(torch.from_numpy(cm))["iou"]) == ["0", "1", "2", "3", "4"]  # unnamed classes keep their index
     assert math.isnan(scores(torch.zeros(2, 2, dtype=torch.int64))["miou"])  # nothing to score
 
 

@@ -105,6 +105,8 @@ def test_members_have_their_own_kaiming_init_and_the_seed_fixes_it():
     assert torch.equal(same.w3, ens.w3) and not torch.allclose(other.w1, ens.w1)
     assert all((b == 0).all() for b in (ens.b1, ens.b2, ens.b3))
     cfg = ens.config
+    paper = EnsembleConfig((1,), (4,), 4, num_classes=2)
+    assert (paper.members, paper.hidden, paper.seed) == (10, (256, 128), 0)  # DatasetGAN-medical: n = 10; 256 and 128 units
     assert EnsembleConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["hidden"] == [256, 128]
 
 
