@@ -29,7 +29,7 @@ from labelfactory.gan.identity import generated_to_image, generator_identity, se
 from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import Image, Window, write_image, write_seg_nrrd
-from labelfactory.labels import LABEL_COLORS
+from labelfactory.labels import UNKNOWN_COLOR, map_of
 from labelfactory.latent_record import TRUNCATION_PSI
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _write_pair(
     label = image.with_array(mask)
     write_image(image, out / "images" / f"{name}.nii.gz")
     write_image(label, out / "labels" / f"{name}.nii.gz")
-    write_seg_nrrd(label, out / "labels" / f"{name}.seg.nrrd", label_names, LABEL_COLORS)
+    write_seg_nrrd(label, out / "labels" / f"{name}.seg.nrrd", label_names, map_of(label_names).colors)
     write_image(image.with_array(uncertainty), out / "uncertainty" / f"{name}.nii.gz")
     if png:
         write_image(
@@ -220,9 +220,10 @@ def _write_preview(path: Path, out: Path, seeds: list[int], label_names: dict[st
     if not seeds:
         return
     lut = np.zeros((max(label_names.values()) + 1, 4))
+    colors = map_of(label_names).colors  # the data set's (Slicer's) colours; others from tab10
     for name, v in label_names.items():
-        if v and name in LABEL_COLORS:
-            lut[v] = [*(c / 255 for c in LABEL_COLORS[name]), 0.5]
+        if v and colors.get(name, UNKNOWN_COLOR) != UNKNOWN_COLOR:
+            lut[v] = [*(c / 255 for c in colors[name]), 0.5]
         elif v:
             lut[v] = [*plt.cm.tab10(v % 10)[:3], 0.5]
     fig, axes = plt.subplots(3, len(seeds), figsize=(2 * len(seeds), 6), squeeze=False)

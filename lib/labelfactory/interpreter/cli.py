@@ -58,6 +58,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--class-weights", type=float, nargs="+", default=None, help="one cross-entropy weight per class value"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--label-map",
+        default="totalsegmentator",
+        help="the masks' label map (labelfactory.labels: totalsegmentator, openkbp), recorded in the model",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,13 +70,14 @@ def run(args: argparse.Namespace) -> int:
     from labelfactory.interpreter.labeller import save_interpreter
     from labelfactory.interpreter.records import load_records, records_from_datastore_folder, records_from_seed_masks
     from labelfactory.interpreter.train import train_ensemble
-    from labelfactory.labels import LABEL_NAMES
+    from labelfactory.labels import label_map
 
     generator = generator_path(args)
     G = load_generator(generator)
     weights = tuple(args.class_weights) if args.class_weights else None
     cfg = replace(from_args(TrainConfig(), args, FLAGS), hidden=tuple(args.hidden), class_weights=weights)
-    K = max(LABEL_NAMES.values()) + 1
+    label_names = label_map(args.label_map).values
+    K = max(label_names.values()) + 1
     if args.datastore:
         items = records_from_datastore_folder(args.datastore)
         if not items:
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     ens, history = train_ensemble(G, records, K, cfg, progress=not args.no_progress)
     out = args.out or generator.with_name(MODEL_FILE)
     data = {"images": [r.name for r in records], "count": len(records), "history": history}
-    save_interpreter(out, ens, LABEL_NAMES, cfg.to_dict(), data, G)
+    save_interpreter(out, ens, label_names, cfg.to_dict(), data, G)
     epochs, loss = len(history["epoch_loss"]), history["best_loss"]
     print(f"interpreter: {len(records)} images, {epochs} epochs, loss {loss:.4f} -> {out}")
     return 0

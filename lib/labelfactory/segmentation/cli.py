@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from labelfactory import distributed
+from labelfactory.labels import label_map
 from labelfactory.options import add_arguments, from_args
 from labelfactory.segmentation.data import training_sets
 from labelfactory.segmentation.networks import NETWORKS
@@ -40,6 +41,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", default=d.network, choices=NETWORKS, help=f"(default: {d.network})")
     add_arguments(p, d, FLAGS, helps={"size": "slice size in pixels"})
     p.add_argument("--log-dir", type=Path, default=None, help="TensorBoard folder (default: <out>.logs)")
+    p.add_argument(
+        "--label-map",
+        default="totalsegmentator",
+        help="the labels' map (labelfactory.labels: totalsegmentator, openkbp), recorded in the model",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group_cleanup():
         real = args.real if args.real is not None else ("0" if args.synthetic else "all")
         k_real = None if real == "all" else int(real)
-        train, val, info = training_sets(args.studies, args.synthetic, k_real, args.val_patients, args.size)
-        config = from_args(TrainConfig(), args, ("network", *FLAGS))
+        names = label_map(args.label_map).values
+        train, val, info = training_sets(args.studies, args.synthetic, k_real, args.val_patients, args.size, names)
+        config = from_args(TrainConfig(label_names=names), args, ("network", *FLAGS))
         result = train_segmenter(
             train, val, config, out=args.out, log_dir=args.log_dir or args.out.with_suffix(".logs"), data=info
         )
