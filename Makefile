@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
+# the bundled sample make serve serves: auto = openkbp once sample-data/openkbp/models holds models, else totalsegmentator
+SAMPLE ?= auto
 
 .PHONY: serve test system-deps
 
@@ -15,7 +17,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(PY) -m labelfactory.cli serve --port $(PORT)
+	$(PY) -m labelfactory.cli serve --port $(PORT) --sample $(SAMPLE)
 
 # Orthanc + DICOMweb for the DICOMweb test (best effort: the test skips, saying why, without it)
 system-deps:
