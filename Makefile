@@ -11,7 +11,7 @@ SAMPLE ?= auto
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.txt pytest
+	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.txt pytest ruff
 	$(VENV)/bin/pip install -q --no-deps -e .
 	$(PY) -m labelfactory.evaluation.fid_weights --quiet || true
 	touch $(STAMP)
