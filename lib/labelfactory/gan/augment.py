@@ -70,34 +70,36 @@ class AugmentPipe(nn.Module):
         return torch.where(keep, values, torch.full_like(values, identity))
 
     def geometry(self, n: int, size: int, device) -> torch.Tensor:
-        """(n, 3, 3) forward transforms in pixel units, centred on the image, for an image `size` wide."""
+        """(n, 3, 3) forward transforms in pixel units, centred on the image, for an image `size` wide (the 2x-upsampled
+        one). Composed in ADA's order, each left-multiplied: x-flip applies first, fractional translation last."""
         p = self.p.to(device)
         G = _eye(n, device)
         rand = lambda *shape: torch.rand(n, *shape, device=device)  # noqa: E731
         randn = lambda *shape: torch.randn(n, *shape, device=device)  # noqa: E731
         if self.xflip:
             i = self._gate(torch.floor(rand() * 2), 0, p * self.xflip)
-            G = G @ _scale(1 - 2 * i, torch.ones_like(i))
+            G = _scale(1 - 2 * i, torch.ones_like(i)) @ G
         if self.rotate90:
             i = self._gate(torch.floor(rand() * 4), 0, p * self.rotate90)
-            G = G @ _rotate(-math.pi / 2 * i)
+            G = _rotate(-math.pi / 2 * i) @ G
         if self.xint:
             t = self._gate((rand(2) * 2 - 1) * self.xint_max, 0, p * self.xint)
-            G = G @ _translate(torch.round(t[:, 0] * size), torch.round(t[:, 1] * size))
+            t = 2 * torch.round(t * size / 2)  # whole pixels of the image: 2 of the upsampled one
+            G = _translate(t[:, 0], t[:, 1]) @ G
         if self.scale:
             s = self._gate(torch.exp2(randn() * self.scale_std), 1, p * self.scale)
-            G = G @ _scale(s, s)
+            G = _scale(s, s) @ G
         p_rot = 1 - torch.sqrt((1 - self.rotate * p).clamp(min=0))
         if self.rotate:
-            G = G @ _rotate(-self._gate((rand() * 2 - 1) * math.pi * self.rotate_max, 0, p_rot))
+            G = _rotate(-self._gate((rand() * 2 - 1) * math.pi * self.rotate_max, 0, p_rot)) @ G
         if self.aniso:
             s = self._gate(torch.exp2(randn() * self.aniso_std), 1, p * self.aniso)
-            G = G @ _scale(s, 1 / s)
+            G = _scale(s, 1 / s) @ G
         if self.rotate:
-            G = G @ _rotate(-self._gate((rand() * 2 - 1) * math.pi * self.rotate_max, 0, p_rot))
+            G = _rotate(-self._gate((rand() * 2 - 1) * math.pi * self.rotate_max, 0, p_rot)) @ G
         if self.xfrac:
             t = self._gate(randn(2) * self.xfrac_std, 0, p * self.xfrac)
-            G = G @ _translate(t[:, 0] * size, t[:, 1] * size)
+            G = _translate(t[:, 0] * size, t[:, 1] * size) @ G
         return G
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
