@@ -16,7 +16,15 @@ from labelfactory.clamnet.loss import EPS, clamnet_loss, hybrid_loss, label_targ
 from labelfactory.clamnet.pairs import NEGATIVE, NORMAL, SAME, PairBatch, ViewParams
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
-from labelfactory.io import Image, Window, label_to_slices, probabilities_to_volume, slices_to_label, to_unit_range, volume_to_slices
+from labelfactory.io import (
+    Image,
+    Window,
+    label_to_slices,
+    probabilities_to_volume,
+    slices_to_label,
+    to_unit_range,
+    volume_to_slices,
+)
 from labelfactory.io.slices import plan_geometry
 
 
@@ -41,7 +49,7 @@ def test_hybrid_loss_exact_on_soft_targets_a_mask_zero_probabilities_and_tiny_va
 
 
 def ref_targets(abnormal: np.ndarray, organ: np.ndarray, marker: np.ndarray, fraction: float) -> np.ndarray:
-    """Marker 1 on the ceil(fraction * organ pixels) organ pixels of highest marker probability, abnormal slices only."""
+    """Marker 1 on the ceil(fraction * organ pixels) organ pixels of highest marker probability (abnormal slices)."""
     y = np.zeros_like(organ)
     for i in np.flatnonzero(abnormal):
         inside = np.flatnonzero(organ[i].ravel() > 0)
@@ -71,8 +79,19 @@ def _batch(kinds, abnormal_a, abnormal_b, eta_a, eta_b, valid, size=4) -> PairBa
     organ[:, :, 1:3, :] = 1
     views = [ViewParams(1.0, 1.0, 1.0, "resize") if k == SAME else None for k in kinds]  # identity view geometry
     x = torch.rand(B, 1, size, size, generator=g)
-    return PairBatch(x, x, organ, organ.clone(), torch.tensor(abnormal_a), torch.tensor(abnormal_b), torch.tensor(eta_a, dtype=torch.float64),
-                     torch.tensor(eta_b, dtype=torch.float64), torch.tensor(kinds), valid, views)
+    return PairBatch(
+        x,
+        x,
+        organ,
+        organ.clone(),
+        torch.tensor(abnormal_a),
+        torch.tensor(abnormal_b),
+        torch.tensor(eta_a, dtype=torch.float64),
+        torch.tensor(eta_b, dtype=torch.float64),
+        torch.tensor(kinds),
+        valid,
+        views,
+    )
 
 
 def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_heads():
@@ -81,7 +100,9 @@ def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_hea
     size, fraction = 4, 0.25
     valid = torch.ones(3, 1, size, size, dtype=torch.float64)
     valid[2, :, :, 0] = 0  # the SAME pair (slice 2) does not count its first column
-    batch = _batch([NEGATIVE, NORMAL, SAME], [True, False, False], [False, False, False], [0.3, 0.9, 0.4], [0.7, 0.8, 0.6], valid)
+    batch = _batch(
+        [NEGATIVE, NORMAL, SAME], [True, False, False], [False, False, False], [0.3, 0.9, 0.4], [0.7, 0.8, 0.6], valid
+    )
     g = torch.Generator().manual_seed(1)
     heads_a = [torch.randn(3, 2, size, size, generator=g, dtype=torch.float64) for _ in range(2)]
     heads_b = [torch.randn(3, 2, size, size, generator=g, dtype=torch.float64) for _ in range(2)]
@@ -90,14 +111,19 @@ def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_hea
         pa, pb = (np.exp(v) / np.exp(v).sum(1, keepdims=True) for v in (la, lb))
         org = batch.organ_a.numpy()
         ya = ref_targets(np.array([True]), org[:1], pa[:1, 1:], fraction)
-        neg = 0.3 * ref_hybrid(ya, pa[:1])[0] + 1.0 * ref_hybrid(ref_targets(np.array([False]), org[:1], pb[:1, 1:], fraction), pb[:1])[0]
-        y_normal = np.concatenate([np.ones((1, 1, size, size)), np.zeros((1, 1, size, size))], 1)  # Y = (1, 0) everywhere
+        neg = (
+            0.3 * ref_hybrid(ya, pa[:1])[0]
+            + 1.0 * ref_hybrid(ref_targets(np.array([False]), org[:1], pb[:1, 1:], fraction), pb[:1])[0]
+        )
+        y_normal = np.concatenate(
+            [np.ones((1, 1, size, size)), np.zeros((1, 1, size, size))], 1
+        )  # Y = (1, 0) everywhere
         normal = ref_hybrid(y_normal, pa[1:2])[0] + ref_hybrid(y_normal, pb[1:2])[0]
         v = valid.numpy()[2:3]
         same = ref_hybrid(pb[2:3], pa[2:3], v)[0] + ref_hybrid(pa[2:3], pb[2:3], v)[0]
         return (neg + normal + same) / 3
 
-    want = np.mean([head(a.numpy(), b.numpy()) for a, b in zip(heads_a, heads_b)])
+    want = np.mean([head(a.numpy(), b.numpy()) for a, b in zip(heads_a, heads_b, strict=True)])
     assert clamnet_loss(heads_a, heads_b, batch, fraction).item() == pytest.approx(want, rel=1e-10)
 
 
@@ -123,7 +149,7 @@ def test_confusion_matrix_counts_truth_rows_and_prediction_columns():
     rng = np.random.default_rng(3)
     truth, pred = rng.integers(0, 4, (2, 5, 6)), rng.integers(0, 4, (2, 5, 6))
     want = np.zeros((4, 4), dtype=np.int64)
-    for t, p in zip(truth.ravel(), pred.ravel()):
+    for t, p in zip(truth.ravel(), pred.ravel(), strict=True):
         want[t, p] += 1
     assert np.array_equal(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), 4).numpy(), want)
     with pytest.raises(ValueError):
@@ -138,9 +164,15 @@ def test_scores_are_tp_over_tp_fp_fn_and_their_nan_aware_means(include_backgroun
     tp, fp, fn = np.diag(cm), cm.sum(0) - np.diag(cm), cm.sum(1) - np.diag(cm)
     scored = [0, 1, 2, 4]
     iou, dice = tp[scored] / (tp + fp + fn)[scored], 2 * tp[scored] / (2 * tp + fp + fn)[scored]
-    s = scores(torch.from_numpy(cm), {"background": 0, "heart": 1, "aorta": 2, "trachea": 3, "esophagus": 4}, include_background)
+    s = scores(
+        torch.from_numpy(cm),
+        {"background": 0, "heart": 1, "aorta": 2, "trachea": 3, "esophagus": 4},
+        include_background,
+    )
     for c, name in enumerate(("background", "heart", "aorta", "esophagus")):
-        assert s["iou"][name] == pytest.approx(iou[c], rel=1e-12) and s["dice"][name] == pytest.approx(dice[c], rel=1e-12)
+        assert s["iou"][name] == pytest.approx(iou[c], rel=1e-12) and s["dice"][name] == pytest.approx(
+            dice[c], rel=1e-12
+        )
     assert math.isnan(s["iou"]["trachea"]) and math.isnan(s["dice"]["trachea"])
     first = 0 if include_background else 1
     assert s["miou"] == pytest.approx(iou[first:].mean(), rel=1e-12)
@@ -179,13 +211,16 @@ def test_pictures_map_their_full_range_onto_minus_one_one(dtype, top):
 
 
 # ---------------- slices <-> volume
-@pytest.mark.parametrize("hw, spacing, size, scaled, offset", [
-    ((10, 20), (1.0, 1.5), 16, (12, 16), (2, 0)),  # rows 1.5 mm: 15 mm tall, 20 mm wide
-    ((20, 10), (1.0, 1.0), 8, (8, 4), (0, 2)),
-    ((4, 4), (0.5, 0.5), 8, (8, 8), (0, 0)),
-    ((1, 100), (1.0, 1.0), 16, (1, 16), (7, 0)),  # never fewer than one row
-    ((100, 1), (1.0, 1.0), 16, (16, 1), (0, 7)),  # nor one column
-])
+@pytest.mark.parametrize(
+    "hw, spacing, size, scaled, offset",
+    [
+        ((10, 20), (1.0, 1.5), 16, (12, 16), (2, 0)),  # rows 1.5 mm: 15 mm tall, 20 mm wide
+        ((20, 10), (1.0, 1.0), 8, (8, 4), (0, 2)),
+        ((4, 4), (0.5, 0.5), 8, (8, 8), (0, 0)),
+        ((1, 100), (1.0, 1.0), 16, (1, 16), (7, 0)),  # never fewer than one row
+        ((100, 1), (1.0, 1.0), 16, (16, 1), (0, 7)),  # nor one column
+    ],
+)
 def test_plan_geometry_fills_the_longer_physical_side_and_centres_the_other(hw, spacing, size, scaled, offset):
     g = plan_geometry(hw, spacing, size, "LPS")
     assert (g.size, g.hw, g.scaled_hw, g.offset, g.orientation) == (size, hw, scaled, offset, "LPS")

@@ -18,7 +18,9 @@ from labelfactory.interpreter.uncertainty import image_score, js_divergence
 
 
 def _ensemble(channels=(3, 2), resolutions=(2, 4), R=4, K=3, M=2, hidden=(5, 4), seed=0) -> PixelEnsemble:
-    ens = PixelEnsemble(EnsembleConfig(channels, resolutions, R, num_classes=K, members=M, hidden=hidden, seed=seed)).double()
+    ens = PixelEnsemble(
+        EnsembleConfig(channels, resolutions, R, num_classes=K, members=M, hidden=hidden, seed=seed)
+    ).double()
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for bn in (ens.bn1, ens.bn2):
@@ -37,10 +39,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def ref_member(ens: PixelEnsemble, m: int, x: np.ndarray) -> np.ndarray:
     """Member m on pixel rows x (P, C): Linear -> ReLU -> BN(eval) -> Linear -> ReLU -> BN(eval) -> Linear."""
+
     def bn(h, mod, H):
         sl = slice(m * H, (m + 1) * H)
         mean, var, gamma, beta = (_np(v)[sl] for v in (mod.running_mean, mod.running_var, mod.weight, mod.bias))
         return (h - mean) / np.sqrt(var + mod.eps) * gamma + beta
+
     H1, H2 = ens.config.hidden
     h = bn(np.maximum(x @ _np(ens.w1[m]) + _np(ens.b1[m]), 0), ens.bn1, H1)
     h = bn(np.maximum(h @ _np(ens.w2[m]) + _np(ens.b2[m]), 0), ens.bn2, H2)
@@ -71,7 +75,10 @@ def test_batchnorm_folds_into_the_next_linear_layer():
 def test_factorized_logits_equal_the_naive_mlp_on_upsampled_concatenated_taps():
     ens = _ensemble()
     g = torch.Generator().manual_seed(2)
-    taps = [torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64), torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)]
+    taps = [
+        torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64),
+    ]
     A = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])  # bilinear 2 -> 4, half-pixel centres, edge clamped
     up = np.einsum("yi,xj,cij->cyx", A, A, _np(taps[0][0]))
     x = np.concatenate([up, _np(taps[1][0])]).reshape(5, 16).T  # (pixels, channels), row-major pixels
@@ -106,7 +113,11 @@ def test_members_have_their_own_kaiming_init_and_the_seed_fixes_it():
     assert all((b == 0).all() for b in (ens.b1, ens.b2, ens.b3))
     cfg = ens.config
     paper = EnsembleConfig((1,), (4,), 4, num_classes=2)
-    assert (paper.members, paper.hidden, paper.seed) == (10, (256, 128), 0)  # DatasetGAN-medical: n = 10; 256 and 128 units
+    assert (paper.members, paper.hidden, paper.seed) == (
+        10,
+        (256, 128),
+        0,
+    )  # DatasetGAN-medical: n = 10; 256 and 128 units
     assert EnsembleConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["hidden"] == [256, 128]
 
 
