@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from labelfactory.clamnet.cam import CamConfig, cam_maps, train_classifier
-from labelfactory.clamnet.data import load_weak_slices
+from labelfactory.clamnet.data import WeakSlices, load_weak_slices
 from labelfactory.clamnet.evaluate import score_maps, split_by_slab
 from labelfactory.clamnet.experiment import ABLATIONS, BASELINES, Budget, run_experiment
 from labelfactory.clamnet.infer import predict_crops
@@ -181,13 +181,27 @@ def _machine() -> dict:
     }
 
 
+def _load(train_cases, val_cases, task: WeakTask, cache: Path | None) -> tuple[WeakSlices, WeakSlices]:
+    """The train and validation slices, from `cache` when it holds these cases at this task (parallel runs share it)."""
+    key = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases], "task": asdict(task)}
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == key:
+            return WeakSlices(**saved["train"]), WeakSlices(**saved["validation"])
+    train, evaluation = load_weak_task(train_cases, task), load_weak_task(val_cases, task)
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "train": vars(train), "validation": vars(evaluation)}, tmp)
+        tmp.replace(cache)
+    return train, evaluation
+
+
 def openkbp_task(args: argparse.Namespace) -> None:
     task = WeakTask(size=args.size)
     train_cases = read_cases(args.root, "train")[: args.train_patients or None]
     val_cases = read_cases(args.root, "validation")[: args.val_patients or None]
     t = time.time()
-    train = load_weak_task(train_cases, task)
-    evaluation = load_weak_task(val_cases, task)
+    train, evaluation = _load(train_cases, val_cases, task, args.cache)
     names = {c.name for c in train_cases[: args.threshold_patients]}
     threshold_set = train.subset(np.nonzero([s in names for s in train.study])[0])
     print(f"loaded {len(train)} train and {len(evaluation)} validation slices in {time.time() - t:.0f} s")
@@ -250,6 +264,7 @@ def main() -> None:
         default=Path(tempfile.gettempdir()) / "clamnet-openkbp",
         help="per-method records (a rerun resumes); delete it to start over",
     )
+    op.add_argument("--cache", type=Path, default=None, help="file holding the loaded slices (written if absent)")
     op.add_argument("--out", type=Path, default=RESULTS / "clamnet_openkbp", help="writes <out>.json and <out>.md")
     op.add_argument("--png", type=Path, default=DOCS_RESULTS / "clamnet-openkbp.png")
     args = ap.parse_args()

@@ -1,7 +1,10 @@
 """Studies + image-level labels -> organ-cropped training slices (ClamNet's input).
 
-The organ mask of a study comes from, in order: `<organ_dir>/<study id>/mask_<organ>.nii.gz`
-for each organ dir given (the layout of `sample-data/datastore/reference`); the study's final label map
+Image-level labels: the CSV's rows, then rows from the datastore's image info
+(`image_labels.rows_from_info`), which win over the CSV's for the same slice (a slice row still
+wins over a whole-image row). The organ `body` is the CT's body mask (`labelfactory.clamnet.body`).
+Any other organ mask comes from, in order: `<organ_dir>/<study id>/mask_<organ>.nii.gz` for each
+organ dir given (the layout of `sample-data/datastore/reference`); the study's final label map
 (voxels equal to the organ's value in `labelfactory.labels.LABEL_NAMES`). A study with neither is
 left out of training with a warning: without an organ crop its slices would not look like the others.
 A pixel truth (for evaluation only) is looked up the same way as `mask_<truth>.nii.gz`; slices
@@ -18,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelfactory.clamnet.body import BODY, body_mask
 from labelfactory.clamnet.crop import crop_mask, crop_slices, oriented_to_file_slice
-from labelfactory.clamnet.image_labels import read_image_labels, slice_labels
+from labelfactory.clamnet.image_labels import ImageLabel, read_image_labels, slice_labels
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, Window, read_image, read_label
 from labelfactory.io.dataset import Study, find_studies
@@ -45,7 +49,7 @@ class WeakSlices:
     def __len__(self) -> int:
         return len(self.x)
 
-    def subset(self, idx: torch.Tensor | np.ndarray) -> "WeakSlices":
+    def subset(self, idx: torch.Tensor | np.ndarray) -> WeakSlices:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         out = {}
         for f in fields(self):
@@ -61,6 +65,9 @@ def find_mask(study: Study, name: str, organ_dirs: list[Path]) -> Path | None:
 
 def organ_mask(study: Study, image: Image, organ: str, organ_dirs: list[Path]) -> Image | None:
     """The study's organ mask on its image grid, or None when no source has one."""
+    if organ == BODY:
+        mask = body_mask(image)
+        return mask if mask.array.any() else None
     path = find_mask(study, organ, organ_dirs)
     if path is not None:
         return read_label(path, image)
@@ -77,7 +84,9 @@ def segmented_organ(model: str | os.PathLike, image: Image, organ: str) -> Image
 
     segmenter = load_segmenter(model)
     if organ not in segmenter.label_names:
-        raise LabelFactoryError(f"the segmentation model at {model} does not segment '{organ}' (it knows {sorted(segmenter.label_names)})")
+        raise LabelFactoryError(
+            f"the segmentation model at {model} does not segment '{organ}' (it knows {sorted(segmenter.label_names)})"
+        )
     label = segment_image(segmenter, image)
     mask = (label.array == segmenter.label_names[organ]).astype(np.uint8)
     return label.with_array(mask) if mask.any() else None
@@ -92,7 +101,9 @@ def default_organ_dirs(studies: str | os.PathLike) -> list[Path]:
 def default_labels_csv(studies: str | os.PathLike) -> Path:
     """`<studies>/image_labels.csv`, else `<studies>/../image_labels.csv` (the sample data's layout)."""
     s = Path(studies)
-    return next((p for p in (s / "image_labels.csv", s.parent / "image_labels.csv") if p.is_file()), s / "image_labels.csv")
+    return next(
+        (p for p in (s / "image_labels.csv", s.parent / "image_labels.csv") if p.is_file()), s / "image_labels.csv"
+    )
 
 
 def load_weak_slices(
@@ -105,9 +116,15 @@ def load_weak_slices(
     margin_mm: float = 10.0,
     window: Window = Window(),
     default_eta: float = 0.5,
+    info_rows: list[ImageLabel] | None = None,
 ) -> WeakSlices:
-    """Every labelled slice of every study that has an organ mask, cropped to the organ."""
-    rows = read_image_labels(labels_csv or default_labels_csv(studies))
+    """Every labelled slice of every study that has an organ mask, cropped to the organ.
+
+    info_rows: labels from the datastore (after the CSV's, so they win); with some, a missing CSV is no error.
+    """
+    csv_path = Path(labels_csv or default_labels_csv(studies))
+    rows = read_image_labels(csv_path) if csv_path.is_file() or not info_rows else []
+    rows += info_rows or []
     organ_dirs = default_organ_dirs(studies) if organ_dirs is None else organ_dirs
     labelled = {r.image for r in rows}
     parts = []
@@ -117,23 +134,37 @@ def load_weak_slices(
         image = read_image(study.image)
         mask = organ_mask(study, image, organ, organ_dirs)
         if mask is None:
-            logger.warning(f"{study.id}: no {organ} mask (organ dirs {[str(d) for d in organ_dirs]} or a final label); left out of ClamNet's slices")
+            logger.warning(
+                f"{study.id}: no {organ} mask (organ dirs {[str(d) for d in organ_dirs]} or a final label); "
+                "left out of ClamNet's slices"
+            )
             continue
         crops = crop_slices(image, mask, size, margin_mm, window)
         file_slice = torch.from_numpy(oriented_to_file_slice(image))[crops.slices]
         depth = 1 if image.ndim == 2 else image.array.shape[0]
-        listed, abnormal, eta = (torch.from_numpy(a)[file_slice] for a in slice_labels(rows, study.id, depth, default_eta))
+        listed, abnormal, eta = (
+            torch.from_numpy(a)[file_slice] for a in slice_labels(rows, study.id, depth, default_eta)
+        )
         truth_path = find_mask(study, truth, organ_dirs) if truth else None
         if truth_path is not None:
             t, has = crop_mask(read_label(truth_path, image), crops), torch.ones(len(crops.x), dtype=torch.bool)
         else:
             t, has = torch.zeros_like(crops.organ), ~abnormal
         keep = torch.nonzero(listed).flatten()
-        parts.append(WeakSlices(crops.x, crops.organ, t, has, abnormal, eta, [study.id] * len(crops.x), file_slice).subset(keep))
+        parts.append(
+            WeakSlices(crops.x, crops.organ, t, has, abnormal, eta, [study.id] * len(crops.x), file_slice).subset(keep)
+        )
     if not parts:
-        raise LabelFactoryError(f"no labelled study in {studies} has a {organ} mask; add masks or label studies that have them")
+        raise LabelFactoryError(
+            f"no labelled study in {studies} has a {organ} mask; add masks or label studies that have them"
+        )
     return WeakSlices(
-        x=torch.cat([p.x for p in parts]), organ=torch.cat([p.organ for p in parts]), truth=torch.cat([p.truth for p in parts]),
-        has_truth=torch.cat([p.has_truth for p in parts]), abnormal=torch.cat([p.abnormal for p in parts]), eta=torch.cat([p.eta for p in parts]),
-        study=[s for p in parts for s in p.study], file_slice=torch.cat([p.file_slice for p in parts]),
+        x=torch.cat([p.x for p in parts]),
+        organ=torch.cat([p.organ for p in parts]),
+        truth=torch.cat([p.truth for p in parts]),
+        has_truth=torch.cat([p.has_truth for p in parts]),
+        abnormal=torch.cat([p.abnormal for p in parts]),
+        eta=torch.cat([p.eta for p in parts]),
+        study=[s for p in parts for s in p.study],
+        file_slice=torch.cat([p.file_slice for p in parts]),
     )

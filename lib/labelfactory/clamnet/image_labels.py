@@ -7,6 +7,7 @@ Columns (header required): `image,slice,label,eta`
 - label: `normal` or `abnormal`;
 - eta: optional, the probability in (0, 1] that an abnormal slice's organ holds the marker (the
   loss weight); empty means the training default.
+The same rows can live in a datastore image's info (`rows_from_info`); `ramp_eta` derives eta from slice labels.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def read_image_labels(path: str | os.PathLike) -> list[ImageLabel]:
     if not path.is_file():
         raise LabelFactoryError(
             f"{path}: no image-level labels file; write one (columns {','.join(COLUMNS)}), "
-            "see sample-data/README.md (image-level labels)"
+            "see sample-data/README.md (image-level labels), or set image_labels in the datastore's image info"
         )
     rows = []
     with open(path, newline="") as f:

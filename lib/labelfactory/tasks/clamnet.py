@@ -1,5 +1,10 @@
 """MONAI Label adapters for ClamNet: trainer `clamnet` and infer `clamnet` (marker mask + probability map).
 
+Image-level labels: the CSV (`labels_csv`, see `labelfactory.clamnet.image_labels`) and, winning over it,
+`image_labels` in the datastore's image info (`PUT /datastore/image/info?image=<id>`, form field `info`)
+or in the final label's info (the `params` of `PUT /datastore/label`), so a Slicer user marks slices or studies
+normal / abnormal through the API and retrains `clamnet` (see `datastore_image_labels`).
+
 Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
 The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
 Organ mask at inference, in order: request `organ_mask` (a file on the image's grid), request
@@ -14,11 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelfactory.clamnet.crop import box_mask
 from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask, segmented_organ
+from labelfactory.clamnet.image_labels import ImageLabel, rows_from_info
 from labelfactory.clamnet.infer import predict_image
 from labelfactory.clamnet.train import KIND, MODEL_FILE, ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
 from labelfactory.errors import LabelFactoryError
@@ -32,11 +38,23 @@ from labelfactory.tasks.models import ModelCache
 MARKER_LABEL = {"marker": 1}
 
 
+def datastore_image_labels(datastore: Datastore) -> list[ImageLabel]:
+    """The `image_labels` rows of every image's info, then of its final label's info (later rows win)."""
+    rows = []
+    for image_id in datastore.list_images():
+        rows += rows_from_info(image_id, datastore.get_image_info(image_id), f"image {image_id}: info")
+        label_id = datastore.get_labels_by_image_id(image_id).get(DefaultLabelTag.FINAL.value)
+        if label_id:
+            info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL.value)
+            rows += rows_from_info(image_id, info, f"image {image_id}: final label info")
+    return rows
+
+
 class ClamNetTrain(TrainBase):
-    """Trains the ClamNet pair on the datastore's images with the image-level labels CSV."""
+    """Trains the ClamNet pair on the datastore's images with the image-level labels (CSV and datastore info)."""
 
     name = KIND
-    options = ("steps", "batch", "lr", "eta", "size", "seed", "margin_mm", "threshold")
+    options = ("steps", "batch", "lr", "eta", "marker_fraction", "organ", "size", "seed", "margin_mm", "threshold")
 
     def __init__(
         self,
@@ -62,7 +80,16 @@ class ClamNetTrain(TrainBase):
         organ_dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(studies)
         labels_csv = request.get("labels_csv") or self.labels_csv
         slices = load_weak_slices(
-            studies, labels_csv, cfg.organ, organ_dirs, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta
+            studies,
+            labels_csv,
+            cfg.organ,
+            organ_dirs,
+            None,
+            cfg.size,
+            cfg.margin_mm,
+            cfg.ct_window,
+            cfg.eta,
+            datastore_image_labels(datastore),
         )
         pair, history = train_clamnet(slices, cfg)
         data = {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
