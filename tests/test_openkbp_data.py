@@ -1,4 +1,4 @@
-"""The bundled OpenKBP sample: its splits, crops that go back where they came from, and the converter from OpenKBP's CSVs."""
+"""The bundled OpenKBP sample: its splits, crops that go back where they came from, the converter from its CSVs."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_bundled_sample_has_both_splits_and_the_datastore_holds_the_validation_p
 
 @pytest.mark.parametrize("case", openkbp.read_cases(CASES), ids=lambda c: c.name)
 def test_crops_paste_back_every_organ_voxel_of_the_cropped_slices(case):
-    """64 px body crops at native spacing hold every organ voxel of the slices they crop (skipped slices: see README)."""
+    """64 px body crops at native spacing hold every organ voxel of the slices they crop (skipped slices: README)."""
     ct, label = openkbp.read_array(case.ct).astype(np.float32), openkbp.read_array(case.label)
     boxes = openkbp.body_boxes(ct, 64)
     back = openkbp.paste(openkbp.crop(label, boxes, fill=0), boxes, label.shape)
@@ -53,7 +53,7 @@ def write_sparse(path, flat: np.ndarray, values: bool) -> None:
 
 
 def to_source(volume: np.ndarray) -> np.ndarray:
-    """The inverse of the converter's transform: (z, y, x), z superior -> flat C-order (row, column, slice), slice 0 cranial."""
+    """The converter's transform undone: (z, y, x), z superior -> flat C-order (row, column, slice), slice 0 cranial."""
     return np.ascontiguousarray(volume[::-1].transpose(1, 2, 0)).ravel()
 
 
@@ -91,3 +91,26 @@ def test_converter_turns_a_patients_csv_files_into_the_bundled_volumes(tmp_path)
 
 def test_converter_says_what_it_expected_when_the_folder_is_not_openkbp(tmp_path):
     assert main(["openkbp-download", "--from", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_download_unpacks_only_provided_data_and_the_licence(tmp_path):
+    """The download step on a local archive laid out as the repository's (a file:// URL: nothing is fetched here)."""
+    import tarfile
+
+    from labelfactory.datasets.convert_openkbp import download
+
+    root = tmp_path / "open-kbp-abc"
+    (root / "provided-data" / "train-pats" / "pt_1").mkdir(parents=True)
+    (root / "provided-data" / "train-pats" / "pt_1" / "ct.csv").write_text(",data\n0,1000.0\n")
+    (root / "LICENSE").write_text("MIT License\n")
+    (root / "main.py").write_text("print('not data')\n")
+    archive = tmp_path / "archive.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname=root.name)
+    got = download(tmp_path / "dl", url=archive.as_uri())
+    assert got == tmp_path / "dl" / "provided-data"
+    assert (got / "train-pats" / "pt_1" / "ct.csv").read_text() == ",data\n0,1000.0\n"
+    assert (tmp_path / "dl" / "LICENSE").is_file() and sorted(p.name for p in (tmp_path / "dl").iterdir()) == [
+        "LICENSE",
+        "provided-data",
+    ]
