@@ -42,8 +42,16 @@ def train_tiny(model_dir, label_map: LabelMap, slicing: str = "body-crop"):
     """A 2-step UNet on 32 px body crops of one bundled patient, published as model_dir/segmentation.pt."""
     case = openkbp.load_case(openkbp.read_cases(CASES, "train")[0], size=32)
     data = RealSlices(case.images[::8], case.organs[::8], [case.case.name] * len(case.images[::8]))
-    cfg = TrainConfig(network="unet", size=32, steps=2, val_interval=2, batch_size=4, label_names=label_map.values,
-                      slicing=slicing, window=WINDOW)
+    cfg = TrainConfig(
+        network="unet",
+        size=32,
+        steps=2,
+        val_interval=2,
+        batch_size=4,
+        label_names=label_map.values,
+        slicing=slicing,
+        window=WINDOW,
+    )
     return train_segmenter(data, None, cfg, out=model_dir / MODEL_FILE)
 
 
@@ -88,7 +96,7 @@ def test_interpreter_records_its_map_and_refuses_to_serve_under_another(tmp_path
 
 
 class BoneNet(torch.nn.Module):
-    """A stand-in segmenter: 'mandible' (7) wherever the windowed input is brighter than `threshold`, else background."""
+    """A stand-in segmenter: 'mandible' (7) where the windowed input is brighter than `threshold`, else background."""
 
     def __init__(self, threshold: float):
         super().__init__()
@@ -104,8 +112,12 @@ def test_body_crop_segmenter_pastes_each_slice_back_where_its_pixels_are():
     """3D OpenKBP CT in, a label volume on the same grid out: predictions land on the voxels they were made for."""
     image = read_image(STORE / "validation_pt_222.nii.gz")
     hu = image.array.astype(np.float32)
-    segmenter = Segmenter(BoneNet(float(openkbp.WINDOW.to_unit(300.5))), 64, OPENKBP.values,
-                          {"config": {"slicing": "body-crop", "window": WINDOW}})
+    segmenter = Segmenter(
+        BoneNet(float(openkbp.WINDOW.to_unit(300.5))),
+        64,
+        OPENKBP.values,
+        {"config": {"slicing": "body-crop", "window": WINDOW}},
+    )
     label = segment_image(segmenter, image)
     assert label.array.shape == image.array.shape and label.spacing == pytest.approx(image.spacing)
     boxes = openkbp.body_boxes(hu, 64)
@@ -132,11 +144,15 @@ def test_server_serves_the_map_its_models_record_and_refuses_another(openkbp_mod
     info = requests.get(srv.url + "/info/", timeout=30).json()
     assert info["labels"] == OPENKBP.values and info["label_map"] == "openkbp"
     assert info["label_colors"]["spinal cord"] == pytest.approx([c / 255 for c in OPENKBP.colors["spinal cord"]])
-    r = requests.post(srv.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120)
+    r = requests.post(
+        srv.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120
+    )
     assert r.status_code == 200, r.text
     assert r.json()["label_names"] == {n: v for n, v in OPENKBP.values.items() if v}
     srv.stop()
     other = start_server(store, app_copy, conf={**conf, "labels": "totalsegmentator"})
     assert requests.get(other.url + "/info/", timeout=30).json()["labels"] == TOTALSEGMENTATOR.values
-    r = requests.post(other.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120)
+    r = requests.post(
+        other.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120
+    )
     assert r.status_code == 409 and "trained with the label map 'openkbp'" in r.text
