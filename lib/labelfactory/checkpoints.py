@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from labelfactory.errors import LabelFactoryError, ModelMissing
+from labelfactory.jsonio import TMP_SUFFIX, write_atomic
 
 logger = logging.getLogger(__name__)
 _REPO = Path(__file__).resolve().parents[2]
-TMP_SUFFIX = ".tmp"
 
 
 @functools.cache
@@ -77,20 +77,6 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    """`write(binary file)` into a temp file beside `path`, fsync, rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _link_atomic(src: Path, dst: Path) -> None:
     """Hard-link `src` as `dst`, replacing dst atomically (no-op when src is missing)."""
     if not src.exists():
@@ -124,7 +110,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         # model first, then its hash: in between (or after a crash there) the pair mismatches and the
         # file is refused, falling back to the previous version, never served unchecked
         os.replace(tmp, path)
-        _write_atomic(hash_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        write_atomic(hash_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,22 +1,30 @@
-"""The one way the project writes a JSON file: temp file in the same folder, fsync, rename (never half-written)."""
+"""Files written whole or not at all, and the one way the project writes JSON.
+
+`write_atomic` writes through a temp file in the same folder (`.<name>.<random>.tmp`), fsyncs and
+renames it into place: a reader sees the old file or the new one, never half of one, and an
+interrupted write leaves only a temp file that cleanups can recognise by its suffix.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+TMP_SUFFIX = ".tmp"
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 1) -> Path:
-    """Write `obj` as JSON to `path` (parents created); a reader sees the old file or the new one. Returns the path."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """`write(binary file)` into a temp file beside `path` (parents created), fsync, rename into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, allow_nan=True)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -24,6 +32,12 @@ def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 1) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 1) -> Path:
+    """Write `obj` as JSON (NaN allowed, as Python's json writes it) to `path` atomically. Returns the path."""
+    data = json.dumps(obj, indent=indent, allow_nan=True).encode()
+    return write_atomic(path, lambda f: f.write(data))
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:

@@ -44,7 +44,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image, read_label, write_image
-from labelfactory.jsonio import write_json_atomic
+from labelfactory.jsonio import TMP_SUFFIX, write_atomic, write_json_atomic
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.latent_record import LATENT_KEY
 
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 INDEX = "datastore_v2.json"
 PROVENANCE_SUFFIX = f".{LATENT_KEY}.json"
-TMP_SUFFIX = ".tmp"
 
 
 def check_id(image_id: str) -> str:
@@ -70,18 +69,8 @@ def check_id(image_id: str) -> str:
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy `src` to `dst` through a temp file in dst's folder (fsync, rename): dst is the old file or the new one."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    with open(src, "rb") as f:
+        return write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def set_aside_if_damaged(index: Path) -> Path | None:
