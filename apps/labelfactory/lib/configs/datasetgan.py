@@ -3,15 +3,14 @@ generated image) and `synthesis` (a new image + mask from a seed), next-sample s
 `generated_uncertain` and scoring `generated_uncertainty`.
 
 Conf: interpreter_<option> for each trainer option (`InterpreterTrain.options`; defaults:
-`labelfactory.interpreter.train.TrainConfig`), candidates (K new images scored per next sample,
-8), truncation_psi (`labelfactory.latent_record.TRUNCATION_PSI`).
+`labelfactory.interpreter.train.TrainConfig`), candidates (K new images scored per next sample)
+and truncation_psi (defaults: `GeneratedUncertain`'s, `SynthesisInfer`'s).
 """
 
 from monailabel.interfaces.config import TaskConfig
 
 from labelfactory.interpreter.train import TrainConfig
 from labelfactory.labels import DEFAULT
-from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.options import config_overrides
 from labelfactory.tasks.active_learning import GeneratedUncertain, GeneratedUncertainty
 from labelfactory.tasks.interpreter import DatasetGANInfer, InterpreterModels, InterpreterTrain
@@ -22,22 +21,22 @@ class DatasetGAN(TaskConfig):
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.defaults = config_overrides(TrainConfig(), conf, InterpreterTrain.options, prefix="interpreter_")
-        self.candidates = int(conf.get("candidates") or 8)
-        self.truncation_psi = float(conf.get("truncation_psi") or TRUNCATION_PSI)
+        self.candidates = {"candidates": int(conf["candidates"])} if conf.get("candidates") else {}
+        self.psi = {"truncation_psi": float(conf["truncation_psi"])} if conf.get("truncation_psi") else {}
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
         self.models = InterpreterModels(model_dir, self.label_names)
 
     def infer(self):
         return {
             "datasetgan": DatasetGANInfer(self.models, self.label_names),
-            "synthesis": SynthesisInfer(self.models, self.truncation_psi, self.label_names),
+            "synthesis": SynthesisInfer(self.models, label_names=self.label_names, **self.psi),
         }
 
     def trainer(self):
         return {"interpreter": InterpreterTrain(self.model_dir, self.defaults, self.label_names)}
 
     def strategy(self):
-        return {"generated_uncertain": GeneratedUncertain(self.models, self.candidates, self.truncation_psi)}
+        return {"generated_uncertain": GeneratedUncertain(self.models, **self.candidates, **self.psi)}
 
     def scoring_method(self):
         return {"generated_uncertainty": GeneratedUncertainty(self.models)}
