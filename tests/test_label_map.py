@@ -156,3 +156,12 @@ def test_server_serves_the_map_its_models_record_and_refuses_another(openkbp_mod
         other.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120
     )
     assert r.status_code == 409 and "trained with the label map 'openkbp'" in r.text
+
+
+def test_body_crop_segmenter_refuses_a_picture():
+    segmenter = Segmenter(BoneNet(0.0), 64, OPENKBP.values, {"config": {"slicing": "body-crop", "window": WINDOW}})
+    picture = read_image(STORE / "validation_pt_222.nii.gz")
+    picture = picture.with_array(np.zeros(picture.array.shape, np.uint8))
+    with pytest.raises(LabelFactoryError, match="CT in HU") as e:
+        segment_image(segmenter, picture)
+    assert e.value.status == 400

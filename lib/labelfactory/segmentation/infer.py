@@ -79,6 +79,8 @@ def segment_image(
 
 def _segment_body_crops(segmenter: Segmenter, image: Image, window: Window, batch_size: int) -> Image:
     """Crop each LPS axial slice around its body, predict, paste onto the LPS grid, back to the input's orientation."""
+    if image.array.dtype == np.uint8:
+        raise LabelFactoryError("this segmenter was trained on body crops of CT in HU: give it CT, not a picture")
     oriented, code = reorient(image)
     hu = (oriented.array[None] if oriented.ndim == 2 else oriented.array).astype(np.float32)
     boxes = body_boxes(hu, segmenter.size)
