@@ -1,4 +1,5 @@
-"""ClamNet: pairs, hybrid loss, organ crop, labels CSV, slab split, and learning a bright blob from image-level labels."""
+"""ClamNet: pairs, hybrid loss, organ crop, labels CSV, slab split, and learning a bright blob from image-level
+labels."""
 
 from __future__ import annotations
 
@@ -9,12 +10,22 @@ import pytest
 import torch
 
 from labelfactory.clamnet.crop import box_mask, crop_slices, oriented_to_file_slice, paste_back
+from labelfactory.clamnet.data import WeakSlices
 from labelfactory.clamnet.evaluate import dice_iou, slab_split
 from labelfactory.clamnet.image_labels import read_image_labels, slice_labels
 from labelfactory.clamnet.loss import clamnet_loss, hybrid_loss, label_targets
-from labelfactory.clamnet.pairs import BLUR_RANGE, NEGATIVE, NORMAL, SAME, STRETCH_RANGE, PairSampler, draw_view, make_view, to_view_frame
+from labelfactory.clamnet.pairs import (
+    BLUR_RANGE,
+    NEGATIVE,
+    NORMAL,
+    SAME,
+    STRETCH_RANGE,
+    PairSampler,
+    draw_view,
+    make_view,
+    to_view_frame,
+)
 from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
-from labelfactory.clamnet.data import WeakSlices
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image
 
@@ -25,7 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(n: int, size: int, seed: int) -> tuple[WeakSlices, torch.Tensor]:
-    """Noisy slices with a disc 'organ'; abnormal ones get a bright 5x5 blob inside the organ. Returns (slices, blob masks)."""
+    """Noisy slices with a disc 'organ'; abnormal ones get a bright 5x5 blob inside the organ. Returns (slices, blob
+    masks)."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     organ = (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size * 0.4) ** 2).float()
@@ -37,7 +49,16 @@ def _toy(n: int, size: int, seed: int) -> tuple[WeakSlices, torch.Tensor]:
         blob[i, cy : cy + 5, cx : cx + 5] = 1
     x = x + 0.9 * blob[:, None]
     org = organ.expand(n, 1, size, size).clone()
-    s = WeakSlices(x, org, blob[:, None], torch.ones(n, dtype=torch.bool), abnormal, torch.full((n,), 0.5), ["toy"] * n, torch.arange(n))
+    s = WeakSlices(
+        x,
+        org,
+        blob[:, None],
+        torch.ones(n, dtype=torch.bool),
+        abnormal,
+        torch.full((n,), 0.5),
+        ["toy"] * n,
+        torch.arange(n),
+    )
     return s, blob
 
 
@@ -125,7 +146,8 @@ def test_label_targets_and_negative_pair_weighting():
     # abnormal slice: the one organ pixel (half of two) with the highest marker probability; never outside the organ
     assert y[0, 1, 0, 1] == 1 and y[0, 1].sum() == 1
     assert y[1, 1].sum() == 0 and torch.allclose(y.sum(1), torch.ones(2, 2, 2))
-    # one NEGATIVE pair: total = w_a H(Y_a, P_a) + w_b H(Y_b, P_b), w = eta (0.3) for the abnormal side, 1 for the normal one
+    # one NEGATIVE pair: total = w_a H(Y_a, P_a) + w_b H(Y_b, P_b), w = eta (0.3) for the abnormal side, 1 for the
+    # normal one
     s, _ = _toy(6, 16, 0)
     sampler = PairSampler(s.x, s.abnormal, torch.full((6,), 0.3), s.organ, mix=(0.0, 0.0, 1.0))
     b = sampler.sample(1, torch.Generator().manual_seed(3))
@@ -143,7 +165,9 @@ def test_label_targets_and_negative_pair_weighting():
 def test_toy_training_lowers_loss_and_finds_the_blob(tmp_path):
     train, _ = _toy(24, 32, 0)
     test, blob = _toy(8, 32, 7)
-    cfg = ClamNetConfig(size=32, features=(8, 8, 16, 16, 32, 8), steps=50, batch=8, lr=1e-2, seed=0, marker_fraction=0.1)
+    cfg = ClamNetConfig(
+        size=32, features=(8, 8, 16, 16, 32, 8), steps=50, batch=8, lr=1e-2, seed=0, marker_fraction=0.1
+    )
     pair, hist = train_clamnet(train, cfg)
     assert np.mean(hist[-10:]) < np.mean(hist[:10])
     p = pair.marker_probability(test.x)

@@ -1,4 +1,5 @@
-"""MONAI Label adapters for ClamNet, called directly: train on the sample datastore copy, infer on a volume and a 2D image."""
+"""MONAI Label adapters for ClamNet, called directly: train on the sample datastore copy, infer on a volume and a 2D
+image."""
 
 from __future__ import annotations
 
@@ -63,7 +64,31 @@ def test_cli_train_clamnet(tmp_path, sample):
     from labelfactory.cli import main
 
     out = tmp_path / "clamnet.pt"
-    rc = main(["train-clamnet", "--studies", str(sample / "datastore"), "--organ-dir", str(sample / "datastore" / "reference"), "--steps", "1", "--batch", "2",
-               "--size", "32", "--features", "4", "4", "8", "8", "16", "4", "--out", str(out)])
+    rc = main(
+        [
+            "train-clamnet",
+            "--studies",
+            str(sample / "datastore"),
+            "--organ-dir",
+            str(sample / "datastore" / "reference"),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--size",
+            "32",
+            "--features",
+            "4",
+            "4",
+            "8",
+            "8",
+            "16",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and out.is_file()
-    assert main(["train-clamnet", "--studies", str(tmp_path), "--out", str(out)]) == 2  # no labels CSV: a one-line error
+    assert (
+        main(["train-clamnet", "--studies", str(tmp_path), "--out", str(out)]) == 2
+    )  # no labels CSV: a one-line error

@@ -8,29 +8,58 @@ from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.clamnet.data import load_weak_slices
-from labelfactory.clamnet.train import ClamNetConfig, save_clamnet, train_clamnet
+from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, save_clamnet, train_clamnet
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     d = ClamNetConfig()
-    parser.add_argument("--studies", type=Path, help=f"folder of studies (MONAI Label datastore layout); default in a checkout: {SAMPLE_STUDIES}")
-    parser.add_argument("--labels", type=Path, default=None, help="image-level labels CSV (default: image_labels.csv in or beside the studies)")
-    parser.add_argument("--organ-dir", type=Path, action="append", default=None, help="folder of <study>/mask_<organ>.nii.gz (repeatable; default: 'reference' in or beside the studies)")
+    parser.add_argument(
+        "--studies",
+        type=Path,
+        help=f"folder of studies (MONAI Label datastore layout); default in a checkout: {SAMPLE_STUDIES}",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="image-level labels CSV (default: image_labels.csv in or beside the studies)",
+    )
+    parser.add_argument(
+        "--organ-dir",
+        type=Path,
+        action="append",
+        default=None,
+        help="folder of <study>/mask_<organ>.nii.gz (repeatable; default: 'reference' in or beside the studies)",
+    )
     parser.add_argument("--organ", default=d.organ, help="organ to crop to (mask name / label name)")
-    parser.add_argument("--out", type=Path, default=Path("clamnet.pt"), help="checkpoint to write")
+    parser.add_argument("--out", type=Path, default=Path(MODEL_FILE), help="checkpoint to write")
     for name in ("steps", "batch", "size", "seed"):
         parser.add_argument(f"--{name}", type=int, default=getattr(d, name))
     for name in ("lr", "eta", "margin_mm"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name))
-    parser.add_argument("--features", type=int, nargs=6, default=list(d.features), help="BasicUNetPlusPlus widths (6 numbers)")
+    parser.add_argument(
+        "--features", type=int, nargs=6, default=list(d.features), help="BasicUNetPlusPlus widths (6 numbers)"
+    )
     parser.add_argument("--deep-supervision", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = ClamNetConfig(size=args.size, features=tuple(args.features), deep_supervision=args.deep_supervision, steps=args.steps, batch=args.batch,
-                        lr=args.lr, eta=args.eta, seed=args.seed, organ=args.organ, margin_mm=args.margin_mm)
+    cfg = ClamNetConfig(
+        size=args.size,
+        features=tuple(args.features),
+        deep_supervision=args.deep_supervision,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        eta=args.eta,
+        seed=args.seed,
+        organ=args.organ,
+        margin_mm=args.margin_mm,
+    )
     studies = args.studies or checkout_default(SAMPLE_STUDIES, "--studies")
-    slices = load_weak_slices(studies, args.labels, cfg.organ, args.organ_dir, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta)
+    slices = load_weak_slices(
+        studies, args.labels, cfg.organ, args.organ_dir, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta
+    )
     pair, history = train_clamnet(slices, cfg)
     data = {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
     save_clamnet(pair, cfg, data, args.out, history)

@@ -72,16 +72,22 @@ def square_boxes(organ: np.ndarray, spacing_xy: tuple[float, float], margin_mm: 
 
 def _box_transforms(boxes: np.ndarray, size: int) -> torch.Tensor:
     x0, y0, x1, y1 = (torch.as_tensor(boxes[:, i], dtype=torch.float32) for i in range(4))
-    src = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
+    src = torch.stack(
+        [torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1
+    )
     s = float(size - 1)
     dst = torch.tensor([[0.0, 0.0], [s, 0.0], [s, s], [0.0, s]]).expand(len(boxes), 4, 2)
     return get_perspective_transform(src, dst)
 
 
 def box_mask(reference: Image, box: tuple[int, ...]) -> Image:
-    """A mask on `reference`'s grid that is 1 inside `box`: (z0, y0, x0, z1, y1, x1) for volumes, (y0, x0, y1, x1) for 2D, end exclusive, file array indices."""
+    """A mask on `reference`'s grid that is 1 inside `box`: (z0, y0, x0, z1, y1, x1) for volumes, (y0, x0, y1, x1)
+    for 2D, end exclusive, file array indices."""
     if len(box) != 2 * reference.ndim:
-        raise LabelFactoryError(f"a crop box for a {reference.ndim}D image takes {2 * reference.ndim} numbers (starts then ends), got {len(box)}")
+        raise LabelFactoryError(
+            f"a crop box for a {reference.ndim}D image takes {2 * reference.ndim} numbers (starts then ends), "
+            f"got {len(box)}"
+        )
     m = np.zeros(reference.array.shape, dtype=np.uint8)
     n = reference.ndim
     m[tuple(slice(int(box[i]), int(box[i + n])) for i in range(n))] = 1
@@ -90,7 +96,9 @@ def box_mask(reference: Image, box: tuple[int, ...]) -> Image:
     return reference.with_array(m)
 
 
-def crop_slices(image: Image, organ: Image | None, size: int = 256, margin_mm: float = 10.0, window: Window = Window()) -> CroppedSlices:
+def crop_slices(
+    image: Image, organ: Image | None, size: int = 256, margin_mm: float = 10.0, window: Window = Window()
+) -> CroppedSlices:
     """Image (2D or 3D) and its organ mask (same grid, nonzero = organ) -> organ crops of every slice holding the organ.
 
     organ None: no crop (whole slice, squared), logged as a warning; the whole slice counts as organ.
@@ -101,7 +109,9 @@ def crop_slices(image: Image, organ: Image | None, size: int = 256, margin_mm: f
         organ_arr = np.ones(arr.shape, dtype=bool)
     else:
         if organ.array.shape != image.array.shape:
-            raise LabelFactoryError(f"organ mask shape {organ.array.shape} differs from the image's {image.array.shape}")
+            raise LabelFactoryError(
+                f"organ mask shape {organ.array.shape} differs from the image's {image.array.shape}"
+            )
         organ_arr = _oriented_array(organ)[0] > 0
     boxes, present = square_boxes(organ_arr, spacing, margin_mm)
     keep = np.nonzero(present)[0]
@@ -118,10 +128,13 @@ def crop_slices(image: Image, organ: Image | None, size: int = 256, margin_mm: f
 
 
 def paste_back(values: torch.Tensor, crops: CroppedSlices, reference: Image) -> Image:
-    """(K, S, S) maps on the crops -> float32 Image on `reference`'s grid; 0 outside the crops and on slices without organ."""
+    """(K, S, S) maps on the crops -> float32 Image on `reference`'s grid; 0 outside the crops and on slices without
+    organ."""
     out = torch.zeros((crops.depth, 1, *crops.hw))
     if len(values):
-        back = warp_perspective(values[:, None].float(), torch.linalg.inv(crops.transforms), crops.hw, align_corners=True)
+        back = warp_perspective(
+            values[:, None].float(), torch.linalg.inv(crops.transforms), crops.hw, align_corners=True
+        )
         out[crops.slices] = back
     arr = out[:, 0].numpy()
     if crops.orientation is None:

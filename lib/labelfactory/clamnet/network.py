@@ -21,11 +21,15 @@ MARKER = 1  # output channel holding the marker probability
 class MarkerUNet(nn.Module):
     """One UNet++: training -> list of (B, 2, S, S) logits per head; eval -> the `head`-th logits only."""
 
-    def __init__(self, features: Sequence[int] = (32, 32, 64, 128, 256, 32), deep_supervision: bool = False, head: int = 4):
+    def __init__(
+        self, features: Sequence[int] = (32, 32, 64, 128, 256, 32), deep_supervision: bool = False, head: int = 4
+    ):
         super().__init__()
         if not 1 <= head <= 4 or (not deep_supervision and head != 4):
             raise ValueError(f"head must be 1-4 with deep supervision (4 without), got {head}")
-        self.net = BasicUNetPlusPlus(spatial_dims=2, in_channels=1, out_channels=2, features=tuple(features), deep_supervision=deep_supervision)
+        self.net = BasicUNetPlusPlus(
+            spatial_dims=2, in_channels=1, out_channels=2, features=tuple(features), deep_supervision=deep_supervision
+        )
         self.deep_supervision = deep_supervision
         self.head = head
 
@@ -39,7 +43,9 @@ class MarkerUNet(nn.Module):
 class ClamNetPair(nn.Module):
     """Two identical UNet++ (`a`, `b`), independently initialised; inference averages their marker maps."""
 
-    def __init__(self, features: Sequence[int] = (32, 32, 64, 128, 256, 32), deep_supervision: bool = False, head: int = 4):
+    def __init__(
+        self, features: Sequence[int] = (32, 32, 64, 128, 256, 32), deep_supervision: bool = False, head: int = 4
+    ):
         super().__init__()
         self.a = MarkerUNet(features, deep_supervision, head)
         self.b = MarkerUNet(features, deep_supervision, head)

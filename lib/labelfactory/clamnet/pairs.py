@@ -59,18 +59,26 @@ def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
 
 def draw_view(gen: torch.Generator) -> ViewParams:
     """Random view parameters inside BLUR_RANGE and STRETCH_RANGE."""
-    return ViewParams(_uniform(*BLUR_RANGE, gen), _uniform(*STRETCH_RANGE, gen), _uniform(*STRETCH_RANGE, gen), "pad" if torch.rand((), generator=gen) < 0.5 else "resize")
+    return ViewParams(
+        _uniform(*BLUR_RANGE, gen),
+        _uniform(*STRETCH_RANGE, gen),
+        _uniform(*STRETCH_RANGE, gen),
+        "pad" if torch.rand((), generator=gen) < 0.5 else "resize",
+    )
 
 
 def blur(x: torch.Tensor, r: float) -> torch.Tensor:
     """(B, C, S, S) -> same shape at resolution r (downsample to round(r*S) with antialiasing, upsample back)."""
     s = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, round(r * s[0])), max(1, round(r * s[1]))), mode="bilinear", antialias=True, align_corners=False)
+    small = F.interpolate(
+        x, size=(max(1, round(r * s[0])), max(1, round(r * s[1]))), mode="bilinear", antialias=True, align_corners=False
+    )
     return F.interpolate(small, size=s, mode="bilinear", align_corners=False)
 
 
 def stretch(x: torch.Tensor, v: ViewParams, fill: float) -> torch.Tensor:
-    """(B, C, S, S) -> same shape: resized to (sy*S, sx*S), then resized back ('resize') or centre-padded with `fill` ('pad')."""
+    """(B, C, S, S) -> same shape: resized to (sy*S, sx*S), then resized back ('resize') or centre-padded with
+    `fill` ('pad')."""
     h, w = x.shape[-2:]
     nh, nw = max(1, round(v.sy * h)), max(1, round(v.sx * w))
     small = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
@@ -86,7 +94,8 @@ def make_view(x: torch.Tensor, v: ViewParams) -> torch.Tensor:
 
 
 def to_view_frame(t: torch.Tensor, v: ViewParams) -> torch.Tensor:
-    """Carry maps on the original frame (predictions, masks; (B, C, S, S)) into the view's frame (geometry only, pad 0)."""
+    """Carry maps on the original frame (predictions, masks; (B, C, S, S)) into the view's frame (geometry only,
+    pad 0)."""
     return stretch(t, v, fill=0.0)
 
 
@@ -96,7 +105,14 @@ class PairSampler:
     `mix`: relative frequency of SAME, NORMAL and NEGATIVE pairs.
     """
 
-    def __init__(self, x: torch.Tensor, abnormal: torch.Tensor, eta: torch.Tensor, organ: torch.Tensor, mix: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        abnormal: torch.Tensor,
+        eta: torch.Tensor,
+        organ: torch.Tensor,
+        mix: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
         self.x, self.abnormal, self.eta, self.organ = x, abnormal.bool(), eta.float(), organ.float()
         self.normal_idx = torch.nonzero(~self.abnormal).flatten()
         self.abnormal_idx = torch.nonzero(self.abnormal).flatten()
@@ -138,7 +154,15 @@ class PairSampler:
             valid.append(torch.ones_like(self.organ[j : j + 1]))
         ia_t, ib_t = torch.tensor(ia), torch.tensor(ib)
         return PairBatch(
-            xa=self.x[ia_t], xb=torch.cat(xb), organ_a=self.organ[ia_t], organ_b=torch.cat(organ_b),
-            abnormal_a=self.abnormal[ia_t], abnormal_b=self.abnormal[ib_t], eta_a=self.eta[ia_t], eta_b=self.eta[ib_t],
-            kind=kinds, valid=torch.cat(valid), views=views,
+            xa=self.x[ia_t],
+            xb=torch.cat(xb),
+            organ_a=self.organ[ia_t],
+            organ_b=torch.cat(organ_b),
+            abnormal_a=self.abnormal[ia_t],
+            abnormal_b=self.abnormal[ib_t],
+            eta_a=self.eta[ia_t],
+            eta_b=self.eta[ib_t],
+            kind=kinds,
+            valid=torch.cat(valid),
+            views=views,
         )
