@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (not in CI: tens of minutes per module on 2 cores).
 #
-#   scripts/mutation_test.sh [-r REV] [-n EVERY] [-o OUT] MODULE...     MODULE: gan/loss, io/windowing, ... or "all"
+#   scripts/mutation_test.sh [-r REV] [-n EVERY] [-b] [-o OUT] MODULE...     MODULE: gan/loss, io/windowing, ... or "all"
 #
 # Each module runs alone, in a scratch copy of REV (default HEAD; `git archive`, so the working tree is never
 # touched), against its own test files only (TESTS below), at `nice -n 15` with one thread. -n EVERY runs every
-# EVERY-th mutant only (systematic sample of mutmut's mutant list, for modules whose full run takes too long).
+# EVERY-th mutant only (systematic sample of mutmut's mutant list, for modules whose full run takes too long);
+# -b leaves out the tests/test_formulas_*.py files (the "before" score of docs/DESIGN.md).
 # mutmut maps only src/ to import names, so the copy has lib/ moved to src/; [tool.mutmut] in pyproject.toml
 # holds the shared settings, this script adds the module and its tests. Per module, OUT/<module>.txt gets the
 # score line, the survivors' diffs and mutmut's results.
@@ -13,16 +14,16 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
 MUTMUT_VERSION=3.8.1
-REV=HEAD EVERY=1 OUT="$ROOT/runs/mutation"
-while getopts "r:n:o:" opt; do
+REV=HEAD EVERY=1 OUT="$ROOT/runs/mutation" BEFORE=
+while getopts "r:n:o:b" opt; do
   case $opt in
-    r) REV=$OPTARG ;; n) EVERY=$OPTARG ;; o) OUT=$OPTARG ;;
-    *) sed -n 2,11p "$0"; exit 2 ;;
+    r) REV=$OPTARG ;; n) EVERY=$OPTARG ;; o) OUT=$OPTARG ;; b) BEFORE=1 ;;
+    *) sed -n 2,12p "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 REV=$(git -C "$ROOT" rev-parse --short "$REV")  # one commit for the whole run, even if the branch moves meanwhile
-[ $# -gt 0 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,12p "$0"; exit 2; }
 
 declare -A TESTS=(
   [gan/loss]="tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
@@ -47,7 +48,9 @@ for module in "$@"; do
   git -C "$ROOT" archive "$REV" | tar -x -C "$work"
   mv "$work/lib" "$work/src"
   tests=()
-  for t in ${TESTS[$module]}; do [ -e "$work/$t" ] && tests+=("\"$t\""); done  # a file REV does not have is left out
+  for t in ${TESTS[$module]}; do  # a file REV does not have is left out
+    [ -e "$work/$t" ] && ! { [ -n "$BEFORE" ] && [[ $t == tests/test_formulas_* ]]; } && tests+=("\"$t\"")
+  done
   selection=$(IFS=,; echo "${tests[*]}")
   # this checkout's [tool.mutmut] (REV may predate it) at the end of the copy's pyproject.toml, plus the module
   {
