@@ -9,9 +9,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 -- after matplotlib.use: the backend is chosen before pyplot loads
+import matplotlib.pyplot as plt  # after matplotlib.use: the backend is chosen before pyplot loads
 
-from labelfactory.jsonio import write_json_atomic  # noqa: E402 -- kept with the other imports of this block
+from labelfactory.jsonio import write_json_atomic
 
 TITLES = {
     "I": "Table I: synthetic training set size vs mIoU",
