@@ -1,30 +1,50 @@
-"""Bad requests to a real server get a 4xx with a message, and the server stays up."""
+"""Bad requests to a real server get a 4xx with a message, leave nothing behind, and the server stays up.
+
+The server runs with its own temp folder (TMPDIR) so that upload leftovers can be counted, and a
+1 MB upload limit (LABELFACTORY_MAX_UPLOAD_MB).
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import SimpleITK as sitk
 
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import image as image_io
 from labelfactory.io import read_image, write_image, write_seg_nrrd
 from labelfactory.labels import LABEL_NAMES
 
-pytestmark = pytest.mark.slow
+
+@pytest.fixture
+def server_tmp(tmp_path):
+    (tmp_path / "server-tmp").mkdir()
+    return tmp_path / "server-tmp"
 
 
 @pytest.fixture
-def server(datastore_copy, app_copy, start_server):
-    return start_server(datastore_copy, app_copy, conf={"models": "all"})
+def server(datastore_copy, app_copy, start_server, server_tmp):
+    env = {"TMPDIR": str(server_tmp), "LABELFACTORY_MAX_UPLOAD_MB": "1"}
+    return start_server(datastore_copy, app_copy, conf={"models": "all", "skip_scoring": "true"}, env=env)
+
+
+def _uploads_left(folder):
+    return [p.name for p in folder.rglob("*") if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".nrrd", ".bin"))]
 
 
 def _put_label(url, image_id, path, params=None):
+    form = {"params": params if isinstance(params, str) else json.dumps(params or {})}
     with open(path, "rb") as f:
-        return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (path.name, f)}, data={"params": json.dumps(params or {})}, timeout=60)
+        return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (path.name, f)}, data=form, timeout=60)
 
 
-def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tmp_path):
+@pytest.mark.slow
+def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tmp_path, server_tmp):
     url = server.url
     ok = read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz")
 
@@ -67,13 +87,44 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     r = requests.post(f"{url}/infer/segmentation", params={"image": "/etc/passwd"}, timeout=60)
     assert r.status_code in (400, 404)
 
+    # NaN voxels in a NIfTI (ITK's reader would turn them into zeros)
+    arr = np.zeros((4, 8, 8), np.float32)
+    arr[1, 2, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nii.gz"))
+    r = requests.put(f"{url}/datastore/image", params={"image": "nan_study"}, files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())}, timeout=60)
+    assert r.status_code == 400 and "NaN" in r.json()["detail"]
+
+    # an infer without an image id, params that are not JSON (or not an object), a label sent to an infer
+    r = requests.post(f"{url}/infer/segmentation", params={"image": ""}, timeout=60)
+    assert r.status_code == 400 and "image=" in r.json()["detail"]
+    r = requests.post(f"{url}/infer/segmentation", params={"image": "torso_3mm"}, data={"params": "{not json"}, timeout=60)
+    assert r.status_code == 400 and "params must be a JSON object" in r.json()["detail"]
+    r = requests.post(f"{url}/infer/segmentation", params={"image": "torso_3mm"}, data={"params": "[1, 2]"}, timeout=60)
+    assert r.status_code == 400 and "params must be a JSON object" in r.json()["detail"]
+    r = requests.post(f"{url}/infer/segmentation", params={"image": "torso_3mm"}, files={"label": ("l.nii.gz", junk.read_bytes())}, timeout=60)
+    assert r.status_code == 400
+    r = _put_label(url, "torso_3mm", datastore_copy / "labels" / "final" / "torso_3mm.nii.gz", params="nope")
+    assert r.status_code == 400 and "params must be a JSON object" in r.json()["detail"]
+    r = requests.put(f"{url}/datastore/image/info", params={"image": "torso_3mm"}, data={"info": "{"}, timeout=60)
+    assert r.status_code == 400 and "info must be a JSON object" in r.json()["detail"]
+
+    # an upload over the server's limit (1 MB here): refused before it is stored anywhere
+    big = np.random.default_rng(0).integers(-1000, 1000, (40, 128, 128)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(big), str(tmp_path / "big.nii"))
+    r = requests.put(f"{url}/datastore/image", params={"image": "big_study"}, files={"file": ("big.nii", (tmp_path / "big.nii").read_bytes())}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    # rejected uploads leave no temp file behind
+    assert _uploads_left(server_tmp) == []
+
     # nothing above was stored, and the server still answers
     assert requests.get(f"{url}/info/", timeout=30).status_code == 200
     ds = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
-    assert "new_study" not in ds["objects"] and "four_d" not in ds["objects"]
+    assert not {"new_study", "four_d", "nan_study", "big_study"} & set(ds["objects"])
     assert np.array_equal(read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz").array, ok.array)
 
 
+@pytest.mark.slow
 def test_slicer_seg_nrrd_and_label_info_are_mapped_by_name(server, datastore_copy, tmp_path):
     ok = read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz")
     # Slicer numbers segments 1..n in its own order: liver=3, aorta=1 here
@@ -87,3 +138,24 @@ def test_slicer_seg_nrrd_and_label_info_are_mapped_by_name(server, datastore_cop
     assert np.array_equal(saved == LABEL_NAMES["liver"], ok.array == LABEL_NAMES["liver"])
     assert np.array_equal(saved == LABEL_NAMES["aorta"], ok.array == LABEL_NAMES["aorta"])
     assert set(np.unique(saved)) == {0, LABEL_NAMES["liver"], LABEL_NAMES["aorta"]}
+
+
+def test_nifti_with_nan_or_inf_voxels_is_refused(tmp_path):
+    arr = np.zeros((4, 8, 8), np.float32)
+    arr[1, 2, 3], arr[2, 0, 0] = np.nan, np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "itk.nii.gz"))
+    nib.save(nib.Nifti1Image(arr.T.astype(np.float64), np.eye(4)), tmp_path / "nib.nii")
+    for name in ("itk.nii.gz", "nib.nii"):
+        with pytest.raises(LabelFactoryError, match="2 voxels are NaN or infinite"):
+            read_image(tmp_path / name)
+
+
+def test_a_nii_gz_is_decompressed_once(sample, monkeypatch):
+    inflated, itk_read = [], []
+    real_decompress, real_read = gzip.decompress, image_io.sitk.ReadImage
+    monkeypatch.setattr(image_io.gzip, "decompress", lambda data: inflated.append(len(data)) or real_decompress(data))
+    monkeypatch.setattr(image_io.gzip, "open", lambda *a, **k: pytest.fail("the file is inflated a second time"))
+    monkeypatch.setattr(image_io.sitk, "ReadImage", lambda path, *a: itk_read.append(str(path)) or real_read(path, *a))
+    img = read_image(sample / "datastore" / "torso_3mm.nii.gz")
+    assert len(inflated) == 1 and len(itk_read) == 1 and not itk_read[0].endswith(".gz"), "ITK must read the inflated bytes"
+    assert img.array.shape == sitk.GetArrayFromImage(real_read(str(sample / "datastore" / "torso_3mm.nii.gz"))).shape

@@ -29,12 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastapi import BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.app import app
 from monailabel.config import settings
 from monailabel.endpoints import activelearning as al_endpoint
+from monailabel.endpoints import datastore as ds_endpoint
 from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
@@ -162,16 +163,20 @@ async def _in_pool(pool: ThreadPoolExecutor, fn: Callable, *args) -> Any:
     return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
 
-def _replace_route(path: str, methods: set[str]) -> None:
-    """Drop MONAI Label's route for `path` + `methods`, so the one defined next answers it."""
-    app.router.routes[:] = [
-        r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path == API + path and r.methods & methods)
-    ]
+def _replace_route(router: APIRouter, path: str, methods: set[str]) -> None:
+    """Drop MONAI Label's route for `path` + `methods`, so the one defined next answers it.
+
+    Removed from its own router and from the app: FastAPI copies included routes into the app
+    (older versions) or keeps a reference to the included router (newer ones). Done at import,
+    before the first request builds any route cache.
+    """
+    for routes, full in ((router.routes, path), (app.router.routes, API + path)):
+        routes[:] = [r for r in routes if not (isinstance(r, APIRoute) and r.path == full and r.methods & methods)]
 
 
 # ---- infer and next sample: off the event loop, in bounded pools ----
 
-_replace_route("/infer/{model}", {"POST"})
+_replace_route(infer_endpoint.router, "/infer/{model}", {"POST"})
 
 
 @app.post(API + "/infer/{model}", summary="Run inference (labelfactory: in a bounded worker pool)")
@@ -206,7 +211,7 @@ async def api_run_inference(
         )
 
 
-_replace_route("/activelearning/{strategy}", {"POST"})
+_replace_route(al_endpoint.router, "/activelearning/{strategy}", {"POST"})
 
 
 @app.post(API + "/activelearning/{strategy}", summary="Next sample (labelfactory: in a bounded worker pool)")
@@ -223,7 +228,7 @@ def _save_label(image: str, path: str, tag: str, params: dict[str, Any]) -> dict
     return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
 
 
-_replace_route("/datastore/label", {"PUT"})
+_replace_route(ds_endpoint.router, "/datastore/label", {"PUT"})
 
 
 @app.put(API + "/datastore/label", summary="Save a finished label (labelfactory: validated, atomic)")
@@ -239,8 +244,8 @@ async def api_save_label(
         return await run_in_threadpool(_save_label, image, path, tag or DefaultLabelTag.FINAL.value, p)
 
 
-_replace_route("/datastore/image", {"PUT"})
-_replace_route("/datastore/", {"PUT"})
+_replace_route(ds_endpoint.router, "/datastore/image", {"PUT"})
+_replace_route(ds_endpoint.router, "/datastore/", {"PUT"})
 
 
 @app.put(API + "/datastore/", include_in_schema=False, deprecated=True)
@@ -261,7 +266,7 @@ async def api_add_image(
         return {"image": await run_in_threadpool(app_instance().datastore().add_image, image_id, path, p)}
 
 
-_replace_route("/datastore/image/info", {"PUT"})
+_replace_route(ds_endpoint.router, "/datastore/image/info", {"PUT"})
 
 
 @app.put(API + "/datastore/image/info", summary="Update image info")
@@ -270,8 +275,8 @@ async def api_put_image_info(image: str, info: str = Form("{}"), user: User = De
     return await run_in_threadpool(app_instance().datastore().update_image_info, image, i)
 
 
-_replace_route("/datastore/label/info", {"PUT"})
-_replace_route("/datastore/updatelabelinfo", {"PUT"})
+_replace_route(ds_endpoint.router, "/datastore/label/info", {"PUT"})
+_replace_route(ds_endpoint.router, "/datastore/updatelabelinfo", {"PUT"})
 
 
 @app.put(API + "/datastore/updatelabelinfo", include_in_schema=False, deprecated=True)
@@ -288,7 +293,7 @@ async def api_put_label_info(
 
 # ---- training: one accepted at a time ----
 
-_replace_route("/train/{model}", {"POST"})
+_replace_route(train_endpoint.router, "/train/{model}", {"POST"})
 
 
 @app.post(API + "/train/{model}", summary="Run a training task (labelfactory: one at a time, others 429)")

@@ -1,0 +1,185 @@
+"""Nothing written is ever half-written or lost to a stale copy: the datastore index, labels and generated images.
+
+Unit tests drive two datastore objects on one folder (what the server and its scoring subprocess
+are); the kill tests SIGKILL a real server at the moment it opens the file for writing, through a
+fault-injection `sitecustomize` on its PYTHONPATH (armed by a flag file once the server is up),
+then start a new server on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import requests
+from monailabel.datastore.local import LocalDatastore
+
+from labelfactory.io import Image, read_image, write_image
+from labelfactory.latent_record import LATENT_KEY
+from labelfactory.tasks.datastore import LabelFactoryDatastore
+
+W = [0.25] * 8
+
+
+def _generated(tmp_path, seed: int):
+    path = write_image(Image(np.full((16, 16), seed, np.int16), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp_path / f"g{seed}.nii.gz")
+    return path, {LATENT_KEY: {"seed": seed, "truncation_psi": 0.7, "w": W, "generator": "g1"}, "uncertainty": 0.5}
+
+
+def _open(folder) -> LabelFactoryDatastore:
+    return LabelFactoryDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False)
+
+
+def test_a_stale_copy_never_overwrites_the_index(datastore_copy, tmp_path):
+    server, scoring = _open(datastore_copy), _open(datastore_copy)  # both loaded the index as it was
+    path, info = _generated(tmp_path, 7)
+    server.add_image("gen_seed000007", str(path), info)
+    scoring.update_image_info("torso_3mm", {"uncertainty": 0.1})  # writes from its old copy under MONAI Label
+    fresh = _open(datastore_copy)
+    assert fresh.get_image_info("gen_seed000007")[LATENT_KEY]["w"] == W
+    assert fresh.get_image_info("torso_3mm")["uncertainty"] == 0.1
+    assert fresh.get_image_info("gen_seed000007")["uncertainty"] == 0.5
+
+
+def test_provenance_survives_an_index_written_without_it(datastore_copy, tmp_path):
+    ds = _open(datastore_copy)
+    path, info = _generated(tmp_path, 3)
+    ds.add_image("gen_seed000003", str(path), info)
+    assert (datastore_copy / "gen_seed000003.labelfactory.json").is_file()
+    (datastore_copy / "datastore_v2.json").unlink()  # the entry is re-made from the file alone, info lost
+    LocalDatastore(str(datastore_copy), extensions=["*.nii.gz"])
+    assert LATENT_KEY not in json.loads((datastore_copy / "datastore_v2.json").read_text())["objects"]["gen_seed000003"]["image"]["info"]
+    info = _open(datastore_copy).get_image_info("gen_seed000003")
+    assert info[LATENT_KEY]["seed"] == 3 and info[LATENT_KEY]["w"] == W, "a generated image must never pass for a real patient"
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"name": "new-dataset", "objects": {"torso_3mm": {"ima'])
+def test_a_damaged_index_is_rebuilt_keeping_labels_and_latents(datastore_copy, tmp_path, damage, caplog):
+    ds = _open(datastore_copy)
+    path, info = _generated(tmp_path, 5)
+    ds.add_image("gen_seed000005", str(path), info)
+    (datastore_copy / "datastore_v2.json").write_bytes(damage)
+    rebuilt = _open(datastore_copy)
+    assert "DATASTORE INDEX DAMAGED" in caplog.text
+    assert sorted(rebuilt.list_images()) == sorted(["abdomen", "thorax_aorta", "torso_3mm", "torso_3mm_long", "gen_seed000005"])
+    assert sorted(rebuilt.get_labeled_images()) == ["abdomen", "torso_3mm"]
+    assert rebuilt.get_image_info("gen_seed000005")[LATENT_KEY]["w"] == W
+    assert list(datastore_copy.glob("datastore_v2.json.damaged-*")), "the damaged index is kept for inspection"
+
+
+def test_concurrent_writers_lose_nothing(datastore_copy, tmp_path):
+    """Two datastore objects (the server and a subprocess) writing at once, each from its own copy of the index."""
+
+    def writer(offset):
+        ds = _open(datastore_copy)
+        for i in range(8):
+            path, info = _generated(tmp_path, offset + i)
+            ds.add_image(f"gen_seed{offset + i:06d}", str(path), info)
+            ds.update_image_info("torso_3mm", {f"writer{offset}": i})
+
+    threads = [threading.Thread(target=writer, args=(offset,)) for offset in (100, 200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ds = _open(datastore_copy)
+    assert len([i for i in ds.list_images() if LATENT_KEY in ds.get_image_info(i)]) == 16
+    assert {k: v for k, v in ds.get_image_info("torso_3mm").items() if k.startswith("writer")} == {"writer100": 7, "writer200": 7}
+
+
+# ---- a real server killed at the write ----
+
+_KILLER = textwrap.dedent(
+    '''
+    """Test-only fault injection: SIGKILL this process when it opens a watched file for writing, once armed."""
+    import builtins, fnmatch, os, signal
+
+    _folder, _pattern, _flag = os.environ["LF_KILL_ON_WRITE"].split(os.pathsep)
+    _open, _os_open = builtins.open, os.open
+
+    def _check(path, writing):
+        path = os.fspath(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+        if writing and isinstance(path, str) and os.path.exists(_flag):
+            full = os.path.realpath(path)
+            if os.path.dirname(full) == _folder and fnmatch.fnmatch(os.path.basename(full), _pattern):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def _patched_open(file, mode="r", *args, **kwargs):
+        result = _open(file, mode, *args, **kwargs)
+        _check(file, any(c in mode for c in "wax+"))
+        return result
+
+    def _patched_os_open(path, flags, *args, **kwargs):
+        fd = _os_open(path, flags, *args, **kwargs)
+        _check(path, bool(flags & (os.O_WRONLY | os.O_RDWR)))
+        return fd
+
+    builtins.open, os.open = _patched_open, _patched_os_open
+    '''
+)
+
+
+def _killer_env(tmp_path, folder, pattern):
+    (tmp_path / "killer").mkdir(exist_ok=True)
+    (tmp_path / "killer" / "sitecustomize.py").write_text(_KILLER)
+    flag = tmp_path / "armed"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "killer"), os.environ.get("PYTHONPATH", "")]),
+           "LF_KILL_ON_WRITE": os.pathsep.join([str(os.path.realpath(folder)), pattern, str(flag)])}
+    return env, flag
+
+
+def _put_label(url, image_id, data: bytes):
+    files = {"label": ("l.nii.gz", data)}
+    return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files=files, timeout=120)
+
+
+def _wait_dead(srv, timeout=60):
+    srv.proc.wait(timeout)
+    assert srv.proc.returncode == -9, "the fault injection should have killed the server at the write"
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_writing_a_label_keeps_the_old_one(datastore_copy, app_copy, start_server, tmp_path):
+    label = datastore_copy / "labels" / "final" / "torso_3mm.nii.gz"
+    old = label.read_bytes()
+    env, flag = _killer_env(tmp_path, label.parent, "*")
+    conf = {"models": "all", "skip_scoring": "true"}
+    srv = start_server(datastore_copy, app_copy, conf=conf, env=env)
+    ok = read_image(label)
+    new = write_image(ok.with_array(np.zeros_like(ok.array)), tmp_path / "new.nii.gz").read_bytes()
+    flag.touch()
+    with pytest.raises(requests.ConnectionError):
+        _put_label(srv.url, "torso_3mm", new)
+    _wait_dead(srv)
+    assert label.read_bytes() == old, "a crash while a label is written must leave the old label"
+    srv = start_server(datastore_copy, app_copy, conf=conf)
+    got = requests.get(f"{srv.url}/datastore/label", params={"label": "torso_3mm", "tag": "final"}, timeout=60)
+    assert got.status_code == 200 and got.content == old
+    assert not list(label.parent.glob(".*.tmp")), "the interrupted write's temp file is removed at start"
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_latent(datastore_copy, app_copy, start_server, tmp_path):
+    path, info = _generated(tmp_path, 11)
+    _open(datastore_copy).add_image("gen_seed000011", str(path), info)
+    labels_before = sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir())
+    env, flag = _killer_env(tmp_path, datastore_copy, "*datastore_v2.json*")
+    conf = {"models": "all", "skip_scoring": "true"}
+    srv = start_server(datastore_copy, app_copy, conf=conf, env=env)
+    flag.touch()
+    with pytest.raises(requests.ConnectionError):
+        requests.put(f"{srv.url}/datastore/image/info", params={"image": "torso_3mm"}, data={"info": json.dumps({"note": "x"})}, timeout=60)
+    _wait_dead(srv)
+    model_dir = app_copy / "model"
+    (model_dir / ".segmentation.pt.k1ll3d.tmp").write_bytes(b"half a model")  # what a killed training leaves
+    srv = start_server(datastore_copy, app_copy, conf=conf)
+    info = requests.get(f"{srv.url}/datastore/image/info", params={"image": "gen_seed000011"}, timeout=60).json()
+    assert info[LATENT_KEY]["w"] == W
+    ds = requests.get(f"{srv.url}/datastore/", params={"output": "all"}, timeout=60).json()
+    assert sorted(k for k, v in ds["objects"].items() if v["labels"].get("final")) == sorted(n.removesuffix(".nii.gz") for n in labels_before)
+    assert not list(model_dir.glob("*.tmp")), "temp model files of a killed write are removed at start"
+    assert not list(datastore_copy.glob(".*.tmp"))
