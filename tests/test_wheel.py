@@ -90,24 +90,8 @@ def test_wheel_imports_from_its_venv_and_trains_on_given_paths(installed, tmp_pa
     synthetic = make_pairs(tmp_path / "synthetic", 4)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    cmd = [
-        str(installed / "labelfactory"),
-        "train-segmentation",
-        "--synthetic",
-        str(synthetic),
-        "--out",
-        "seg.pt",
-        "--network",
-        "unet",
-        "--size",
-        "32",
-        "--steps",
-        "2",
-        "--val-interval",
-        "2",
-        "--batch-size",
-        "2",
-    ]
+    tiny = "--out seg.pt --network unet --size 32 --steps 2 --val-interval 2 --batch-size 2".split()
+    cmd = [str(installed / "labelfactory"), "train-segmentation", "--synthetic", str(synthetic), *tiny]
     proc = _run(cmd, cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{") :])

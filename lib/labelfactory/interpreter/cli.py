@@ -11,6 +11,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.checkpoint import MODEL_FILE as GENERATOR_FILE
 from labelfactory.interpreter.labeller import MODEL_FILE
 from labelfactory.interpreter.train import TrainConfig
+from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.options import add_arguments, from_args
 
 FLAGS = ("members", "max_epochs", "patience", "lr", "pixels_per_image", "seed")
@@ -38,7 +39,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--labels", help="folder of masks named seed<N>.nii.gz (or .seg.nrrd); w from the seed and --truncation-psi"
     )
     p.add_argument(
-        "--truncation-psi", type=float, default=0.7, help="with --labels: the psi the images were generated with"
+        "--truncation-psi",
+        type=float,
+        default=TRUNCATION_PSI,
+        help=f"with --labels: the psi the images were generated with (default: {TRUNCATION_PSI})",
     )
     p.add_argument(
         "--out", type=Path, default=None, help=f"interpreter file (default: {MODEL_FILE} beside the generator)"
