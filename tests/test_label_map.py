@@ -80,14 +80,20 @@ def test_segmenter_records_its_map_and_refuses_to_serve_under_another(openkbp_mo
     assert e.value.status == 409
 
 
-def test_interpreter_records_its_map_and_refuses_to_serve_under_another(tmp_path):
+def publish_interpreter(model_dir, label_map: LabelMap) -> None:
+    """A tiny generator and an untrained interpreter with `label_map`, published in model_dir."""
     kw = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
     torch.manual_seed(0)
-    publish_generator(Generator(**kw).eval(), kw, tmp_path / "stylegan2.pt", config={}, data={}, kimg=0.0)
-    G = load_generator(tmp_path / "stylegan2.pt")
+    publish_generator(Generator(**kw).eval(), kw, model_dir / "stylegan2.pt", config={}, data={}, kimg=0.0)
+    G = load_generator(model_dir / "stylegan2.pt")
     layout = TapLayout.of(G)
-    ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, 32, 8, members=2, hidden=(8, 8))).eval()
-    save_interpreter(tmp_path / "interpreter.pt", ens, OPENKBP.values, {}, {}, G)
+    k = max(label_map.values.values()) + 1
+    ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, 32, k, members=2, hidden=(8, 8))).eval()
+    save_interpreter(model_dir / "interpreter.pt", ens, label_map.values, {}, {}, G)
+
+
+def test_interpreter_records_its_map_and_refuses_to_serve_under_another(tmp_path):
+    publish_interpreter(tmp_path, OPENKBP)
     assert recorded_map(load_checkpoint(tmp_path / "interpreter.pt")) == OPENKBP
     assert InterpreterModels(tmp_path, OPENKBP.values).interpreter().label_names == OPENKBP.values
     with pytest.raises(LabelFactoryError, match="interpreter.pt was trained with the label map 'openkbp'") as e:
@@ -137,25 +143,23 @@ def test_body_crop_segmenter_pastes_each_slice_back_where_its_pixels_are():
 
 @pytest.mark.slow
 def test_server_serves_the_map_its_models_record_and_refuses_another(openkbp_models, app_copy, start_server, tmp_path):
-    store = tmp_path / "store"
+    """The models folder holds an OpenKBP segmenter (served first: its map is the server's) and an interpreter
+    trained under the TotalSegmentator map, which answers 409."""
+    store, models = tmp_path / "store", tmp_path / "models"
     shutil.copytree(STORE, store)
-    conf = {"models": "segmentation", "skip_trainers": "true", "model_dir": str(openkbp_models)}
+    shutil.copytree(openkbp_models, models)
+    publish_interpreter(models, TOTALSEGMENTATOR)
+    conf = {"models": "segmentation,datasetgan", "skip_trainers": "true", "model_dir": str(models)}
     srv = start_server(store, app_copy, conf=conf)
     info = requests.get(srv.url + "/info/", timeout=30).json()
     assert info["labels"] == OPENKBP.values and info["label_map"] == "openkbp"
     assert info["label_colors"]["spinal cord"] == pytest.approx([c / 255 for c in OPENKBP.colors["spinal cord"]])
-    r = requests.post(
-        srv.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120
-    )
+    infer = srv.url + "/infer/segmentation"
+    r = requests.post(infer, params={"image": "validation_pt_201", "output": "json"}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["label_names"] == {n: v for n, v in OPENKBP.values.items() if v}
-    srv.stop()
-    other = start_server(store, app_copy, conf={**conf, "labels": "totalsegmentator"})
-    assert requests.get(other.url + "/info/", timeout=30).json()["labels"] == TOTALSEGMENTATOR.values
-    r = requests.post(
-        other.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"}, timeout=120
-    )
-    assert r.status_code == 409 and "trained with the label map 'openkbp'" in r.text
+    r = requests.post(srv.url + "/infer/synthesis", params={"image": "seed000001", "output": "json"}, timeout=120)
+    assert r.status_code == 409 and "interpreter.pt was trained with the label map 'totalsegmentator'" in r.text
 
 
 def test_body_crop_segmenter_refuses_a_picture():
