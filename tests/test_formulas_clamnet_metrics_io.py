@@ -275,9 +275,10 @@ def test_probabilities_come_back_bilinearly_from_the_scaled_region_only():
     _, g = volume_to_slices(vol, size=6)
     assert g.scaled_hw == (4, 6) and g.offset == (1, 0)
     maps = np.full((1, 6, 6), 9.0, dtype=np.float32)  # the padding must not leak back
-    maps[:, 1:5] = np.kron(p, np.ones((2, 2)))
+    maps[:, 1:5] = np.random.default_rng(7).uniform(0, 1, (1, 4, 6))
     back = probabilities_to_volume(maps, g, vol)
-    assert back.array.dtype == np.float32 and np.allclose(back.array, p, atol=1e-6)  # 2x2 block means
+    means = maps[:, 1:5].reshape(1, 2, 2, 3, 2).mean(axis=(2, 4))  # 2x down, half-pixel centres: 2x2 block means
+    assert back.array.dtype == np.float32 and np.allclose(back.array, means, atol=1e-6)
     pic = Image(np.zeros((2, 4), dtype=np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))  # 2D: never reoriented
     x, g2 = volume_to_slices(pic, size=4)
     assert g2.orientation is None and g2.scaled_hw == (2, 4) and torch.equal(x[0, 0, 1:3], torch.full((2, 4), -1.0))
