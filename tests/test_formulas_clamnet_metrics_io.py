@@ -124,7 +124,7 @@ def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_hea
         return (neg + normal + same) / 3
 
     want = np.mean([head(a.numpy(), b.numpy()) for a, b in zip(heads_a, heads_b, strict=True)])
-    assert clamnet_loss(heads_a, heads_b, batch, fraction).item() == pytest.approx(want, rel=1e-10)
+    assert clamnet_loss(heads_a, heads_b, batch).item() == pytest.approx(want, rel=1e-10)  # default fraction 0.25
 
 
 def test_same_pair_targets_are_stop_gradient():
