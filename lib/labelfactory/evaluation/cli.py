@@ -10,6 +10,8 @@ from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.experiments import PAPER_SEGMENTERS, TABLES, Settings, run_experiments, synthetic_fid
 from labelfactory.evaluation.report import write_report
+from labelfactory.options import add_arguments, from_args
+from labelfactory.segmentation.cli import FLAGS
 from labelfactory.segmentation.data import real_slices, synthetic_pairs
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import TrainConfig
@@ -39,9 +41,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="folder for results.json, results.md, table_*.png and TensorBoard logs"
     )
-    p.add_argument("--folds", type=int, default=5, help="patient-wise folds (default 5)")
-    p.add_argument("--size", type=int, default=256, help="slice size in pixels (default 256)")
-    p.add_argument("--test-size", type=int, default=100, help="most pairs in test-G and test-R per fold (default 100)")
+    add_arguments(
+        p,
+        Settings(),
+        ("folds", "test_size"),
+        helps={"folds": "patient-wise folds", "test_size": "most pairs in test-G and test-R per fold"},
+    )
     p.add_argument(
         "--sizes",
         default=None,
@@ -58,18 +63,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--baseline",
-        default="deeplabv3",
+        default=Settings().baseline,
         choices=NETWORKS,
-        help="segmenter of tables I, II, III-C (default deeplabv3, as the paper)",
+        help=f"segmenter of tables I, II, III-C (default {Settings().baseline}, as the paper)",
     )
     p.add_argument("--networks", default=",".join(PAPER_SEGMENTERS), help="table III: comma list of segmenters")
-    p.add_argument("--steps", type=int, default=2000, help="training iterations per run (default 2000)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument(
-        "--val-interval", type=int, default=200, help="iterations between validation Dice checks (default 200)"
+    add_arguments(
+        p, TrainConfig(), FLAGS, helps={"size": "slice size in pixels", "steps": "training iterations per run"}
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--fid-weights",
         default=None,
@@ -98,19 +99,9 @@ def run(args: argparse.Namespace) -> int:
         raise LabelFactoryError("nothing to evaluate: pass --synthetic DIR and/or --annotated K=DIR")
     studies = args.studies or checkout_default(SAMPLE_STUDIES, "--studies")
     real = real_slices(studies, args.size)
-    settings = Settings(
-        folds=args.folds,
-        test_size=args.test_size,
-        baseline=args.baseline,
-        log_dir=args.out / "tensorboard",
-        train=TrainConfig(
-            size=args.size,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            val_interval=args.val_interval,
-            seed=args.seed,
-        ),
+    train = from_args(TrainConfig(), args, FLAGS)
+    settings = from_args(
+        Settings(baseline=args.baseline, log_dir=args.out / "tensorboard", train=train), args, ("folds", "test_size")
     )
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     results = run_experiments(
