@@ -42,7 +42,7 @@ def cast(typ: type, name: str, value: Any) -> Any:
             return text in _TRUE
         return typ(value)
     except (TypeError, ValueError):
-        raise LabelFactoryError(f"option {name}={value!r}: expected a {typ.__name__}") from None
+        raise LabelFactoryError(f"option {name}={value!r}: expected {typ.__name__}") from None
 
 
 def parse_value(cls: type, name: str, value: Any) -> Any:

@@ -1,0 +1,112 @@
+"""What every adapter stands on: options from config dataclasses, the two task bases, atomic JSON, checkout defaults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labelfactory import checkout
+from labelfactory.errors import LabelFactoryError
+from labelfactory.io import Image, read_image
+from labelfactory.jsonio import read_json, write_json_atomic
+from labelfactory.options import add_arguments, config_overrides, field_type, from_args
+from labelfactory.tasks.base import InferBase, TrainBase
+
+
+@dataclass(frozen=True)
+class Knobs:
+    steps: int = 10
+    lr: float = 1e-3
+    augment: bool = True
+    network: str = "unet"
+    ema: float | None = None
+    widths: tuple[int, ...] = (1, 2)
+
+
+def test_overrides_take_each_fields_type_from_the_dataclass():
+    got = config_overrides(
+        Knobs(),
+        {"steps": "7", "lr": 1, "augment": "off", "network": ["unetpp", "unet"], "ema": "0.5"},
+        ("steps", "lr", "augment", "network", "ema"),
+    )
+    assert got == Knobs(steps=7, lr=1.0, augment=False, network="unetpp", ema=0.5)
+    assert type(got.lr) is float and type(got.steps) is int
+    assert config_overrides(Knobs(), {"steps": "", "lr": None, "other": 3}, ("steps", "lr")) == Knobs()
+    assert config_overrides(Knobs(), {"x_steps": "3", "steps": "4"}, ("steps",), prefix="x_").steps == 3
+
+
+def test_bad_option_values_are_400s_and_unsupported_fields_are_refused():
+    with pytest.raises(LabelFactoryError, match="steps='many': expected int") as e:
+        config_overrides(Knobs(), {"steps": "many"}, ("steps",))
+    assert e.value.status == 400
+    with pytest.raises(LabelFactoryError, match="augment"):
+        config_overrides(Knobs(), {"augment": "maybe"}, ("augment",))
+    with pytest.raises(TypeError, match="widths"):
+        field_type(Knobs, "widths")
+
+
+def test_cli_flags_carry_the_dataclass_defaults_and_come_back():
+    p = argparse.ArgumentParser()
+    add_arguments(p, Knobs(), ("steps", "lr", "augment"), aliases={"steps": "--iterations"})
+    assert from_args(Knobs(), p.parse_args([]), ("steps", "lr", "augment")) == Knobs()
+    args = p.parse_args(["--iterations", "3", "--lr", "0.1", "--no-augment"])
+    assert from_args(Knobs(), args, ("steps", "lr", "augment")) == Knobs(steps=3, lr=0.1, augment=False)
+
+
+class Trainer(TrainBase):
+    name = "toy"
+    options = ("steps", "lr")
+
+    def train(self, request, datastore, config, started):
+        return {"steps": config.steps, "seen": datastore}
+
+
+def test_train_base_parses_the_request_and_publishes_its_stats(tmp_path):
+    task = Trainer("a toy", tmp_path / "model", Knobs())
+    assert task.config() == {"steps": 10, "lr": 1e-3} and task.stats() == {}
+    stats = task({"steps": "4", "network": "ignored"}, "store")
+    assert (
+        stats["name"] == "toy"
+        and stats["steps"] == 4
+        and stats["seen"] == "store"
+        and stats["total_time"].endswith("s")
+    )
+    assert task.stats() == stats == json.loads((tmp_path / "model" / "toy_train_stats.json").read_text())
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["toy_train_stats.json"]  # no temp file left
+
+
+class Infer(InferBase):
+    def infer(self, request):
+        image = Image(np.ones((4, 5), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+        return (None if request.get("none") else image), {"answer": 42}
+
+
+def test_infer_base_writes_the_result_file_and_times_the_call(tmp_path):
+    task = Infer(tmp_path / "m.pt", "segmentation", {"x": 1}, 2, "a toy")
+    assert task.is_valid() and task.get_path() == str(tmp_path / "m.pt")
+    out, result = task({"result_extension": ".nrrd"})
+    assert out.endswith(".nrrd") and read_image(out).array.shape == (4, 5)
+    assert result["answer"] == 42 and result["latencies"]["total"] >= 0
+    Path(out).unlink()
+    assert task({"none": True})[0] is None
+
+
+def test_json_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "a" / "stats.json"
+    write_json_atomic({"v": 1}, path)
+    with pytest.raises(TypeError):
+        write_json_atomic({"v": object()}, path)  # fails while encoding: the old file stays
+    assert read_json(path) == {"v": 1} and [p.name for p in path.parent.iterdir()] == ["stats.json"]
+    assert read_json(tmp_path / "absent.json", {}) == {}
+
+
+def test_checkout_defaults_resolve_in_a_checkout_and_fail_clearly_elsewhere(tmp_path, monkeypatch):
+    assert checkout.checkout_default(checkout.SAMPLE_STUDIES, "--studies").is_dir()
+    monkeypatch.setattr(checkout, "_ROOT", tmp_path)  # as from a wheel in site-packages
+    with pytest.raises(LabelFactoryError, match="--studies has a default only in a source checkout"):
+        checkout.checkout_default(checkout.SAMPLE_STUDIES, "--studies")
