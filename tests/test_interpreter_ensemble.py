@@ -177,3 +177,12 @@ def test_fused_path_on_all_full_size_taps():
     mask, js = f.vote_and_uncertainty(taps)
     assert torch.equal(mask, majority_vote(logits))
     assert (js - js_divergence(logits)).abs().max().item() < 1e-6
+
+
+def test_both_forms_refuse_features_of_another_shape(setup):
+    _, taps, ens = setup
+    C = ens.config.layout.total_channels
+    with pytest.raises(ValueError, match=r"pixel features \(M, P, sum C_i\) must be"):
+        ens(torch.zeros(ens.config.members, 5, C + 1))
+    with pytest.raises(ValueError, match="do not match the layout"):
+        ens.factorized()(taps[:-1])

@@ -21,21 +21,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labelfactory.gan.networks import assert_shape
 from labelfactory.interpreter.taps import TapLayout
 from labelfactory.interpreter.uncertainty import js_divergence
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    """Ensemble shape: tap layout, classes K, members M, hidden widths (H1, H2), init seed."""
+    """Ensemble shape (what a model file records to rebuild it)."""
 
-    tap_channels: tuple[int, ...]
-    tap_resolutions: tuple[int, ...]
-    image_resolution: int
-    num_classes: int
-    members: int = 10
-    hidden: tuple[int, int] = (256, 128)
-    seed: int = 0
+    tap_channels: tuple[int, ...]  # channels C_i of each generator tap, coarse to fine
+    tap_resolutions: tuple[int, ...]  # side r_i of each tap
+    image_resolution: int  # side R of the generated image every pixel is labelled on
+    num_classes: int  # K, the label map's largest value + 1
+    members: int = 10  # M pixel MLPs
+    hidden: tuple[int, int] = (256, 128)  # (H1, H2) hidden widths
+    seed: int = 0  # initialisation seed (member m draws from seed * 1_000_003 + m)
 
     @property
     def layout(self) -> TapLayout:
@@ -79,6 +80,9 @@ class PixelEnsemble(nn.Module):
         return bn(h.transpose(0, 1).reshape(P, M * H)).reshape(P, M, H).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert_shape(
+            x, [self.config.members, None, self.config.layout.total_channels], "pixel features (M, P, sum C_i)"
+        )
         h = self._bn(self.bn1, torch.relu(torch.baddbmm(self.b1[:, None], x, self.w1)))
         h = self._bn(self.bn2, torch.relu(torch.baddbmm(self.b2[:, None], h, self.w2)))
         return torch.baddbmm(self.b3[:, None], h, self.w3)
