@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.checkpoints import hash_path, load_checkpoint, previous_path, save_checkpoint
 from labelfactory.datasets import openkbp
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.segmentation.networks import build_network
@@ -48,10 +48,10 @@ STATE_KIND = "label-efficiency-training-state"
 
 @dataclass
 class Sizes:
-    """Every size of the protocol (defaults) ; `reduced()` gives the test suite's."""
+    """Every size of the protocol (defaults); `reduced()` gives the test suite's."""
 
     size: int = 64  # crop side in pixels (native spacing)
-    annotator_steps: int = 1200  # stand-in annotator iterations (batch `batch_size`)
+    annotator_steps: int = 800  # stand-in annotator iterations (batch `batch_size`): ~45 min on a shared 2-core CPU
     annotations: int = 30  # labelled generated images per selection strategy
     retrain_every: int = 5  # loop labels between interpreter retrainings
     candidates: int = 16  # K candidates the strategy scores per next sample
@@ -59,12 +59,13 @@ class Sizes:
     interpreter_epochs: int = 4
     pairs: int = 1500  # synthetic pairs kept per label set, after dropping
     drop_fraction: float = 0.1  # the most uncertain fraction dropped
-    steps: int = 1200  # segmenter iterations, the same for every row
+    steps: int = 800  # segmenter iterations, the same for every row (the annotator's recipe)
     batch_size: int = 16
     seeds: int = 3  # seeds for the cheap rows
     fid_images: int = 2000
     eval_patients: int = 0  # validation patients scored (0: all)
     save_every: int = 100  # iterations between training-state snapshots
+    table_iii: str = "deeplabv3,fcn,unet"  # networks trained on the synthetic set beside the UNet++ row
 
     @classmethod
     def reduced(cls) -> Sizes:
@@ -81,8 +82,9 @@ class Sizes:
             batch_size=4,
             seeds=2,
             fid_images=8,
-            eval_patients=0,
+            eval_patients=1,
             save_every=3,
+            table_iii="unet",
         )
 
 
@@ -242,7 +244,9 @@ def train_resumable(
         },
         model_file,
     )
-    state_file.unlink(missing_ok=True)
+    for f in (state_file, previous_path(state_file)):
+        f.unlink(missing_ok=True)
+        hash_path(f).unlink(missing_ok=True)
     return model_file
 
 
@@ -276,19 +280,20 @@ def summarize(per_patient: dict[str, dict[int, dict[str, int]]]) -> dict:
         if not rows:
             continue
         tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
-        per = [2 * r["tp"] / max(1, 2 * r["tp"] + r["fp"] + r["fn"]) for r in rows]
+        per = [ratio(2 * r["tp"], 2 * r["tp"] + r["fp"] + r["fn"]) for r in rows]
         organs[name] = {
             "patients": len(rows),
-            "dice": 2 * tp / max(1, 2 * tp + fp + fn),
-            "iou": tp / max(1, tp + fp + fn),
-            "dice_patient_mean": float(np.mean(per)),
+            "dice": ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": ratio(tp, tp + fp + fn),
+            "dice_patient_mean": float(np.nanmean(per)),
         }
-    return {
-        "organs": organs,
-        "mean_dice": float(np.mean([o["dice"] for o in organs.values()])),
-        "miou": float(np.mean([o["iou"] for o in organs.values()])),
-        "mean_dice_patient_mean": float(np.mean([o["dice_patient_mean"] for o in organs.values()])),
-    }
+    means = (("mean_dice", "dice"), ("miou", "iou"), ("mean_dice_patient_mean", "dice_patient_mean"))
+    return {"organs": organs, **{k: float(np.nanmean([o[m] for o in organs.values()])) for k, m in means}}
+
+
+def ratio(a: int, b: int) -> float:
+    """a / b, NaN when b is 0 (an organ absent from both prediction and truth has no score)."""
+    return a / b if b else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -403,9 +408,9 @@ def figure_slices(case: openkbp.CaseSlices, n: int = 5) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- stages
 
-SYNTH_SEED0 = 1_000_000  # synthetic pairs use seeds from here (the annotated images use 0, 1, ...)
+RANDOM_SEED0 = 500_000  # the randomly picked images to annotate (the server's strategy draws from 0, 1, ...)
+SYNTH_SEED0 = 1_000_000  # synthetic pairs
 ROWS = ("synthetic-random", "synthetic-uncertainty", "real-30", "hybrid", "real-all")
-TABLE_III = ("deeplabv3", "fcn", "unet")  # plus the UNet++ of the synthetic-uncertainty row
 PAPER = {"synthetic": 0.551, "hybrid": 0.762, "real": 0.799}  # DatasetGAN for small medical data, SegTHOR 256^2
 
 
@@ -480,7 +485,6 @@ class Experiment:
     # --- stage 1
     def generator(self, folder: Path) -> dict:
         """Snapshot the published generator (the run keeps publishing), its kimg, FID and a sample grid."""
-        from labelfactory.checkpoints import hash_path
         from labelfactory.evaluation.fid import FIDEvaluator
         from labelfactory.segmentation.data import evenly_spaced
 
@@ -575,7 +579,7 @@ class Experiment:
                     "--generator",
                     str(self.generator_file),
                     "--seeds",
-                    f"0-{n - 1}",
+                    f"{RANDOM_SEED0}-{RANDOM_SEED0 + n - 1}",
                     "--annotator-model",
                     str(self.annotator_file),
                     "--out",
@@ -591,8 +595,6 @@ class Experiment:
 
     def server_loop(self, folder: Path) -> dict:
         """`labelfactory serve` on a fresh datastore with the generator, `labelfactory loop` with the annotator."""
-        from labelfactory.checkpoints import hash_path
-        from labelfactory.interpreter.records import records_from_datastore_folder
 
         s = self.sizes
         datastore, models = folder / "datastore", folder / "models"
@@ -603,7 +605,7 @@ class Experiment:
             shutil.copy2(self.generator_file, models / "stylegan2.pt")
 
         def labelled() -> int:
-            return len(records_from_datastore_folder(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
+            return len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -697,7 +699,6 @@ class Experiment:
         from labelfactory.interpreter.labeller import save_interpreter
         from labelfactory.interpreter.records import (
             load_records,
-            records_from_datastore_folder,
             records_from_seed_masks,
         )
         from labelfactory.interpreter.train import TrainConfig as InterpreterConfig
@@ -709,8 +710,7 @@ class Experiment:
         if name == "random":
             records = records_from_seed_masks(G, labels / "random", TRUNCATION_PSI, k, cfg.ignore_index)
         else:
-            items = records_from_datastore_folder(labels / "uncertainty" / "datastore")
-            records = load_records(G, items, k, cfg.ignore_index)
+            records = load_records(G, datastore_records(labels / "uncertainty" / "datastore"), k, cfg.ignore_index)
         log(f"synthetic {name}: interpreter on {len(records)} annotated images")
         ensemble, history = train_ensemble(G, records, k, cfg, progress=False)
         data = {"images": [r.name for r in records], "count": len(records), "history": history, "selection": name}
@@ -720,7 +720,7 @@ class Experiment:
     def runs(self) -> list[tuple[str, str, int]]:
         """(row, network, seed) of every segmenter to train."""
         unetpp = [(row, "unetpp", seed) for row in ROWS for seed in range(self.sizes.seeds)]
-        return unetpp + [("synthetic-uncertainty", net, 0) for net in TABLE_III]
+        return unetpp + [("synthetic-uncertainty", net, 0) for net in self.sizes.table_iii.split(",") if net]
 
     def segmenters(self, folder: Path) -> dict:
         """Every row's segmenters, one step budget; each scored on the validation volumes as it finishes."""
@@ -815,6 +815,15 @@ class Experiment:
             for k, v in figures.items():
                 shutil.copy2(v, REPO / "docs" / "results" / f"label-efficiency-{k}.png")
         return {"results": str(folder / "results.json"), "markdown": str(folder / "results.md")}
+
+
+def datastore_records(folder: Path) -> list[tuple[str, dict, str]]:
+    """(image id, latent record, label path) of the labelled generated images of a datastore folder."""
+    from labelfactory.interpreter.records import records_from_datastore
+    from labelfactory.tasks.datastore import LabelFactoryDatastore
+
+    datastore = LabelFactoryDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False, label_names=LABEL_NAMES)
+    return records_from_datastore(datastore)
 
 
 def strip_patients(validation: dict) -> dict:
@@ -928,7 +937,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {net} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} |")
         lines.append("")
     lines += ["## CPU-hours per stage", "", "| stage | CPU-hours |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in r["cpu_hours"].items()]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["cpu_hours"].items()]
     return "\n".join(lines) + "\n"
 
 

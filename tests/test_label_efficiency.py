@@ -1,0 +1,146 @@
+"""The label-efficiency experiment (benchmarks/label_efficiency.py) reduced to tiny sizes on the bundled OpenKBP cases.
+
+One end-to-end run (module fixture) through every stage, a real server loop included; then what it wrote, that a
+rerun skips finished stages, that an interrupted training resumes to the same weights, and the 3D scoring rules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from labelfactory.gan.checkpoint import publish_generator
+from labelfactory.gan.networks import Generator
+from labelfactory.io import read_image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "sample-data" / "openkbp" / "cases"
+KW = dict(z_dim=32, w_dim=32, img_resolution=64, channel_base=512, channel_max=32, mapping_layers=2)
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("label_efficiency", REPO / "benchmarks" / "label_efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["label_efficiency"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+le = _load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A tiny generator (trained on nothing, in OpenKBP's window) and one reduced run of every stage."""
+    d = tmp_path_factory.mktemp("label_efficiency")
+    torch.manual_seed(0)
+    window = {"window_hu": [le.openkbp.WINDOW.low, le.openkbp.WINDOW.high]}
+    publish_generator(Generator(**KW).eval(), KW, d / "stylegan2.pt", config={"tiny": True}, data=window, kimg=0.0)
+    out = d / "out"
+    torch.set_num_threads(1)
+    assert le.main(["--data", str(DATA), "--generator", str(d / "stylegan2.pt"), "--out", str(out), "--reduced"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_finishes_with_its_outputs(experiment):
+    from labelfactory.checkpoints import load_checkpoint
+    from labelfactory.interpreter.labeller import KIND
+    from labelfactory.segmentation.infer import load_segmenter
+
+    sizes = le.Sizes.reduced()
+    for stage in le.STAGES[:-1]:
+        assert (experiment / stage / "done.json").is_file(), stage
+    annotator = load_segmenter(experiment / "annotator" / "segmentation.pt")
+    assert annotator.label_names == le.LABEL_NAMES
+    assert annotator.record["config"]["slicing"] == "body-crop"
+    assert len(list((experiment / "labels" / "random").glob("seed*.nii.gz"))) == sizes.annotations
+    assert len(le.datastore_records(experiment / "labels" / "uncertainty" / "datastore")) == sizes.annotations
+    for name in ("random", "uncertainty"):
+        interp = load_checkpoint(experiment / "synthetic" / name / "interpreter.pt", KIND)
+        assert interp["config"]["label_names"] == le.LABEL_NAMES
+        pairs = experiment / "synthetic" / name / "pairs"
+        images = sorted((pairs / "images").glob("seed*.nii.gz"))
+        assert len(images) == sizes.pairs
+        mask = read_image(pairs / "labels" / images[0].name).array
+        assert mask.shape == (sizes.size, sizes.size) and set(np.unique(mask)) <= set(le.LABEL_NAMES.values())
+    results = json.loads((experiment / "report" / "results.json").read_text())
+    assert set(results["table"]) == set(le.ROWS)
+    assert all(row["seeds"] == sizes.seeds for row in results["table"].values())
+    assert set(results["table_iii"]) == {"unetpp", *sizes.table_iii.split(",")}
+    assert set(results["table"]["hybrid"]["organs"]) == set(le.openkbp.ORGANS.values())
+    assert set(results["figures"]) == {"generator", "annotator", "pairs", "validation"}
+    assert "| real-all |" in (experiment / "report" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_hybrid_trains_on_the_synthetic_pairs_plus_the_real_30(experiment):
+    record = json.loads((experiment / "segmenters" / "hybrid.unetpp.seed1" / "eval.json").read_text())
+    real = json.loads((experiment / "segmenters" / "real-30.unetpp.seed1" / "eval.json").read_text())
+    assert record["data"]["pairs"] == le.Sizes.reduced().pairs
+    assert record["data"]["real"]["real_slices"] == real["data"]["real_slices"]
+    assert len(real["data"]["real_slices"]) == le.Sizes.reduced().annotations
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_finished_stages(experiment, monkeypatch, capsys):
+    def never(self, folder):
+        raise AssertionError("a finished stage ran again")
+
+    for stage in le.STAGES[:-1]:
+        monkeypatch.setattr(le.Experiment, stage, never)
+    args = ["--data", str(DATA), "--out", str(experiment), "--reduced", "--stages", ",".join(le.STAGES[:-1])]
+    assert le.main(args) == 0
+    assert capsys.readouterr().err.count("skipped") == len(le.STAGES) - 1
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread):
+    images = torch.rand(10, 1, 32, 32) * 2 - 1
+    masks = (images[:, 0] > 0.3).long() * 2
+    config = le.segmenter_config("unet", le.Sizes(size=32, batch_size=4), steps=6, seed=3)
+    whole = le.train_resumable(images, masks, config, tmp_path / "whole", {}, save_every=3)
+
+    real_save = le.save_checkpoint
+
+    def save_then_die(payload, path):
+        real_save(payload, path)
+        if payload["kind"] == le.STATE_KIND:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(le, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        le.train_resumable(images, masks, config, tmp_path / "cut", {}, save_every=3)
+    monkeypatch.setattr(le, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "cut" / "training-state.pt", weights_only=True)["step"] == 3
+    resumed = le.train_resumable(images, masks, config, tmp_path / "cut", {}, save_every=3)
+    a = torch.load(whole, weights_only=True)["state_dict"]
+    b = torch.load(resumed, weights_only=True)["state_dict"]
+    assert not (tmp_path / "cut" / "training-state.pt").exists()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_scores_count_only_patients_that_have_the_organ():
+    truth = np.zeros((2, 4, 4), np.uint8)
+    truth[0, :2, :2] = 1  # brainstem: 4 voxels
+    pred = np.zeros_like(truth)
+    pred[0, :2, :1] = 1  # 2 of them found
+    pred[1, :, :] = 2  # spinal cord everywhere: not contoured for this patient, so not scored
+    one = le.volume_scores(pred, truth, present=(1,))
+    assert one == {1: {"tp": 2, "fp": 0, "fn": 2}}
+    both = truth.copy()
+    both[1, 0, 0] = 2
+    other = le.volume_scores(both, both, present=(1, 2))  # a patient with both organs, found exactly
+    summary = le.summarize({"a": one, "b": other})
+    brainstem = summary["organs"]["brainstem"]
+    assert brainstem["patients"] == 2
+    assert brainstem["dice"] == pytest.approx(2 * 6 / (2 * 6 + 2))  # pooled: tp 2 + 4, fn 2
+    assert brainstem["dice_patient_mean"] == pytest.approx((2 * 2 / 6 + 1.0) / 2)
+    assert summary["organs"]["spinal cord"] == {"patients": 1, "dice": 1.0, "iou": 1.0, "dice_patient_mean": 1.0}
+    assert set(summary["organs"]) == {"brainstem", "spinal cord"}
