@@ -16,6 +16,7 @@ this machine (127.0.0.0/8 or localhost): the script refuses anything else.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -118,28 +120,31 @@ class Mixed:
         return _infer(session, s, "segmentation", "torso_3mm")
 
 
-def run_mixed(server: str, clients: int, seconds: float, workdir: Path) -> dict:
-    check_local(server)
-    mix = Mixed(server, workdir)
-    mix.prepare()
+def drive(
+    clients: int, seconds: float, route_of: Callable[[int, int], str], call: Callable
+) -> tuple[dict, dict, float]:
+    """`clients` threads for `seconds`: client k's i-th request is `call(session, route_of(k, i))`.
+
+    Returns (latencies per route of the 200 answers, errors per route, wall seconds).
+    """
     lat: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, list[str]] = defaultdict(list)
 
     def client(k: int, stop: float) -> None:
-        session, i = requests.Session(), k
+        session, i = requests.Session(), 0
         while time.time() < stop:
-            route = MIXED[i % len(MIXED)]
+            route = route_of(k, i)
             i += 1
             t0 = time.perf_counter()
             try:
-                r = mix.call(session, route)
-                (
-                    lat[route].append(time.perf_counter() - t0)
-                    if r.status_code == 200
-                    else errors[route].append(f"{r.status_code}: {r.text[:120]}")
-                )
+                r = call(session, route)
             except requests.RequestException as e:
                 errors[route].append(type(e).__name__)
+                continue
+            if r.status_code == 200:
+                lat[route].append(time.perf_counter() - t0)
+            else:
+                errors[route].append(f"{r.status_code}: {r.text[:120]}")
 
     stop = time.time() + seconds
     threads = [threading.Thread(target=client, args=(k, stop)) for k in range(clients)]
@@ -148,12 +153,20 @@ def run_mixed(server: str, clients: int, seconds: float, workdir: Path) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.time() - t0
+    return lat, errors, time.time() - t0
+
+
+def run_mixed(server: str, clients: int, seconds: float, workdir: Path) -> dict:
+    check_local(server)
+    mix = Mixed(server, workdir)
+    mix.prepare()
+    lat, errors, wall = drive(clients, seconds, lambda k, i: MIXED[(k + i) % len(MIXED)], mix.call)
     routes = {r: summary(lat[r], errors[r], wall) for r in MIXED}
     total = sum(len(v) for v in lat.values())
     for r, v in routes.items():
         print(
-            f"{r:16s} {v['requests_per_s']:6.2f} req/s  p50 {v['p50_s']:.3f} s  p99 {v['p99_s']:.3f} s  errors {v['errors']}"
+            f"{r:16s} {v['requests_per_s']:6.2f} req/s  p50 {v['p50_s']:.3f} s  p99 {v['p99_s']:.3f} s  "
+            f"errors {v['errors']}"
         )
     tail = scoring_tail(server, limit=180)
     print(f"all routes: {total / wall:.2f} req/s over {wall:.1f} s; scoring kept running {tail} s after the load")
@@ -179,42 +192,22 @@ def scoring_tail(server: str, limit: float) -> float | str:
     return f">{limit:.0f}"
 
 
+def _target_call(session: requests.Session, route: str, server: str, model: str, image: str, params: dict):
+    return _infer(session, server, model, image, params)
+
+
 def run_targets(server: str, targets: list[tuple[str, str]], clients: int, seconds: float, params: dict) -> dict:
     check_local(server)
     results = {}
     for model, image in targets:
-        lat: list[float] = []
-        errors: list[str] = []
         _infer(requests.Session(), server, model, image, params)  # warm-up
-
-        def hammer(stop: float) -> None:
-            session = requests.Session()
-            while time.time() < stop:
-                t0 = time.perf_counter()
-                try:
-                    r = _infer(session, server, model, image, params)
-                    (
-                        lat.append(time.perf_counter() - t0)
-                        if r.status_code == 200
-                        else errors.append(f"{r.status_code}: {r.text[:120]}")
-                    )
-                except requests.RequestException as e:
-                    errors.append(type(e).__name__)
-
-        stop = time.time() + seconds
-        threads = [threading.Thread(target=hammer, args=(stop,)) for _ in range(clients)]
-        t0 = time.time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        r = results[f"{model}:{image}"] = {
-            "clients": clients,
-            "seconds": round(time.time() - t0, 1),
-            **summary(lat, errors, time.time() - t0),
-        }
+        name = f"{model}:{image}"
+        call = functools.partial(_target_call, server=server, model=model, image=image, params=params)
+        lat, errors, wall = drive(clients, seconds, lambda k, i, name=name: name, call)
+        r = results[name] = {"clients": clients, "seconds": round(wall, 1), **summary(lat[name], errors[name], wall)}
         print(
-            f"{model:14s} {image:24s} {r['requests_per_s']:6.2f} req/s  p50 {r['p50_s']:.3f} s  p99 {r['p99_s']:.3f} s  errors {r['errors']}"
+            f"{model:14s} {image:24s} {r['requests_per_s']:6.2f} req/s  p50 {r['p50_s']:.3f} s  "
+            f"p99 {r['p99_s']:.3f} s  errors {r['errors']}"
         )
     return results
 

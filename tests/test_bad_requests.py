@@ -40,7 +40,13 @@ def _uploads_left(folder):
 def _put_label(url, image_id, path, params=None):
     form = {"params": params if isinstance(params, str) else json.dumps(params or {})}
     with open(path, "rb") as f:
-        return requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (path.name, f)}, data=form, timeout=60)
+        return requests.put(
+            f"{url}/datastore/label",
+            params={"image": image_id, "tag": "final"},
+            files={"label": (path.name, f)},
+            data=form,
+            timeout=60,
+        )
 
 
 @pytest.mark.slow
@@ -75,12 +81,24 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
 
     # a corrupt and a 4D image upload
-    r = requests.put(f"{url}/datastore/", params={"image": "new_study"}, files={"file": ("junk.nii.gz", junk.read_bytes())}, timeout=60)
+    r = requests.put(
+        f"{url}/datastore/",
+        params={"image": "new_study"},
+        files={"file": ("junk.nii.gz", junk.read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 400
     import SimpleITK as sitk
 
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.int16), isVector=False), str(tmp_path / "t4.nii.gz"))
-    r = requests.put(f"{url}/datastore/", params={"image": "four_d"}, files={"file": ("t4.nii.gz", (tmp_path / "t4.nii.gz").read_bytes())}, timeout=60)
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.int16), isVector=False), str(tmp_path / "t4.nii.gz")
+    )
+    r = requests.put(
+        f"{url}/datastore/",
+        params={"image": "four_d"},
+        files={"file": ("t4.nii.gz", (tmp_path / "t4.nii.gz").read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 400 and "4D" in r.json()["detail"]
 
     # infer on an id that is a path on the server's disk
@@ -91,17 +109,29 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     arr = np.zeros((4, 8, 8), np.float32)
     arr[1, 2, 3] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nii.gz"))
-    r = requests.put(f"{url}/datastore/image", params={"image": "nan_study"}, files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())}, timeout=60)
+    r = requests.put(
+        f"{url}/datastore/image",
+        params={"image": "nan_study"},
+        files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 400 and "NaN" in r.json()["detail"]
 
     # an infer without an image id, params that are not JSON (or not an object), a label sent to an infer
     r = requests.post(f"{url}/infer/segmentation", params={"image": ""}, timeout=60)
     assert r.status_code == 400 and "image=" in r.json()["detail"]
-    r = requests.post(f"{url}/infer/segmentation", params={"image": "torso_3mm"}, data={"params": "{not json"}, timeout=60)
+    r = requests.post(
+        f"{url}/infer/segmentation", params={"image": "torso_3mm"}, data={"params": "{not json"}, timeout=60
+    )
     assert r.status_code == 400 and "params must be a JSON object" in r.json()["detail"]
     r = requests.post(f"{url}/infer/segmentation", params={"image": "torso_3mm"}, data={"params": "[1, 2]"}, timeout=60)
     assert r.status_code == 400 and "params must be a JSON object" in r.json()["detail"]
-    r = requests.post(f"{url}/infer/segmentation", params={"image": "torso_3mm"}, files={"label": ("l.nii.gz", junk.read_bytes())}, timeout=60)
+    r = requests.post(
+        f"{url}/infer/segmentation",
+        params={"image": "torso_3mm"},
+        files={"label": ("l.nii.gz", junk.read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 400
     r = _put_label(url, "torso_3mm", datastore_copy / "labels" / "final" / "torso_3mm.nii.gz", params="nope")
     assert r.status_code == 400 and "params must be a JSON object" in r.json()["detail"]
@@ -111,7 +141,12 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     # an upload over the server's limit (1 MB here): refused before it is stored anywhere
     big = np.random.default_rng(0).integers(-1000, 1000, (40, 128, 128)).astype(np.int16)
     sitk.WriteImage(sitk.GetImageFromArray(big), str(tmp_path / "big.nii"))
-    r = requests.put(f"{url}/datastore/image", params={"image": "big_study"}, files={"file": ("big.nii", (tmp_path / "big.nii").read_bytes())}, timeout=60)
+    r = requests.put(
+        f"{url}/datastore/image",
+        params={"image": "big_study"},
+        files={"file": ("big.nii", (tmp_path / "big.nii").read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 413 and "limit" in r.json()["detail"]
 
     # rejected uploads leave no temp file behind
@@ -132,7 +167,9 @@ def test_slicer_seg_nrrd_and_label_info_are_mapped_by_name(server, datastore_cop
     arr[ok.array == LABEL_NAMES["liver"]] = 3
     arr[ok.array == LABEL_NAMES["aorta"]] = 1
     p = write_seg_nrrd(ok.with_array(arr), tmp_path / "torso.seg.nrrd", {"aorta": 1, "liver": 3})
-    r = _put_label(server.url, "torso_3mm", p, {"label_info": [{"name": "aorta", "idx": 1}, {"name": "liver", "idx": 3}]})
+    r = _put_label(
+        server.url, "torso_3mm", p, {"label_info": [{"name": "aorta", "idx": 1}, {"name": "liver", "idx": 3}]}
+    )
     assert r.status_code == 200, r.text
     saved = read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz").array
     assert np.array_equal(saved == LABEL_NAMES["liver"], ok.array == LABEL_NAMES["liver"])
@@ -157,5 +194,7 @@ def test_a_nii_gz_is_decompressed_once(sample, monkeypatch):
     monkeypatch.setattr(image_io.gzip, "open", lambda *a, **k: pytest.fail("the file is inflated a second time"))
     monkeypatch.setattr(image_io.sitk, "ReadImage", lambda path, *a: itk_read.append(str(path)) or real_read(path, *a))
     img = read_image(sample / "datastore" / "torso_3mm.nii.gz")
-    assert len(inflated) == 1 and len(itk_read) == 1 and not itk_read[0].endswith(".gz"), "ITK must read the inflated bytes"
+    assert len(inflated) == 1 and len(itk_read) == 1 and not itk_read[0].endswith(".gz"), (
+        "ITK must read the inflated bytes"
+    )
     assert img.array.shape == sitk.GetArrayFromImage(real_read(str(sample / "datastore" / "torso_3mm.nii.gz"))).shape

@@ -26,7 +26,10 @@ W = [0.25] * 8
 
 
 def _generated(tmp_path, seed: int):
-    path = write_image(Image(np.full((16, 16), seed, np.int16), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)), tmp_path / f"g{seed}.nii.gz")
+    path = write_image(
+        Image(np.full((16, 16), seed, np.int16), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)),
+        tmp_path / f"g{seed}.nii.gz",
+    )
     return path, {LATENT_KEY: {"seed": seed, "truncation_psi": 0.7, "w": W, "generator": "g1"}, "uncertainty": 0.5}
 
 
@@ -52,9 +55,16 @@ def test_provenance_survives_an_index_written_without_it(datastore_copy, tmp_pat
     assert (datastore_copy / "gen_seed000003.labelfactory.json").is_file()
     (datastore_copy / "datastore_v2.json").unlink()  # the entry is re-made from the file alone, info lost
     LocalDatastore(str(datastore_copy), extensions=["*.nii.gz"])
-    assert LATENT_KEY not in json.loads((datastore_copy / "datastore_v2.json").read_text())["objects"]["gen_seed000003"]["image"]["info"]
+    assert (
+        LATENT_KEY
+        not in json.loads((datastore_copy / "datastore_v2.json").read_text())["objects"]["gen_seed000003"]["image"][
+            "info"
+        ]
+    )
     info = _open(datastore_copy).get_image_info("gen_seed000003")
-    assert info[LATENT_KEY]["seed"] == 3 and info[LATENT_KEY]["w"] == W, "a generated image must never pass for a real patient"
+    assert info[LATENT_KEY]["seed"] == 3 and info[LATENT_KEY]["w"] == W, (
+        "a generated image must never pass for a real patient"
+    )
 
 
 @pytest.mark.parametrize("damage", [b"", b'{"name": "new-dataset", "objects": {"torso_3mm": {"ima'])
@@ -65,7 +75,9 @@ def test_a_damaged_index_is_rebuilt_keeping_labels_and_latents(datastore_copy, t
     (datastore_copy / "datastore_v2.json").write_bytes(damage)
     rebuilt = _open(datastore_copy)
     assert "DATASTORE INDEX DAMAGED" in caplog.text
-    assert sorted(rebuilt.list_images()) == sorted(["abdomen", "thorax_aorta", "torso_3mm", "torso_3mm_long", "gen_seed000005"])
+    assert sorted(rebuilt.list_images()) == sorted(
+        ["abdomen", "thorax_aorta", "torso_3mm", "torso_3mm_long", "gen_seed000005"]
+    )
     assert sorted(rebuilt.get_labeled_images()) == ["abdomen", "torso_3mm"]
     assert rebuilt.get_image_info("gen_seed000005")[LATENT_KEY]["w"] == W
     assert list(datastore_copy.glob("datastore_v2.json.damaged-*")), "the damaged index is kept for inspection"
@@ -88,7 +100,10 @@ def test_concurrent_writers_lose_nothing(datastore_copy, tmp_path):
         t.join()
     ds = _open(datastore_copy)
     assert len([i for i in ds.list_images() if LATENT_KEY in ds.get_image_info(i)]) == 16
-    assert {k: v for k, v in ds.get_image_info("torso_3mm").items() if k.startswith("writer")} == {"writer100": 7, "writer200": 7}
+    assert {k: v for k, v in ds.get_image_info("torso_3mm").items() if k.startswith("writer")} == {
+        "writer100": 7,
+        "writer200": 7,
+    }
 
 
 # ---- a real server killed at the write ----
@@ -127,8 +142,10 @@ def _killer_env(tmp_path, folder, pattern):
     (tmp_path / "killer").mkdir(exist_ok=True)
     (tmp_path / "killer" / "sitecustomize.py").write_text(_KILLER)
     flag = tmp_path / "armed"
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "killer"), os.environ.get("PYTHONPATH", "")]),
-           "LF_KILL_ON_WRITE": os.pathsep.join([str(os.path.realpath(folder)), pattern, str(flag)])}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "killer"), os.environ.get("PYTHONPATH", "")]),
+        "LF_KILL_ON_WRITE": os.pathsep.join([str(os.path.realpath(folder)), pattern, str(flag)]),
+    }
     return env, flag
 
 
@@ -163,7 +180,9 @@ def test_a_server_killed_while_writing_a_label_keeps_the_old_one(datastore_copy,
 
 
 @pytest.mark.slow
-def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_latent(datastore_copy, app_copy, start_server, tmp_path):
+def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_latent(
+    datastore_copy, app_copy, start_server, tmp_path
+):
     path, info = _generated(tmp_path, 11)
     _open(datastore_copy).add_image("gen_seed000011", str(path), info)
     labels_before = sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir())
@@ -172,7 +191,12 @@ def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_l
     srv = start_server(datastore_copy, app_copy, conf=conf, env=env)
     flag.touch()
     with pytest.raises(requests.ConnectionError):
-        requests.put(f"{srv.url}/datastore/image/info", params={"image": "torso_3mm"}, data={"info": json.dumps({"note": "x"})}, timeout=60)
+        requests.put(
+            f"{srv.url}/datastore/image/info",
+            params={"image": "torso_3mm"},
+            data={"info": json.dumps({"note": "x"})},
+            timeout=60,
+        )
     _wait_dead(srv)
     model_dir = app_copy / "model"
     (model_dir / ".segmentation.pt.k1ll3d.tmp").write_bytes(b"half a model")  # what a killed training leaves
@@ -180,6 +204,8 @@ def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_l
     info = requests.get(f"{srv.url}/datastore/image/info", params={"image": "gen_seed000011"}, timeout=60).json()
     assert info[LATENT_KEY]["w"] == W
     ds = requests.get(f"{srv.url}/datastore/", params={"output": "all"}, timeout=60).json()
-    assert sorted(k for k, v in ds["objects"].items() if v["labels"].get("final")) == sorted(n.removesuffix(".nii.gz") for n in labels_before)
+    assert sorted(k for k, v in ds["objects"].items() if v["labels"].get("final")) == sorted(
+        n.removesuffix(".nii.gz") for n in labels_before
+    )
     assert not list(model_dir.glob("*.tmp")), "temp model files of a killed write are removed at start"
     assert not list(datastore_copy.glob(".*.tmp"))

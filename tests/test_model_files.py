@@ -31,7 +31,9 @@ class _RunsCode:
 
 
 def _publish(path, value):
-    return save_checkpoint({"kind": "toy", "config": {"v": value}, "data": {}, "state": torch.full((3,), float(value))}, path)
+    return save_checkpoint(
+        {"kind": "toy", "config": {"v": value}, "data": {}, "state": torch.full((3,), float(value))}, path
+    )
 
 
 def _loader(path):
@@ -54,7 +56,10 @@ def test_the_sha256_is_recorded_beside_each_model_and_a_changed_byte_is_refused(
     cache = ModelCache(path, _loader, "train toy first")
     assert cache.get() == 1.0
     _publish(path, 2)
-    assert hash_path(previous_path(path)).read_text().split()[0] == hashlib.sha256(previous_path(path).read_bytes()).hexdigest()
+    assert (
+        hash_path(previous_path(path)).read_text().split()[0]
+        == hashlib.sha256(previous_path(path).read_bytes()).hexdigest()
+    )
     assert cache.get() == 2.0
 
     data = bytearray(path.read_bytes())  # four bytes changed inside, same size: loads fine without the hash
@@ -64,7 +69,9 @@ def test_the_sha256_is_recorded_beside_each_model_and_a_changed_byte_is_refused(
         load_checkpoint(path, "toy")
     assert e.value.status == 409
     assert cache.get() == 2.0, "a damaged file never replaces the model being served"
-    assert ModelCache(path, _loader, "train toy first").get() == 1.0, "a fresh server falls back to the previous version"
+    assert ModelCache(path, _loader, "train toy first").get() == 1.0, (
+        "a fresh server falls back to the previous version"
+    )
     assert not list(tmp_path.glob("*.tmp"))
 
 

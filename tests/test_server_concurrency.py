@@ -1,4 +1,4 @@
-"""Under load the server answers light routes while heavy ones run, accepts one training at a time, coalesces scoring."""
+"""Under load the server answers light routes while heavy ones run, takes one training at a time, coalesces scoring."""
 
 from __future__ import annotations
 
@@ -33,13 +33,17 @@ def test_light_routes_answer_while_segmentations_run(server, datastore_copy):
     time.sleep(1.0)  # both segmentations are under way
     label = (datastore_copy / "labels" / "final" / "torso_3mm.nii.gz").read_bytes()
     info = requests.get(f"{url}/info/", timeout=600)
-    saved = requests.put(f"{url}/datastore/label", params={"image": "torso_3mm"}, files={"label": ("l.nii.gz", label)}, timeout=600)
+    saved = requests.put(
+        f"{url}/datastore/label", params={"image": "torso_3mm"}, files={"label": ("l.nii.gz", label)}, timeout=600
+    )
     light_done = time.perf_counter()
     for t in heavy:
         t.join()
     assert info.status_code == 200 and saved.status_code == 200, saved.text
     assert [code for _, code in done.values()] == [200, 200]
-    assert light_done < min(t for t, _ in done.values()), "/info and a label save must not wait behind the segmentations"
+    assert light_done < min(t for t, _ in done.values()), (
+        "/info and a label save must not wait behind the segmentations"
+    )
 
 
 def test_a_burst_of_trainings_accepts_exactly_one(server):
@@ -60,5 +64,7 @@ def test_scoring_is_coalesced(server):
         waiting.append(sum(r["status"] == "SUBMITTED" for r in runs))
         time.sleep(1.1)  # MONAI Label's random strategy weighs images by whole seconds since their last pick
     requests.delete(f"{server.url}/scoring/", timeout=60)
-    assert max(waiting) <= 1, f"at most one scoring run waits behind the running one; waiting after each call: {waiting}"
+    assert max(waiting) <= 1, (
+        f"at most one scoring run waits behind the running one; waiting after each call: {waiting}"
+    )
     assert len(runs) < 6, f"{len(runs)} scoring runs for 6 next samples and the one at start"

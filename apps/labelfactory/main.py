@@ -55,7 +55,8 @@ class LabelFactoryApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="labelfactory",
-            description="A labelling factory for CT: DatasetGAN synthesis and segmentation, ClamNet weak segmentation, UNet++",
+            description="A labelling factory for CT: DatasetGAN synthesis and segmentation, ClamNet weak segmentation, "
+            "UNet++",
             version=__version__,
             labels=self.label_map.values,
         )
@@ -67,14 +68,14 @@ class LabelFactoryApp(MONAILabelApp):
         return meta
 
     def on_init_complete(self):
-        """Server start (never in a training or scoring subprocess): temp files of writes a crash cut short are removed."""
+        """Server start (never in a training or scoring subprocess): temp files of interrupted writes are removed."""
         remove_leftover_temp_files(self.model_dir)
         if isinstance(self._datastore, LabelFactoryDatastore):
             self._datastore.remove_leftover_temp_files()
         super().on_init_complete()
 
     def async_scoring(self, method, params=None):
-        """Coalesced: a method with a run already waiting to start gets no second one (that run will see the new images)."""
+        """Coalesced: a method with a run waiting to start gets no second one (that run will see the new images)."""
         with self._scoring_lock:
             waiting = {
                 t["request"].get("method") for t in background_tasks("scoring") if t.get("status") == "SUBMITTED"

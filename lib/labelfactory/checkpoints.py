@@ -36,7 +36,7 @@ _REPO = Path(__file__).resolve().parents[2]
 
 @functools.cache
 def code_version() -> dict[str, str]:
-    """Package version plus the git commit (and '+dirty') of the checkout, or "unknown" outside one; read once per process."""
+    """Package version and git commit (+dirty) of the checkout, "unknown" outside one; read once per process."""
     from labelfactory import __version__
 
     info = {"package": __version__, "git": "unknown"}
@@ -88,7 +88,7 @@ def _link_atomic(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Atomically write `payload` (must hold kind, config, data) with provenance added, and its SHA-256. Returns the path."""
+    """Atomically write `payload` (must hold kind, config, data) with provenance, and its SHA-256. Returns the path."""
     for key in ("kind", "config", "data"):
         if key not in payload:
             raise ValueError(f"checkpoint payload lacks '{key}'")
@@ -136,7 +136,7 @@ def verify_hash(path: Path) -> None:
 def load_checkpoint(
     path: str | os.PathLike, kind: str | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load and validate a checkpoint; LabelFactoryError (409) if missing, corrupt, changed, not plain data or of another kind."""
+    """Load and validate a checkpoint; 409 if missing, corrupt, changed, not plain data or of another kind."""
     path = Path(path)
     if not path.exists():
         raise ModelMissing(

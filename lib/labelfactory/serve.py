@@ -108,7 +108,7 @@ def prepare_studies(
 
 
 def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> list[str]:
-    """Copy each model file of `source` that `model_dir` lacks, with its `.sha256` (never overwrites a trained model)."""
+    """Copy each model file (and its `.sha256`) of `source` that `model_dir` lacks; never overwrites a trained one."""
     source, model_dir = Path(source), Path(model_dir)
     if not source.is_dir():
         return []

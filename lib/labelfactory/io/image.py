@@ -118,7 +118,8 @@ def _read_nifti(path: Path) -> sitk.Image:
         raw = gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as e:
         raise LabelFactoryError(
-            f"{path.name}: not a readable image: truncated or corrupt compressed data ({e}); copy it again from its source"
+            f"{path.name}: not a readable image: truncated or corrupt compressed data ({e}); "
+            "copy it again from its source"
         ) from None
     _check_nifti_voxels(raw, path.name)
     with tempfile.TemporaryDirectory(prefix="lf-nii-") as tmp:
@@ -142,7 +143,8 @@ def _check_nifti_voxels(raw: bytes, name: str) -> None:
     needed = offset + n * dtype.itemsize
     if len(raw) < needed:
         raise LabelFactoryError(
-            f"{name}: truncated NIfTI ({len(raw)} bytes of voxels and header, the header needs {needed}); copy it again from its source"
+            f"{name}: truncated NIfTI ({len(raw)} bytes of voxels and header, the header needs {needed}); "
+            "copy it again from its source"
         )
     if dtype.kind in "fc":
         voxels = np.frombuffer(raw, dtype=dtype, count=n, offset=offset)

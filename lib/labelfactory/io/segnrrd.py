@@ -93,7 +93,8 @@ def read_seg_nrrd(path: str | os.PathLike, label_names: dict[str, int] | None = 
         if label_names is not None:
             if name.lower() not in lookup:
                 raise LabelFactoryError(
-                    f"{path.name}: segment '{name}' is not in the label map ({', '.join(label_names)}); rename it to one of those"
+                    f"{path.name}: segment '{name}' is not in the label map ({', '.join(label_names)}); "
+                    "rename it to one of those"
                 )
             target = lookup[name.lower()]
         else:

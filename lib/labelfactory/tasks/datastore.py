@@ -91,7 +91,7 @@ def set_aside_if_damaged(index: Path) -> Path | None:
 
 
 class LabelFactoryDatastore(LocalDatastore):
-    """LocalDatastore with id, image and label validation and crash-safe writes; `label_names` is the app's label map."""
+    """LocalDatastore with validation and crash-safe writes; `label_names` is the app's label map."""
 
     def __init__(self, datastore_path: str, *args, label_names: dict[str, int] = LABEL_NAMES, **kwargs):
         self._held = threading.local()  # lock depth of this thread (the lock is re-entered by nested writes)
@@ -106,8 +106,9 @@ class LabelFactoryDatastore(LocalDatastore):
             self._handler.on_moved = self._on_moved_event
         if self.rebuilt_from:
             logger.error(
-                f"datastore index rebuilt: {len(self.list_images())} images, {len(self.get_labeled_images())} labelled, "
-                f"{sum(LATENT_KEY in self.get_image_info(i) for i in self.list_images())} generated (latents from sidecars)"
+                f"datastore index rebuilt: {len(self.list_images())} images, {len(self.get_labeled_images())} "
+                f"labelled, {sum(LATENT_KEY in self.get_image_info(i) for i in self.list_images())} generated "
+                "(latents from their sidecars)"
             )
 
     # ---- one writer at a time, always on the newest index ----
@@ -142,7 +143,8 @@ class LabelFactoryDatastore(LocalDatastore):
             model = LocalDatastoreModel.model_validate_json(Path(self._datastore_config_path).read_bytes())
         except ValueError as e:
             logger.error(
-                f"{self._datastore_config_path} does not parse ({type(e).__name__}); keeping the index in memory, which the next change writes back"
+                f"{self._datastore_config_path} does not parse ({type(e).__name__}); keeping the index in memory, "
+                "which the next change writes back"
             )
             return
         model.base_path = self._datastore_path
@@ -312,7 +314,8 @@ def _remap(arr: np.ndarray, names: dict[int, str], label_names: dict[str, int], 
     for idx, name in names.items():
         if name.lower() not in lookup:
             raise LabelFactoryError(
-                f"{what}: segment '{name}' is not in the label map ({', '.join(label_names)}); rename it to one of those"
+                f"{what}: segment '{name}' is not in the label map ({', '.join(label_names)}); "
+                "rename it to one of those"
             )
         lut[idx] = lookup[name.lower()]
     found = set(np.unique(arr).tolist())

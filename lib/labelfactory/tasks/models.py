@@ -3,8 +3,9 @@
 A trainer publishes `<model_dir>/<name>.pt` atomically with its `.sha256` (labelfactory.checkpoints).
 An infer asks `ModelCache.get()`: the first call loads the file, later calls reload only when the
 file or its recorded hash changed (mtime, size). A new file that fails to load (corrupt, truncated,
-hash mismatch, not plain data, wrong kind) is logged and the previous version keeps serving. After a restart, a damaged file falls back to the kept previous version
-(`x.previous.pt`, see checkpoints.save_checkpoint); with neither, a 409 names what to train.
+hash mismatch, not plain data, wrong kind) is logged and the previous version keeps serving. After
+a restart, a damaged file falls back to the kept previous version (`x.previous.pt`, see
+checkpoints.save_checkpoint); with neither, a 409 names what to train.
 """
 
 from __future__ import annotations

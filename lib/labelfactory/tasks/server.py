@@ -119,7 +119,10 @@ class BoundedBody:
         if scope["type"] == "http":
             length = dict(scope.get("headers") or []).get(b"content-length", b"")
             if length.isdigit() and int(length) > max_upload_bytes():
-                detail = f"the request body ({int(length) >> 20} MB) is over the server's upload limit ({max_upload_bytes() >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)"
+                detail = (
+                    f"the request body ({int(length) >> 20} MB) is over the server's upload limit "
+                    f"({max_upload_bytes() >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)"
+                )
                 await JSONResponse(status_code=413, content={"detail": detail})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -146,7 +149,7 @@ def _copy_bounded(src, dst, limit: int) -> None:
 
 @contextlib.asynccontextmanager
 async def saved_upload(file: UploadFile | None) -> AsyncIterator[str | None]:
-    """The upload as a temp file in the system temp folder (where the app accepts uploads); removed on exit, whatever happened."""
+    """The upload as a temp file in the system temp folder (where the app takes uploads); removed on exit, always."""
     if file is None:
         yield None
         return
