@@ -66,9 +66,12 @@ for module in "$@"; do
     mkdir -p mutants/src && export PYTHONPATH="$work/mutants/src"
     mm() { nice -n 15 "$VENV/bin/mutmut" "$@"; }
     names=()
-    if [ "$EVERY" -gt 1 ]; then  # collect stats and list the mutants first, then run every EVERY-th
-      mapfile -t names < <(mm print-time-estimates 2>/dev/null | awk '{print $NF}' | grep __mutmut_ | sort -V \
-        | awk -v k="$EVERY" 'NR % k == 1')
+    if [ "$EVERY" -gt 1 ]; then  # generate the mutants (a filter matching none stops mutmut there), take every k-th
+      mm run "no-such-mutant" > sample.log 2>&1 || true
+      mapfile -t names < <(mm results --all true 2>> sample.log | sed -n 's/^ *\([^ ]*__mutmut_[0-9]*\): .*/\1/p' \
+        | sort -V | awk -v k="$EVERY" 'NR % k == 1')
+      [ ${#names[@]} -gt 0 ] || { echo "no mutants listed for $module (see $work/sample.log)" >&2; exit 1; }
+      rm -f mutants/mutmut-stats.json  # that run's stats cover no test: collect them again
     fi
     mm run --max-children 1 "${names[@]}" > run.log 2>&1 || { tail -40 run.log >&2; exit 1; }
     mm results --all true > results.txt 2>&1
