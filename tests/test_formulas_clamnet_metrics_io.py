@@ -6,6 +6,7 @@ counts; the window's linear map), on cases small enough to check by hand.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -29,9 +30,10 @@ from labelfactory.io.slices import plan_geometry
 
 
 # ---------------- ClamNet: H(Y, P) = -1/N sum_c sum_n (y log p + y p / (y^2 + p^2)), eta-weighted sum over slices
-def ref_hybrid(y: np.ndarray, p: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """(B, C, H, W) float64 -> (B,); log clamped at EPS, EPS in the denominator, N = counted pixels (>= 1)."""
-    terms = (y * np.log(np.maximum(p, EPS)) + y * p / (y**2 + p**2 + EPS)).sum(1)
+def ref_hybrid(y: np.ndarray, p: np.ndarray, mask: np.ndarray | None = None, dice: bool = True) -> np.ndarray:
+    """(B, C, H, W) float64 -> (B,); log clamped at EPS, EPS in the denominator, N = counted pixels (>= 1);
+    dice False: the cross-entropy term alone (the ablation)."""
+    terms = (y * np.log(np.maximum(p, EPS)) + dice * y * p / (y**2 + p**2 + EPS)).sum(1)
     m = np.ones_like(terms) if mask is None else mask[:, 0]
     return -(terms * m).reshape(len(y), -1).sum(1) / np.maximum(m.reshape(len(y), -1).sum(1), 1.0)
 
@@ -94,7 +96,8 @@ def _batch(kinds, abnormal_a, abnormal_b, eta_a, eta_b, valid, size=4) -> PairBa
     )
 
 
-def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_heads():
+@pytest.mark.parametrize("dice_term", [True, False])
+def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_heads(dice_term):
     """Paper: total = sum_i eta_i H(Y_i, P_i); normal slices weigh 1; SAME pairs: each net against the other's
     prediction on the counted pixels; divided by the batch size; deep-supervision heads averaged."""
     size, fraction = 4, 0.25
@@ -108,23 +111,27 @@ def test_clamnet_loss_weights_abnormal_slices_by_eta_and_averages_slices_and_hea
     heads_b = [torch.randn(3, 2, size, size, generator=g, dtype=torch.float64) for _ in range(2)]
 
     def head(la: np.ndarray, lb: np.ndarray) -> float:
+        hyb = functools.partial(ref_hybrid, dice=dice_term)
         pa, pb = (np.exp(v) / np.exp(v).sum(1, keepdims=True) for v in (la, lb))
         org = batch.organ_a.numpy()
         ya = ref_targets(np.array([True]), org[:1], pa[:1, 1:], fraction)
         neg = (
-            0.3 * ref_hybrid(ya, pa[:1])[0]
-            + 1.0 * ref_hybrid(ref_targets(np.array([False]), org[:1], pb[:1, 1:], fraction), pb[:1])[0]
+            0.3 * hyb(ya, pa[:1])[0]
+            + 1.0 * hyb(ref_targets(np.array([False]), org[:1], pb[:1, 1:], fraction), pb[:1])[0]
         )
         y_normal = np.concatenate(
             [np.ones((1, 1, size, size)), np.zeros((1, 1, size, size))], 1
         )  # Y = (1, 0) everywhere
-        normal = ref_hybrid(y_normal, pa[1:2])[0] + ref_hybrid(y_normal, pb[1:2])[0]
+        normal = hyb(y_normal, pa[1:2])[0] + hyb(y_normal, pb[1:2])[0]
         v = valid.numpy()[2:3]
-        same = ref_hybrid(pb[2:3], pa[2:3], v)[0] + ref_hybrid(pa[2:3], pb[2:3], v)[0]
+        same = hyb(pb[2:3], pa[2:3], v)[0] + hyb(pa[2:3], pb[2:3], v)[0]
         return (neg + normal + same) / 3
 
     want = np.mean([head(a.numpy(), b.numpy()) for a, b in zip(heads_a, heads_b, strict=True)])
-    assert clamnet_loss(heads_a, heads_b, batch).item() == pytest.approx(want, rel=1e-10)  # default fraction 0.25
+    kw = {} if dice_term else {"dice_term": False}  # the defaults: fraction 0.25, with the Dice-like term
+    assert clamnet_loss(heads_a, heads_b, batch, **kw).item() == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ValueError):  # every head of one network pairs with one of the other
+        clamnet_loss(heads_a, heads_b[:1], batch)
 
 
 def test_same_pair_targets_are_stop_gradient():
