@@ -103,3 +103,5 @@ def test_checkout_defaults_fail_clearly_outside_the_checkout(installed, tmp_path
     proc = _run([str(installed / "labelfactory"), "train-gan", "--preset", "demo"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "--studies has a default only in a source checkout" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run([str(installed / "labelfactory"), "serve"], cwd=tmp_path)  # the app ships in the checkout only
+    assert proc.returncode == 2 and "source checkout" in proc.stderr and "Traceback" not in proc.stderr

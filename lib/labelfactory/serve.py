@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from labelfactory.checkout import in_checkout
 from labelfactory.checkpoints import hash_path
 from labelfactory.errors import LabelFactoryError
 
@@ -156,6 +157,8 @@ def server_env() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not in_checkout():
+        raise LabelFactoryError(f"serve runs the MONAI Label app of a source checkout ({APP_DIR} is absent); clone it")
     sample, why = choose_sample(args.sample)
     studies = prepare_studies(args.studies, args.workdir, sample)
     conf = [tuple(c) for c in args.conf]
