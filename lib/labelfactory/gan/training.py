@@ -18,8 +18,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,8 +56,13 @@ def _sync_gradients(module: torch.nn.Module) -> None:
     flat = torch.cat([p.grad.flatten() for p in params])
     all_reduce_mean(flat)
     torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
         p.grad.copy_(g.view_as(p))
+
+
+def _crossed(prev_nimg: int, nimg: int, kimg: float) -> bool:
+    """Whether going from prev_nimg to nimg images passed a multiple of `kimg` (never for kimg <= 0)."""
+    return kimg > 0 and prev_nimg // int(kimg * 1000) != nimg // int(kimg * 1000)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -69,7 +75,12 @@ def save_preview(G: Generator, path: Path, num_seeds: int) -> Path:
 
     device = next(G.parameters()).device
     with torch.no_grad():
-        imgs = torch.cat([G(z.to(device), noise_mode="const").float().cpu() for z in z_from_seeds(list(range(num_seeds)), G.z_dim).split(8)])
+        imgs = torch.cat(
+            [
+                G(z.to(device), noise_mode="const").float().cpu()
+                for z in z_from_seeds(list(range(num_seeds)), G.z_dim).split(8)
+            ]
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     save_image((imgs.clamp(-1, 1) + 1) / 2, tmp, nrow=max(1, int(math.ceil(math.sqrt(num_seeds)))), padding=2)
@@ -80,11 +91,27 @@ def save_preview(G: Generator, path: Path, num_seeds: int) -> Path:
 class Trainer:
     """Holds the networks, optimisers and counters for one run; `run()` trains to `config.total_kimg`."""
 
-    def __init__(self, config: TrainingConfig, images: torch.Tensor, run_dir: str | os.PathLike, publish_path: str | os.PathLike | None = None,
-                 data_info: dict[str, Any] | None = None, fid_weights: str | os.PathLike | None = None, progress: bool = True,
-                 device: torch.device | None = None, on_snapshot: Callable[[dict[str, Any]], None] | None = None):
-        if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] != config.resolution or images.shape[-2] != config.resolution:
-            raise ValueError(f"images must be (N, 1, {config.resolution}, {config.resolution}), got {tuple(images.shape)}")
+    def __init__(
+        self,
+        config: TrainingConfig,
+        images: torch.Tensor,
+        run_dir: str | os.PathLike,
+        publish_path: str | os.PathLike | None = None,
+        data_info: dict[str, Any] | None = None,
+        fid_weights: str | os.PathLike | None = None,
+        progress: bool = True,
+        device: torch.device | None = None,
+        on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        if (
+            images.ndim != 4
+            or images.shape[1] != 1
+            or images.shape[-1] != config.resolution
+            or images.shape[-2] != config.resolution
+        ):
+            raise ValueError(
+                f"images must be (N, 1, {config.resolution}, {config.resolution}), got {tuple(images.shape)}"
+            )
         self.config, self.images = config, images
         self.run_dir = Path(run_dir)
         self.publish_path = Path(publish_path) if publish_path else None
@@ -94,7 +121,14 @@ class Trainer:
         self.world = world_size()
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must divide evenly over {self.world} processes")
-        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        per_rank = config.batch_size // self.world
+        if per_rank % min(config.mbstd_group, per_rank):
+            raise ValueError(
+                f"{per_rank} images per process do not split into minibatch-std groups of {config.mbstd_group}"
+            )
+        self.device = device or (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         self._build()
         self.cur_nimg, self.batch_idx = 0, 0
         self.history: list[dict[str, Any]] = []
@@ -110,12 +144,21 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval()
         self.augment_pipe = AugmentPipe(p=0.0).to(self.device) if c.augment else None
         self.ada = AdaController(self.augment_pipe, c.ada_target, c.ada_interval, c.ada_kimg) if c.augment else None
-        autocast = torch.bfloat16 if c.mixed_precision else None
-        self.loss = StyleGAN2Loss(self.G, self.D, self.augment_pipe, c.r1_gamma, c.style_mixing_prob, c.pl_weight, autocast_dtype=autocast)
+        self.loss = StyleGAN2Loss(
+            self.G,
+            self.D,
+            self.augment_pipe,
+            c.r1_gamma,
+            c.style_mixing_prob,
+            c.pl_weight,
+            mixed_precision=c.mixed_precision,
+        )
         self.opts = {}
         for name, module, interval in (("G", self.G, c.G_reg_interval), ("D", self.D, c.D_reg_interval)):
             ratio = interval / (interval + 1)  # lazy regularization: the paper's lr / beta correction
-            self.opts[name] = torch.optim.Adam(module.parameters(), lr=c.lr * ratio, betas=(c.betas[0] ** ratio, c.betas[1] ** ratio), eps=1e-8)
+            self.opts[name] = torch.optim.Adam(
+                module.parameters(), lr=c.lr * ratio, betas=(c.betas[0] ** ratio, c.betas[1] ** ratio), eps=1e-8
+            )
 
     # --- state ------------------------------------------------------------------------------
     @property
@@ -124,11 +167,20 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
-            "opt_G": self.opts["G"].state_dict(), "opt_D": self.opts["D"].state_dict(),
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opts["G"].state_dict(),
+            "opt_D": self.opts["D"].state_dict(),
             "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
-            "ada": {"sign_sum": self.ada.sign_sum, "count": self.ada.count, "steps": self.ada.steps, "rt": self.ada.rt} if self.ada else None,
-            "layout": GENERATOR_LAYOUT, "pl_mean": float(self.loss.pl_mean), "cur_nimg": self.cur_nimg, "batch_idx": self.batch_idx, "history": self.history,
+            "ada": {"sign_sum": self.ada.sign_sum, "count": self.ada.count, "steps": self.ada.steps, "rt": self.ada.rt}
+            if self.ada
+            else None,
+            "layout": GENERATOR_LAYOUT,
+            "pl_mean": float(self.loss.pl_mean),
+            "cur_nimg": self.cur_nimg,
+            "batch_idx": self.batch_idx,
+            "history": self.history,
         }
 
     def _resume_if_possible(self) -> None:
@@ -137,11 +189,19 @@ class Trainer:
         payload = load_checkpoint(self.state_path, STATE_KIND, map_location=self.device)
         saved = TrainingConfig.from_dict(payload["config"])
         if saved.architecture() != self.config.architecture():
-            logger.warning("%s was trained with another architecture (%s); starting a new run over it", self.state_path, saved.architecture())
+            logger.warning(
+                "%s was trained with another architecture (%s); starting a new run over it",
+                self.state_path,
+                saved.architecture(),
+            )
             return
         s = payload["state"]
         if s.get("layout", 1) != GENERATOR_LAYOUT:
-            logger.warning("%s holds an earlier generator layout (%s); starting a new run over it", self.state_path, s.get("layout", 1))
+            logger.warning(
+                "%s holds an earlier generator layout (%s); starting a new run over it",
+                self.state_path,
+                s.get("layout", 1),
+            )
             return
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
@@ -151,13 +211,21 @@ class Trainer:
         if self.augment_pipe is not None:
             self.augment_pipe.p.fill_(s["augment_p"])
         if self.ada and s["ada"]:
-            self.ada.sign_sum, self.ada.count, self.ada.steps, self.ada.rt = s["ada"]["sign_sum"], s["ada"]["count"], s["ada"]["steps"], s["ada"]["rt"]
+            self.ada.sign_sum, self.ada.count, self.ada.steps, self.ada.rt = (
+                s["ada"]["sign_sum"],
+                s["ada"]["count"],
+                s["ada"]["steps"],
+                s["ada"]["rt"],
+            )
         self.loss.pl_mean = torch.tensor(s["pl_mean"])
         self.cur_nimg, self.batch_idx, self.history = s["cur_nimg"], s["batch_idx"], list(s["history"])
         logger.info("resumed %s at %.3f kimg", self.state_path, self.cur_nimg / 1000)
 
     def save_state(self) -> None:
-        save_checkpoint({"kind": STATE_KIND, "config": self.config.to_dict(), "data": self.data_info, "state": self.state_dict()}, self.state_path)
+        save_checkpoint(
+            {"kind": STATE_KIND, "config": self.config.to_dict(), "data": self.data_info, "state": self.state_dict()},
+            self.state_path,
+        )
 
     # --- one step ---------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -166,12 +234,19 @@ class Trainer:
         torch.manual_seed(_step_seed(c.seed, self.rank, self.batch_idx))
         per_rank = c.batch_size // self.world
         gen = torch.Generator().manual_seed(_step_seed(c.seed, 0, self.batch_idx))
-        idx = torch.randint(len(self.images), (c.batch_size,), generator=gen)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        idx = torch.randint(len(self.images), (c.batch_size,), generator=gen)[
+            self.rank * per_rank : (self.rank + 1) * per_rank
+        ]
         real = self.images[idx].to(self.device)
         if c.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         scalars: dict[str, float] = {}
-        phases = (("Gmain", "G", 1), ("Greg", "G", c.G_reg_interval), ("Dmain", "D", 1), ("Dreg", "D", c.D_reg_interval))
+        phases = (
+            ("Gmain", "G", 1),
+            ("Greg", "G", c.G_reg_interval),
+            ("Dmain", "D", 1),
+            ("Dreg", "D", c.D_reg_interval),
+        )
         for phase, net, interval in phases:
             if self.batch_idx % interval or (phase == "Greg" and c.pl_weight == 0):
                 continue
@@ -179,7 +254,9 @@ class Trainer:
             module.requires_grad_(True)
             other.requires_grad_(False)
             self.opts[net].zero_grad(set_to_none=True)
-            out = self.loss.accumulate_gradients(phase, real, torch.randn(per_rank, c.z_dim, device=self.device), gain=interval)
+            out = self.loss.accumulate_gradients(
+                phase, real, torch.randn(per_rank, c.z_dim, device=self.device), gain=interval
+            )
             module.requires_grad_(False)
             _sync_gradients(module)
             self.opts[net].step()
@@ -206,9 +283,9 @@ class Trainer:
         if c.ema_rampup is not None:
             ema_nimg = min(ema_nimg, self.cur_nimg * c.ema_rampup)
         beta = 0.5 ** (c.batch_size / max(ema_nimg, 1e-8))
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
             p_ema.copy_(p.detach().lerp(p_ema, beta))
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
             b_ema.copy_(b)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -225,11 +302,15 @@ class Trainer:
             if c.fid_kimg > 0:
                 from labelfactory.evaluation.fid import FIDEvaluator
 
-                fid = FIDEvaluator.create(self.images, min(c.fid_images, len(self.images)), self.fid_weights, self.device)
+                fid = FIDEvaluator.create(
+                    self.images, min(c.fid_images, len(self.images)), self.fid_weights, self.device
+                )
             if self.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=total, initial=min(self.cur_nimg, total), unit="img", desc="stylegan2", dynamic_ncols=True)
+                bar = tqdm(
+                    total=total, initial=min(self.cur_nimg, total), unit="img", desc="stylegan2", dynamic_ncols=True
+                )
         start, start_nimg = time.time(), self.cur_nimg
         last_fid = next((h["fid"] for h in reversed(self.history) if h.get("fid") is not None), None)
         scalars: dict[str, float] = {}
@@ -243,11 +324,16 @@ class Trainer:
                         writer.add_scalar(k, v, self.cur_nimg)
                 if bar is not None:
                     bar.update(self.cur_nimg - prev)
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in scalars.items() if k in ("Loss/G/loss", "Loss/D/loss", "Progress/augment")})
-                crossed = lambda kimg: kimg > 0 and prev // int(kimg * 1000) != self.cur_nimg // int(kimg * 1000)  # noqa: E731
-                if not (done or crossed(c.snapshot_kimg)):
+                    bar.set_postfix(
+                        {
+                            k.split("/")[-1]: f"{v:.3g}"
+                            for k, v in scalars.items()
+                            if k in ("Loss/G/loss", "Loss/D/loss", "Progress/augment")
+                        }
+                    )
+                if not (done or _crossed(prev, self.cur_nimg, c.snapshot_kimg)):
                     continue
-                if fid is not None and (done or crossed(c.fid_kimg)):
+                if fid is not None and (done or _crossed(prev, self.cur_nimg, c.fid_kimg)):
                     last_fid = fid(self.G_ema)
                     writer.add_scalar("Metrics/fid", last_fid, self.cur_nimg)
                 self._snapshot(scalars, last_fid, (time.time() - start) / max(self.cur_nimg - start_nimg, 1) * 1000)
@@ -259,16 +345,28 @@ class Trainer:
         return self.history[-1] if self.history else {}
 
     def _snapshot(self, scalars: dict[str, float], fid: float | None, sec_per_kimg: float) -> None:
-        entry = {"kimg": self.cur_nimg / 1000, "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
-                 "rt": (self.ada.rt if self.ada and not math.isnan(self.ada.rt) else None), "fid": fid, "sec_per_kimg": sec_per_kimg,
-                 **{k.replace("/", "_"): v for k, v in scalars.items()}}
+        entry = {
+            "kimg": self.cur_nimg / 1000,
+            "augment_p": float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0,
+            "rt": (self.ada.rt if self.ada and not math.isnan(self.ada.rt) else None),
+            "fid": fid,
+            "sec_per_kimg": sec_per_kimg,
+            **{k.replace("/", "_"): v for k, v in scalars.items()},
+        }
         self.history.append(entry)
         if not is_main():
             return
         self.save_state()
         save_preview(self.G_ema, self.run_dir / "preview.png", self.config.preview_seeds)
         if self.publish_path is not None:
-            publish_generator(self.G_ema, self.config.generator_kwargs, self.publish_path, self.config.to_dict(), self.data_info, self.cur_nimg / 1000)
+            publish_generator(
+                self.G_ema,
+                self.config.generator_kwargs,
+                self.publish_path,
+                self.config.to_dict(),
+                self.data_info,
+                self.cur_nimg / 1000,
+            )
         stats = {**entry, "total_kimg": self.config.total_kimg, "history": self.history}
         tmp = self.run_dir / ".train_stats.json.tmp"
         tmp.write_text(json.dumps(stats, indent=1))
