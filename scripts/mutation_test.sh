@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (not in CI: tens of minutes per module on 2 cores).
 #
-#   scripts/mutation_test.sh [-r REV] [-n EVERY] [-b] [-o OUT] MODULE...     MODULE: gan/loss, io/windowing, ... or "all"
+#   scripts/mutation_test.sh [-r REV] [-n EVERY | -m "NAME..."] [-b] [-o OUT] MODULE...   MODULE: gan/loss, ... or "all"
 #
 # Each module runs alone, in a scratch copy of REV (default HEAD; `git archive`, so the working tree is never
 # touched), against its own test files only (TESTS below), at `nice -n 15` with one thread. -n EVERY runs every
 # EVERY-th mutant only (systematic sample of mutmut's mutant list, for modules whose full run takes too long);
-# -b leaves out the tests/test_formulas_*.py files (the "before" score of docs/DESIGN.md).
+# -m runs only the named mutants (mutmut globs, e.g. a survivor list); -b leaves out the tests/test_formulas_*.py
+# files (the "before" score of docs/DESIGN.md).
 # mutmut maps only src/ to import names, so the copy has lib/ moved to src/; [tool.mutmut] in pyproject.toml
 # holds the shared settings, this script adds the module and its tests. Per module, OUT/<module>.txt gets the
 # score line, the survivors' diffs and mutmut's results.
@@ -14,10 +15,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
 MUTMUT_VERSION=3.8.1
-REV=HEAD EVERY=1 OUT="$ROOT/runs/mutation" BEFORE=
-while getopts "r:n:o:b" opt; do
+REV=HEAD EVERY=1 OUT="$ROOT/runs/mutation" BEFORE= ONLY=
+while getopts "r:n:m:o:b" opt; do
   case $opt in
-    r) REV=$OPTARG ;; n) EVERY=$OPTARG ;; o) OUT=$OPTARG ;; b) BEFORE=1 ;;
+    r) REV=$OPTARG ;; n) EVERY=$OPTARG ;; m) ONLY=$OPTARG ;; o) OUT=$OPTARG ;; b) BEFORE=1 ;;
     *) sed -n 2,12p "$0"; exit 2 ;;
   esac
 done
@@ -66,6 +67,7 @@ for module in "$@"; do
     mkdir -p mutants/src && export PYTHONPATH="$work/mutants/src"
     mm() { nice -n 15 "$VENV/bin/mutmut" "$@"; }
     names=()
+    [ -n "$ONLY" ] && read -r -a names <<< "$ONLY"
     if [ "$EVERY" -gt 1 ]; then  # generate the mutants (a filter matching none stops mutmut there), take every k-th
       mm run "no-such-mutant" > sample.log 2>&1 || true
       mapfile -t names < <(mm results --all true 2>> sample.log | sed -n 's/^ *\([^ ]*__mutmut_[0-9]*\): .*/\1/p' \
@@ -82,7 +84,7 @@ for module in "$@"; do
     {
       echo "$module @ $REV: $killed / $total killed" \
         "($(awk -v k="$killed" -v t="$total" 'BEGIN { printf "%.1f", t ? 100 * k / t : 0 }')%)," \
-        "$([ "$EVERY" -gt 1 ] && echo "every ${EVERY}th mutant" || echo "all mutants")," \
+        "$([ -n "$ONLY" ] && echo "named mutants" || { [ "$EVERY" -gt 1 ] && echo "every ${EVERY}th mutant"; } || echo "all mutants")," \
         "tests: ${selection//\"/}"
       grep -v -E ': (killed|timeout|segfault)' states.txt || true
       for m in $(grep -v -E ': (killed|timeout|segfault)' states.txt | cut -d: -f1); do mm show "$m" 2>&1 || echo "(mutmut show failed for $m)"; done
