@@ -24,6 +24,7 @@ Crash safety (MONAI Label's LocalDatastore writes in place and from stale copies
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -197,7 +198,7 @@ class LabelFactoryDatastore(LocalDatastore):
         if info:
             record = self._read_provenance(image_id)
             if record is not None:
-                info[LATENT_KEY] = record
+                info[LATENT_KEY] = copy.deepcopy(record)  # callers may change what they get, never the record
         return info
 
     def _read_provenance(self, image_id: str) -> dict | None:
