@@ -110,9 +110,9 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
         return done
     folder.mkdir(parents=True, exist_ok=True)
     log(f"stage {name}: start")
+    earlier = read_json(folder / "cpu.json", {}).get("cpu_seconds", 0.0)  # CPU spent by interrupted earlier runs
     c0, t0 = cpu_seconds(), time.time()
     result = fn(folder)
-    earlier = read_json(folder / "cpu.json", {}).get("cpu_seconds", 0.0)  # CPU spent by interrupted earlier runs
     done = {
         "stage": name,
         "result": result,
@@ -136,7 +136,7 @@ def add_cpu(folder: Path, seconds: float) -> None:
 
 @dataclass
 class Slices:
-    """Crops of many cases: images (N, 1, S, S) in [-1, 1], organs (N, S, S) int64, the case name of each slice."""
+    """Crops of many cases: images (N, 1, S, S) in [-1, 1], organs (N, S, S) uint8, the case name of each slice."""
 
     images: torch.Tensor
     organs: torch.Tensor
@@ -149,7 +149,7 @@ class Slices:
 def stack(case_slices: list[openkbp.CaseSlices]) -> Slices:
     return Slices(
         torch.cat([c.images for c in case_slices]),
-        torch.cat([c.organs for c in case_slices]),
+        torch.cat([c.organs for c in case_slices]).to(torch.uint8),  # 8x smaller than int64: 14,670 slices fit
         [c.case.name for c in case_slices for _ in range(len(c.images))],
     )
 
@@ -209,7 +209,7 @@ def train_resumable(
         for g in optimizer.param_groups:
             g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(images[idx]), masks[idx][:, None])
+        loss = loss_fn(network(images[idx]), masks[idx][:, None].long())
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -430,6 +430,8 @@ class Experiment:
         if self._train is None:
             t0 = time.time()
             self._train = openkbp.load_slices(self.data, "train", self.sizes.size)
+            for c in self._train:  # what the experiment keeps: images, boxes and uint8 organs (no PTV)
+                c.organs, c.ptv = c.organs.to(torch.uint8), torch.empty(0, dtype=torch.uint8)
             log(
                 f"train: {len(self._train)} patients, {sum(len(c.images) for c in self._train)} slices "
                 f"({time.time() - t0:.0f} s)"
@@ -762,7 +764,7 @@ class Experiment:
         files = sorted((folder / "images").glob("seed*.nii.gz"))
         images = torch.from_numpy(np.stack([openkbp.WINDOW.to_unit(read_image(f).array) for f in files]))[:, None]
         masks = torch.from_numpy(
-            np.stack([read_image(folder / "labels" / f.name).array for f in files]).astype(np.int64)
+            np.stack([read_image(folder / "labels" / f.name).array for f in files]).astype(np.uint8)
         )
         return images, masks, {"synthetic": str(folder), "pairs": len(files)}
 
