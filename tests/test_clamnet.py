@@ -23,6 +23,7 @@ from labelfactory.clamnet.pairs import (
     PairSampler,
     draw_view,
     make_view,
+    near_normals,
     to_view_frame,
 )
 from labelfactory.clamnet.train import ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
@@ -103,6 +104,20 @@ def test_views_geometry_matches_stated_ranges():
 
     x = torch.randn(1, 1, 32, 32)
     assert torch.allclose(make_view(x, ViewParams(1.0, 1.0, 1.0, "resize")), x, atol=1e-5)
+
+
+def test_near_negatives_pair_an_abnormal_slice_with_its_own_patients_nearest_normal_slices():
+    abnormal = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
+    study, z = ["a"] * 8 + ["b"] * 2, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1])
+    near = near_normals(abnormal, study, z, 2)
+    assert {i: v.tolist() for i, v in near.items()} == {2: [1, 0], 3: [4, 1], 5: [4, 6]}  # 'b' has no normal slice
+    x = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 4, 4)
+    sampler = PairSampler(x, abnormal, torch.ones(10), torch.ones(10, 1, 4, 4), (0.0, 0.0, 1.0), near)
+    b = sampler.sample(64, torch.Generator().manual_seed(0))
+    for i in range(64):
+        ab, no = (b.xa[i], b.xb[i]) if b.abnormal_a[i] else (b.xb[i], b.xa[i])
+        k, j = int(ab[0, 0, 0]), int(no[0, 0, 0])
+        assert j in near[k].tolist() if k in near else not abnormal[j]
 
 
 def test_sampler_refuses_too_few_labels():

@@ -40,6 +40,11 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "eta_constant": ("eta = 1 on every abnormal slice (no ramp)", {}, "eta_one"),
     "no_organ_gate": ("crop without organ: targets and map over the whole crop", {}, "no_organ"),
     "fraction_0.25": ("marker fraction 0.25 instead of 0.1", {"marker_fraction": 0.25}, None),
+    "near_negatives": (
+        "pairing: negatives from the 4 nearest normal slices of the same patient",
+        {"near_negatives": 4},
+        None,
+    ),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,7 +103,8 @@ def to_view_frame(t: torch.Tensor, v: ViewParams) -> torch.Tensor:
 class PairSampler:
     """Draws PairBatch-es from slices x (N, 1, S, S), labels abnormal (N,) bool, eta (N,), organ (N, 1, S, S).
 
-    `mix`: relative frequency of SAME, NORMAL and NEGATIVE pairs.
+    `mix`: relative frequency of SAME, NORMAL and NEGATIVE pairs; `partners`: for each slice index, the normal
+    slices a NEGATIVE pair may put beside it when it is the abnormal one (see `near_normals`; None: any normal slice).
     """
 
     def __init__(
@@ -112,8 +114,10 @@ class PairSampler:
         eta: torch.Tensor,
         organ: torch.Tensor,
         mix: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        partners: dict[int, torch.Tensor] | None = None,
     ):
         self.x, self.abnormal, self.eta, self.organ = x, abnormal.bool(), eta.float(), organ.float()
+        self.partners = partners or {}
         self.normal_idx = torch.nonzero(~self.abnormal).flatten()
         self.abnormal_idx = torch.nonzero(self.abnormal).flatten()
         if len(self.normal_idx) < 2 or len(self.abnormal_idx) < 1:
@@ -143,7 +147,8 @@ class PairSampler:
             if kind == NORMAL:
                 i, j = self._pick(self.normal_idx, gen, 2)
             else:
-                i, j = self._pick(self.abnormal_idx, gen)[0], self._pick(self.normal_idx, gen)[0]
+                i = self._pick(self.abnormal_idx, gen)[0]
+                j = self._pick(self.partners.get(i, self.normal_idx), gen)[0]
                 if torch.rand((), generator=gen) < 0.5:
                     i, j = j, i
             ia.append(i)
@@ -166,3 +171,23 @@ class PairSampler:
             valid=torch.cat(valid),
             views=views,
         )
+
+
+def near_normals(abnormal: torch.Tensor, study: list[str], z: torch.Tensor, k: int) -> dict[int, torch.Tensor]:
+    """For each abnormal slice, the k normal slices of its own study nearest along z (ties: lower z first).
+
+    A hard negative: the same patient, scan and anatomical level give the pair nothing to tell apart but the
+    marker, where a random normal slice also differs in level (brain vs neck vs thorax). Studies without a normal
+    slice are left out (their abnormal slices take any normal one). abnormal (N,) bool, z (N,) slice index.
+    """
+    out: dict[int, torch.Tensor] = {}
+    studies = np.array(study)
+    for s in dict.fromkeys(study):
+        rows = torch.from_numpy(np.nonzero(studies == s)[0])
+        normal = rows[~abnormal[rows]]
+        if len(normal) == 0:
+            continue
+        for i in rows[abnormal[rows]].tolist():
+            order = torch.argsort((z[normal] - z[i]).abs() * 2 + (z[normal] > z[i]).long(), stable=True)
+            out[i] = normal[order[:k]]
+    return out

@@ -15,7 +15,7 @@ from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.clamnet.data import WeakSlices
 from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.network import ClamNetPair
-from labelfactory.clamnet.pairs import PairSampler
+from labelfactory.clamnet.pairs import PairSampler, near_normals
 from labelfactory.io import Window
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,10 @@ class ClamNetConfig:
     inference (1-4, <4 needs deep_supervision); eta: loss weight of abnormal slices without one in
     the CSV; marker_fraction: share of an abnormal slice's organ pixels taken to hold the marker (see
     loss.py); dice_term: keep equation (1)'s Dice-like term (False: cross-entropy only); mix: relative
-    frequency of SAME / NORMAL / NEGATIVE pairs; window: CT (level, width) in HU; margin_mm: organ crop
-    margin; threshold: marker probability at which a pixel is in the mask."""
+    frequency of SAME / NORMAL / NEGATIVE pairs; near_negatives: k > 0 pairs an abnormal slice with one
+    of the k nearest normal slices of its own study (pairs.near_normals), 0 with any normal slice;
+    window: CT (level, width) in HU; margin_mm: organ crop margin; threshold: marker probability at
+    which a pixel is in the mask."""
 
     size: int = 256
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
@@ -43,6 +45,7 @@ class ClamNetConfig:
     marker_fraction: float = 0.25
     dice_term: bool = True
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    near_negatives: int = 0
     seed: int = 0
     organ: str = "aorta"
     margin_mm: float = 10.0
@@ -73,7 +76,10 @@ def train_clamnet(
     torch.manual_seed(config.seed)
     pair = build_pair(config)
     gen = torch.Generator().manual_seed(config.seed)
-    sampler = PairSampler(slices.x, slices.abnormal, slices.eta, slices.organ, config.mix)
+    partners = None
+    if config.near_negatives > 0:
+        partners = near_normals(slices.abnormal, slices.study, slices.file_slice, config.near_negatives)
+    sampler = PairSampler(slices.x, slices.abnormal, slices.eta, slices.organ, config.mix, partners)
     opt = torch.optim.Adam(pair.parameters(), lr=config.lr)
     pair.train()
     history = []
