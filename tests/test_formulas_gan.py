@@ -277,9 +277,10 @@ class Mapping(nn.Module):
 class Synthesis(nn.Module):
     def __init__(self, B: torch.Tensor, res: int):
         super().__init__()
-        self.B, self.res = nn.Parameter(B), res
+        self.B, self.res, self.bf16 = nn.Parameter(B), res, []
 
     def forward(self, ws, noise_mode="const", bf16=False):
+        self.bf16.append(bf16)
         return (ws.flatten(1) @ self.B).square().reshape(-1, 1, self.res, self.res)
 
 
@@ -296,9 +297,10 @@ class StubD(nn.Module):
 
     def __init__(self, c, d):
         super().__init__()
-        self.c, self.d = nn.Parameter(c), nn.Parameter(d)
+        self.c, self.d, self.bf16 = nn.Parameter(c), nn.Parameter(d), []
 
     def forward(self, x, bf16=False):
+        self.bf16.append(bf16)
         x = x.flatten(1)
         return ((self.c * x.square()).sum(1) + x @ self.d)[:, None]
 
@@ -351,7 +353,7 @@ def test_discriminator_loss_is_softplus_of_fake_plus_softplus_of_minus_real():
     g = torch.Generator().manual_seed(2)
     z, real = torch.randn(4, 3, generator=g), torch.randn(4, 1, 2, 2, generator=g)
     G.requires_grad_(False)
-    out = loss.accumulate_gradients("Dmain", real, z, gain=2.0)
+    out = loss.accumulate_gradients("Dmain", real, z)  # gain 1 unless given
     A, B, c, d = ref
     c, d = c.requires_grad_(), d.requires_grad_()
     fake_logits = ref_D(affine_augment(ref_G(z.double(), A, B)[0]), c, d)
@@ -361,7 +363,21 @@ def test_discriminator_loss_is_softplus_of_fake_plus_softplus_of_minus_real():
     assert out["Loss/scores/fake"] == pytest.approx(fake_logits.mean().item(), rel=1e-5)
     assert out["Loss/scores/real"] == pytest.approx(real_logits.mean().item(), rel=1e-5)
     assert np.allclose(out["real_logits"].numpy()[:, 0], real_logits.detach().numpy(), rtol=1e-5)
-    _close([D.c.grad, D.d.grad], _grads(want * 2.0, [c, d]))
+    _close([D.c.grad, D.d.grad], _grads(want, [c, d]))
+
+
+@pytest.mark.parametrize("mixed_precision", [False, True])
+def test_bf16_runs_only_in_the_main_phases(mixed_precision):
+    """With mixed precision G's and D's bf16 blocks run in the main phases; the regularizers stay float32."""
+    G, D, _ = _nets()
+    kw = {"mixed_precision": True} if mixed_precision else {}  # off by default
+    loss = StyleGAN2Loss(G, D, style_mixing_prob=0.0, pl_weight=1.0, **kw)
+    for phase, G_calls, D_calls in (("Gmain", 1, 1), ("Greg", 1, 0), ("Dmain", 1, 2), ("Dreg", 0, 1)):
+        G.synthesis.bf16.clear()
+        D.bf16.clear()
+        loss.accumulate_gradients(phase, torch.randn(2, 1, 2, 2), torch.randn(2, 3))
+        main = phase.endswith("main") and mixed_precision
+        assert G.synthesis.bf16 == [main] * G_calls and D.bf16 == [main] * D_calls, phase
 
 
 @pytest.mark.parametrize("gamma, gain", [(1.0, 1.0), (10.0, 16.0)])
