@@ -253,15 +253,6 @@ def train_resumable(
 # ---------------------------------------------------------------------------------------------- 3D evaluation
 
 
-@torch.inference_mode()
-def predict_case(network: torch.nn.Module, case: openkbp.CaseSlices, shape: tuple[int, int, int]) -> np.ndarray:
-    """A case's crops through the network, pasted back onto the CT's (z, y, x) grid of `shape` (0 off the crops)."""
-    from labelfactory.segmentation.infer import predict_slices
-
-    crops = predict_slices(network, case.images, batch_size=64).numpy().astype(np.uint8)
-    return openkbp.paste(crops, case.boxes, shape)
-
-
 def volume_scores(pred: np.ndarray, truth: np.ndarray, present: tuple[int, ...]) -> dict[int, dict[str, int]]:
     """Per organ contoured in this patient: voxel counts tp, fp, fn of the 3D prediction."""
     out = {}
@@ -469,16 +460,16 @@ class Experiment:
         return self._G
 
     def evaluate(self, model_file: Path) -> dict:
-        """A segmentation checkpoint on the validation cases as 3D volumes (scored only on contoured organs)."""
-        from labelfactory.segmentation.infer import load_segmenter
+        """A segmentation checkpoint on the validation CT volumes through the `segmentation` infer path (slices in,
+        volume out on the CT's grid), scored only on the organs each patient has contoured."""
+        from labelfactory.io import read_image
+        from labelfactory.segmentation.infer import load_segmenter, segment_image
 
-        network = load_segmenter(model_file).network
+        segmenter = load_segmenter(model_file)
         per_patient = {}
         for c in self.val:
-            truth = self.truth(c)
-            per_patient[c.case.name] = volume_scores(
-                predict_case(network, c, truth.shape), truth, c.case.organs_present
-            )
+            pred = segment_image(segmenter, read_image(c.case.ct), batch_size=64).array
+            per_patient[c.case.name] = volume_scores(pred, self.truth(c), c.case.organs_present)
         return {
             **summarize(per_patient),
             "per_patient": {k: {openkbp.ORGANS[v]: s for v, s in d.items()} for k, d in per_patient.items()},
