@@ -51,6 +51,23 @@ def ref_member(ens: PixelEnsemble, m: int, x: np.ndarray) -> np.ndarray:
     return h @ _np(ens.w3[m]) + _np(ens.b3[m])
 
 
+def bilinear(r: int, R: int) -> np.ndarray:
+    """(R, r): output i samples source coordinate (i + 0.5) r / R - 0.5, clamped to [0, r - 1], linearly."""
+    A = np.zeros((R, r))
+    for i in range(R):
+        c = min(max((i + 0.5) * r / R - 0.5, 0.0), r - 1)
+        lo = int(math.floor(c))
+        A[i, lo] += 1 - (c - lo)
+        A[i, min(lo + 1, r - 1)] += c - lo
+    return A
+
+
+def up2d(t: np.ndarray, R: int) -> np.ndarray:
+    """(C, r, r) -> (C, R, R) bilinear."""
+    A = bilinear(t.shape[-1], R)
+    return np.einsum("yi,xj,cij->cyx", A, A, t)
+
+
 def test_pixel_ensemble_is_m_independent_mlps_with_eval_batchnorm():
     ens = _ensemble()
     x = np.random.default_rng(0).normal(size=(2, 7, 5))  # member m sees its own rows x[m]
@@ -72,32 +89,27 @@ def test_batchnorm_folds_into_the_next_linear_layer():
         assert np.allclose(_np(b_f)[:, 0], np.einsum("mh,mho->mo", t, _np(w)) + _np(b), rtol=1e-12, atol=1e-12)
 
 
-def test_factorized_logits_equal_the_naive_mlp_on_upsampled_concatenated_taps():
-    ens = _ensemble()
-    g = torch.Generator().manual_seed(2)
-    taps = [
+def _taps(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [
         torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64),
         torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64),
     ]
-    A = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])  # bilinear 2 -> 4, half-pixel centres, edge clamped
-    up = np.einsum("yi,xj,cij->cyx", A, A, _np(taps[0][0]))
-    x = np.concatenate([up, _np(taps[1][0])]).reshape(5, 16).T  # (pixels, channels), row-major pixels
+
+
+@pytest.mark.parametrize("R", [4, 8])  # 8: no tap at the image's own size
+def test_factorized_logits_equal_the_naive_mlp_on_upsampled_concatenated_taps(R):
+    ens = _ensemble(R=R)
+    taps = _taps()
+    x = np.concatenate([up2d(_np(t[0]), R) for t in taps]).reshape(5, R * R).T  # (pixels, channels), row-major
     got = _np(ens.factorized().double()(taps))  # (1, M, K, R, R)
     for m in range(2):
-        assert np.allclose(got[0, m].reshape(3, 16).T, ref_member(ens, m, x), rtol=1e-10, atol=1e-10)
+        assert np.allclose(got[0, m].reshape(3, R * R).T, ref_member(ens, m, x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("r, R", [(2, 4), (3, 9), (4, 6), (1, 3)])
 def test_upsample_matrix_holds_the_bilinear_weights(r, R):
-    """Output i samples source coordinate (i + 0.5) r / R - 0.5, clamped to [0, r - 1], linearly between neighbours."""
-    want = np.zeros((R, r))
-    for i in range(R):
-        c = min(max((i + 0.5) * r / R - 0.5, 0.0), r - 1)
-        lo = int(math.floor(c))
-        hi = min(lo + 1, r - 1)
-        want[i, lo] += 1 - (c - lo)
-        want[i, hi] += c - lo
-    assert np.allclose(upsample_matrix(r, R).numpy(), want, atol=1e-6)
+    assert np.allclose(upsample_matrix(r, R).numpy(), bilinear(r, R), atol=1e-6)
 
 
 def test_members_have_their_own_kaiming_init_and_the_seed_fixes_it():
