@@ -32,7 +32,7 @@ from labelfactory.gan.networks import (
     modulated_conv2d,
     normalize_2nd_moment,
 )
-from labelfactory.gan.resample import upsample2d
+from labelfactory.gan.resample import downsample2d, upsample2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -469,6 +469,7 @@ def test_loss_and_ada_defaults_are_the_papers():
     )
     ada = AdaController(AugmentPipe())
     assert (ada.target, ada.interval, ada.ada_kimg) == (0.6, 4, 500.0) and float(ada.pipe.p) == 0.0
+    assert math.isnan(ada.rt)  # no r_t before the first interval
     pipe = AugmentPipe()
     strengths = (
         pipe.xflip,
@@ -507,7 +508,7 @@ def test_ada_p_step_sign_size_and_clamp(positives, start, want):
             assert float(pipe.p) == pytest.approx(start)
     assert float(pipe.p) == pytest.approx(want, abs=1e-7)
     assert ada.rt == pytest.approx((2 * positives - 10) / 10)
-    assert (ada.sign_sum, ada.count) == (0.0, 0)  # each interval starts afresh
+    assert (ada.sign_sum, ada.count, ada.steps) == (0.0, 0, 3)  # each interval starts afresh; minibatches counted
 
 
 def test_ada_rt_counts_signs_over_ranks_and_ignores_zero_logits_in_the_sum():
@@ -521,20 +522,59 @@ def test_ada_rt_counts_signs_over_ranks_and_ignores_zero_logits_in_the_sum():
 
 
 # ---------------- ADA's augmentations
-def _only(name: str, p: float, **kw) -> AugmentPipe:
+def _only(name: str, p: float, strength: float = 1.0, **kw) -> AugmentPipe:
     names = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac", "brightness", "contrast")
-    return AugmentPipe(p=p, **{k: float(k == name) for k in names}, **kw)
+    return AugmentPipe(p=p, **{k: strength * (k == name) for k in names}, **kw)
 
 
 @pytest.mark.parametrize(
     "name, hit", [("xflip", 0.5), ("rotate90", 0.75), ("scale", 1.0), ("rotate", 1.0), ("aniso", 1.0), ("xfrac", 1.0)]
 )
-def test_each_geometric_transform_is_applied_with_probability_p(name, hit):
-    """P(applied) = p (rotation: pre or post, each 1 - sqrt(1 - p)); `hit`: the chance a drawn value is not identity."""
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_each_geometric_transform_is_applied_with_probability_p(name, hit, strength):
+    """P(applied) = p times the transform's strength (rotation: pre or post, each 1 - sqrt(1 - p s));
+    `hit`: the chance a drawn value is not the identity."""
     torch.manual_seed(6)
-    M = _only(name, 0.4).geometry(20000, 32, "cpu")
+    M = _only(name, 0.4, strength).geometry(20000, 32, "cpu")
     moved = (M - torch.eye(3)).abs().amax(dim=(1, 2)) > 1e-6
-    assert moved.float().mean().item() == pytest.approx(0.4 * hit, abs=0.02)
+    assert moved.float().mean().item() == pytest.approx(0.4 * strength * hit, abs=0.02)
+    assert torch.equal(_only(name, 0.0).geometry(100, 32, "cpu"), torch.eye(3).expand(100, 3, 3))  # p = 0: identity
+
+
+def test_rotation_angle_is_uniform_over_the_circle():
+    """Each of the two rotations draws its angle uniformly in [-pi, pi] rotate_max: with both always applied,
+    the sum is uniform on the circle; at rotate_max 1/2 it is triangular on [-pi, pi] (mean |angle| pi / 3)."""
+    torch.manual_seed(11)
+    for rotate_max, mean_abs in ((1.0, math.pi / 2), (0.5, math.pi / 3)):
+        r = _only("rotate", 1.0, rotate_max=rotate_max).geometry(20000, 32, "cpu")
+        angle = torch.atan2(r[:, 1, 0], r[:, 0, 0])
+        assert angle.abs().mean().item() == pytest.approx(mean_abs, abs=0.03)
+        assert (angle > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+        if rotate_max == 1.0:
+            quarter = torch.histc(angle, bins=4, min=-math.pi, max=math.pi) / len(angle)
+            assert quarter.tolist() == pytest.approx([0.25] * 4, abs=0.02)
+
+
+def test_integer_translation_warps_the_upsampled_image_with_reflection():
+    """x -> FIR down(pad(warp(FIR up(pad x)))), the warp a shift by whole image pixels reflected at the border
+    (numpy's 'reflect': about the edge pixels), as ADA pads by reflection before it warps."""
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    pipe = _only("xint", 1.0, xint_max=0.25)
+    torch.manual_seed(12)
+    got = pipe(x)
+    torch.manual_seed(12)
+    t = pipe.geometry(8, 16, "cpu")[:, :2, 2].long().numpy()  # the same draws: the shifts, in the 2x frame
+    up = upsample2d(F.pad(x, [1] * 4, mode="reflect"))[:, :, 2:-2, 2:-2].numpy()
+    idx = np.arange(16)
+    for n in range(8):
+        rows, cols = np.abs(idx - t[n, 1]), np.abs(idx - t[n, 0])
+        rows, cols = np.where(rows > 15, 30 - rows, rows), np.where(cols > 15, 30 - cols, cols)
+        warped = up[n][:, rows][:, :, cols]
+        want = downsample2d(F.pad(torch.from_numpy(warped)[None], [1] * 4, mode="reflect"), pad=0)[0].numpy()
+        assert np.allclose(got[n].numpy(), want, atol=1e-6), n
+    assert np.abs(t).max() > 0
+    with pytest.raises(ValueError, match="square"):
+        pipe(torch.zeros(1, 1, 8, 4))
 
 
 def test_geometric_value_laws():
