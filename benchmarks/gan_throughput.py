@@ -3,8 +3,10 @@
 A cycle is 16 minibatches: Gmain every step, Greg (path length) every 4, Dmain every step, Dreg (R1)
 every 16, the ADA update (p starts at 0.2, interval 4) and the G_ema update, i.e. every phase at its
 real frequency. Each column runs in its own worker process (its own peak RSS) and the driver
-interleaves them cycle by cycle (A/B/A/B...), after one warm-up cycle per column (its time, which
-includes any torch.compile, is reported as `first_cycle_s`).
+interleaves them cycle by cycle (A/B/A/B...), after one warm-up cycle per column (its time is
+reported as `first_cycle_wall_s`). `--sampled` (for 256^2 on a CPU, where a cycle takes an hour)
+times one step at batch index 0, which runs every phase once, and scales each phase to its count in
+a cycle (16 Gmain, 4 Greg, 16 Dmain, 1 Dreg, 16 EMA/ADA/other): the same work, ~9x less time.
 
 Columns: `ours` variants (`--ours fp32,bf16+cl`: '+'-joined flags from VARIANT_FLAGS), the same code
 from another checkout (`--before DIR/lib`, e.g. a git worktree of an older commit), and NVlabs
@@ -34,16 +36,22 @@ CYCLE = 16  # minibatches per lazy cycle (D_reg_interval)
 # 64^2 configs train with path length on (as the reference's paper configs); demo itself has it off
 CONFIGS = {
     "demo64": ("demo", dict(pl_weight=2.0)),
-    # the OpenKBP run: 64^2, twice the demo widths, batch 16
-    "openkbp64": ("demo", dict(pl_weight=2.0, batch_size=16, z_dim=128, w_dim=128, channel_base=2048, channel_max=128)),
+    # the OpenKBP run's own preset (64^2, 4x the demo's widths from 16^2 down, batch 16, no path length)
+    "openkbp64": ("openkbp64", {}),
     "paper256": ("paper256", dict(batch_size=16)),
 }
 VARIANT_FLAGS = {
     "bf16": {"mixed_precision": True},
-    "cl": {"channels_last": True},
-    "compile": {"compile": True},
-    "fused": {"fused_adam": True},
+    "nocl": {"channels_last": False},
 }
+
+
+def _scale_sampled(seconds: tuple[float, float], phases: dict, intervals: dict[str, int]) -> tuple[tuple, dict]:
+    """One step that ran every phase (batch_idx 0) -> the cycle it stands for: each phase times CYCLE / interval."""
+    scaled = {k: [v * CYCLE // intervals.get(k, 1) for v in vals] for k, vals in phases.items()}
+    rest = [(s - sum(v[i] for v in phases.values())) * CYCLE for i, s in enumerate(seconds)]
+    total = tuple(rest[i] + sum(v[i] for v in scaled.values()) for i in range(2))
+    return total, scaled
 
 
 def _rss_mib() -> float:
@@ -108,13 +116,18 @@ def _ours(cfg_name: str, overrides: dict, lib: str | None):
     t._update_ema = clock.wrap(lambda a, k: "ema", t._update_ema)
     t.ada.step = clock.wrap(lambda a, k: "ada", t.ada.step)
 
-    def cycle():
+    def cycle(sampled: bool = False):
         clock.seconds = {}
         t0 = _now()
-        for _ in range(CYCLE):
+        for _ in range(1 if sampled else CYCLE):
+            if sampled:
+                t.batch_idx = 0
             t.step()
         t1 = _now()
-        return (t1[0] - t0[0], t1[1] - t0[1]), dict(clock.seconds)
+        seconds = (t1[0] - t0[0], t1[1] - t0[1])
+        if sampled:
+            return _scale_sampled(seconds, clock.seconds, {"Greg": cfg.G_reg_interval, "Dreg": cfg.D_reg_interval})
+        return seconds, dict(clock.seconds)
 
     info = {
         "batch_size": cfg.batch_size,
@@ -204,10 +217,12 @@ def _reference(cfg_name: str, root: str):
     c = torch.zeros(B, 0)
     state = {"batch_idx": 0, "cur_nimg": 0}
 
-    def cycle():
+    def cycle(sampled: bool = False):
         clock = _PhaseClock()
         t_start = _now()
-        for _ in range(CYCLE):
+        for _ in range(1 if sampled else CYCLE):
+            if sampled:
+                state["batch_idx"] = 0
             t0 = _now()
             real = images[torch.randint(len(images), (B,))]
             all_z = torch.randn(len(phases) * B, cfg.z_dim).split(B)
@@ -249,7 +264,10 @@ def _reference(cfg_name: str, root: str):
                 pipe.p.copy_((pipe.p + adjust).max(torch.zeros([])))
             clock.add("ada", t0)
         t1 = _now()
-        return (t1[0] - t_start[0], t1[1] - t_start[1]), clock.seconds
+        seconds = (t1[0] - t_start[0], t1[1] - t_start[1])
+        if sampled:
+            return _scale_sampled(seconds, clock.seconds, {"Greg": cfg.G_reg_interval, "Dreg": cfg.D_reg_interval})
+        return seconds, clock.seconds
 
     info = {
         "batch_size": B,
@@ -278,7 +296,7 @@ def worker(a: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() != "cycle":
             break
-        dt, phases = cycle()
+        dt, phases = cycle(a.sampled)
         out.write(json.dumps({"seconds": dt, "phases": phases, "peak_rss_mib": _rss_mib()}) + "\n")
 
 
@@ -286,6 +304,7 @@ def _spawn(
     a: argparse.Namespace, config: str, kind: str, options: dict | None = None, lib: str | None = None
 ) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", kind, "--config", config, "--threads", str(a.threads)]
+    cmd += ["--sampled"] if a.sampled else []
     if kind == "reference":
         cmd += ["--reference", a.reference]
     else:
@@ -397,6 +416,7 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="lib/ folder of another checkout: a 'before-fp32' column")
     ap.add_argument("--reference", default=None, help="a stylegan2-ada-pytorch clone: a 'reference-fp32' column")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sampled", action="store_true", help="time one step running every phase, scaled to a cycle")
     ap.add_argument("--label", default=None, help="tag stored with each result (e.g. a commit)")
     ap.add_argument("--out", default="benchmarks/results/gan_throughput.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo models shipped in sample-data/models/, made on a CPU with the project's own commands
 # from the bundled sample data only. `labelfactory serve` copies them into the app's model folder
-# when it has none, so a new user's first infer works. Rerun to rebuild (about 30 minutes on 2 cores).
+# when it has none, so a new user's first infer works. Rerun to rebuild (about 30 minutes on 2 cores);
+# GENERATOR_ONLY=1 rebuilds only the generator and the interpreter tied to it (steps 1-3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LF=".venv/bin/labelfactory"
@@ -15,6 +16,9 @@ $LF train-gan --preset demo --total-kimg "${GAN_KIMG:-8}" --snapshot-kimg 1 --ou
 $LF annotate --generator "$OUT/stylegan2.pt" --seeds 0-29 --out "$RUN/annotations"
 # 3. the interpreter ensemble on those 30 annotations
 $LF train-interpreter --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations" --out "$OUT/interpreter.pt" --epochs 20 --no-progress
+if [ "${GENERATOR_ONLY:-0}" = 1 ]; then  # only the models tied to the generator (after a generator layout change)
+  rm -f "$OUT"/*.previous.pt; ls -la "$OUT"; exit 0
+fi
 # 4. a synthetic data set: 300 pairs, the 10% most uncertain dropped
 $LF synthesize --generator "$OUT/stylegan2.pt" --interpreter "$OUT/interpreter.pt" --seeds 1000-1299 --out "$RUN/synthetic"
 # 5. UNet++ on the real labelled studies (one trains, the other validates). The hybrid with this demo

@@ -39,6 +39,7 @@ class TrainingConfig:
     seed: int = 0
     mixed_precision: bool = False  # main phases with the top num_bf16_res blocks of G and D in bf16 (conv_clamp 256)
     num_bf16_res: int = 4  # with mixed_precision: how many of the highest resolutions run in bf16 (the reference's 4)
+    fused_adam: bool = True  # one fused kernel per optimiser step (CPU and CUDA; 4-7x faster step than the loop)
     channels_last: bool = True  # G, D and images in channels-last memory (CPU: 1.1-1.3x on its convs; same math)
 
     @property

@@ -156,8 +156,9 @@ class Trainer:
         self.opts = {}
         for name, module, interval in (("G", self.G, c.G_reg_interval), ("D", self.D, c.D_reg_interval)):
             ratio = interval / (interval + 1)  # lazy regularization: the paper's lr / beta correction
+            betas = (float(c.betas[0]) ** ratio, float(c.betas[1]) ** ratio)
             self.opts[name] = torch.optim.Adam(
-                module.parameters(), lr=c.lr * ratio, betas=(c.betas[0] ** ratio, c.betas[1] ** ratio), eps=1e-8
+                module.parameters(), lr=c.lr * ratio, betas=betas, eps=1e-8, fused=c.fused_adam
             )
 
     # --- state ------------------------------------------------------------------------------
