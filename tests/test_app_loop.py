@@ -29,15 +29,28 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "models": "all",
-    "stylegan2_preset": "demo", "stylegan2_resolution": "32", "stylegan2_total_kimg": "0.016", "stylegan2_snapshot_kimg": "0.008", "stylegan2_batch_size": "4",
-    "interpreter_members": "2", "interpreter_max_epochs": "2", "interpreter_pixels_per_image": "128",
-    "segmentation_steps": "4", "segmentation_size": "32",
-    "clamnet_steps": "2", "clamnet_size": "32",
+    "stylegan2_preset": "demo",
+    "stylegan2_resolution": "32",
+    "stylegan2_total_kimg": "0.016",
+    "stylegan2_snapshot_kimg": "0.008",
+    "stylegan2_batch_size": "4",
+    "interpreter_members": "2",
+    "interpreter_max_epochs": "2",
+    "interpreter_pixels_per_image": "128",
+    "segmentation_steps": "4",
+    "segmentation_size": "32",
+    "clamnet_steps": "2",
+    "clamnet_size": "32",
 }
 
 
 def _infer(url, model, image, params=None):
-    r = requests.post(f"{url}/infer/{model}", params={"image": image, "output": "image"}, data={"params": json.dumps({"result_extension": ".nii.gz", **(params or {})})}, timeout=600)
+    r = requests.post(
+        f"{url}/infer/{model}",
+        params={"image": image, "output": "image"},
+        data={"params": json.dumps({"result_extension": ".nii.gz", **(params or {})})},
+        timeout=600,
+    )
     return r
 
 
@@ -76,6 +89,10 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
         info_i = requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json()
         assert len(info_i["labelfactory"]["w"]) > 0 and "seed" in info_i["labelfactory"]
         assert (datastore_copy / "labels" / "final" / f"{i}.nii.gz").is_file()
+        assert (
+            json.loads((datastore_copy / f"{i}.labelfactory.json").read_text())["labelfactory"]["w"]
+            == info_i["labelfactory"]["w"]
+        )
 
     # the interpreter now segments a new generated image, from its recorded w, on the image's own grid
     nxt = client.next_sample("generated_uncertain", {})
@@ -91,7 +108,12 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     # synthesis: a new pair on request, reproducible from its seed
     a, b = _infer(url, "synthesis", "seed000777"), _infer(url, "synthesis", "seed000777")
     assert a.status_code == 200 and a.content == b.content
-    r = requests.post(f"{url}/infer/synthesis", params={"image": "seed000778", "output": "json"}, data={"params": json.dumps({"add_to_datastore": True})}, timeout=300)
+    r = requests.post(
+        f"{url}/infer/synthesis",
+        params={"image": "seed000778", "output": "json"},
+        data={"params": json.dumps({"add_to_datastore": True})},
+        timeout=300,
+    )
     assert r.status_code == 200 and r.json()["image_id"] == "gen_seed000778"
 
     # downstream segmenter: 3D volume in, 3D label out on the same grid
@@ -101,14 +123,20 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     (tmp_path / "s.nii.gz").write_bytes(r.content)
     seg, vol = read_image(tmp_path / "s.nii.gz"), read_image(datastore_copy / "torso_3mm.nii.gz")
     assert seg.array.shape == vol.array.shape
-    assert np.allclose(seg.spacing, vol.spacing) and np.allclose(seg.origin, vol.origin) and np.allclose(seg.direction, vol.direction)
+    assert (
+        np.allclose(seg.spacing, vol.spacing)
+        and np.allclose(seg.origin, vol.origin)
+        and np.allclose(seg.direction, vol.direction)
+    )
 
     # ClamNet: weak marker map on the dissection study
     _train(client, "clamnet")
     r = _infer(url, "clamnet", "thorax_aorta")
     assert r.status_code == 200, r.text
     (tmp_path / "c.nii.gz").write_bytes(r.content)
-    assert read_image(tmp_path / "c.nii.gz").array.shape == read_image(datastore_copy / "thorax_aorta.nii.gz").array.shape
+    assert (
+        read_image(tmp_path / "c.nii.gz").array.shape == read_image(datastore_copy / "thorax_aorta.nii.gz").array.shape
+    )
 
     # a corrupt model file never replaces the one being served
     good = _infer(url, "segmentation", "torso_3mm").content
@@ -153,5 +181,7 @@ def test_killed_training_resumes_and_keeps_labels(datastore_copy, app_copy, star
     _train(client, "stylegan2")
     assert float(json.loads(stats_file.read_text())["kimg"]) >= 0.064
     resumed = [float(k) for k in re.findall(r"resumed \S+ at ([0-9.]+) kimg", srv.log.read_text())]
-    assert resumed and resumed[0] >= done_before, "the second training must resume from the last snapshot, not start over"
+    assert resumed and resumed[0] >= done_before, (
+        "the second training must resume from the last snapshot, not start over"
+    )
     assert sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir()) == labels_before

@@ -47,7 +47,7 @@ from monailabel.interfaces.exception import (
     MONAILabelException,
 )
 from monailabel.interfaces.utils.app import app_instance
-from monailabel.utils.async_tasks.utils import tasks as background_tasks
+from monailabel.utils.async_tasks.utils import tasks as async_tasks
 from starlette.concurrency import run_in_threadpool
 
 from labelfactory.errors import LabelFactoryError
@@ -308,7 +308,7 @@ async def api_run_model(
     user: User = Depends(RBAC(ADMIN)),
 ):
     # checked and submitted without yielding the event loop, so of a burst exactly one passes
-    if not enqueue and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in background_tasks("train")):
+    if not enqueue and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in async_tasks("train")):
         raise LabelFactoryError(
             "a training is already running or about to start: wait for it (GET /train/?check_if_running=true) "
             "or stop it (DELETE /train/), or send enqueue=true to queue this one",
