@@ -21,6 +21,7 @@ from labelfactory.gan.augment import AdaController, AugmentPipe
 from labelfactory.gan.loss import StyleGAN2Loss
 from labelfactory.gan.networks import (
     Conv2dLayer,
+    Discriminator,
     DiscriminatorBlock,
     FullyConnected,
     MappingNetwork,
@@ -212,16 +213,64 @@ def test_conv_layer_gain_bias_activation_clamp_and_fir_downsampling(k, down, act
 
 
 def test_discriminator_block_is_residual_with_sqrt_half_gains():
+    """fromRGB 1x1 -> (3x3 conv, FIR-down 3x3 conv) + FIR-down 1x1 linear skip, no bias; each branch times sqrt 1/2."""
     torch.manual_seed(2)
     block = DiscriminatorBlock(0, 2, 3, img_channels=1, resolution=8)
-    img = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        x = block.fromrgb(img)
-        want = block.conv1(block.conv0(x)) * math.sqrt(0.5) + block.skip(x) * math.sqrt(
-            0.5
-        )  # unclamped: gain scales the output
-        assert torch.allclose(block(None, img), want, rtol=1e-5, atol=1e-6)
-        assert block.skip.bias is None and block.skip.activation == "linear"
+        for conv in (block.fromrgb, block.conv0, block.conv1):
+            conv.bias.normal_()
+    img = np.random.default_rng(5).normal(size=(1, 8, 8))
+    wt = {k: v.detach().double().numpy() for k, v in block.state_dict().items()}
+    g = math.sqrt(0.5)
+    x = lrelu(conv_np(img, wt["fromrgb.weight"], pad=0) + wt["fromrgb.bias"][:, None, None])  # 1 input channel: gain 1
+    y = lrelu(conv_np(x, wt["conv0.weight"] / math.sqrt(2 * 9), pad=1) + wt["conv0.bias"][:, None, None])
+    y = lrelu(
+        conv_np(fir_np(y, pad=2), wt["conv1.weight"] / math.sqrt(2 * 9), pad=0, stride=2)
+        + wt["conv1.bias"][:, None, None]
+    )
+    skip = conv_np(fir_np(x, pad=1)[:, ::2, ::2], wt["skip.weight"] / math.sqrt(2), pad=0)
+    with torch.no_grad():
+        got = block(None, torch.from_numpy(img)[None].float())[0].double().numpy()
+    assert got.shape == (3, 4, 4) and np.allclose(got, g * y + g * skip, rtol=1e-5, atol=1e-5)
+    assert "skip.bias" not in wt
+
+
+def test_mapping_network_is_lrelu_fully_connected_layers_on_the_normalized_z():
+    torch.manual_seed(7)
+    m = MappingNetwork(6, 5, num_ws=3, num_layers=2)  # lr multiplier 0.01
+    z = np.random.default_rng(6).normal(size=(4, 6))
+    x = z / np.sqrt((z**2).mean(1, keepdims=True) + 1e-8)
+    for layer in m.layers:
+        w, b = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+        x = lrelu(x @ (w * 0.01 / math.sqrt(w.shape[1])).T + b * 0.01)
+    ws = m(torch.from_numpy(z).float()).detach().double().numpy()
+    assert ws.shape == (4, 3, 5) and np.allclose(ws, x[:, None].repeat(3, 1), rtol=1e-4, atol=1e-6)
+
+
+def test_each_synthesis_layer_reads_its_own_w():
+    """ws[:, i] drives conv layer i; each block's toRGB reads the w after its convs (the next block's first)."""
+    torch.manual_seed(8)
+    net = SynthesisNetwork(w_dim=4, img_resolution=16, img_channels=1, channel_base=64, channel_max=4)
+    ws = torch.randn(1, net.num_ws, 4)
+    with torch.no_grad():
+        img, feats = net(ws, return_features=True)
+        for i in range(net.num_ws):
+            moved = ws.clone()
+            moved[:, i] += 1.0
+            img2, feats2 = net(moved, return_features=True)
+            changed = [not torch.allclose(a, b) for a, b in zip(feats, feats2, strict=True)]
+            assert changed == [j >= i for j in range(5)], i  # conv i and everything after it
+            assert not torch.allclose(img, img2), i  # toRGBs read ws 1, 3, 5
+
+
+@pytest.mark.parametrize(
+    "n, want", [(0, [False] * 3), (1, [False, False, True]), (2, [False, True, True]), (3, [False, True, True])]
+)
+def test_bf16_blocks_are_the_n_highest_resolutions_never_below_8(n, want):
+    G = SynthesisNetwork(w_dim=4, img_resolution=16, img_channels=1, channel_base=64, channel_max=4, num_bf16_res=n)
+    D = Discriminator(img_resolution=16, channel_base=64, channel_max=4, num_bf16_res=n)
+    assert [b.use_bf16 for b in G.blocks] == want  # 4, 8, 16
+    assert [b.use_bf16 for b in D.blocks] == want[1:][::-1]  # D's blocks read 16, then 8
 
 
 def test_normalize_2nd_moment_and_w_avg_tracking_and_truncation():
@@ -470,6 +519,7 @@ def test_loss_and_ada_defaults_are_the_papers():
     ada = AdaController(AugmentPipe())
     assert (ada.target, ada.interval, ada.ada_kimg) == (0.6, 4, 500.0) and float(ada.pipe.p) == 0.0
     assert math.isnan(ada.rt)  # no r_t before the first interval
+    assert MinibatchStd().group_size == 4 and Discriminator(img_resolution=8, channel_base=32).mbstd.group_size == 4
     pipe = AugmentPipe()
     strengths = (
         pipe.xflip,
