@@ -51,11 +51,12 @@ from monailabel.utils.async_tasks.utils import tasks as async_tasks
 from starlette.concurrency import run_in_threadpool
 
 from labelfactory.errors import LabelFactoryError
+from labelfactory.io.image import suffix_of
 
 _STATUS = {MONAILabelError.INVALID_INPUT: 400, MONAILabelError.SERVER_ERROR: 500}
 API = settings.MONAI_LABEL_API_STR
 UPLOAD_PREFIX = "lf-upload-"
-_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,8}){1,3}$")
+_SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,8}){1,2}$")
 USER, ANNOTATOR, ADMIN = (
     settings.MONAI_LABEL_AUTH_ROLE_USER,
     settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR,
@@ -132,7 +133,8 @@ app.add_middleware(BoundedBody)
 
 
 def upload_suffix(filename: str | None) -> str:
-    suffix = "".join(Path(filename or "").suffixes)
+    """The upload's format suffix (".nii.gz", ".seg.nrrd", ...) as the readers name formats; ".nii.gz" if none."""
+    suffix = suffix_of(Path(filename or "upload").name)
     return suffix if _SUFFIX.match(suffix) else ".nii.gz"
 
 
