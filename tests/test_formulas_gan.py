@@ -623,6 +623,7 @@ def test_integer_translation_warps_the_upsampled_image_with_reflection():
         want = downsample2d(F.pad(torch.from_numpy(warped)[None], [1] * 4, mode="reflect"), pad=0)[0].numpy()
         assert np.allclose(got[n].numpy(), want, atol=1e-6), n
     assert np.abs(t).max() > 0
+    assert torch.equal(_only("xint", 0.0).geometry(100, 16, "cpu"), torch.eye(3).expand(100, 3, 3))  # p = 0: no shift
     with pytest.raises(ValueError, match="square"):
         pipe(torch.zeros(1, 1, 8, 4))
 
