@@ -172,9 +172,16 @@ def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> Train
 
 
 def train_resumable(
-    images: torch.Tensor, masks: torch.Tensor, config: TrainConfig, folder: Path, data: dict, save_every: int
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    config: TrainConfig,
+    folder: Path,
+    data: dict,
+    save_every: int,
+    stage: Path,
 ) -> Path:
-    """Train `config.network` on (N, 1, S, S) images / (N, S, S) masks; write `folder/segmentation.pt`.
+    """Train `config.network` on (N, 1, S, S) images / (N, S, S) integer masks; write `folder/segmentation.pt`.
+    CPU time goes to the `stage` folder's record as the run goes (`add_cpu`).
 
     The project's networks and loss (DiceCE, deep supervision for UNet++), Adam with a cosine learning-rate decay.
     Hand-written rather than `segmentation.train.train_segmenter` because a CPU run of an hour must survive an
@@ -226,7 +233,7 @@ def train_resumable(
                 },
                 state_file,
             )
-            add_cpu(folder.parent, cpu_seconds() - c0)
+            add_cpu(stage, cpu_seconds() - c0)
             c0 = cpu_seconds()
             rate = (time.time() - t0) / len(losses)
             log(
@@ -523,7 +530,7 @@ class Experiment:
             "slices": len(s),
             "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high],
         }
-        model = train_resumable(s.images, s.organs, config, folder, data, self.sizes.save_every)
+        model = train_resumable(s.images, s.organs, config, folder, data, self.sizes.save_every, folder)
         log("annotator: scoring on validation volumes")
         validation = self.evaluate(model)
         self.validation_figure(
@@ -726,7 +733,7 @@ class Experiment:
                 log(f"segmenters: {i + 1}/{len(todo)} {d.name}")
                 images, masks, data = self.training_set(row, seed)
                 config = segmenter_config(network, self.sizes, self.sizes.steps, seed)
-                model = train_resumable(images, masks, config, d, data, self.sizes.save_every)
+                model = train_resumable(images, masks, config, d, data, self.sizes.save_every, folder)
                 ev = {"row": row, "network": network, "seed": seed, "data": data, "validation": self.evaluate(model)}
                 write_json_atomic(ev, d / "eval.json")
             out[d.name] = {k: ev[k] for k in ("row", "network", "seed")} | {

@@ -104,7 +104,7 @@ def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypat
     images = torch.rand(10, 1, 32, 32) * 2 - 1
     masks = (images[:, 0] > 0.3).long() * 2
     config = le.segmenter_config("unet", le.Sizes(size=32, batch_size=4), steps=6, seed=3)
-    whole = le.train_resumable(images, masks, config, tmp_path / "whole", {}, save_every=3)
+    whole = le.train_resumable(images, masks, config, tmp_path / "whole", {}, 3, tmp_path)
 
     real_save = le.save_checkpoint
 
@@ -115,10 +115,10 @@ def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypat
 
     monkeypatch.setattr(le, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        le.train_resumable(images, masks, config, tmp_path / "cut", {}, save_every=3)
+        le.train_resumable(images, masks, config, tmp_path / "cut", {}, 3, tmp_path)
     monkeypatch.setattr(le, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "cut" / "training-state.pt", weights_only=True)["step"] == 3
-    resumed = le.train_resumable(images, masks, config, tmp_path / "cut", {}, save_every=3)
+    resumed = le.train_resumable(images, masks, config, tmp_path / "cut", {}, 3, tmp_path)
     a = torch.load(whole, weights_only=True)["state_dict"]
     b = torch.load(resumed, weights_only=True)["state_dict"]
     assert not (tmp_path / "cut" / "training-state.pt").exists()
