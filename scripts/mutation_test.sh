@@ -10,7 +10,7 @@
 # files (the "before" score of docs/DESIGN.md).
 # mutmut maps only src/ to import names, so the copy has lib/ moved to src/; [tool.mutmut] in pyproject.toml
 # holds the shared settings, this script adds the module and its tests. Per module, OUT/<module>.txt gets the
-# score line, the survivors' diffs and mutmut's results.
+# score line, the survivors' diffs and mutmut's results; KEEP=1 keeps the scratch copy.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -19,12 +19,12 @@ REV=HEAD EVERY=1 OUT="$ROOT/runs/mutation" BEFORE= ONLY=
 while getopts "r:n:m:o:b" opt; do
   case $opt in
     r) REV=$OPTARG ;; n) EVERY=$OPTARG ;; m) ONLY=$OPTARG ;; o) OUT=$OPTARG ;; b) BEFORE=1 ;;
-    *) sed -n 2,12p "$0"; exit 2 ;;
+    *) sed -n 2,13p "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 REV=$(git -C "$ROOT" rev-parse --short "$REV")  # one commit for the whole run, even if the branch moves meanwhile
-[ $# -gt 0 ] || { sed -n 2,12p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,13p "$0"; exit 2; }
 
 declare -A TESTS=(
   [gan/loss]="tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
@@ -77,17 +77,21 @@ for module in "$@"; do
     fi
     mm run --max-children 1 "${names[@]}" > run.log 2>&1 || { tail -40 run.log >&2; exit 1; }
     mm results --all true > results.txt 2>&1
+    # the mutants this run tried (the others read "not checked")
     grep -E ': (killed|survived|timeout|no tests|suspicious|segfault)' results.txt > states.txt || true
-    [ "$EVERY" -gt 1 ] && grep -F -f <(printf '%s:\n' "${names[@]}") states.txt > sampled.txt && mv sampled.txt states.txt
     total=$(wc -l < states.txt)
     killed=$(grep -c -E ': (killed|timeout|segfault)' states.txt || true)
+    tried="all mutants"
+    [ "$EVERY" -gt 1 ] && tried="every ${EVERY}th mutant"
+    [ -n "$ONLY" ] && tried="named mutants"
     {
       echo "$module @ $REV: $killed / $total killed" \
-        "($(awk -v k="$killed" -v t="$total" 'BEGIN { printf "%.1f", t ? 100 * k / t : 0 }')%)," \
-        "$([ -n "$ONLY" ] && echo "named mutants" || { [ "$EVERY" -gt 1 ] && echo "every ${EVERY}th mutant"; } || echo "all mutants")," \
+        "($(awk -v k="$killed" -v t="$total" 'BEGIN { printf "%.1f", t ? 100 * k / t : 0 }')%), $tried," \
         "tests: ${selection//\"/}"
       grep -v -E ': (killed|timeout|segfault)' states.txt || true
-      for m in $(grep -v -E ': (killed|timeout|segfault)' states.txt | cut -d: -f1); do mm show "$m" 2>&1 || echo "(mutmut show failed for $m)"; done
+      for m in $(grep -v -E ': (killed|timeout|segfault)' states.txt | cut -d: -f1); do
+        mm show "$m" 2>&1 || echo "(mutmut show failed for $m)"
+      done
     } > "$report"
     head -1 "$report"
   )
