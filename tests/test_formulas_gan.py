@@ -24,6 +24,7 @@ from labelfactory.gan.networks import (
     Discriminator,
     DiscriminatorBlock,
     FullyConnected,
+    Generator,
     MappingNetwork,
     MinibatchStd,
     SynthesisLayer,
@@ -120,7 +121,7 @@ def test_synthesis_layer_is_modconv_plus_noise_plus_bias_then_lrelu_and_clamp(up
     torch.manual_seed(4)
     got = layer(x, w, noise_mode).detach().numpy()
     style = w.numpy() @ (layer.affine.weight.detach().numpy() / 2.0).T + layer.affine.bias.detach().numpy()
-    assert np.allclose(layer.affine.bias.detach().numpy(), 1.0)
+    assert np.allclose(layer.affine.bias.detach().numpy(), 1.0) and layer.noise_const.shape == (layer.resolution,) * 2
     y = ref_modconv(x.numpy(), layer.weight.detach().numpy(), style, up=up)
     torch.manual_seed(4)
     noise = {
@@ -153,6 +154,8 @@ def test_synthesis_skips_add_each_blocks_rgb_to_the_upsampled_image():
     ws = torch.randn(2, net.num_ws, 4)
     b4, b8 = net.blocks
     with torch.no_grad():
+        for conv in (*b4.convs, *b8.convs):
+            conv.noise_strength.fill_(0.5)  # so that the noise mode matters
         x4 = b4.convs[0](b4.const[None].repeat(2, 1, 1, 1), ws[:, 0], "const")
         img = b4.torgb(x4, ws[:, 1])
         x8 = b8.convs[1](b8.convs[0](x4, ws[:, 1], "const"), ws[:, 2], "const")
@@ -195,7 +198,7 @@ def test_conv_layer_gain_bias_activation_clamp_and_fir_downsampling(k, down, act
     layer = Conv2dLayer(3, 2, k, activation=activation, down=down, conv_clamp=clamp).double()
     with torch.no_grad():
         layer.bias.normal_()
-    x = np.random.default_rng(2).normal(size=(1, 3, 8, 8))
+    x = np.random.default_rng(2).normal(size=(1, 3, 8, 8)) * 4  # large enough for both clamp bounds to bind
     w = layer.weight.detach().numpy() / math.sqrt(3 * k * k)
     if down and k == 1:
         y = conv_np(fir_np(x[0], pad=1)[:, ::2, ::2], w, pad=0)
@@ -212,26 +215,33 @@ def test_conv_layer_gain_bias_activation_clamp_and_fir_downsampling(k, down, act
     assert got.shape == ((2, 4, 4) if down else (2, 8, 8)) and np.allclose(got, y, rtol=1e-6, atol=1e-7)
 
 
-def test_discriminator_block_is_residual_with_sqrt_half_gains():
-    """fromRGB 1x1 -> (3x3 conv, FIR-down 3x3 conv) + FIR-down 1x1 linear skip, no bias; each branch times sqrt 1/2."""
+@pytest.mark.parametrize("clamp", [None, 0.2])
+def test_discriminator_block_is_residual_with_sqrt_half_gains(clamp):
+    """fromRGB 1x1 -> (3x3 conv, FIR-down 3x3 conv) + FIR-down 1x1 linear skip, no bias; each branch times sqrt 1/2;
+    conv_clamp bounds the convs (at +-clamp * their gain), never the skip."""
     torch.manual_seed(2)
-    block = DiscriminatorBlock(0, 2, 3, img_channels=1, resolution=8)
+    block = DiscriminatorBlock(0, 2, 3, img_channels=1, resolution=8, conv_clamp=clamp)
     with torch.no_grad():
         for conv in (block.fromrgb, block.conv0, block.conv1):
             conv.bias.normal_()
     img = np.random.default_rng(5).normal(size=(1, 8, 8))
     wt = {k: v.detach().double().numpy() for k, v in block.state_dict().items()}
     g = math.sqrt(0.5)
-    x = lrelu(conv_np(img, wt["fromrgb.weight"], pad=0) + wt["fromrgb.bias"][:, None, None])  # 1 input channel: gain 1
-    y = lrelu(conv_np(x, wt["conv0.weight"] / math.sqrt(2 * 9), pad=1) + wt["conv0.bias"][:, None, None])
-    y = lrelu(
-        conv_np(fir_np(y, pad=2), wt["conv1.weight"] / math.sqrt(2 * 9), pad=0, stride=2)
-        + wt["conv1.bias"][:, None, None]
+    c = (lambda v, gain=1.0: np.clip(v, -clamp * gain, clamp * gain)) if clamp else (lambda v, gain=1.0: v)
+    x = c(lrelu(conv_np(img, wt["fromrgb.weight"], pad=0) + wt["fromrgb.bias"][:, None, None]))  # 1 channel: gain 1
+    y = c(lrelu(conv_np(x, wt["conv0.weight"] / math.sqrt(2 * 9), pad=1) + wt["conv0.bias"][:, None, None]))
+    y = c(
+        g
+        * lrelu(
+            conv_np(fir_np(y, pad=2), wt["conv1.weight"] / math.sqrt(2 * 9), pad=0, stride=2)
+            + wt["conv1.bias"][:, None, None]
+        ),
+        g,
     )
     skip = conv_np(fir_np(x, pad=1)[:, ::2, ::2], wt["skip.weight"] / math.sqrt(2), pad=0)
     with torch.no_grad():
         got = block(None, torch.from_numpy(img)[None].float())[0].double().numpy()
-    assert got.shape == (3, 4, 4) and np.allclose(got, g * y + g * skip, rtol=1e-5, atol=1e-5)
+    assert got.shape == (3, 4, 4) and np.allclose(got, y + g * skip, rtol=1e-5, atol=1e-5)
     assert "skip.bias" not in wt
 
 
@@ -261,6 +271,21 @@ def test_each_synthesis_layer_reads_its_own_w():
             changed = [not torch.allclose(a, b) for a, b in zip(feats, feats2, strict=True)]
             assert changed == [j >= i for j in range(5)], i  # conv i and everything after it
             assert not torch.allclose(img, img2), i  # toRGBs read ws 1, 3, 5
+
+
+def test_generator_passes_its_noise_mode_and_the_discriminator_epilogue_clamps():
+    torch.manual_seed(9)
+    G = Generator(z_dim=4, w_dim=4, img_resolution=8, channel_base=16, channel_max=2, mapping_layers=1)
+    with torch.no_grad():
+        for conv in (c for b in G.synthesis.blocks for c in b.convs):
+            conv.noise_strength.fill_(0.5)
+        z = torch.randn(2, 4)
+        assert torch.equal(G(z), G(z, noise_mode="const")) and not torch.allclose(G(z), G(z, noise_mode="none"))
+    D = Discriminator(img_resolution=8, channel_base=8, channel_max=4, conv_clamp=0.05)  # 2 channels at 4x4
+    seen = []
+    D.conv.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    assert D(torch.randn(2, 1, 8, 8) * 10).shape == (2, 1) and D.c4 == 2
+    assert seen[0].shape == (2, 2, 4, 4) and seen[0].abs().max().item() <= 0.05 + 1e-6
 
 
 @pytest.mark.parametrize(
@@ -520,6 +545,9 @@ def test_loss_and_ada_defaults_are_the_papers():
     assert (ada.target, ada.interval, ada.ada_kimg) == (0.6, 4, 500.0) and float(ada.pipe.p) == 0.0
     assert math.isnan(ada.rt)  # no r_t before the first interval
     assert MinibatchStd().group_size == 4 and Discriminator(img_resolution=8, channel_base=32).mbstd.group_size == 4
+    G = Generator(img_resolution=8, channel_base=16, channel_max=2)
+    assert (G.z_dim, G.w_dim, len(G.mapping.layers), G.mapping.w_avg_beta) == (512, 512, 8, 0.995)
+    assert G.mapping.layers[0].weight_gain == pytest.approx(0.01 / math.sqrt(512))  # mapping lr multiplier 0.01
     pipe = AugmentPipe()
     strengths = (
         pipe.xflip,
