@@ -339,7 +339,8 @@ def contour_figure(path: Path, images: np.ndarray, truth: np.ndarray, rows: dict
 
     colors = organ_colors()
     n = len(images)
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, 2.0 * len(rows) + 0.6), squeeze=False)
+    height = 2.0 * len(rows) + 1.3  # inches: the rows, the title above, the legend below
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, height), squeeze=False)
     for r, (name, pred) in enumerate(rows.items()):
         for c in range(n):
             ax = axes[r, c]
@@ -355,7 +356,7 @@ def contour_figure(path: Path, images: np.ndarray, truth: np.ndarray, rows: dict
     handles = [Line2D([], [], color=colors[v], label=openkbp.ORGANS[v]) for v in colors]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"{title}\n(true contours solid, predicted dashed)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.55 / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
