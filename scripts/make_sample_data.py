@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 import SimpleITK as sitk
+from pydicom.uid import generate_uid
 
 from labelfactory.io import read_image, write_image
 from labelfactory.labels import map_totalsegmentator

@@ -85,12 +85,25 @@ def main() -> int:
     procs = []
     try:
         http, dicom = free_port(), free_port()
-        cfg = {"Name": "labelfactory-test", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-               "HttpPort": http, "DicomPort": dicom, "RemoteAccessAllowed": True, "AuthenticationEnabled": False,
-               "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        cfg = {
+            "Name": "labelfactory-test",
+            "StorageDirectory": str(work / "orthanc-db"),
+            "IndexDirectory": str(work / "orthanc-db"),
+            "HttpPort": http,
+            "DicomPort": dicom,
+            "RemoteAccessAllowed": True,
+            "AuthenticationEnabled": False,
+            "Plugins": [PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
         (work / "orthanc.json").write_text(json.dumps(cfg))
         olog = work / "orthanc.log"
-        orthanc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=open(olog, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        orthanc = subprocess.Popen(
+            ["Orthanc", str(work / "orthanc.json")],
+            stdout=open(olog, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(orthanc)
         base = f"http://127.0.0.1:{http}"
         wait(base + "/system", 60, orthanc, olog)
@@ -102,14 +115,27 @@ def main() -> int:
 
         port = free_port()
         slog = work / "server.log"
-        cmd = server_command(f"{base}/dicom-web", "127.0.0.1", port, [("models", "segmentation"), ("skip_trainers", "true")], a.app)
-        server = subprocess.Popen(cmd, stdout=open(slog, "wb"), stderr=subprocess.STDOUT, env={**server_env(), "HOME": str(work)}, start_new_session=True)
+        cmd = server_command(
+            f"{base}/dicom-web", "127.0.0.1", port, [("models", "segmentation"), ("skip_trainers", "true")], a.app
+        )
+        server = subprocess.Popen(
+            cmd,
+            stdout=open(slog, "wb"),
+            stderr=subprocess.STDOUT,
+            env={**server_env(), "HOME": str(work)},
+            start_new_session=True,
+        )
         procs.append(server)
         url = f"http://127.0.0.1:{port}"
         wait(url + "/info/", 240, server, slog)
 
         nxt = requests.post(url + "/activelearning/random", json={}, timeout=120).json()  # Slicer's "next sample"
-        r = requests.post(url + "/infer/segmentation", params={"image": series_uid, "output": "image"}, data={"params": json.dumps({"result_extension": ".nii.gz"})}, timeout=600)
+        r = requests.post(
+            url + "/infer/segmentation",
+            params={"image": series_uid, "output": "image"},
+            data={"params": json.dumps({"result_extension": ".nii.gz"})},
+            timeout=600,
+        )
         if r.status_code != 200:
             raise RuntimeError(f"infer: {r.status_code} {r.text[:500]}\n{slog.read_text()[-3000:]}")
         label_file = work / "label.nii.gz"
@@ -125,16 +151,30 @@ def main() -> int:
         names = {v: n for n, v in LABEL_NAMES.items()}
         info = {"label_info": [{"name": names[v], "idx": v} for v in present]}
         with open(label_file, "rb") as f:
-            r = requests.put(url + "/datastore/label", params={"image": series_uid, "tag": "final"}, files={"label": ("label.nii.gz", f)}, data={"params": json.dumps(info)}, timeout=600)
+            r = requests.put(
+                url + "/datastore/label",
+                params={"image": series_uid, "tag": "final"},
+                files={"label": ("label.nii.gz", f)},
+                data={"params": json.dumps(info)},
+                timeout=600,
+            )
         if r.status_code != 200:
             raise RuntimeError(f"save label: {r.status_code} {r.text[:500]}\n{slog.read_text()[-3000:]}")
         seg = requests.get(base + "/dicom-web/series", params={"Modality": "SEG"}, timeout=60).json()
-        print(json.dumps({
-            "series_uid": series_uid, "next_sample": nxt.get("id"),
-            "label_shape": list(label.array.shape), "volume_shape": list(volume.array.shape),
-            "label_spacing": [round(s, 4) for s in label.spacing], "volume_spacing": [round(s, 4) for s in volume.spacing],
-            "labels_present": present, "seg_series": len(seg),
-        }))
+        print(
+            json.dumps(
+                {
+                    "series_uid": series_uid,
+                    "next_sample": nxt.get("id"),
+                    "label_shape": list(label.array.shape),
+                    "volume_shape": list(volume.array.shape),
+                    "label_spacing": [round(s, 4) for s in label.spacing],
+                    "volume_spacing": [round(s, 4) for s in volume.spacing],
+                    "labels_present": present,
+                    "seg_series": len(seg),
+                }
+            )
+        )
         return 0
     finally:
         for p in reversed(procs):

@@ -40,10 +40,46 @@ def test_dicomweb_segment_and_save_dicom_seg(sample, app_copy, tmp_path):
         pytest.skip(reason)
     # a small segmentation model, made by the project's own training command
     model = app_copy / "model" / "segmentation.pt"
-    subprocess.run([sys.executable, "-m", "labelfactory.cli", "train-segmentation", "--studies", str(sample / "datastore"), "--out", str(model),
-                    "--size", "64", "--steps", "4", "--val-interval", "4", "--batch-size", "4"], check=True, capture_output=True, timeout=600)
-    r = subprocess.run(["unshare", "-n", sys.executable, str(HERE / "dicomweb_scenario.py"), "--app", str(app_copy), "--dicom", str(sample / "dicom" / "abdomen"),
-                        "--work", str(tmp_path / "dicomweb")], capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labelfactory.cli",
+            "train-segmentation",
+            "--studies",
+            str(sample / "datastore"),
+            "--out",
+            str(model),
+            "--size",
+            "64",
+            "--steps",
+            "4",
+            "--val-interval",
+            "4",
+            "--batch-size",
+            "4",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    r = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            str(HERE / "dicomweb_scenario.py"),
+            "--app",
+            str(app_copy),
+            "--dicom",
+            str(sample / "dicom" / "abdomen"),
+            "--work",
+            str(tmp_path / "dicomweb"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["next_sample"] == out["series_uid"], "next sample must offer the series held by Orthanc"

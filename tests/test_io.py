@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import shutil
 
 import nrrd
@@ -13,8 +12,16 @@ import SimpleITK as sitk
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import (
-    Image, Window, label_to_slices, read_image, read_label, read_seg_nrrd, slices_to_label, volume_to_slices,
-    write_image, write_seg_nrrd,
+    Image,
+    Window,
+    label_to_slices,
+    read_image,
+    read_label,
+    read_seg_nrrd,
+    slices_to_label,
+    volume_to_slices,
+    write_image,
+    write_seg_nrrd,
 )
 from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
 
@@ -122,7 +129,9 @@ def test_each_organ_mask_lies_on_its_organ_after_read_slice_round_trip_and_write
     else:
         assert (written.array == label.array).mean() > 0.99
     hu = image.array
-    assert hu[written.array == LABEL_NAMES["liver"]].mean() == pytest.approx(hu[label.array == LABEL_NAMES["liver"]].mean(), abs=10)
+    assert hu[written.array == LABEL_NAMES["liver"]].mean() == pytest.approx(
+        hu[label.array == LABEL_NAMES["liver"]].mean(), abs=10
+    )
     assert 0 < hu[written.array == LABEL_NAMES["liver"]].mean() < 150
     if np.isin(written.array, LUNGS).any():
         assert hu[np.isin(written.array, LUNGS)].mean() < -500
@@ -149,6 +158,7 @@ def test_reoriented_volume_comes_back_in_its_own_geometry(sample, tmp_path):
 
 
 # ---- bad input: one exception type, a message a person can act on ----
+
 
 def test_not_an_image(tmp_path):
     p = tmp_path / "notes.nii.gz"
@@ -205,7 +215,10 @@ def test_label_with_values_outside_the_map(sample, tmp_path):
 
 def test_label_of_the_wrong_shape(sample, tmp_path):
     image, label = _study(sample, "torso_3mm")
-    p = write_image(label.with_array(label.array).__class__(label.array[:10], label.spacing, label.origin, label.direction), tmp_path / "short.nii.gz")
+    p = write_image(
+        label.with_array(label.array).__class__(label.array[:10], label.spacing, label.origin, label.direction),
+        tmp_path / "short.nii.gz",
+    )
     with pytest.raises(LabelFactoryError, match="differs from its image"):
         read_label(p, image, LABEL_NAMES)
 
@@ -232,7 +245,9 @@ def test_window_is_applied_to_slices(sample):
     narrow, _ = volume_to_slices(image, 64, Window(level=40, width=400))
     wide, _ = volume_to_slices(image, 64, Window(level=0, width=2000))
     assert not np.allclose(narrow.numpy(), wide.numpy())
-    assert float((narrow == -1).float().mean()) > float((wide == -1).float().mean())  # more voxels below a narrow window's floor
+    assert float((narrow == -1).float().mean()) > float(
+        (wide == -1).float().mean()
+    )  # more voxels below a narrow window's floor
 
 
 def test_find_studies_takes_dicom_folders_and_skips_other_folders(sample, tmp_path):

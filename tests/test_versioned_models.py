@@ -14,7 +14,9 @@ from labelfactory.tasks.models import ModelCache
 
 
 def _publish(path, value):
-    return save_checkpoint({"kind": "toy", "config": {"v": value}, "data": {"n": 1}, "state": torch.full((3,), float(value))}, path)
+    return save_checkpoint(
+        {"kind": "toy", "config": {"v": value}, "data": {"n": 1}, "state": torch.full((3,), float(value))}, path
+    )
 
 
 def _loader(path):

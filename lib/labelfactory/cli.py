@@ -15,17 +15,44 @@ from labelfactory.errors import LabelFactoryError
 
 # command -> (module with configure/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("labelfactory.serve", "start the MONAI Label server on a folder of studies (default: the bundled sample data)"),
+    "serve": (
+        "labelfactory.serve",
+        "start the MONAI Label server on a folder of studies (default: the bundled sample data)",
+    ),
     "loop": ("labelfactory.loop", "drive a running server through the active-learning loop with a simulated annotator"),
-    "annotate": ("labelfactory.annotator", "label generated images with the simulated (HU-rule) annotator, for demos and tests"),
-    "train-interpreter": ("labelfactory.interpreter.cli", "train the DatasetGAN pixel-classifier ensemble on annotated generated images"),
-    "synthesize": ("labelfactory.interpreter.cli_synthesize", "generate a labelled data set (images, masks, manifest, preview), the most uncertain pairs dropped"),
-    "train-clamnet": ("labelfactory.clamnet.cli", "train ClamNet (UNet++ pair) from image-level normal/abnormal labels"),
-    "train-segmentation": ("labelfactory.segmentation.cli", "train a 2D segmenter (UNet++ by default) on synthetic pairs, real labelled studies, or both"),
-    "evaluate": ("labelfactory.evaluation.cli", "the paper's segmentation experiments (tables I, II, III-C, III): mIoU over patient-wise folds on test-G and test-R"),
-    "train-gan": ("labelfactory.gan.cli", "train StyleGAN2-ADA on the CT slices of a folder of studies (torchrun for several GPUs)"),
+    "annotate": (
+        "labelfactory.annotator",
+        "label generated images with the simulated (HU-rule) annotator, for demos and tests",
+    ),
+    "train-interpreter": (
+        "labelfactory.interpreter.cli",
+        "train the DatasetGAN pixel-classifier ensemble on annotated generated images",
+    ),
+    "synthesize": (
+        "labelfactory.interpreter.cli_synthesize",
+        "generate a labelled data set (images, masks, manifest, preview), the most uncertain pairs dropped",
+    ),
+    "train-clamnet": (
+        "labelfactory.clamnet.cli",
+        "train ClamNet (UNet++ pair) from image-level normal/abnormal labels",
+    ),
+    "train-segmentation": (
+        "labelfactory.segmentation.cli",
+        "train a 2D segmenter (UNet++ by default) on synthetic pairs, real labelled studies, or both",
+    ),
+    "evaluate": (
+        "labelfactory.evaluation.cli",
+        "the paper's segmentation experiments (tables I, II, III-C, III): mIoU over patient-wise folds",
+    ),
+    "train-gan": (
+        "labelfactory.gan.cli",
+        "train StyleGAN2-ADA on the CT slices of a folder of studies (torchrun for several GPUs)",
+    ),
     "import-gan": ("labelfactory.gan.import_gan", "a stylegan2-ada-pytorch G_ema as our generator file (no code run)"),
-    "openkbp-download": ("labelfactory.datasets.convert_openkbp", "download OpenKBP (head-and-neck CT, organs, PTVs) and convert it to NIfTI + cases.csv (or --from a local copy)"),
+    "openkbp-download": (
+        "labelfactory.datasets.convert_openkbp",
+        "download OpenKBP (head-and-neck CT, organs, PTVs), convert it to NIfTI + cases.csv (or --from a local copy)",
+    ),
 }
 
 

@@ -25,11 +25,25 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io.windowing import Window
 
 # value -> name, as the data set's README numbers them (names 3D Slicer's GenericAnatomyColors knows)
-ORGANS: dict[int, str] = {1: "brainstem", 2: "spinal cord", 3: "right parotid gland", 4: "left parotid gland",
-                          5: "esophagus", 6: "larynx", 7: "mandible"}
+ORGANS: dict[int, str] = {
+    1: "brainstem",
+    2: "spinal cord",
+    3: "right parotid gland",
+    4: "left parotid gland",
+    5: "esophagus",
+    6: "larynx",
+    7: "mandible",
+}
 # cases.csv spells the organs as the challenge's structure files do
-CSV_ORGANS: dict[str, int] = {"Brainstem": 1, "SpinalCord": 2, "RightParotid": 3, "LeftParotid": 4, "Esophagus": 5,
-                              "Larynx": 6, "Mandible": 7}
+CSV_ORGANS: dict[str, int] = {
+    "Brainstem": 1,
+    "SpinalCord": 2,
+    "RightParotid": 3,
+    "LeftParotid": 4,
+    "Esophagus": 5,
+    "Larynx": 6,
+    "Mandible": 7,
+}
 PTV70 = 3
 BODY_HU = -500.0  # air below, soft tissue and bone above
 MIN_BODY_PIXELS = 200  # slices with less body than this (about 30 cm^2 at 4 mm) are skipped
@@ -51,7 +65,7 @@ class Case:
 
 @dataclass(frozen=True)
 class CropBox:
-    """Slice `z` of the volume cropped to rows [y0, y0 + size) and columns [x0, x0 + size) (may extend past the edge)."""
+    """Slice `z` cropped to rows [y0, y0 + size) and columns [x0, x0 + size); the box may extend past the edge."""
 
     z: int
     y0: int
@@ -64,7 +78,9 @@ def read_cases(root: str | os.PathLike, split: str | None = None) -> list[Case]:
     root = Path(root)
     table = root / "cases.csv"
     if not table.is_file():
-        raise LabelFactoryError(f"{root}: no cases.csv; expected the OpenKBP layout (see labelfactory.datasets.openkbp)")
+        raise LabelFactoryError(
+            f"{root}: no cases.csv; expected the OpenKBP layout (see labelfactory.datasets.openkbp)"
+        )
     cases = []
     with open(table, newline="") as f:
         for row in csv.DictReader(f):
@@ -74,8 +90,17 @@ def read_cases(root: str | os.PathLike, split: str | None = None) -> list[Case]:
             organs = tuple(sorted(CSV_ORGANS[o] for o in row["organs_present"].split(";") if o))
             spacing = (float(row["spacing_x_mm"]), float(row["spacing_y_mm"]), float(row["spacing_z_mm"]))
             v = root / "volumes"
-            cases.append(Case(name, row["split"], v / f"{name}_ct.nii.gz", v / f"{name}_label.nii.gz", v / f"{name}_ptv.nii.gz",
-                              spacing, organs))
+            cases.append(
+                Case(
+                    name,
+                    row["split"],
+                    v / f"{name}_ct.nii.gz",
+                    v / f"{name}_label.nii.gz",
+                    v / f"{name}_ptv.nii.gz",
+                    spacing,
+                    organs,
+                )
+            )
     if not cases:
         raise LabelFactoryError(f"{table}: no cases" + (f" in split {split!r}" if split else ""))
     return sorted(cases, key=lambda c: c.name)
@@ -111,7 +136,7 @@ def paste(crops: np.ndarray, boxes: list[CropBox], shape: tuple[int, int, int], 
     """The inverse of `crop` for masks: (N, size, size) crops -> a (z, y, x) volume of `shape`, `fill` elsewhere."""
     s = boxes[0].size if boxes else 0
     out = np.full((shape[0], shape[1] + 2 * s, shape[2] + 2 * s), fill, crops.dtype)
-    for c, b in zip(crops, boxes):
+    for c, b in zip(crops, boxes, strict=True):
         out[b.z, b.y0 + s : b.y0 + 2 * s, b.x0 + s : b.x0 + 2 * s] = c
     return out[:, s : s + shape[1], s : s + shape[2]]
 
@@ -134,7 +159,9 @@ def load_case(case: Case, size: int = 64, window: Window = WINDOW) -> CaseSlices
     images = window.to_unit(crop(ct, boxes, fill=-1000.0))[:, None]
     organs = crop(read_array(case.label), boxes, fill=0).astype(np.int64)
     ptv = crop(read_array(case.ptv), boxes, fill=0).astype(np.int64) if case.ptv.is_file() else np.zeros_like(organs)
-    return CaseSlices(case, boxes, torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(organs), torch.from_numpy(ptv))
+    return CaseSlices(
+        case, boxes, torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(organs), torch.from_numpy(ptv)
+    )
 
 
 def load_slices(root: str | os.PathLike, split: str, size: int = 64, window: Window = WINDOW) -> list[CaseSlices]:

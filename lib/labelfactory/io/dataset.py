@@ -48,7 +48,11 @@ def study_of(image: Path) -> Study:
     """The study an image file or DICOM folder is, with its `labels/final/<id>.*` label if one exists."""
     sid = image.name[: -len(suffix_of(image))] if image.is_file() else image.name
     labels = image.parent / "labels" / "final"
-    label = next((q for q in labels.glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None) if labels.is_dir() else None
+    label = (
+        next((q for q in labels.glob(sid + ".*") if q.name[: -len(suffix_of(q))] == sid), None)
+        if labels.is_dir()
+        else None
+    )
     return Study(sid, image, label)
 
 
@@ -68,7 +72,9 @@ def load_slices(images: list[Path], size: int = 256, window: Window = Window()) 
     return torch.cat([volume_to_slices(read_image(p), size, window)[0] for p in images])
 
 
-def load_labelled_slices(studies: list[Study], size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_labelled_slices(
+    studies: list[Study], size: int = 256, window: Window = Window(), label_names: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Labelled studies -> images (N, 1, size, size) float32, masks (N, size, size) int64, and each slice's study id."""
     xs, ys, ids = [], [], []
     for s in studies:

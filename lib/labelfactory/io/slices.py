@@ -38,7 +38,9 @@ class SliceGeometry:
     orientation: str | None
 
 
-def plan_geometry(shape_hw: tuple[int, int], spacing_xy: tuple[float, float], size: int, orientation: str | None) -> SliceGeometry:
+def plan_geometry(
+    shape_hw: tuple[int, int], spacing_xy: tuple[float, float], size: int, orientation: str | None
+) -> SliceGeometry:
     """Scale so the longer physical side spans `size` pixels; centre the shorter one."""
     h, w = shape_hw
     ey, ex = h * spacing_xy[1], w * spacing_xy[0]
@@ -83,9 +85,9 @@ def slices_to_label(masks: torch.Tensor | np.ndarray, geom: SliceGeometry, refer
     m = torch.as_tensor(np.asarray(masks)).float()
     if m.ndim != 3 or m.shape[1:] != (geom.size, geom.size):
         raise LabelFactoryError(f"expected masks of shape (D, {geom.size}, {geom.size}), got {tuple(m.shape)}")
-    t, l = geom.offset
+    top, left = geom.offset
     sh, sw = geom.scaled_hw
-    crop = m[:, None, t : t + sh, l : l + sw]
+    crop = m[:, None, top : top + sh, left : left + sw]
     back = F.interpolate(crop, size=geom.hw, mode="nearest-exact")[:, 0].round().numpy().astype(np.uint8)
     return _restore(back, geom, reference)
 
@@ -93,9 +95,10 @@ def slices_to_label(masks: torch.Tensor | np.ndarray, geom: SliceGeometry, refer
 def probabilities_to_volume(prob: torch.Tensor | np.ndarray, geom: SliceGeometry, reference: Image) -> Image:
     """(D, size, size) float maps (e.g. probabilities) -> float32 Image on `reference`'s grid (bilinear)."""
     p = torch.as_tensor(np.asarray(prob)).float()
-    t, l = geom.offset
+    top, left = geom.offset
     sh, sw = geom.scaled_hw
-    back = F.interpolate(p[:, None, t : t + sh, l : l + sw], size=geom.hw, mode="bilinear", align_corners=False)
+    crop = p[:, None, top : top + sh, left : left + sw]
+    back = F.interpolate(crop, size=geom.hw, mode="bilinear", align_corners=False)
     return _restore(back[:, 0].numpy().astype(np.float32), geom, reference)
 
 
@@ -104,8 +107,8 @@ def _to_grid(x: torch.Tensor, geom: SliceGeometry, mode: str, fill: float) -> to
     kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
     y = F.interpolate(x, size=geom.scaled_hw, mode=mode, **kw)
     out = torch.full((x.shape[0], 1, geom.size, geom.size), fill, dtype=x.dtype)
-    t, l = geom.offset
-    out[:, :, t : t + geom.scaled_hw[0], l : l + geom.scaled_hw[1]] = y
+    top, left = geom.offset
+    out[:, :, top : top + geom.scaled_hw[0], left : left + geom.scaled_hw[1]] = y
     return out
 
 

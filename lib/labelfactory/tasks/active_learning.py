@@ -57,7 +57,8 @@ class GeneratedUncertain(Strategy):
 
     def __init__(self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = TRUNCATION_PSI):
         super().__init__(
-            f"A new generated image, the most uncertain of {candidates} candidates for the interpreter (random until one is trained)"
+            f"A new generated image, the most uncertain of {candidates} candidates for the interpreter"
+            " (random until one is trained)"
         )
         self.models, self.candidates, self.truncation_psi = models, candidates, truncation_psi
 
