@@ -282,6 +282,8 @@ def test_generator_passes_its_noise_mode_and_the_discriminator_epilogue_clamps()
         z = torch.randn(2, 4)
         assert torch.equal(G(z), G(z, noise_mode="const")) and not torch.allclose(G(z), G(z, noise_mode="none"))
     D = Discriminator(img_resolution=8, channel_base=8, channel_max=4, conv_clamp=0.05)  # 2 channels at 4x4
+    with torch.no_grad():
+        D.conv.bias.fill_(1.0)  # unclamped, its outputs would pass 1
     seen = []
     D.conv.register_forward_hook(lambda mod, inp, out: seen.append(out))
     assert D(torch.randn(2, 1, 8, 8) * 10).shape == (2, 1) and D.c4 == 2
