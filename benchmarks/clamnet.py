@@ -34,7 +34,7 @@ import torch
 from labelfactory.clamnet.cam import CamConfig, cam_maps, train_classifier
 from labelfactory.clamnet.data import WeakSlices, load_weak_slices
 from labelfactory.clamnet.evaluate import score_maps, split_by_slab
-from labelfactory.clamnet.experiment import ABLATIONS, BASELINES, Budget, run_experiment
+from labelfactory.clamnet.experiment import ABLATIONS, BASELINES, FLOOR, Budget, run_experiment
 from labelfactory.clamnet.infer import predict_crops
 from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.openkbp import WeakTask, load_weak_task
@@ -257,7 +257,7 @@ def main() -> None:
     op.add_argument("--train-patients", type=int, default=0, help="first N train patients (0: all)")
     op.add_argument("--val-patients", type=int, default=0, help="first N validation patients (0: all)")
     op.add_argument("--threshold-patients", type=int, default=20, help="first N train patients choose the thresholds")
-    op.add_argument("--methods", nargs="+", default=list(BASELINES) + [f"clamnet_{a}" for a in ABLATIONS])
+    op.add_argument("--methods", nargs="+", default=[*BASELINES, FLOOR] + [f"clamnet_{a}" for a in ABLATIONS])
     op.add_argument(
         "--work",
         type=Path,

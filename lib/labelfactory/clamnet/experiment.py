@@ -32,6 +32,7 @@ from labelfactory.jsonio import write_json_atomic
 
 logger = logging.getLogger(__name__)
 BASELINES = ("clamnet", "gradcam", "supervised")
+FLOOR = "body"  # no training: the whole organ (body) marked on every slice, the floor a map must beat
 # ablation -> (what it changes, ClamNetConfig overrides, data change)
 ABLATIONS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "no_dice_term": ("loss: cross-entropy term only", {"dice_term": False}, None),
@@ -87,6 +88,8 @@ def method_spec(method: str) -> tuple[dict[str, Any], str | None]:
 def fit(method: str, slices: WeakSlices, budget: Budget) -> Callable[[WeakSlices], torch.Tensor]:
     """Train `method` on `slices`; returns its map function: WeakSlices -> (N, S, S) maps, 0 outside the organ."""
     b = budget
+    if method == FLOOR:
+        return lambda t: t.organ[:, 0].clone()
     if method == "gradcam":
         cfg = CamConfig(steps=b.steps, batch=b.batch, lr=b.lr, seed=b.seed, widths=tuple(b.cam_widths))
         classifier = train_classifier(slices, cfg)[0]
@@ -130,7 +133,7 @@ def run_method(
     record_path = work / f"{method}.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    change = None if method in BASELINES else method_spec(method)[1]
+    change = None if method in (*BASELINES, FLOOR) else method_spec(method)[1]
     t0 = time.time()
     predict = fit(method, _ablated_data(train, change), budget)
     train_s = time.time() - t0
@@ -146,8 +149,8 @@ def run_method(
         "infer_ms_per_slice": infer_ms,
         "threshold": threshold,
         "threshold_set_dice": thr_dice,
-        "pooled": map_scores(maps, eval_data, threshold),
-        "per_patient": per_patient(maps, eval_data, threshold),
+        "pooled": map_scores(maps, evaluation, threshold),  # scored on the real organ (AUROC over the body's pixels)
+        "per_patient": per_patient(maps, evaluation, threshold),
     }
     picks = picture_indices(evaluation, budget.picture_slices)
     torch.save({"indices": picks, "maps": maps[picks].clone()}, work / f"{method}.pt")
