@@ -17,7 +17,7 @@ $LF annotate --generator "$OUT/stylegan2.pt" --seeds 0-29 --out "$RUN/annotation
 # 3. the interpreter ensemble on those 30 annotations
 $LF train-interpreter --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations" --out "$OUT/interpreter.pt" --epochs 20 --no-progress
 if [ "${GENERATOR_ONLY:-0}" = 1 ]; then  # only the models tied to the generator (after a generator layout change)
-  rm -f "$OUT"/*.previous.pt; ls -la "$OUT"; exit 0
+  rm -f "$OUT"/*.previous.pt "$OUT"/*.previous.pt.sha256; ls -la "$OUT"; exit 0
 fi
 # 4. a synthetic data set: 300 pairs, the 10% most uncertain dropped
 $LF synthesize --generator "$OUT/stylegan2.pt" --interpreter "$OUT/interpreter.pt" --seeds 1000-1299 --out "$RUN/synthetic"
@@ -27,5 +27,5 @@ $LF synthesize --generator "$OUT/stylegan2.pt" --interpreter "$OUT/interpreter.p
 $LF train-segmentation --studies sample-data/datastore --real all --size 128 --steps 400 --val-interval 100 --batch-size 4 --out "$OUT/segmentation.pt" --log-dir "$RUN/segmentation.logs"
 # 6. ClamNet from the image-level labels (aortic dissection: false lumen)
 $LF train-clamnet --studies sample-data/datastore --out "$OUT/clamnet.pt" --steps 150 --size 128
-rm -f "$OUT"/*.previous.pt
+rm -f "$OUT"/*.previous.pt "$OUT"/*.previous.pt.sha256
 ls -la "$OUT"
