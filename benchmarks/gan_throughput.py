@@ -48,7 +48,7 @@ VARIANT_FLAGS = {
 
 def _scale_sampled(seconds: tuple[float, float], phases: dict, intervals: dict[str, int]) -> tuple[tuple, dict]:
     """One step that ran every phase (batch_idx 0) -> the cycle it stands for: each phase times CYCLE / interval."""
-    scaled = {k: [v * CYCLE // intervals.get(k, 1) for v in vals] for k, vals in phases.items()}
+    scaled = {k: [v * CYCLE / intervals.get(k, 1) for v in vals] for k, vals in phases.items()}
     rest = [(s - sum(v[i] for v in phases.values())) * CYCLE for i, s in enumerate(seconds)]
     total = tuple(rest[i] + sum(v[i] for v in scaled.values()) for i in range(2))
     return total, scaled
@@ -343,7 +343,7 @@ def _summary(name: str, info: dict, first: dict, runs: list[dict]) -> dict:
         **info,
         "cycles": len(runs),
         **res,
-        "first_cycle_wall_s": first["seconds"][0],
+        "first_cycle_wall_s": first["seconds"][0] if first else None,
         "peak_rss_mib": runs[-1]["peak_rss_mib"],
     }
 
@@ -351,7 +351,7 @@ def _summary(name: str, info: dict, first: dict, runs: list[dict]) -> dict:
 def drive(a: argparse.Namespace) -> None:
     out = Path(a.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc.setdefault("results", [])
+    doc["results"] = [r for r in doc.get("results", []) if "config_name" in r]  # an older format's entries go
     doc["machine"] = {"cpu": _cpu_name(), "threads": a.threads, "python": platform.python_version()}
     doc["method"] = __doc__.split("\n\n")[1].replace("\n", " ")
     for config in a.configs.split(","):
@@ -364,7 +364,7 @@ def drive(a: argparse.Namespace) -> None:
         if a.reference:
             columns["reference-fp32"] = _spawn(a, config, "reference")
         infos = {n: json.loads(p.stdout.readline())["ready"] for n, p in columns.items()}
-        first = {n: _ask(p) for n, p in columns.items()}
+        first = {n: _ask(p) if a.warmup else None for n, p in columns.items()}
         runs = {n: [] for n in columns}
         for i in range(a.cycles):
             for n, p in columns.items():
@@ -408,6 +408,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="demo64", help=f"comma-separated: {', '.join(CONFIGS)}")
     ap.add_argument("--cycles", type=int, default=3, help="timed cycles per column (after one warm-up cycle)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="time from the first cycle (256^2 on CPU)")
     ap.add_argument(
         "--ours",
         default="fp32",
