@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from monailabel.datastore.local import LocalDatastore
+from scipy.ndimage import binary_dilation
 from sklearn.metrics import roc_auc_score
 
 from labelfactory.clamnet.body import body_mask
@@ -25,7 +26,7 @@ from labelfactory.clamnet.train import ClamNetConfig
 from labelfactory.datasets.openkbp import read_cases
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
-from labelfactory.tasks.clamnet import ClamNetTrain
+from labelfactory.tasks.clamnet import ClamNetInfer, ClamNetTrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = (4, 4, 8, 8, 16, 4)
@@ -134,6 +135,10 @@ def test_trainer_takes_slice_labels_from_the_datastore_info(tmp_path, sample):
     cfg = ClamNetConfig(size=32, features=TINY, steps=1, batch=2, organ="body")
     stats = ClamNetTrain(model_dir, cfg)({"steps": 1}, ds)  # no CSV anywhere: the info alone
     assert stats["abnormal"] == len(abnormal) and set(stats["studies"]) == set(ids)
+    _, result = ClamNetInfer(model_dir)({"image": str(store / f"{ids[0]}.nii.gz")})  # organ 'body' at inference too
+    prob, image = read_image(result["probability"]).array, read_image(store / f"{ids[0]}.nii.gz")
+    near_body = binary_dilation(body_mask(image).array > 0, iterations=6)  # 32^2 crop pixels span ~3 CT pixels
+    assert result["organ_crop"] == "organ mask of the study" and prob[~near_body].max() == 0
     ds.update_image_info(ids[1], {"image_labels": [{"label": "maybe"}]})
     with pytest.raises(LabelFactoryError, match="validation_pt_222: info"):
         ClamNetTrain(model_dir, cfg)({"steps": 1}, ds)
