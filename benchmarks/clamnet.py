@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelfactory.checkpoints import code_version
 from labelfactory.clamnet.cam import CamConfig, cam_maps, train_classifier
 from labelfactory.clamnet.data import WeakSlices, load_weak_slices
 from labelfactory.clamnet.evaluate import score_maps, split_by_slab
@@ -215,6 +216,7 @@ def openkbp_task(args: argparse.Namespace) -> None:
     )
     result = run_experiment(args.methods, train, threshold_set, evaluation, budget, args.work)
     result["machine"] = _machine()
+    result["code"] = code_version()
     result["task"] = asdict(task) | {"root": str(args.root)}
     command = "benchmarks/clamnet.py openkbp " + " ".join(sys.argv[2:])
     write_json_atomic(result, args.out.with_suffix(".json"))
