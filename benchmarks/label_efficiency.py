@@ -184,8 +184,8 @@ def train_resumable(
     CPU time goes to the `stage` folder's record as the run goes (`add_cpu`).
 
     The project's networks and loss (DiceCE, deep supervision for UNet++), Adam with a cosine learning-rate decay.
-    Dice is pooled over the batch (`batch=True`): per slice, an organ absent from most slices is pushed to zero
-    everywhere (measured: 600 steps per slice left mandible, larynx, esophagus and the left parotid at Dice 0).
+    Dice is pooled over the batch (`batch=True`): most organs are absent from most slices, and a per-slice Dice
+    rewards an absent organ only for a near-zero probability everywhere.
     Hand-written rather than `segmentation.train.train_segmenter` because a CPU run of an hour must survive an
     interruption: every `save_every` iterations network, optimizer and step go to `training-state.pt`, and batches
     are a pure function of (seed, step), so a resumed run draws the same batches as an uninterrupted one.
