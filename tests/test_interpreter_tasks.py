@@ -108,3 +108,22 @@ def test_label_of_the_wrong_shape_is_refused(setup):
     ds.save_label(image_id, str(bad), "final", {})
     with pytest.raises(LabelFactoryError, match="differs from its image"):
         InterpreterTrain(model_dir, FAST)({}, ds)
+
+
+def test_offline_records_read_the_provenance_sidecars(setup):
+    """`train-interpreter --datastore DIR` (no server) finds what the server's trainer finds: sidecar latents + labels."""
+    from labelfactory.interpreter.records import records_from_datastore, records_from_datastore_folder
+    from labelfactory.tasks.datastore import LabelFactoryDatastore
+
+    _, _, G, tmp = setup
+    folder = tmp / "lf_store"
+    folder.mkdir()
+    ds = LabelFactoryDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False, label_names={"bg": 0, "fg": 1})
+    ids = [add_generated(ds, G, s, tmp) for s in (3, 5)]
+    add_generated(ds, G, 7, tmp, label=False)
+    offline = records_from_datastore_folder(folder)
+    assert [i for i, _, _ in offline] == sorted(ids)
+    for (i, rec, path), (j, rec2, path2) in zip(offline, records_from_datastore(ds), strict=True):
+        assert (i, rec["seed"], rec["w"], path) == (j, rec2["seed"], rec2["w"], path2)
+    with pytest.raises(LabelFactoryError, match="no such datastore folder"):
+        records_from_datastore_folder(tmp / "absent")

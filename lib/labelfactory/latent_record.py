@@ -12,6 +12,9 @@ from typing import Any
 from labelfactory.errors import LabelFactoryError
 
 LATENT_KEY = "labelfactory"
+# a generated image's record also lives, immutable, in `<image id>.labelfactory.json` beside the image:
+# {"image": file name, "labelfactory": record}, written once by the datastore before the image appears
+PROVENANCE_SUFFIX = f".{LATENT_KEY}.json"
 TRUNCATION_PSI = 0.7  # the psi images are generated with unless a request or flag says otherwise
 
 

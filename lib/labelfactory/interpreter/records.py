@@ -18,7 +18,7 @@ import torch
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.interpreter.taps import ws_from_seeds
-from labelfactory.latent_record import is_generated, latent_from_info
+from labelfactory.latent_record import PROVENANCE_SUFFIX, is_generated, latent_from_info
 
 SEED_NAME = re.compile(r"^seed(\d+)(\.nii\.gz|\.nii|\.seg\.nrrd|\.nrrd)$")
 
@@ -121,22 +121,22 @@ def records_from_seed_masks(
 
 
 def records_from_datastore_folder(folder: str | os.PathLike, label_tag: str = "final") -> list[tuple[str, dict, str]]:
-    """Like `records_from_datastore`, read straight from a MONAI Label local datastore folder's datastore_v2.json."""
+    """Like `records_from_datastore`, read from a datastore folder on disk with no server: every generated image's
+    provenance sidecar (`<id>.labelfactory.json`, the record the server itself trusts) with its `labels/<tag>` file."""
     import json
 
+    from labelfactory.io.image import suffix_of
+
     folder = Path(folder)
-    index = folder / "datastore_v2.json"
-    if not index.exists():
-        raise LabelFactoryError(
-            f"{folder}: not a MONAI Label datastore (no datastore_v2.json); "
-            "start the server on it once, or pass --labels"
-        )
-    ds = json.loads(index.read_text())
+    if not folder.is_dir():
+        raise LabelFactoryError(f"{folder}: no such datastore folder")
+    labels = folder / "labels" / label_tag
     out = []
-    for image_id, obj in sorted(ds.get("objects", {}).items()):
-        label = (obj.get("labels") or {}).get(label_tag)
-        info = (obj.get("image") or {}).get("info") or {}
-        if label and is_generated(info):
-            path = folder / ds.get("labels_dir", "labels") / label_tag / f"{image_id}{label.get('ext', '.nii.gz')}"
-            out.append((image_id, latent_from_info(info, image_id), str(path)))
+    for sidecar in sorted(folder.glob(f"*{PROVENANCE_SUFFIX}")):
+        image_id = sidecar.name[: -len(PROVENANCE_SUFFIX)]
+        label = next(
+            (p for p in sorted(labels.glob(f"{image_id}.*")) if p.name[: -len(suffix_of(p))] == image_id), None
+        )
+        if label is not None:
+            out.append((image_id, latent_from_info(json.loads(sidecar.read_text()), image_id), str(label)))
     return out

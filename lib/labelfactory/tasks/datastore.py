@@ -47,7 +47,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image, read_label, write_image
 from labelfactory.jsonio import TMP_SUFFIX, write_atomic, write_json_atomic
 from labelfactory.labels import LABEL_NAMES
-from labelfactory.latent_record import LATENT_KEY
+from labelfactory.latent_record import LATENT_KEY, PROVENANCE_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 # either; a '..' inside a name ("a..b") is a harmless file name, so no separate '..' check is needed.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 INDEX = "datastore_v2.json"
-PROVENANCE_SUFFIX = f".{LATENT_KEY}.json"
 
 
 def check_id(image_id: str) -> str:
