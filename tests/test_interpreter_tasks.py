@@ -111,7 +111,7 @@ def test_label_of_the_wrong_shape_is_refused(setup):
 
 
 def test_offline_records_read_the_provenance_sidecars(setup):
-    """`train-interpreter --datastore DIR` (no server) finds what the server's trainer finds: sidecar latents + labels."""
+    """`train-interpreter --datastore DIR` (no server) finds what the server trainer finds: sidecar latents, labels."""
     from labelfactory.interpreter.records import records_from_datastore, records_from_datastore_folder
     from labelfactory.tasks.datastore import LabelFactoryDatastore
 
