@@ -49,3 +49,12 @@ def test_fid_weights_conversion_matches_torchscript(tmp_path):
     assert main(["--quiet", "--out", str(out)]) == 0 and out.is_file()
     assert set(torch.load(out, weights_only=True)) >= {"Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.bn.running_var", "fc.weight"}
     assert Path(fh.__file__).parent.joinpath("default_1.pt").is_file()
+
+
+def test_real_reference_spans_the_whole_set(monkeypatch):
+    """The real features come from images spread over the set (all patients), not its first `num_images`."""
+    seen = []
+    monkeypatch.setattr(fid, "inception_features", lambda model, images: seen.append(images) or np.zeros((1, 1)))
+    reals = torch.arange(10.0).reshape(10, 1, 1, 1)
+    fid.FIDEvaluator(None, reals, 4)
+    assert seen[0].flatten().tolist() == [0.0, 3.0, 6.0, 9.0]

@@ -77,7 +77,9 @@ class FIDEvaluator:
 
     def __init__(self, model: torch.nn.Module, real_images: torch.Tensor, num_images: int):
         self.model, self.num_images = model, num_images
-        self.real_features = inception_features(model, real_images[:num_images])
+        # evenly spaced over the set, so the reference covers every patient, not the first few in file order
+        pick = torch.linspace(0, len(real_images) - 1, min(num_images, len(real_images))).round().long()
+        self.real_features = inception_features(model, real_images[pick])
 
     @classmethod
     def create(
