@@ -38,7 +38,9 @@ def test_augment_identity_at_p0_and_changes_images_at_p1():
     y = AugmentPipe(p=1.0)(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     assert (y - x).abs().mean() > 0.1
-    x = torch.nn.functional.interpolate(torch.rand(8, 1, 4, 4) * 2 - 1, size=16, mode="bicubic", align_corners=False)  # smooth images
+    x = torch.nn.functional.interpolate(
+        torch.rand(8, 1, 4, 4) * 2 - 1, size=16, mode="bicubic", align_corners=False
+    )  # smooth images
     flips = AugmentPipe(p=1.0, brightness=0, contrast=0, scale=0, rotate=0, aniso=0, xfrac=0, xint=0, rotate90=0)(x)
     # x-flip only: every sample is (up to the FIR resampling blur) itself or its mirror image
     err = torch.minimum((flips - x).abs().mean(dim=[1, 2, 3]), (flips - x.flip(-1)).abs().mean(dim=[1, 2, 3]))

@@ -28,7 +28,9 @@ def test_fid_skipped_without_weights(tmp_path, monkeypatch, caplog):
     assert len(caplog.records) == 1 and "FID skipped" in caplog.text
 
 
-@pytest.mark.skipif(fid.find_fid_weights() is None, reason="no FID Inception weights: run python -m labelfactory.evaluation.fid_weights")
+@pytest.mark.skipif(
+    fid.find_fid_weights() is None, reason="no FID Inception weights: run python -m labelfactory.evaluation.fid_weights"
+)
 def test_fid_zero_for_same_images_positive_for_generator():
     torch.manual_seed(0)
     real = torch.nn.functional.interpolate(torch.rand(6, 1, 4, 4) * 2 - 1, size=16, mode="bilinear")
@@ -47,7 +49,11 @@ def test_fid_weights_conversion_matches_torchscript(tmp_path):
 
     out = tmp_path / fid.FID_WEIGHTS_FILE
     assert main(["--quiet", "--out", str(out)]) == 0 and out.is_file()
-    assert set(torch.load(out, weights_only=True)) >= {"Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.bn.running_var", "fc.weight"}
+    assert set(torch.load(out, weights_only=True)) >= {
+        "Conv2d_1a_3x3.conv.weight",
+        "Mixed_7c.branch_pool.bn.running_var",
+        "fc.weight",
+    }
     assert Path(fh.__file__).parent.joinpath("default_1.pt").is_file()
 
 

@@ -1,4 +1,4 @@
-"""MONAI Label trainer `stylegan2`, its TaskConfig and `labelfactory train-gan`, called directly on a tmp datastore copy."""
+"""MONAI Label trainer `stylegan2`, its TaskConfig and `labelfactory train-gan`, on a tmp datastore copy."""
 
 import json
 import shutil
@@ -13,8 +13,20 @@ from labelfactory.gan.config import TrainingConfig
 from labelfactory.tasks.stylegan2 import MODEL_FILE, STATS_FILE, StyleGAN2Train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TrainingConfig(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16, batch_size=4, pl_weight=0.0,
-                      total_kimg=0.008, snapshot_kimg=0.004, fid_kimg=0.0, preview_seeds=4)
+TINY = TrainingConfig(
+    resolution=16,
+    z_dim=16,
+    w_dim=16,
+    mapping_layers=2,
+    channel_base=256,
+    channel_max=16,
+    batch_size=4,
+    pl_weight=0.0,
+    total_kimg=0.008,
+    snapshot_kimg=0.004,
+    fid_kimg=0.0,
+    preview_seeds=4,
+)
 
 
 @pytest.fixture
@@ -41,14 +53,37 @@ def test_trainer_publishes_model_stats_and_continues(small_store, tmp_path):
 
 def test_app_config_builds_trainer(tmp_path, app_config):
     c = app_config("stylegan2").StyleGAN2()
-    c.init("stylegan2", str(tmp_path), {"stylegan2_preset": "demo", "stylegan2_resolution": "32", "stylegan2_total_kimg": "1"}, None)
+    c.init(
+        "stylegan2",
+        str(tmp_path),
+        {"stylegan2_preset": "demo", "stylegan2_resolution": "32", "stylegan2_total_kimg": "1"},
+        None,
+    )
     trainer = c.trainer()["stylegan2"]
     assert trainer.defaults.resolution == 32 and trainer.defaults.total_kimg == 1.0 and c.infer() == {}
 
 
 def test_cli_train_gan(small_store, tmp_path, capsys):
-    rc = cli_main(["train-gan", "--studies", str(small_store), "--out", str(tmp_path / "run"), "--model", str(tmp_path / "stylegan2.pt"), "--preset", "demo",
-                   "--resolution", "16", "--total-kimg", "0.008", "--batch-size", "4", "--no-progress"])
+    rc = cli_main(
+        [
+            "train-gan",
+            "--studies",
+            str(small_store),
+            "--out",
+            str(tmp_path / "run"),
+            "--model",
+            str(tmp_path / "stylegan2.pt"),
+            "--preset",
+            "demo",
+            "--resolution",
+            "16",
+            "--total-kimg",
+            "0.008",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert load_generator(tmp_path / "stylegan2.pt").checkpoint_info["kimg"] == 0.008
     assert (tmp_path / "run" / "preview.png").is_file()

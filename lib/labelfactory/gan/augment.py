@@ -53,13 +53,45 @@ def _rotate(theta: torch.Tensor) -> torch.Tensor:
 class AugmentPipe(nn.Module):
     """(N, C, S, S) images in [-1, 1] -> augmented images, same shape; `p` is a buffer (saved, synced)."""
 
-    def __init__(self, p: float = 0.0, xflip=1.0, rotate90=1.0, xint=1.0, scale=1.0, rotate=1.0, aniso=1.0, xfrac=1.0, brightness=1.0, contrast=1.0,
-                 xint_max=0.125, scale_std=0.2, rotate_max=1.0, aniso_std=0.2, xfrac_std=0.125, brightness_std=0.2, contrast_std=0.5):
+    def __init__(
+        self,
+        p: float = 0.0,
+        xflip=1.0,
+        rotate90=1.0,
+        xint=1.0,
+        scale=1.0,
+        rotate=1.0,
+        aniso=1.0,
+        xfrac=1.0,
+        brightness=1.0,
+        contrast=1.0,
+        xint_max=0.125,
+        scale_std=0.2,
+        rotate_max=1.0,
+        aniso_std=0.2,
+        xfrac_std=0.125,
+        brightness_std=0.2,
+        contrast_std=0.5,
+    ):
         super().__init__()
         self.register_buffer("p", torch.tensor(float(p)))
-        self.xflip, self.rotate90, self.xint, self.scale, self.rotate, self.aniso, self.xfrac = xflip, rotate90, xint, scale, rotate, aniso, xfrac
+        self.xflip, self.rotate90, self.xint, self.scale, self.rotate, self.aniso, self.xfrac = (
+            xflip,
+            rotate90,
+            xint,
+            scale,
+            rotate,
+            aniso,
+            xfrac,
+        )
         self.brightness, self.contrast = brightness, contrast
-        self.xint_max, self.scale_std, self.rotate_max, self.aniso_std, self.xfrac_std = xint_max, scale_std, rotate_max, aniso_std, xfrac_std
+        self.xint_max, self.scale_std, self.rotate_max, self.aniso_std, self.xfrac_std = (
+            xint_max,
+            scale_std,
+            rotate_max,
+            aniso_std,
+            xfrac_std,
+        )
         self.brightness_std, self.contrast_std = brightness_std, contrast_std
 
     def _gate(self, values: torch.Tensor, identity: float, prob: torch.Tensor | float) -> torch.Tensor:
@@ -113,8 +145,14 @@ class AugmentPipe(nn.Module):
             up = upsample2d(F.pad(x, [1] * 4, mode="reflect"))[:, :, 2:-2, 2:-2]  # (N, C, 2S, 2S)
             size = up.shape[-1]
             c = (size - 1) / 2  # kornia's pixel grid (align_corners=True): centre of the image
-            M = _translate(*torch.full((2, n), c, device=x.device)) @ self.geometry(n, size, x.device) @ _translate(*torch.full((2, n), -c, device=x.device))
-            warped = warp_affine(up, M[:, :2].to(up.dtype), (size, size), mode="bilinear", padding_mode="reflection", align_corners=True)
+            M = (
+                _translate(*torch.full((2, n), c, device=x.device))
+                @ self.geometry(n, size, x.device)
+                @ _translate(*torch.full((2, n), -c, device=x.device))
+            )
+            warped = warp_affine(
+                up, M[:, :2].to(up.dtype), (size, size), mode="bilinear", padding_mode="reflection", align_corners=True
+            )
             x = downsample2d(F.pad(warped, [1] * 4, mode="reflect"), pad=0)
         p = self.p.to(x.device)
         if self.brightness:

@@ -20,10 +20,23 @@ KIND = "stylegan2"
 MODEL_FILE = f"{KIND}.pt"  # in a model folder
 
 
-def publish_generator(G_ema: Generator, generator_kwargs: dict[str, Any], path: str | os.PathLike, config: dict[str, Any], data: dict[str, Any], kimg: float) -> Path:
+def publish_generator(
+    G_ema: Generator,
+    generator_kwargs: dict[str, Any],
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    data: dict[str, Any],
+    kimg: float,
+) -> Path:
     """Atomically write the EMA generator (weights on CPU) with the training config, data summary and kimg."""
     state = {k: v.detach().cpu().clone() for k, v in G_ema.state_dict().items()}
-    payload = {"kind": KIND, "config": config, "data": data, "kimg": float(kimg), "generator": {"kwargs": dict(generator_kwargs), "layout": GENERATOR_LAYOUT, "state_dict": state}}
+    payload = {
+        "kind": KIND,
+        "config": config,
+        "data": data,
+        "kimg": float(kimg),
+        "generator": {"kwargs": dict(generator_kwargs), "layout": GENERATOR_LAYOUT, "state_dict": state},
+    }
     return save_checkpoint(payload, path)
 
 
@@ -40,13 +53,24 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise ModelMissing(f"{e}: train stylegan2 first", model=KIND) from None
     layout = payload.get("generator", {}).get("layout", 1)
     if layout != GENERATOR_LAYOUT:
-        raise ModelMissing(f"{Path(path).name} was trained with an earlier generator layout ({layout}, this version reads "
-                           f"{GENERATOR_LAYOUT}): import or retrain stylegan2", model=KIND)
+        raise ModelMissing(
+            f"{Path(path).name} was trained with an earlier generator layout ({layout}, this version reads "
+            f"{GENERATOR_LAYOUT}): import or retrain stylegan2",
+            model=KIND,
+        )
     try:
         G = Generator(**payload["generator"]["kwargs"])
         G.load_state_dict(payload["generator"]["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise ModelMissing(f"{Path(path).name} does not hold a usable generator ({type(e).__name__}): train stylegan2 first", model=KIND) from None
+        raise ModelMissing(
+            f"{Path(path).name} does not hold a usable generator ({type(e).__name__}): train stylegan2 first",
+            model=KIND,
+        ) from None
     G = G.to(device).eval().requires_grad_(False)
-    G.checkpoint_info = {"config": payload["config"], "provenance": payload["provenance"], "kimg": payload["kimg"], "data": payload["data"]}
+    G.checkpoint_info = {
+        "config": payload["config"],
+        "provenance": payload["provenance"],
+        "kimg": payload["kimg"],
+        "data": payload["data"],
+    }
     return G

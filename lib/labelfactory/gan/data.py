@@ -29,6 +29,12 @@ def openkbp_training_slices(root: str | os.PathLike, split: str, resolution: int
 
     cases = openkbp.load_slices(root, split, resolution)
     images = torch.cat([c.images for c in cases])
-    info = {"dataset": "openkbp", "split": split, "patients": [c.case.name for c in cases], "slices": len(images),
-            "crop": f"{resolution} px body-centred, native spacing", "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high]}
+    info = {
+        "dataset": "openkbp",
+        "split": split,
+        "patients": [c.case.name for c in cases],
+        "slices": len(images),
+        "crop": f"{resolution} px body-centred, native spacing",
+        "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high],
+    }
     return images, info
