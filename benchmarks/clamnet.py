@@ -171,7 +171,7 @@ def sample_task(args: argparse.Namespace) -> None:
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:
-        args.json.write_text(text)
+        write_json_atomic(out, args.json, 2)
 
 
 def _machine() -> dict:

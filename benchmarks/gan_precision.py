@@ -13,7 +13,6 @@ Usage: python benchmarks/gan_precision.py /tmp/eq/fp32-0 /tmp/eq/bf16-0 ... --st
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.data import load_training_slices, real_image_paths
 from labelfactory.gan.networks import Generator
 from labelfactory.gan.training import STATE_FILE, STATE_KIND
+from labelfactory.jsonio import write_json_atomic
 
 TAGS = ("Loss/G/loss", "Loss/D/loss", "Loss/r1_penalty", "Progress/augment")
 
@@ -74,8 +74,7 @@ def main() -> None:
         }
         results.append(r)
         print(f"{run}: bf16={cfg.mixed_precision} seed {cfg.seed} kimg {r['kimg']} FID {r['fid']}", flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"fid_images": a.fid_images, "window": a.window, "results": results}, indent=1))
+    write_json_atomic({"fid_images": a.fid_images, "window": a.window, "results": results}, a.out)
     print(f"wrote {a.out}")
 
 

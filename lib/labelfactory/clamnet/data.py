@@ -57,6 +57,15 @@ class WeakSlices:
             out[f.name] = [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx]
         return WeakSlices(**out)
 
+    @staticmethod
+    def concat(parts: list[WeakSlices]) -> WeakSlices:
+        """The slices of `parts`, one after the other."""
+        out = {}
+        for f in fields(WeakSlices):
+            vs = [getattr(p, f.name) for p in parts]
+            out[f.name] = [s for v in vs for s in v] if isinstance(vs[0], list) else torch.cat(vs)
+        return WeakSlices(**out)
+
 
 def find_mask(study: Study, name: str, organ_dirs: list[Path]) -> Path | None:
     """`<dir>/<study id>/mask_<name>.nii.gz` in the first organ dir that has it."""
@@ -158,13 +167,4 @@ def load_weak_slices(
         raise LabelFactoryError(
             f"no labelled study in {studies} has a {organ} mask; add masks or label studies that have them"
         )
-    return WeakSlices(
-        x=torch.cat([p.x for p in parts]),
-        organ=torch.cat([p.organ for p in parts]),
-        truth=torch.cat([p.truth for p in parts]),
-        has_truth=torch.cat([p.has_truth for p in parts]),
-        abnormal=torch.cat([p.abnormal for p in parts]),
-        eta=torch.cat([p.eta for p in parts]),
-        study=[s for p in parts for s in p.study],
-        file_slice=torch.cat([p.file_slice for p in parts]),
-    )
+    return WeakSlices.concat(parts)

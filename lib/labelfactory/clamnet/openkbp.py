@@ -58,18 +58,4 @@ def load_case_slices(case: Case, task: WeakTask = WeakTask()) -> WeakSlices:
 
 def load_weak_task(cases: list[Case], task: WeakTask = WeakTask()) -> WeakSlices:
     """Every case's slices, concatenated (study = case name)."""
-    return concat([load_case_slices(c, task) for c in cases])
-
-
-def concat(parts: list[WeakSlices]) -> WeakSlices:
-    """WeakSlices one after the other."""
-    return WeakSlices(
-        x=torch.cat([p.x for p in parts]),
-        organ=torch.cat([p.organ for p in parts]),
-        truth=torch.cat([p.truth for p in parts]),
-        has_truth=torch.cat([p.has_truth for p in parts]),
-        abnormal=torch.cat([p.abnormal for p in parts]),
-        eta=torch.cat([p.eta for p in parts]),
-        study=[s for p in parts for s in p.study],
-        file_slice=torch.cat([p.file_slice for p in parts]),
-    )
+    return WeakSlices.concat([load_case_slices(c, task) for c in cases])

@@ -13,7 +13,6 @@ for R1's double backward, which DDP's hooks do not support); ranks keep identica
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.latents import z_from_seeds
 from labelfactory.gan.loss import StyleGAN2Loss
 from labelfactory.gan.networks import GENERATOR_LAYOUT, Discriminator, Generator
+from labelfactory.jsonio import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -369,9 +369,7 @@ class Trainer:
                 self.cur_nimg / 1000,
             )
         stats = {**entry, "total_kimg": self.config.total_kimg, "history": self.history}
-        tmp = self.run_dir / ".train_stats.json.tmp"
-        tmp.write_text(json.dumps(stats, indent=1))
-        os.replace(tmp, self.run_dir / "train_stats.json")
+        write_json_atomic(stats, self.run_dir / "train_stats.json")
         if self.on_snapshot is not None:
             self.on_snapshot(stats)
 
