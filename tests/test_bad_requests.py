@@ -37,6 +37,13 @@ def _uploads_left(folder):
     return [p.name for p in folder.rglob("*") if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".nrrd", ".bin"))]
 
 
+def _put_image(url, route, image_id, path):
+    """Upload the image file `path` as `image_id` through `route` (`/datastore/` or `/datastore/image`)."""
+    return requests.put(
+        f"{url}{route}", params={"image": image_id}, files={"file": (path.name, path.read_bytes())}, timeout=60
+    )
+
+
 def _put_label(url, image_id, path, params=None):
     form = {"params": params if isinstance(params, str) else json.dumps(params or {})}
     with open(path, "rb") as f:
@@ -81,24 +88,14 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
 
     # a corrupt and a 4D image upload
-    r = requests.put(
-        f"{url}/datastore/",
-        params={"image": "new_study"},
-        files={"file": ("junk.nii.gz", junk.read_bytes())},
-        timeout=60,
-    )
+    r = _put_image(url, "/datastore/", "new_study", junk)
     assert r.status_code == 400
     import SimpleITK as sitk
 
     sitk.WriteImage(
         sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.int16), isVector=False), str(tmp_path / "t4.nii.gz")
     )
-    r = requests.put(
-        f"{url}/datastore/",
-        params={"image": "four_d"},
-        files={"file": ("t4.nii.gz", (tmp_path / "t4.nii.gz").read_bytes())},
-        timeout=60,
-    )
+    r = _put_image(url, "/datastore/", "four_d", tmp_path / "t4.nii.gz")
     assert r.status_code == 400 and "4D" in r.json()["detail"]
 
     # infer on an id that is a path on the server's disk
@@ -109,12 +106,7 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     arr = np.zeros((4, 8, 8), np.float32)
     arr[1, 2, 3] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nii.gz"))
-    r = requests.put(
-        f"{url}/datastore/image",
-        params={"image": "nan_study"},
-        files={"file": ("nan.nii.gz", (tmp_path / "nan.nii.gz").read_bytes())},
-        timeout=60,
-    )
+    r = _put_image(url, "/datastore/image", "nan_study", tmp_path / "nan.nii.gz")
     assert r.status_code == 400 and "NaN" in r.json()["detail"]
 
     # an infer without an image id, params that are not JSON (or not an object), a label sent to an infer
@@ -141,12 +133,7 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     # an upload over the server's limit (1 MB here): refused before it is stored anywhere
     big = np.random.default_rng(0).integers(-1000, 1000, (40, 128, 128)).astype(np.int16)
     sitk.WriteImage(sitk.GetImageFromArray(big), str(tmp_path / "big.nii"))
-    r = requests.put(
-        f"{url}/datastore/image",
-        params={"image": "big_study"},
-        files={"file": ("big.nii", (tmp_path / "big.nii").read_bytes())},
-        timeout=60,
-    )
+    r = _put_image(url, "/datastore/image", "big_study", tmp_path / "big.nii")
     assert r.status_code == 413 and "limit" in r.json()["detail"]
 
     # rejected uploads leave no temp file behind
