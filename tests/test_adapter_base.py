@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from monailabel.client.client import MONAILabelUtils
 
 from labelfactory import checkout
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.options import add_arguments, config_overrides, field_type, from_args
-from labelfactory.tasks.base import InferBase, TrainBase
+from labelfactory.tasks.base import InferBase, TrainBase, result_file
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,18 @@ def test_infer_base_writes_the_result_file_and_times_the_call(tmp_path):
     assert result["answer"] == 42 and result["latencies"]["total"] >= 0
     Path(out).unlink()
     assert task({"none": True})[0] is None
+
+
+def test_a_client_on_the_servers_host_keeps_its_result_after_the_server_cleans_up(tmp_path):
+    """MONAI Label's client saves a result as <system temp dir>/<file name>; the server then removes its own file."""
+    server_file = result_file(Image(np.zeros((4, 5), np.uint8), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)))
+    body = Path(server_file).read_bytes()
+    client_file = MONAILabelUtils.save_result({os.path.basename(server_file): body}, tempfile.gettempdir())
+    os.remove(server_file)  # the server's background clean-up after sending
+    try:
+        assert Path(client_file).read_bytes() == body
+    finally:
+        Path(client_file).unlink()
 
 
 def test_json_is_replaced_whole_or_not_at_all(tmp_path):

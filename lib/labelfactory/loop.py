@@ -67,10 +67,9 @@ def run_loop(
     """Run `rounds` annotation rounds; retrain `train_model` after every `retrain_every` labels. A record a round.
 
     `label_names` (name -> value) name the annotator's values to the server (default: the TotalSegmentator map)."""
-    client = MONAILabelClient(server)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        client, tmp = MONAILabelClient(server, tmpdir=tmp), Path(tmp)
         for r in range(rounds):
             sample = client.next_sample(strategy, {})
             image_id = sample.get("id")

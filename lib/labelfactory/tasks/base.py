@@ -91,7 +91,13 @@ class InferBase(InferTask):
 
 
 def result_file(image: Image, suffix: str = ".nii.gz") -> str:
-    """Write `image` to a new temp file (MONAI Label sends it and removes it); returns its path."""
-    fd, path = tempfile.mkstemp(suffix=suffix)
+    """Write `image` to a new temp file (MONAI Label sends it and removes it); returns its path.
+
+    In a folder of its own: MONAI Label's client saves a result as `<its temp dir>/<file name>`, by
+    default the system temp dir, so on the server's host a result written there would be the very
+    file the server's clean-up removes after sending it."""
+    folder = Path(tempfile.gettempdir()) / "labelfactory-results"
+    folder.mkdir(exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="result-", suffix=suffix, dir=folder)
     os.close(fd)
     return str(write_image(image, path))
