@@ -41,6 +41,7 @@ TINY = {
     "segmentation_size": "32",
     "clamnet_steps": "2",
     "clamnet_size": "32",
+    "candidates": "3",
 }
 
 
@@ -97,6 +98,13 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     # the interpreter now segments a new generated image, from its recorded w, on the image's own grid
     nxt = client.next_sample("generated_uncertain", {})
     assert nxt["uncertainty"] is not None, "with an interpreter, candidates are scored by uncertainty"
+    windows = []  # each sample is the pick of a window of seeds no earlier window held
+    for i in [*ids, nxt["id"]]:
+        info_i = requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json()
+        first, last = info_i["candidate_seeds"]
+        assert first <= info_i["labelfactory"]["seed"] <= last and last - first + 1 == int(TINY["candidates"])
+        windows.append(range(first, last + 1))
+    assert all(max(a) < min(b) for a, b in zip(windows, windows[1:]))
     r = _infer(url, "datasetgan", nxt["id"])
     assert r.status_code == 200, r.text
     mask_file = tmp_path / "m.nii.gz"

@@ -1,7 +1,7 @@
 """Next-sample strategy `generated_uncertain` and scoring `generated_uncertainty` for the DatasetGAN loop.
 
-The next sample is a *new* generated image: K candidate seeds (the K seeds after the highest one
-already in the datastore) are generated, scored by the interpreter's ensemble uncertainty (the
+The next sample is a *new* generated image: K candidate seeds never considered before (the K
+seeds after the last window, recorded as `candidate_seeds` in each sample's info) are generated, scored by the interpreter's ensemble uncertainty (the
 mean of each image's top 10% per-pixel JS divergence), and the most uncertain one is added to the
 datastore with its latent record (seed, truncation psi, w, generator) in its info. While no
 interpreter exists for the current generator, the first candidate is taken (the seeds are random
@@ -29,6 +29,7 @@ from labelfactory.tasks.interpreter import InterpreterModels
 from labelfactory.tasks.synthesis import add_generated_image
 
 logger = logging.getLogger(__name__)
+CANDIDATE_SEEDS = "candidate_seeds"  # info key: [first, last] seed of the window a sample was picked from
 
 
 def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
@@ -42,14 +43,16 @@ def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
         return None
 
 
-def used_seeds(datastore: Datastore) -> list[int]:
-    """Seeds of the generated images already in the datastore."""
-    seeds = []
+def next_candidate_seed(datastore: Datastore) -> int:
+    """The first seed after every candidate window (or generated seed) already in the datastore."""
+    last = -1
     for image_id in datastore.list_images():
-        rec = (datastore.get_image_info(image_id) or {}).get(LATENT_KEY)
+        info = datastore.get_image_info(image_id) or {}
+        rec = info.get(LATENT_KEY)
         if isinstance(rec, dict) and "seed" in rec:
-            seeds.append(int(rec["seed"]))
-    return seeds
+            window = info.get(CANDIDATE_SEEDS)
+            last = max(last, int(rec["seed"]), int(window[1]) if isinstance(window, list | tuple) else -1)
+    return last + 1
 
 
 class GeneratedUncertain(Strategy):
@@ -68,7 +71,7 @@ class GeneratedUncertain(Strategy):
         psi = float(request.get("truncation_psi", self.truncation_psi))
         if not 1 <= k <= 256 or not 0.0 < psi <= 1.0:
             raise LabelFactoryError("candidates must be 1..256 and truncation_psi in (0, 1]")
-        start = int(request["seed"]) if "seed" in request else max(used_seeds(datastore), default=-1) + 1
+        start = int(request["seed"]) if "seed" in request else next_candidate_seed(datastore)
         seeds = list(range(start, start + k))
         ws = ws_from_seeds(G, seeds, psi)
         interp = interpreter_or_none(self.models)
@@ -81,7 +84,8 @@ class GeneratedUncertain(Strategy):
             img = G.synthesis(ws[pick : pick + 1], noise_mode="const")
         seed = seeds[pick]
         record = latent_record(seed, psi, ws[pick, 0].tolist(), generator_identity(G))
-        image_id = add_generated_image(datastore, generated_to_image(img, generator_window(G)), record, score)
+        image = generated_to_image(img, generator_window(G))
+        image_id = add_generated_image(datastore, image, record, score, {CANDIDATE_SEEDS: [seeds[0], seeds[-1]]})
         logger.info(f"next sample: {image_id} (of seeds {seeds[0]}..{seeds[-1]}, uncertainty {score})")
         return {"id": image_id, "seed": seed, "uncertainty": score}
 

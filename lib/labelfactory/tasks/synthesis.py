@@ -41,12 +41,14 @@ def seed_of(image_id: str) -> int:
     return int(m.group(1))
 
 
-def add_generated_image(datastore: Datastore, image: Image, record: dict[str, Any], uncertainty: float | None) -> str:
-    """Store a generated image as `gen_seed<N>` with its latent record and uncertainty in its info; returns the id."""
+def add_generated_image(
+    datastore: Datastore, image: Image, record: dict[str, Any], uncertainty: float | None, info: dict | None = None
+) -> str:
+    """Store a generated image as `gen_seed<N>` with its latent record, uncertainty and `info`; returns the id."""
     image_id = f"gen_{seed_name(record['seed'])}"
     with tempfile.TemporaryDirectory() as tmp:
         path = write_image(image, Path(tmp) / f"{image_id}.nii.gz")
-        datastore.add_image(image_id, str(path), {LATENT_KEY: record, "uncertainty": uncertainty})
+        datastore.add_image(image_id, str(path), {LATENT_KEY: record, "uncertainty": uncertainty, **(info or {})})
     return image_id
 
 
