@@ -8,6 +8,7 @@ model file never replaces the one being served. Tiny sizes (32^2 GAN, a few step
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -104,7 +105,7 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
         first, last = info_i["candidate_seeds"]
         assert first <= info_i["labelfactory"]["seed"] <= last and last - first + 1 == int(TINY["candidates"])
         windows.append(range(first, last + 1))
-    assert all(max(a) < min(b) for a, b in zip(windows, windows[1:]))
+    assert all(max(a) < min(b) for a, b in itertools.pairwise(windows))
     r = _infer(url, "datasetgan", nxt["id"])
     assert r.status_code == 200, r.text
     mask_file = tmp_path / "m.nii.gz"

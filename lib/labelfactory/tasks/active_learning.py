@@ -1,11 +1,12 @@
 """Next-sample strategy `generated_uncertain` and scoring `generated_uncertainty` for the DatasetGAN loop.
 
-The next sample is a *new* generated image: K candidate seeds never considered before (the K
-seeds after the last window, recorded as `candidate_seeds` in each sample's info) are generated, scored by the interpreter's ensemble uncertainty (the
-mean of each image's top 10% per-pixel JS divergence), and the most uncertain one is added to the
-datastore with its latent record (seed, truncation psi, w, generator) in its info. While no
-interpreter exists for the current generator, the first candidate is taken (the seeds are random
-latents, so this is a random sample that stays reproducible).
+The next sample is a *new* generated image: K candidate seeds never considered before (the K seeds
+after the last window, recorded as `candidate_seeds` in each sample's info) are generated, scored by
+the interpreter's ensemble uncertainty (the mean of each image's top 10% per-pixel JS divergence),
+and the most uncertain one is added to the datastore with its latent record (seed, truncation psi,
+w, generator) in its info. While no interpreter exists for the current generator, the first
+candidate is taken (the seeds are random latents, so this is a random sample that stays
+reproducible).
 """
 
 from __future__ import annotations
