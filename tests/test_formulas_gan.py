@@ -136,14 +136,17 @@ def test_synthesis_layer_is_modconv_plus_noise_plus_bias_then_lrelu_and_clamp(up
         layer(x, w, "fixed")
 
 
-def test_torgb_is_an_undemodulated_1x1_modconv_with_gain_one_over_sqrt_fan_in():
+@pytest.mark.parametrize("clamp", [None, 0.3])
+def test_torgb_is_an_undemodulated_1x1_modconv_with_gain_one_over_sqrt_fan_in_then_clamp(clamp):
     torch.manual_seed(5)
-    rgb = ToRGB(4, 1, 3).double()
+    rgb = ToRGB(4, 1, 3, conv_clamp=clamp).double()
     with torch.no_grad():
         rgb.bias.normal_()
     x, w = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     style = (w.numpy() @ (rgb.affine.weight.detach().numpy() / math.sqrt(3)).T + 1.0) / 2.0  # 1 / sqrt(4 channels)
-    want = ref_modconv(x.numpy(), rgb.weight.detach().numpy(), style, demodulate=False) + rgb.bias.item()
+    y = ref_modconv(x.numpy(), rgb.weight.detach().numpy(), style, demodulate=False) + rgb.bias.item()
+    assert np.abs(y).max() > 0.3  # so that the clamp bites
+    want = np.clip(y, -clamp, clamp) if clamp else y
     assert np.allclose(rgb(x, w).detach().numpy(), want, rtol=1e-9, atol=1e-9)
 
 

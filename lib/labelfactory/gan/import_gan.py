@@ -9,8 +9,7 @@ Names: `mapping.fcN` -> `mapping.layers.N`; `synthesis.b<R>.conv0/conv1` -> `syn
 `noise_strength`, `affine` keep theirs. The `resample_filter` buffers are checked to be [1, 3, 3, 1]
 and dropped (ours is a constant). FP16 layers (`num_fp16_res`) change only the reference's run-time
 precision, not its weights: the import computes in float32, as the reference with `force_fp32=True`.
-`conv_clamp` carries over; the reference also clamps toRGB outputs to it, ours does not (images in
-[-1, 1] are far from the 256 its training script sets, so the outputs stay equal).
+`conv_clamp` carries over, to the convs and to toRGB as in the reference.
 
 Three colour channels become one by averaging toRGB's weights and biases over its outputs. The image
 is a sum of upsampled toRGB outputs, each linear in (weight, bias) per channel, so this gives exactly

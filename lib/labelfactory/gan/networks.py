@@ -164,8 +164,10 @@ class ToRGB(nn.Module):
         in_channels: int,  # input feature maps
         out_channels: int,  # image channels
         w_dim: int,  # width of the w that drives the affine style
+        conv_clamp: float | None = None,  # clamp the output to +-conv_clamp (the reference's); None: no clamp
     ):
         super().__init__()
+        self.conv_clamp = conv_clamp
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
         self.weight_gain = 1 / math.sqrt(in_channels)
@@ -173,7 +175,8 @@ class ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
-        return modulated_conv2d(x, self.weight, styles, demodulate=False) + self.bias[None, :, None, None].to(x.dtype)
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False) + self.bias[None, :, None, None].to(x.dtype)
+        return x.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp else x
 
 
 class SynthesisBlock(nn.Module):
@@ -203,7 +206,7 @@ class SynthesisBlock(nn.Module):
                     SynthesisLayer(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp),
                 ]
             )
-        self.torgb = ToRGB(out_channels, img_channels, w_dim)
+        self.torgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp)
         self.num_conv = len(self.convs)
 
     def forward(self, x, img, ws: torch.Tensor, noise_mode: str, features: list | None, bf16: bool = False):
