@@ -100,6 +100,21 @@ def test_a_rerun_skips_finished_stages(experiment, monkeypatch, capsys):
     assert capsys.readouterr().err.count("skipped") == len(le.STAGES) - 1
 
 
+def test_the_real_rows_train_before_any_generator_exists(tmp_path):
+    """`--rows real-30`: those segmenters train and are scored; the stage stays open for the rows that need the GAN."""
+    out = tmp_path / "out"
+    args = ["--data", str(DATA), "--out", str(out), "--reduced", "--stages", "segmenters", "--rows", "real-30"]
+    assert le.main(args) == 0
+    runs = sorted(p.name for p in (out / "segmenters").iterdir() if p.is_dir())
+    assert runs == [f"real-30.unetpp.seed{s}" for s in range(le.Sizes.reduced().seeds)]
+    ev = json.loads((out / "segmenters" / runs[0] / "eval.json").read_text())
+    assert ev["row"] == "real-30" and 0.0 <= ev["validation"]["mean_dice"] <= 1.0
+    assert not (out / "segmenters" / "done.json").exists()
+    assert json.loads((out / "segmenters" / "cpu.json").read_text())["cpu_seconds"] > 0
+    with pytest.raises(SystemExit, match="real-3"):
+        le.main([*args[:-1], "real-3"])
+
+
 def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread):
     images = torch.rand(10, 1, 32, 32) * 2 - 1
     masks = (images[:, 0] > 0.3).long() * 2
