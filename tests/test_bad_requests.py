@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import tarfile
+import zipfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -29,7 +32,11 @@ def server_tmp(tmp_path):
 
 @pytest.fixture
 def server(datastore_copy, app_copy, start_server, server_tmp):
-    env = {"TMPDIR": str(server_tmp), "LABELFACTORY_MAX_UPLOAD_MB": "1"}
+    env = {
+        "TMPDIR": str(server_tmp),
+        "LABELFACTORY_MAX_UPLOAD_MB": "1",
+        "MONAI_LABEL_SESSION_PATH": str(server_tmp.parent / "sessions"),
+    }
     return start_server(datastore_copy, app_copy, conf={"models": "all", "skip_scoring": "true"}, env=env)
 
 
@@ -144,6 +151,38 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     ds = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert not {"new_study", "four_d", "nan_study", "big_study"} & set(ds["objects"])
     assert np.array_equal(read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz").array, ok.array)
+
+
+def _put_session(url, files, **params):
+    return requests.put(f"{url}/session/", params=params, files=[("files", f) for f in files], timeout=60)
+
+
+@pytest.mark.slow
+def test_session_uploads_are_bounded_unpacked_in_place_and_removed(server, datastore_copy, tmp_path, server_tmp):
+    """Slicer sends a local volume as a session: kept as sent; too big 413; an archive may not write outside."""
+    url, image = server.url, datastore_copy / "torso_3mm.nii.gz"
+    r = _put_session(url, [(image.name, image.read_bytes())])
+    assert r.status_code == 200, r.text
+    got = requests.get(f"{url}/session/{r.json()['session_id']}", params={"image": True}, timeout=60)
+    assert got.status_code == 200 and got.content == image.read_bytes()
+
+    big = np.random.default_rng(0).integers(-1000, 1000, (40, 128, 128)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(big), str(tmp_path / "big.nii"))
+    halves = [("a.nii", b"x" * 600_000), ("b.nii", b"x" * 600_000)]  # each under the 1 MB limit, together over
+    assert _put_session(url, [("big.nii", (tmp_path / "big.nii").read_bytes())]).status_code == 413
+    assert _put_session(url, halves).status_code == 413
+
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        tar.add(image, arcname="../../escaped.nii.gz")
+    r = _put_session(url, [("evil.tar", (tmp_path / "evil.tar").read_bytes())], uncompress=True)
+    assert r.status_code == 400 and "unpacks safely" in r.json()["detail"]
+    assert not list(tmp_path.rglob("escaped.nii.gz"))
+    with zipfile.ZipFile(tmp_path / "series.zip", "w") as z:
+        z.write(image, arcname="series/torso.nii.gz")
+    r = _put_session(url, [("series.zip", (tmp_path / "series.zip").read_bytes())], uncompress=True)
+    assert r.status_code == 200, r.text
+    assert (Path(r.json()["session_info"]["image"]) / "series" / "torso.nii.gz").read_bytes() == image.read_bytes()
+    assert _uploads_left(server_tmp) == [] and requests.get(f"{url}/info/", timeout=30).status_code == 200
 
 
 @pytest.mark.slow

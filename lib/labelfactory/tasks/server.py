@@ -4,8 +4,9 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
 `labelfactory serve` does). MONAI Label's own app, plus:
 - Errors are answers: a `LabelFactoryError` gets its status, MONAI Label's invalid-input errors
   400, a `params` / `info` form field that is not a JSON object 400; never a traceback.
-- Uploads (infer `file`, label saves, image uploads) are streamed into a temp file that is removed
-  whatever the outcome; a body over `LABELFACTORY_MAX_UPLOAD_MB` (default 4096) is refused (413).
+- Uploads (infer `file`, label saves, image uploads, session images) are streamed into a temp file
+  that is removed whatever the outcome; a body over `LABELFACTORY_MAX_UPLOAD_MB` (default 4096) is
+  refused (413); a session archive (`uncompress=true`) is unpacked only where it cannot leave its folder.
 - Light routes stay light: MONAI Label runs infers and next-sample inside the event loop, so
   `/info` and a label save waited behind a segmentation. Here infers run in a bounded worker pool
   (`LABELFACTORY_INFER_WORKERS`, default 2) and next-sample in its own (same size); label and
@@ -23,7 +24,10 @@ import functools
 import json
 import os
 import re
+import shutil
+import tarfile
 import tempfile
+import zipfile
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +41,7 @@ from monailabel.config import settings
 from monailabel.endpoints import activelearning as al_endpoint
 from monailabel.endpoints import datastore as ds_endpoint
 from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import session as session_endpoint
 from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -294,6 +299,55 @@ async def api_put_label_info(
         **({"user": user.username} if user.username else {}),
     }
     return await run_in_threadpool(app_instance().datastore().update_label_info, label, tag, i)
+
+
+# ---- sessions (an image sent for inference only, as Slicer does for a local volume): bounded, removed ----
+
+_replace_route(session_endpoint.router, "/session/", {"PUT"})
+
+
+def _new_session(sessions, received: Path, names: list[str], expiry: int, uncompress: bool) -> dict[str, Any]:
+    source = received / names[0] if len(names) == 1 else received
+    if uncompress:  # an archive of a series (e.g. DICOM): unpacked here, members that leave the folder refused
+        if len(names) != 1:
+            raise LabelFactoryError("uncompress=true takes one archive")
+        unpacked = received / "unpacked"
+        try:
+            if zipfile.is_zipfile(source):
+                with zipfile.ZipFile(source) as z:
+                    z.extractall(unpacked)  # zipfile drops absolute and ".." parts of member names
+            else:
+                with tarfile.open(source) as tar:
+                    tar.extractall(unpacked, filter="data")  # refuses members outside, links, devices
+        except (ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+            raise LabelFactoryError(f"{names[0]} is not an archive this server unpacks safely: {e}") from e
+        source = unpacked
+    session_id, info = sessions.add_session(str(source), expiry, False)
+    return {"session_id": session_id, "session_info": info.to_json()}
+
+
+@app.put(API + "/session/", summary="Create a session with an image (labelfactory: bounded, removed, off the loop)")
+async def api_create_session(
+    uncompress: bool = False,
+    expiry: int = 0,
+    files: list[UploadFile] = File(...),
+    user: User = Depends(RBAC(USER)),
+):
+    sessions = app_instance().sessions()
+    if sessions is None:
+        raise LabelFactoryError("sessions are off on this server (MONAI_LABEL_SESSIONS=false)", status=406)
+    received = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX))
+    try:
+        names, left = [], max_upload_bytes()
+        for i, f in enumerate(files):
+            name = Path(f.filename or "").name
+            names.append(name if name not in ("", ".", "..", "unpacked") else f"file{i}{upload_suffix(None)}")
+            with open(received / names[-1], "wb") as out:
+                await run_in_threadpool(_copy_bounded, f.file, out, left)
+                left -= out.tell()
+        return await run_in_threadpool(_new_session, sessions, received, names, expiry, uncompress)
+    finally:
+        shutil.rmtree(received, ignore_errors=True)
 
 
 # ---- training: one accepted at a time ----
