@@ -61,6 +61,16 @@ def test_cli_flags_carry_the_dataclass_defaults_and_come_back():
     assert from_args(Knobs(), args, ("steps", "lr", "augment")) == Knobs(steps=3, lr=0.1, augment=False)
 
 
+def test_unset_flags_keep_whatever_defaults_they_are_applied_to():
+    """`unset`: defaults chosen at run time (a preset) stay unless a flag sets the field."""
+    p = argparse.ArgumentParser()
+    add_arguments(p, Knobs(), ("steps", "augment"), unset="the preset's")
+    preset = Knobs(steps=99, augment=False)
+    assert from_args(preset, p.parse_args([]), ("steps", "augment")) == preset
+    assert from_args(preset, p.parse_args(["--steps", "4", "--augment"]), ("steps", "augment")) == Knobs(steps=4)
+    assert "(default: the preset's)" in p.format_help()
+
+
 class Trainer(TrainBase):
     name = "toy"
     options = ("steps", "lr")

@@ -68,16 +68,20 @@ def add_arguments(
     names: typing.Iterable[str],
     helps: dict[str, str] | None = None,
     aliases: dict[str, str] | None = None,
+    unset: str | None = None,
 ) -> None:
-    """A flag `--the-name` (or `aliases[name]`) per field, typed and defaulted from `defaults` (bool: --x/--no-x)."""
+    """A flag `--the-name` (or `aliases[name]`) per field, typed and defaulted from `defaults` (bool: --x/--no-x).
+
+    `unset`: the flags default to None (from_args then keeps the field of the defaults it is given, e.g. a
+    preset chosen by another flag) and their help says `(default: <unset>)`."""
     helps, aliases = helps or {}, aliases or {}
     for n in names:
         typ, default, flag = (
             field_type(type(defaults), n),
-            getattr(defaults, n),
+            None if unset else getattr(defaults, n),
             aliases.get(n, "--" + n.replace("_", "-")),
         )
-        text = (helps[n] + " " if n in helps else "") + f"(default: {default})"
+        text = (helps[n] + " " if n in helps else "") + f"(default: {unset or default})"
         if typ is bool:
             parser.add_argument(flag, dest=n, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
@@ -85,5 +89,5 @@ def add_arguments(
 
 
 def from_args(defaults: C, args: argparse.Namespace, names: typing.Iterable[str]) -> C:
-    """`defaults` with the fields `names` taken from parsed flags (see add_arguments)."""
-    return dataclasses.replace(defaults, **{n: getattr(args, n) for n in names})
+    """`defaults` with the fields `names` that parsed flags set (not None; see add_arguments)."""
+    return dataclasses.replace(defaults, **{n: getattr(args, n) for n in names if getattr(args, n) is not None})

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.clamnet.data import load_weak_slices
 from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, save_clamnet, train_clamnet
+from labelfactory.options import add_arguments, from_args
+
+FLAGS = ("organ", "size", "steps", "batch", "lr", "eta", "seed", "margin_mm", "deep_supervision", "head")
+FLAGS += ("marker_fraction", "dice_term", "near_negatives", "threshold")
+HELPS = {
+    "organ": "organ to crop to (mask name / label name)",
+    "head": "UNet++ depth used at inference (1-4; < 4 needs --deep-supervision)",
+    "marker_fraction": "share of an abnormal slice's organ pixels taken to hold the marker",
+    "dice_term": "keep equation (1)'s Dice-like term",
+    "near_negatives": "k > 0: pair an abnormal slice with one of the k nearest normal slices of its study",
+    "threshold": "marker probability at which a pixel is in the mask",
+}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,31 +44,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder of <study>/mask_<organ>.nii.gz (repeatable; default: 'reference' in or beside the studies)",
     )
-    parser.add_argument("--organ", default=d.organ, help="organ to crop to (mask name / label name)")
     parser.add_argument("--out", type=Path, default=Path(MODEL_FILE), help="checkpoint to write")
-    for name in ("steps", "batch", "size", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(d, name))
-    for name in ("lr", "eta", "margin_mm"):
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(d, name))
+    add_arguments(parser, d, FLAGS, helps=HELPS)
     parser.add_argument(
         "--features", type=int, nargs=6, default=list(d.features), help="BasicUNetPlusPlus widths (6 numbers)"
     )
-    parser.add_argument("--deep-supervision", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = ClamNetConfig(
-        size=args.size,
-        features=tuple(args.features),
-        deep_supervision=args.deep_supervision,
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        eta=args.eta,
-        seed=args.seed,
-        organ=args.organ,
-        margin_mm=args.margin_mm,
-    )
+    cfg = replace(from_args(ClamNetConfig(), args, FLAGS), features=tuple(args.features))
     studies = args.studies or checkout_default(SAMPLE_STUDIES, "--studies")
     slices = load_weak_slices(
         studies, args.labels, cfg.organ, args.organ_dir, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta

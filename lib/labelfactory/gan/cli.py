@@ -12,11 +12,15 @@ from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
-from labelfactory.gan.config import PRESETS, preset
+from labelfactory.gan.config import PRESETS, TrainingConfig, preset
 from labelfactory.gan.data import load_training_slices, openkbp_training_slices, real_image_paths
 from labelfactory.gan.training import train
+from labelfactory.options import add_arguments, from_args
 
 logger = logging.getLogger(__name__)
+# TrainingConfig fields a flag sets over the preset's value
+FLAGS = ("resolution", "total_kimg", "snapshot_kimg", "fid_kimg", "batch_size", "r1_gamma", "seed")
+FLAGS += ("augment", "mixed_precision")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,21 +51,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="auto", choices=["auto", *PRESETS], help="auto: paper256 with a GPU, demo on CPU"
     )
-    for name, typ in (
-        ("resolution", int),
-        ("total-kimg", float),
-        ("snapshot-kimg", float),
-        ("fid-kimg", float),
-        ("batch-size", int),
-        ("r1-gamma", float),
-        ("seed", int),
-    ):
-        parser.add_argument(f"--{name}", type=typ, default=None)
-    parser.add_argument("--no-augment", action="store_true", help="train without ADA")
-    parser.add_argument(
-        "--mixed-precision",
-        action="store_true",
-        help="main phases with the top 4 resolutions of G and D in bf16 (CPU with AVX-512 BF16, GPU)",
+    add_arguments(
+        parser,
+        TrainingConfig(),
+        FLAGS,
+        helps={
+            "augment": "ADA (adaptive discriminator augmentation)",
+            "mixed_precision": "main phases with the top 4 resolutions of G and D in bf16 (CPU with AVX-512 BF16, GPU)",
+        },
+        unset="the preset's",
     )
     parser.add_argument(
         "--fid-weights", type=Path, default=None, help="pytorch-fid Inception weights (default: the torch hub cache)"
@@ -72,17 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with process_group_cleanup():
         init_from_env()
-        cfg = preset(args.preset).with_overrides(
-            resolution=args.resolution,
-            total_kimg=args.total_kimg,
-            snapshot_kimg=args.snapshot_kimg,
-            fid_kimg=args.fid_kimg,
-            batch_size=args.batch_size,
-            r1_gamma=args.r1_gamma,
-            seed=args.seed,
-            augment=False if args.no_augment else None,
-            mixed_precision=True if args.mixed_precision else None,
-        )
+        cfg = from_args(preset(args.preset), args, FLAGS)
         if args.openkbp is not None:
             images, data_info = openkbp_training_slices(args.openkbp, args.split, cfg.resolution)
         else:
