@@ -6,6 +6,7 @@ The server runs with its own temp folder (TMPDIR) so that upload leftovers can b
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import tarfile
@@ -151,6 +152,44 @@ def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tm
     ds = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert not {"new_study", "four_d", "nan_study", "big_study"} & set(ds["objects"])
     assert np.array_equal(read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz").array, ok.array)
+
+
+def test_a_streamed_upload_is_cut_at_the_limit_not_spooled_whole(monkeypatch):
+    """No Content-Length (chunked): the app stops reading past the limit (1 MB); it used to read all 200 MB.
+
+    In process, through the server's whole ASGI stack (middleware, route, form parser), counting what it reads."""
+    from labelfactory.tasks.server import app
+
+    monkeypatch.setenv("LABELFACTORY_MAX_UPLOAD_MB", "1")
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.nii"\r\n\r\n'
+    chunks = [head, *[b"\0" * (1 << 16)] * 3200, b"\r\n--b--\r\n"]
+    read, sent = [], []
+
+    async def receive():
+        read.append(len(chunks[len(read)]))
+        return {"type": "http.request", "body": chunks[len(read) - 1], "more_body": len(read) < len(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "scheme": "http",
+        "path": "/datastore/image",
+        "raw_path": b"/datastore/image",
+        "root_path": "",
+        "query_string": b"image=big",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    assert start["status"] == 413 and "upload limit (1 MB" in json.loads(body)["detail"]
+    assert sum(read) < 2 << 20, f"the app read {sum(read) >> 20} MB of a body over its 1 MB limit"
 
 
 def _put_session(url, files, **params):

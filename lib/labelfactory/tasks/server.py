@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from monailabel.app import app
@@ -54,6 +55,8 @@ from monailabel.interfaces.exception import (
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.utils import tasks as async_tasks
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import suffix_of
@@ -99,6 +102,19 @@ async def _monailabel_error(request: Request, exc: MONAILabelException) -> JSONR
     return JSONResponse(status_code=status, content={"detail": exc.msg})
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's answer, with the upload limit named where Starlette's body limiter says only "Content Too Large"."""
+    if exc.status_code == 413:
+        exc = StarletteHTTPException(413, upload_limit_message(), exc.headers)
+    return await http_exception_handler(request, exc)
+
+
+def upload_limit_message(size: int | None = None) -> str:
+    body = f"the request body ({size >> 20} MB)" if size is not None else "the request body"
+    return f"{body} is over the server's upload limit ({max_upload_bytes() >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)"
+
+
 def json_form(text: str | None, field: str) -> dict[str, Any]:
     """A form field holding a JSON object -> dict; 400 with the parse error otherwise."""
     try:
@@ -116,22 +132,23 @@ def json_form(text: str | None, field: str) -> dict[str, Any]:
 
 
 class BoundedBody:
-    """ASGI middleware: a request announcing a body over max_upload_bytes() is answered 413 before it is read."""
+    """ASGI middleware: a body over max_upload_bytes() is answered 413.
+
+    One that announces its length is refused before a byte is read, with a message naming the limit;
+    a streamed one (no Content-Length) is cut where it passes the limit, by Starlette's body limiter."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length", b"")
-            if length.isdigit() and int(length) > max_upload_bytes():
-                detail = (
-                    f"the request body ({int(length) >> 20} MB) is over the server's upload limit "
-                    f"({max_upload_bytes() >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)"
-                )
-                await JSONResponse(status_code=413, content={"detail": detail})(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = max_upload_bytes()
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            response = JSONResponse(status_code=413, content={"detail": upload_limit_message(int(length))})
+            return await response(scope, receive, send)
+        await RequestBodyLimitMiddleware(self.app, limit)(scope, receive, send)
 
 
 app.add_middleware(BoundedBody)
@@ -143,17 +160,6 @@ def upload_suffix(filename: str | None) -> str:
     return suffix if _SUFFIX.match(suffix) else ".nii.gz"
 
 
-def _copy_bounded(src, dst, limit: int) -> None:
-    size = 0
-    while chunk := src.read(1 << 20):
-        size += len(chunk)
-        if size > limit:
-            raise LabelFactoryError(
-                f"the upload is over the server's limit ({limit >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)", status=413
-            )
-        dst.write(chunk)
-
-
 @contextlib.asynccontextmanager
 async def saved_upload(file: UploadFile | None) -> AsyncIterator[str | None]:
     """The upload as a temp file in the system temp folder (where the app takes uploads); removed on exit, always."""
@@ -163,7 +169,7 @@ async def saved_upload(file: UploadFile | None) -> AsyncIterator[str | None]:
     fd, path = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=upload_suffix(file.filename))
     try:
         with os.fdopen(fd, "wb") as out:
-            await run_in_threadpool(_copy_bounded, file.file, out, max_upload_bytes())
+            await run_in_threadpool(shutil.copyfileobj, file.file, out)  # bounded: the body is (BoundedBody)
         yield path
     finally:
         Path(path).unlink(missing_ok=True)
@@ -338,13 +344,12 @@ async def api_create_session(
         raise LabelFactoryError("sessions are off on this server (MONAI_LABEL_SESSIONS=false)", status=406)
     received = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX))
     try:
-        names, left = [], max_upload_bytes()
+        names = []
         for i, f in enumerate(files):
             name = Path(f.filename or "").name
             names.append(name if name not in ("", ".", "..", "unpacked") else f"file{i}{upload_suffix(None)}")
             with open(received / names[-1], "wb") as out:
-                await run_in_threadpool(_copy_bounded, f.file, out, left)
-                left -= out.tell()
+                await run_in_threadpool(shutil.copyfileobj, f.file, out)
         return await run_in_threadpool(_new_session, sessions, received, names, expiry, uncompress)
     finally:
         shutil.rmtree(received, ignore_errors=True)
