@@ -146,6 +146,15 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     assert (
         read_image(tmp_path / "c.nii.gz").array.shape == read_image(datastore_copy / "thorax_aorta.nii.gz").array.shape
     )
+    # image-level labels through the API win over the CSV: slice 0 of the dissection study marked normal
+    abnormal = json.loads((app_copy / "model" / "clamnet_train_stats.json").read_text())["abnormal"]
+    info = {"image_labels": [{"slice": 0, "label": "normal"}]}
+    r = requests.put(
+        f"{url}/datastore/image/info", params={"image": "thorax_aorta"}, data={"info": json.dumps(info)}, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    _train(client, "clamnet")
+    assert json.loads((app_copy / "model" / "clamnet_train_stats.json").read_text())["abnormal"] == abnormal - 1
 
     # a corrupt model file never replaces the one being served
     good = _infer(url, "segmentation", "torso_3mm").content
