@@ -59,7 +59,7 @@ class Sizes:
     interpreter_epochs: int = 4
     pairs: int = 1500  # synthetic pairs kept per label set, after dropping
     drop_fraction: float = 0.1  # the most uncertain fraction dropped
-    steps: int = 600  # segmenter iterations, the same for every row (the annotator's recipe)
+    steps: int = 1500  # segmenter iterations, every row: the annotator reached 0.62 mean Dice at 1500 (0.42 at 500)
     batch_size: int = 16
     seeds: int = 3  # seeds for the cheap rows
     fid_images: int = 2000
