@@ -11,16 +11,11 @@ from labelfactory.cli import main as cli_main
 from labelfactory.gan.checkpoint import load_generator
 from labelfactory.gan.config import TrainingConfig
 from labelfactory.tasks.stylegan2 import MODEL_FILE, STATS_FILE, StyleGAN2Train
+from tests.conftest import TINY_GAN
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainingConfig(
-    resolution=16,
-    z_dim=16,
-    w_dim=16,
-    mapping_layers=2,
-    channel_base=256,
-    channel_max=16,
-    batch_size=4,
+    **TINY_GAN,
     pl_weight=0.0,
     total_kimg=0.008,
     snapshot_kimg=0.004,

@@ -12,15 +12,10 @@ import torch
 from labelfactory.gan.checkpoint import load_generator
 from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.training import Trainer, train
+from tests.conftest import TINY_GAN
 
 TINY = TrainingConfig(
-    resolution=16,
-    z_dim=16,
-    w_dim=16,
-    mapping_layers=2,
-    channel_base=256,
-    channel_max=16,
-    batch_size=4,
+    **TINY_GAN,
     G_reg_interval=2,
     D_reg_interval=2,
     pl_weight=2.0,
