@@ -216,6 +216,10 @@ def test_session_uploads_are_bounded_unpacked_in_place_and_removed(server, datas
     r = _put_session(url, [("evil.tar", (tmp_path / "evil.tar").read_bytes())], uncompress=True)
     assert r.status_code == 400 and "unpacks safely" in r.json()["detail"]
     assert not list(tmp_path.rglob("escaped.nii.gz"))
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    r = _put_session(url, [("empty.tar", (tmp_path / "empty.tar").read_bytes())], uncompress=True)
+    assert r.status_code == 400 and "holds no files" in r.json()["detail"]
     with zipfile.ZipFile(tmp_path / "series.zip", "w") as z:
         z.write(image, arcname="series/torso.nii.gz")
     r = _put_session(url, [("series.zip", (tmp_path / "series.zip").read_bytes())], uncompress=True)

@@ -327,6 +327,8 @@ def _new_session(sessions, received: Path, names: list[str], expiry: int, uncomp
                     tar.extractall(unpacked, filter="data")  # refuses members outside, links, devices
         except (ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as e:
             raise LabelFactoryError(f"{names[0]} is not an archive this server unpacks safely: {e}") from e
+        if not unpacked.is_dir() or not any(p.is_file() for p in unpacked.rglob("*")):
+            raise LabelFactoryError(f"{names[0]} holds no files")
         source = unpacked
     session_id, info = sessions.add_session(str(source), expiry, False)
     return {"session_id": session_id, "session_info": info.to_json()}
