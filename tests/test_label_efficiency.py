@@ -100,8 +100,47 @@ def test_a_rerun_skips_finished_stages(experiment, monkeypatch, capsys):
     assert capsys.readouterr().err.count("skipped") == len(le.STAGES) - 1
 
 
+@pytest.mark.slow
+def test_shipped_models_serve_an_openkbp_volume_under_its_organ_names(experiment, tmp_path, app_copy, start_server):
+    """`--ship`: generator, uncertainty-30 interpreter and hybrid seed 0 (same bytes, hashes, a README with their
+    figures); a server on those models segments an OpenKBP CT and synthesizes pairs under OpenKBP's organ names."""
+    import requests
+
+    from labelfactory.checkpoints import hash_path, verify_hash
+    from labelfactory.labels import OPENKBP
+
+    shipped = tmp_path / "models"
+    args = ["--data", str(DATA), "--out", str(experiment), "--reduced", "--stages", "report", "--ship", str(shipped)]
+    assert le.main(args) == 0
+    for name, src in le.shipped_sources(experiment).items():
+        assert (shipped / name).read_bytes() == src.read_bytes() and hash_path(shipped / name).is_file()
+        verify_hash(shipped / name)
+    hybrid = json.loads((experiment / "segmenters" / "hybrid.unetpp.seed0" / "eval.json").read_text())
+    readme = (shipped / "README.md").read_text()
+    assert f"**{hybrid['validation']['mean_dice']:.3f}**" in readme and "Babier" in readme
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "validation_pt_201.nii.gz").write_bytes((DATA / "volumes" / "validation_pt_201_ct.nii.gz").read_bytes())
+    srv = start_server(store, app_copy, conf={"skip_trainers": "true", "model_dir": str(shipped)})
+    organs = {n: v for n, v in OPENKBP.values.items() if v}
+    r = requests.post(
+        srv.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "image"}, timeout=300
+    )
+    assert r.status_code == 200, r.text
+    (tmp_path / "mask.nii.gz").write_bytes(r.content)
+    mask = read_image(tmp_path / "mask.nii.gz").array
+    assert mask.shape == read_image(store / "validation_pt_201.nii.gz").array.shape
+    assert set(np.unique(mask)) <= set(OPENKBP.values.values())
+    r = requests.post(srv.url + "/infer/segmentation", params={"image": "validation_pt_201", "output": "json"})
+    assert r.json()["label_names"] == organs
+    r = requests.post(srv.url + "/infer/synthesis", params={"image": "seed000001", "output": "json"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["label_names"] == organs
+
+
 def test_the_real_rows_train_before_any_generator_exists(tmp_path):
-    """`--rows real-30`: those segmenters train and are scored; the stage stays open for the rows that need the GAN."""
+    """`--rows real-30`: those segmenters train and are scored; the stage stays open for the rows that need the GAN,
+    which refuse to start before the synthetic stage has finished."""
     out = tmp_path / "out"
     args = ["--data", str(DATA), "--out", str(out), "--reduced", "--stages", "segmenters", "--rows", "real-30"]
     assert le.main(args) == 0
@@ -113,6 +152,27 @@ def test_the_real_rows_train_before_any_generator_exists(tmp_path):
     assert json.loads((out / "segmenters" / "cpu.json").read_text())["cpu_seconds"] > 0
     with pytest.raises(SystemExit, match="real-3"):
         le.main([*args[:-1], "real-3"])
+    with pytest.raises(SystemExit, match="the synthetic stage finished"):  # never a half-written synthetic set
+        le.main([*args[:-1], "hybrid"])
+
+
+def _add_cpu_many(folder: Path, n: int) -> None:
+    for _ in range(n):
+        le.add_cpu(folder, 1.0)
+
+
+def test_two_runs_adding_to_one_stages_cpu_record_lose_nothing(tmp_path):
+    """Two `--rows` runs of one stage add CPU seconds to one record at once: every addition counts."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_add_cpu_many, args=(tmp_path, 200)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert json.loads((tmp_path / "cpu.json").read_text())["cpu_seconds"] == pytest.approx(400.0)
 
 
 def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread):
