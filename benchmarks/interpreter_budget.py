@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelfactory.evaluation.metrics import confusion_matrix, scores
 from labelfactory.gan.checkpoint import load_generator
 from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.records import records_from_seed_masks
@@ -42,16 +43,6 @@ def annotate(generator: Path, annotator: Path, seeds: str, out: Path) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def pooled_dice(pred: np.ndarray, truth: np.ndarray, classes: dict[str, int]) -> dict[str, float]:
-    """Per class: 2|P & T| / (|P| + |T|) over every pixel of every image (NaN where neither has the class)."""
-    out = {}
-    for name, v in classes.items():
-        both = int(((pred == v) & (truth == v)).sum())
-        total = int((pred == v).sum() + (truth == v).sum())
-        out[name] = 2 * both / total if total else float("nan")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generator", type=Path, required=True)
@@ -68,11 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         annotate(args.generator, args.annotator_model, getattr(args, part), args.work / part)
     G = load_generator(args.generator)
     names = load_segmenter(args.annotator_model).label_names
-    organs = {n: v for n, v in names.items() if v}
     k = max(names.values()) + 1
     train = records_from_seed_masks(G, args.work / "train", TRUNCATION_PSI, k, 255)
     test = records_from_seed_masks(G, args.work / "test", TRUNCATION_PSI, k, 255)
-    truth = np.stack([r.mask for r in test])
+    truth = torch.from_numpy(np.stack([r.mask for r in test])).long()
     ws = ws_from_w(G, torch.stack([r.w for r in test]))
     results = {}
     for budget in args.budgets.split(","):
@@ -82,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         ensemble, history = train_ensemble(G, train, k, cfg, progress=False)
         cpu = time.process_time() - t0
         interpreter = Interpreter(G, ensemble, names)
-        pred = torch.cat([interpreter.label(ws[i : i + 8]).mask for i in range(0, len(ws), 8)]).numpy()
-        dice = pooled_dice(pred, truth, organs)
+        pred = torch.cat([interpreter.label(ws[i : i + 8]).mask for i in range(0, len(ws), 8)])
+        scored = scores(confusion_matrix(pred, truth, k), names)  # pooled over the test images, background out
+        dice = {n: d for n, d in scored["dice"].items() if names[n]}
         results[budget] = {
             "epochs_run": len(history["epoch_loss"]),
             "best_loss": history["best_loss"],
             "train_cpu_s": cpu,
-            "mean_dice": float(np.nanmean(list(dice.values()))),
+            "mean_dice": scored["mean_dice"],
             "dice": dice,
             "epoch_loss": history["epoch_loss"],
         }
