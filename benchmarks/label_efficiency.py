@@ -744,8 +744,8 @@ class Experiment:
 
     # --- stage 5
     def runs(self) -> list[tuple[str, str, int]]:
-        """(row, network, seed) of every segmenter to train."""
-        unetpp = [(row, "unetpp", seed) for row in ROWS for seed in range(self.sizes.seeds)]
+        """(row, network, seed) of every segmenter to train: seed 0 of every row first, so a cut run covers them all."""
+        unetpp = [(row, "unetpp", seed) for seed in range(self.sizes.seeds) for row in ROWS]
         return unetpp + [("synthetic-uncertainty", net, 0) for net in self.sizes.table_iii.split(",") if net]
 
     def segmenters(self, folder: Path) -> dict:
