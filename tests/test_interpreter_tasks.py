@@ -127,3 +127,30 @@ def test_offline_records_read_the_provenance_sidecars(setup):
         assert (i, rec["seed"], rec["w"], path) == (j, rec2["seed"], rec2["w"], path2)
     with pytest.raises(LabelFactoryError, match="no such datastore folder"):
         records_from_datastore_folder(tmp / "absent")
+
+
+def test_generated_uncertain_explores_every_nth_image_and_says_why(setup):
+    """With an interpreter: the most uncertain of the window, except every `explore`-th generated image, which is
+    the window's first (random) seed; each pick records why. An ensemble never shown a class is not uncertain on
+    it, so only such picks can find what the first labels missed."""
+    from labelfactory.tasks.active_learning import CANDIDATE_SEEDS, PICKED, GeneratedUncertain
+
+    model_dir, ds, G, tmp = setup
+    for s in range(3):
+        add_generated(ds, G, s, tmp)
+    InterpreterTrain(model_dir, FAST)({}, ds)
+    models = InterpreterModels(model_dir)
+    interp = models.interpreter()
+    strategy = GeneratedUncertain(models, candidates=6, truncation_psi=0.7, explore=2)
+    picks = [strategy({}, ds) for _ in range(3)]  # the 4th, 5th and 6th generated images
+    for p, explores in zip(picks, (True, False, True), strict=True):
+        first, last = ds.get_image_info(p["id"])[CANDIDATE_SEEDS]
+        scores = interp.label(ws_from_seeds(G, list(range(first, last + 1)), 0.7)).score
+        expected = first if explores else first + int(scores.argmax())
+        assert p["seed"] == expected and ("random" in p[PICKED]) == explores, p
+        assert ds.get_image_info(p["id"])[PICKED] == p[PICKED]
+        assert p["uncertainty"] == pytest.approx(float(scores[p["seed"] - first]), rel=1e-4, abs=1e-6)
+    never = GeneratedUncertain(models, candidates=6, truncation_psi=0.7)  # explore 0, the default: never random
+    assert never({}, ds)[PICKED] == "the most uncertain candidate"
+    with pytest.raises(LabelFactoryError, match="explore >= 0"):
+        strategy({"explore": -1}, ds)

@@ -6,7 +6,9 @@ the interpreter's ensemble uncertainty (the mean of each image's top 10% per-pix
 and the most uncertain one is added to the datastore with its latent record (seed, truncation psi,
 w, generator) in its info. While no interpreter exists for the current generator, the first
 candidate is taken (the seeds are random latents, so this is a random sample that stays
-reproducible).
+reproducible). With `explore` N > 0, every N-th generated image is that random first candidate too:
+an ensemble never shown a class is confidently wrong on it, not uncertain, so uncertainty alone
+never finds what the first labels missed (docs/RESULTS.md section 0: no larynx in 30 picks).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from labelfactory.tasks.synthesis import add_generated_image
 
 logger = logging.getLogger(__name__)
 CANDIDATE_SEEDS = "candidate_seeds"  # info key: [first, last] seed of the window a sample was picked from
+PICKED = "picked"  # info key: why that candidate (the most uncertain, or random and why)
 
 
 def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
@@ -44,51 +47,62 @@ def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
         return None
 
 
-def next_candidate_seed(datastore: Datastore) -> int:
-    """The first seed after every candidate window (or generated seed) already in the datastore."""
+def generated_infos(datastore: Datastore) -> list[dict[str, Any]]:
+    """The info of every generated image in the datastore (those whose latent record holds a seed)."""
+    infos = (datastore.get_image_info(i) or {} for i in datastore.list_images())
+    return [info for info in infos if isinstance(info.get(LATENT_KEY), dict) and "seed" in info[LATENT_KEY]]
+
+
+def next_candidate_seed(infos: list[dict[str, Any]]) -> int:
+    """The first seed after every candidate window (or generated seed) of `infos` (`generated_infos`)."""
     last = -1
-    for image_id in datastore.list_images():
-        info = datastore.get_image_info(image_id) or {}
-        rec = info.get(LATENT_KEY)
-        if isinstance(rec, dict) and "seed" in rec:
-            window = info.get(CANDIDATE_SEEDS)
-            last = max(last, int(rec["seed"]), int(window[1]) if isinstance(window, list | tuple) else -1)
+    for info in infos:
+        window = info.get(CANDIDATE_SEEDS)
+        last = max(last, int(info[LATENT_KEY]["seed"]), int(window[1]) if isinstance(window, list | tuple) else -1)
     return last + 1
 
 
 class GeneratedUncertain(Strategy):
     """Adds the most uncertain of K new generated images to the datastore and returns its id."""
 
-    def __init__(self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = TRUNCATION_PSI):
+    def __init__(
+        self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = TRUNCATION_PSI, explore: int = 0
+    ):
+        every = f"; every {explore}-th a random one" if explore else ""
         super().__init__(
             f"A new generated image, the most uncertain of {candidates} candidates for the interpreter"
-            " (random until one is trained)"
+            f" (random until one is trained{every})"
         )
-        self.models, self.candidates, self.truncation_psi = models, candidates, truncation_psi
+        self.models, self.candidates, self.truncation_psi, self.explore = models, candidates, truncation_psi, explore
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         G = self.models.generator.get()
         k = int(request.get("candidates", self.candidates))
         psi = float(request.get("truncation_psi", self.truncation_psi))
-        if not 1 <= k <= 256 or not 0.0 < psi <= 1.0:
-            raise LabelFactoryError("candidates must be 1..256 and truncation_psi in (0, 1]")
-        start = int(request["seed"]) if "seed" in request else next_candidate_seed(datastore)
+        explore = int(request.get("explore", self.explore))
+        if not 1 <= k <= 256 or not 0.0 < psi <= 1.0 or explore < 0:
+            raise LabelFactoryError("candidates must be 1..256, truncation_psi in (0, 1] and explore >= 0")
+        infos = generated_infos(datastore)
+        start = int(request["seed"]) if "seed" in request else next_candidate_seed(infos)
         seeds = list(range(start, start + k))
         ws = ws_from_seeds(G, seeds, psi)
         interp = interpreter_or_none(self.models)
-        if interp is not None:
-            scores = torch.cat([interp.label(ws[i : i + 4]).score for i in range(0, k, 4)])
-            pick, score = int(scores.argmax()), float(scores.max())
+        if interp is None:
+            pick, score, why = 0, None, "random: no interpreter yet"
+        elif explore and (len(infos) + 1) % explore == 0:  # this is the (len(infos) + 1)-th generated image
+            pick, score, why = 0, float(interp.label(ws[:1]).score[0]), f"random: every {explore}-th image explores"
         else:
-            pick, score = 0, None
+            scores = torch.cat([interp.label(ws[i : i + 4]).score for i in range(0, k, 4)])
+            pick, score, why = int(scores.argmax()), float(scores.max()), "the most uncertain candidate"
         with torch.no_grad():
             img = G.synthesis(ws[pick : pick + 1], noise_mode="const")
         seed = seeds[pick]
         record = latent_record(seed, psi, ws[pick, 0].tolist(), generator_identity(G))
         image = generated_to_image(img, generator_window(G))
-        image_id = add_generated_image(datastore, image, record, score, {CANDIDATE_SEEDS: [seeds[0], seeds[-1]]})
-        logger.info(f"next sample: {image_id} (of seeds {seeds[0]}..{seeds[-1]}, uncertainty {score})")
-        return {"id": image_id, "seed": seed, "uncertainty": score}
+        info = {CANDIDATE_SEEDS: [seeds[0], seeds[-1]], PICKED: why}
+        image_id = add_generated_image(datastore, image, record, score, info)
+        logger.info(f"next sample: {image_id} (of seeds {seeds[0]}..{seeds[-1]}, {why}, uncertainty {score})")
+        return {"id": image_id, "seed": seed, "uncertainty": score, PICKED: why}
 
 
 class GeneratedUncertainty(ScoringMethod):

@@ -3,8 +3,9 @@ generated image) and `synthesis` (a new image + mask from a seed), next-sample s
 `generated_uncertain` and scoring `generated_uncertainty`.
 
 Conf: interpreter_<option> for each trainer option (`InterpreterTrain.options`; defaults:
-`labelfactory.interpreter.train.TrainConfig`), candidates (K new images scored per next sample)
-and truncation_psi (defaults: `GeneratedUncertain`'s, `SynthesisInfer`'s).
+`labelfactory.interpreter.train.TrainConfig`), candidates (K new images scored per next sample),
+explore (every N-th next sample a random new image; 0 never) and truncation_psi (defaults:
+`GeneratedUncertain`'s, `SynthesisInfer`'s).
 """
 
 from monailabel.interfaces.config import TaskConfig
@@ -23,6 +24,7 @@ class DatasetGAN(TaskConfig):
         self.defaults = config_overrides(TrainConfig(), conf, InterpreterTrain.options, prefix="interpreter_")
         self.candidates = {"candidates": int(conf["candidates"])} if conf.get("candidates") else {}
         self.psi = {"truncation_psi": float(conf["truncation_psi"])} if conf.get("truncation_psi") else {}
+        self.explore = {"explore": int(conf["explore"])} if conf.get("explore") else {}
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
         self.models = InterpreterModels(model_dir, self.label_names)
 
@@ -36,7 +38,7 @@ class DatasetGAN(TaskConfig):
         return {"interpreter": InterpreterTrain(self.model_dir, self.defaults, self.label_names)}
 
     def strategy(self):
-        return {"generated_uncertain": GeneratedUncertain(self.models, **self.candidates, **self.psi)}
+        return {"generated_uncertain": GeneratedUncertain(self.models, **self.candidates, **self.psi, **self.explore)}
 
     def scoring_method(self):
         return {"generated_uncertainty": GeneratedUncertainty(self.models)}
