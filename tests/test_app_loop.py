@@ -87,6 +87,7 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     assert [r["train"] for r in records if "train" in r] == ["DONE"]
     ids = [r["image"] for r in records]
     assert len(set(ids)) == 3 and all(i.startswith("gen_seed") for i in ids)
+    assert {r["picked"] for r in records} == {"random: no interpreter yet"}  # each pick says why
     for i in ids:  # each sample was stored with its latent, and its submitted label kept
         info_i = requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json()
         assert len(info_i["labelfactory"]["w"]) > 0 and "seed" in info_i["labelfactory"]
@@ -99,6 +100,7 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     # the interpreter now segments a new generated image, from its recorded w, on the image's own grid
     nxt = client.next_sample("generated_uncertain", {})
     assert nxt["uncertainty"] is not None, "with an interpreter, candidates are scored by uncertainty"
+    assert nxt["picked"] == "the most uncertain candidate"
     windows = []  # each sample is the pick of a window of seeds no earlier window held
     for i in [*ids, nxt["id"]]:
         info_i = requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json()

@@ -89,8 +89,10 @@ def run_loop(
             names = [{"name": n, "idx": v} for n, v in (label_names or LABEL_NAMES).items() if v]
             client.save_label(image_id, str(path), tag="final", params={"label_info": names})
             rec = {"round": r, "image": image_id, "uncertainty": sample.get("uncertainty"), "agreement": agreement}
+            rec["picked"] = sample.get("picked")  # why the strategy chose it (generated_uncertain says)
             log(
                 f"round {r}: labelled {image_id}"
+                + (f" ({rec['picked']})" if rec["picked"] else "")
                 + (f", auto-segmentation agreed on {agreement:.1%} of pixels" if agreement is not None else "")
             )
             if (r + 1) % retrain_every == 0:
