@@ -154,3 +154,5 @@ def test_generated_uncertain_explores_every_nth_image_and_says_why(setup):
     assert never({}, ds)[PICKED] == "the most uncertain candidate"
     with pytest.raises(LabelFactoryError, match="explore >= 0"):
         strategy({"explore": -1}, ds)
+    with pytest.raises(LabelFactoryError, match="option explore='often': expected int"):
+        strategy({"explore": "often"}, ds)

@@ -28,6 +28,7 @@ from labelfactory.interpreter.labeller import KIND as INTERPRETER
 from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
+from labelfactory.options import cast
 from labelfactory.tasks.interpreter import InterpreterModels
 from labelfactory.tasks.synthesis import add_generated_image
 
@@ -77,9 +78,9 @@ class GeneratedUncertain(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         G = self.models.generator.get()
-        k = int(request.get("candidates", self.candidates))
-        psi = float(request.get("truncation_psi", self.truncation_psi))
-        explore = int(request.get("explore", self.explore))
+        k = cast(int, "candidates", request.get("candidates", self.candidates))
+        psi = cast(float, "truncation_psi", request.get("truncation_psi", self.truncation_psi))
+        explore = cast(int, "explore", request.get("explore", self.explore))
         if not 1 <= k <= 256 or not 0.0 < psi <= 1.0 or explore < 0:
             raise LabelFactoryError("candidates must be 1..256, truncation_psi in (0, 1] and explore >= 0")
         infos = generated_infos(datastore)
