@@ -56,6 +56,7 @@ class Sizes:
     annotations: int = 30  # labelled generated images per selection strategy
     retrain_every: int = 5  # loop labels between interpreter retrainings
     candidates: int = 16  # K candidates the strategy scores per next sample
+    explore: int = 2  # every 2nd pick random: pure uncertainty (0) missed the larynx (benchmarks/selection_coverage.py)
     members: int = 10  # interpreter ensemble size
     interpreter_epochs: int = 100  # max epochs, early stopping: 4 gave 0.50 Dice, 100 gave 0.76 (interpreter_budget)
     pairs: int = 1500  # synthetic pairs kept per label set, after dropping
@@ -654,6 +655,9 @@ class Experiment:
             "candidates",
             str(s.candidates),
             "--conf",
+            "explore",
+            str(s.explore),
+            "--conf",
             "interpreter_members",
             str(s.members),
             "--conf",
@@ -759,17 +763,32 @@ class Experiment:
                 pending.append(d.name)
                 continue
             if ev is None:
-                log(f"segmenters: {i + 1}/{len(todo)} {d.name}")
-                images, masks, data = self.training_set(row, seed)
-                config = segmenter_config(network, self.sizes, self.sizes.steps, seed)
-                model = train_resumable(images, masks, config, d, data, self.sizes.save_every, folder)
-                ev = {"row": row, "network": network, "seed": seed, "data": data, "validation": self.evaluate(model)}
-                write_json_atomic(ev, d / "eval.json")
+                d.mkdir(parents=True, exist_ok=True)
+                with open(d / "run.lock", "a") as lock:
+                    try:  # two runs of the experiment may share rows: each trains what no other process holds
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        log(f"segmenters: {d.name} is being trained by another process, skipped")
+                        pending.append(d.name)
+                        continue
+                    ev = read_json(d / "eval.json")  # finished by another process meanwhile
+                    if ev is None:
+                        log(f"segmenters: {i + 1}/{len(todo)} {d.name}")
+                        ev = self.train_and_score(row, network, seed, d, folder)
             out[d.name] = {k: ev[k] for k in ("row", "network", "seed")} | {
                 "mean_dice": ev["validation"]["mean_dice"],
                 "miou": ev["validation"]["miou"],
             }
         return {"runs": out, "pending": pending}
+
+    def train_and_score(self, row: str, network: str, seed: int, d: Path, folder: Path) -> dict:
+        """Train one segmenter into `d` (resumable) and score it on the validation volumes (`d/eval.json`)."""
+        images, masks, data = self.training_set(row, seed)
+        config = segmenter_config(network, self.sizes, self.sizes.steps, seed)
+        model = train_resumable(images, masks, config, d, data, self.sizes.save_every, folder)
+        ev = {"row": row, "network": network, "seed": seed, "data": data, "validation": self.evaluate(model)}
+        write_json_atomic(ev, d / "eval.json")
+        return ev
 
     def training_set(self, row: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(N, 1, S, S) images, (N, S, S) masks and a data record for one row and seed."""

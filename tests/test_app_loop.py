@@ -98,11 +98,12 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
         )
 
     # the interpreter now segments a new generated image, from its recorded w, on the image's own grid
-    nxt = client.next_sample("generated_uncertain", {})
+    explores, nxt = client.next_sample("generated_uncertain", {}), client.next_sample("generated_uncertain", {})
+    assert explores["picked"] == "random: 1 in 2 images explores"  # the 4th image: the default explores 1 in 2
     assert nxt["uncertainty"] is not None, "with an interpreter, candidates are scored by uncertainty"
     assert nxt["picked"] == "the most uncertain candidate"
     windows = []  # each sample is the pick of a window of seeds no earlier window held
-    for i in [*ids, nxt["id"]]:
+    for i in [*ids, explores["id"], nxt["id"]]:
         info_i = requests.get(f"{url}/datastore/image/info", params={"image": i}, timeout=30).json()
         first, last = info_i["candidate_seeds"]
         assert first <= info_i["labelfactory"]["seed"] <= last and last - first + 1 == int(TINY["candidates"])

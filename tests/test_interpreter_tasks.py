@@ -133,7 +133,7 @@ def test_generated_uncertain_explores_every_nth_image_and_says_why(setup):
     """With an interpreter: the most uncertain of the window, except every `explore`-th generated image, which is
     the window's first (random) seed; each pick records why. An ensemble never shown a class is not uncertain on
     it, so only such picks can find what the first labels missed."""
-    from labelfactory.tasks.active_learning import CANDIDATE_SEEDS, PICKED, GeneratedUncertain
+    from labelfactory.tasks.active_learning import CANDIDATE_SEEDS, EXPLORE, PICKED, GeneratedUncertain
 
     model_dir, ds, G, tmp = setup
     for s in range(3):
@@ -150,8 +150,9 @@ def test_generated_uncertain_explores_every_nth_image_and_says_why(setup):
         assert p["seed"] == expected and ("random" in p[PICKED]) == explores, p
         assert ds.get_image_info(p["id"])[PICKED] == p[PICKED]
         assert p["uncertainty"] == pytest.approx(float(scores[p["seed"] - first]), rel=1e-4, abs=1e-6)
-    never = GeneratedUncertain(models, candidates=6, truncation_psi=0.7)  # explore 0, the default: never random
+    never = GeneratedUncertain(models, candidates=6, truncation_psi=0.7, explore=0)  # pure uncertainty
     assert never({}, ds)[PICKED] == "the most uncertain candidate"
+    assert GeneratedUncertain(models).explore == EXPLORE == 2  # the default explores: 1 in 2 images
     with pytest.raises(LabelFactoryError, match="explore >= 0"):
         strategy({"explore": -1}, ds)
     with pytest.raises(LabelFactoryError, match="option explore='often': expected int"):

@@ -156,6 +156,25 @@ def test_the_real_rows_train_before_any_generator_exists(tmp_path):
         le.main([*args[:-1], "hybrid"])
 
 
+def test_two_runs_sharing_a_row_train_each_segmenter_once(tmp_path, capsys):
+    """A segmenter another process is training (its run lock held) is skipped, not trained twice; once free, the
+    next run trains it."""
+    import fcntl
+
+    out = tmp_path / "out"
+    args = ["--data", str(DATA), "--out", str(out), "--reduced", "--stages", "segmenters", "--rows", "real-30"]
+    held = out / "segmenters" / "real-30.unetpp.seed0"
+    held.mkdir(parents=True)
+    with open(held / "run.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "another process" holds seed 0
+        assert le.main(args) == 0
+        assert "real-30.unetpp.seed0 is being trained by another process" in capsys.readouterr().err
+        assert not (held / "eval.json").exists() and not any(held.glob("*.pt"))
+        assert (out / "segmenters" / "real-30.unetpp.seed1" / "eval.json").is_file()
+    assert le.main(args) == 0
+    assert json.loads((held / "eval.json").read_text())["row"] == "real-30"
+
+
 def _add_cpu_many(folder: Path, n: int) -> None:
     for _ in range(n):
         le.add_cpu(folder, 1.0)

@@ -6,9 +6,10 @@ the interpreter's ensemble uncertainty (the mean of each image's top 10% per-pix
 and the most uncertain one is added to the datastore with its latent record (seed, truncation psi,
 w, generator) in its info. While no interpreter exists for the current generator, the first
 candidate is taken (the seeds are random latents, so this is a random sample that stays
-reproducible). With `explore` N > 0, every N-th generated image is that random first candidate too:
-an ensemble never shown a class is confidently wrong on it, not uncertain, so uncertainty alone
-never finds what the first labels missed (docs/RESULTS.md section 0: no larynx in 30 picks).
+reproducible). With `explore` N > 0 (default `EXPLORE`), every N-th generated image is that random
+first candidate too: an ensemble never shown a class is confidently wrong on it, not uncertain, so
+uncertainty alone never finds what the first labels missed (docs/RESULTS.md section 0: pure
+uncertainty put no larynx in 30 picks; benchmarks/selection_coverage.py: the odds per class).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from labelfactory.tasks.synthesis import add_generated_image
 logger = logging.getLogger(__name__)
 CANDIDATE_SEEDS = "candidate_seeds"  # info key: [first, last] seed of the window a sample was picked from
 PICKED = "picked"  # info key: why that candidate (the most uncertain, or random and why)
+EXPLORE = 2  # 1 in 2 random: 18 random of 30 miss a 10% organ 14% of the time; 5 (pure uncertainty) 59%
 
 
 def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
@@ -67,9 +69,13 @@ class GeneratedUncertain(Strategy):
     """Adds the most uncertain of K new generated images to the datastore and returns its id."""
 
     def __init__(
-        self, models: InterpreterModels, candidates: int = 8, truncation_psi: float = TRUNCATION_PSI, explore: int = 0
+        self,
+        models: InterpreterModels,
+        candidates: int = 8,
+        truncation_psi: float = TRUNCATION_PSI,
+        explore: int = EXPLORE,
     ):
-        every = f"; every {explore}-th a random one" if explore else ""
+        every = f"; 1 in {explore} a random one" if explore else ""
         super().__init__(
             f"A new generated image, the most uncertain of {candidates} candidates for the interpreter"
             f" (random until one is trained{every})"
@@ -91,7 +97,7 @@ class GeneratedUncertain(Strategy):
         if interp is None:
             pick, score, why = 0, None, "random: no interpreter yet"
         elif explore and (len(infos) + 1) % explore == 0:  # this is the (len(infos) + 1)-th generated image
-            pick, score, why = 0, float(interp.label(ws[:1]).score[0]), f"random: every {explore}-th image explores"
+            pick, score, why = 0, float(interp.label(ws[:1]).score[0]), f"random: 1 in {explore} images explores"
         else:
             scores = torch.cat([interp.label(ws[i : i + 4]).score for i in range(0, k, 4)])
             pick, score, why = int(scores.argmax()), float(scores.max()), "the most uncertain candidate"

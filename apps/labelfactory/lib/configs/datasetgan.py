@@ -4,7 +4,7 @@ generated image) and `synthesis` (a new image + mask from a seed), next-sample s
 
 Conf: interpreter_<option> for each trainer option (`InterpreterTrain.options`; defaults:
 `labelfactory.interpreter.train.TrainConfig`), candidates (K new images scored per next sample),
-explore (every N-th next sample a random new image; 0 never) and truncation_psi (defaults:
+explore (every N-th next sample a random new image; 0 never; default 2) and truncation_psi (defaults:
 `GeneratedUncertain`'s, `SynthesisInfer`'s).
 """
 
