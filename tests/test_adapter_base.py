@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,17 @@ def test_json_is_replaced_whole_or_not_at_all(tmp_path):
         write_json_atomic({"v": object()}, path)  # fails while encoding: the old file stays
     assert read_json(path) == {"v": 1} and [p.name for p in path.parent.iterdir()] == ["stats.json"]
     assert read_json(tmp_path / "absent.json", {}) == {}
+
+
+def test_atomic_files_get_the_mode_open_gives_not_a_private_one(tmp_path):
+    """Models and labels are read by other accounts: a file written atomically has the mode a plain open() gives."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    from labelfactory.checkpoints import hash_path, save_checkpoint
+
+    model = save_checkpoint({"kind": "k", "config": {}, "data": {}}, tmp_path / "m.pt")
+    for written in (write_json_atomic({"v": 1}, tmp_path / "atomic.json"), model, hash_path(model)):
+        assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode), written.name
 
 
 def test_checkout_defaults_resolve_in_a_checkout_and_fail_clearly_elsewhere(tmp_path, monkeypatch):

