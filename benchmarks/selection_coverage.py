@@ -8,7 +8,9 @@ class the labels so far lack. This script measures, for a generator and the stan
 2. for each `explore`, the random picks among `--budget` images and the share of 20,000 random draws of that many
    pool images (without replacement) that hold no image of the organ;
 3. the organs of actual label sets (`--sets name=folder`: folders of label files, e.g. the experiment's
-   `labels/random` or a datastore's `labels/final`), images per organ.
+   `labels/random` or a datastore's `labels/final`), images per organ;
+4. what the interpreters trained on such sets make of the pool (`--interpreters name=interpreter.pt`): Dice per
+   organ against the annotator (pooled over the pool's images) and the share of images each draws the organ in.
 
 Generated images and the annotator only: nothing real, no validation patient. Prints a table, writes a JSON.
 
@@ -24,7 +26,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from labelfactory.evaluation.metrics import confusion_matrix, scores
 from labelfactory.io import read_image
 from labelfactory.jsonio import write_json_atomic
 from labelfactory.segmentation.infer import load_segmenter
@@ -52,6 +56,31 @@ def miss_rates(pool: np.ndarray, picks: int, draws: int, rng: np.random.Generato
     return ~pool[idx].any(axis=1)
 
 
+def interpreter_on_pool(generator: Path, interpreter: Path, pool: Path, names: dict[str, int]) -> dict:
+    """Dice per organ of `interpreter` against the annotator's masks of `pool`, and its organ frequency there."""
+    from labelfactory.gan.checkpoint import load_generator
+    from labelfactory.interpreter.labeller import load_interpreter
+    from labelfactory.interpreter.records import records_from_seed_masks
+    from labelfactory.interpreter.taps import ws_from_w
+    from labelfactory.latent_record import TRUNCATION_PSI
+
+    G = load_generator(generator)
+    k = max(names.values()) + 1
+    records = records_from_seed_masks(G, pool, TRUNCATION_PSI, k, 255)
+    interp = load_interpreter(interpreter, G)
+    ws = ws_from_w(G, torch.stack([r.w for r in records]))
+    pred = torch.cat([interp.label(ws[i : i + 8]).mask for i in range(0, len(ws), 8)])
+    truth = torch.from_numpy(np.stack([r.mask for r in records])).long()
+    scored = scores(confusion_matrix(pred, truth, k), names)
+    organs = [n for n, v in names.items() if v]
+    drawn = np.stack([np.isin([names[n] for n in organs], m) for m in pred.numpy()]).mean(0)
+    return {
+        "mean_dice": scored["mean_dice"],
+        "dice": {n: scored["dice"][n] for n in organs},
+        "organ_frequency": dict(zip(organs, drawn.round(4).tolist(), strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generator", type=Path, required=True)
@@ -62,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="random images before the first interpreter (the loop's)")
     p.add_argument("--explore", default="0,2,3,4,6", help="explore values to compare (0: pure uncertainty)")
     p.add_argument("--sets", nargs="*", default=[], help="name=folder of label files, counted per organ")
+    p.add_argument("--interpreters", nargs="*", default=[], help="name=interpreter.pt, scored on the pool")
     p.add_argument("--draws", type=int, default=20000)
     p.add_argument("--out", type=Path, help="JSON file")
     args = p.parse_args(argv)
@@ -102,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             f"set {name}: {len(have)} images; "
             + ", ".join(f"{n} {c}" for n, c in sets[name]["images_per_organ"].items())
         )
+    interpreters = {}
+    for item in args.interpreters:
+        name, file = item.split("=", 1)
+        interpreters[name] = {"file": file, **interpreter_on_pool(args.generator, Path(file), args.work, names)}
+        r = interpreters[name]
+        print(
+            f"interpreter {name}: mean Dice vs annotator {r['mean_dice']:.3f}; Dice / share of images drawn in: "
+            + ", ".join(f"{n} {r['dice'][n]:.2f} / {r['organ_frequency'][n]:.2f}" for n in organs),
+            flush=True,
+        )
     record = {
         "generator": str(args.generator),
         "annotator": str(args.annotator_model),
@@ -113,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "organ_frequency": freq,
         "strategies": strategies,
         "sets": sets,
+        "interpreters": interpreters,
     }
     if args.out:
         write_json_atomic(record, args.out)
