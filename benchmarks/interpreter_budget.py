@@ -43,6 +43,15 @@ def annotate(generator: Path, annotator: Path, seeds: str, out: Path) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def masks_and_scores(interpreter: Interpreter, records: list, names: dict[str, int]) -> tuple[torch.Tensor, dict]:
+    """The interpreter's (N, H, W) masks of the records' latents, and `scores` against the records' masks (pooled
+    over the images, background out of the means)."""
+    ws = ws_from_w(interpreter.G, torch.stack([r.w for r in records]))
+    pred = torch.cat([interpreter.label(ws[i : i + 8]).mask for i in range(0, len(ws), 8)])
+    truth = torch.from_numpy(np.stack([r.mask for r in records])).long()
+    return pred, scores(confusion_matrix(pred, truth, max(names.values()) + 1), names)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generator", type=Path, required=True)
@@ -62,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     k = max(names.values()) + 1
     train = records_from_seed_masks(G, args.work / "train", TRUNCATION_PSI, k, 255)
     test = records_from_seed_masks(G, args.work / "test", TRUNCATION_PSI, k, 255)
-    truth = torch.from_numpy(np.stack([r.mask for r in test])).long()
-    ws = ws_from_w(G, torch.stack([r.w for r in test]))
     results = {}
     for budget in args.budgets.split(","):
         epochs, patience = (int(x) for x in budget.split(":"))
@@ -72,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ensemble, history = train_ensemble(G, train, k, cfg, progress=False)
         cpu = time.process_time() - t0
         interpreter = Interpreter(G, ensemble, names)
-        pred = torch.cat([interpreter.label(ws[i : i + 8]).mask for i in range(0, len(ws), 8)])
-        scored = scores(confusion_matrix(pred, truth, k), names)  # pooled over the test images, background out
+        _, scored = masks_and_scores(interpreter, test, names)
         dice = {n: d for n, d in scored["dice"].items() if names[n]}
         results[budget] = {
             "epochs_run": len(history["epoch_loss"]),

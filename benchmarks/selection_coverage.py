@@ -26,15 +26,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from labelfactory.evaluation.metrics import confusion_matrix, scores
 from labelfactory.io import read_image
 from labelfactory.jsonio import write_json_atomic
 from labelfactory.segmentation.infer import load_segmenter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interpreter_budget import annotate  # the same annotated-seeds folder
+from interpreter_budget import annotate, masks_and_scores  # the same annotated seeds, the same scoring
 
 
 def random_picks(budget: int, warmup: int, explore: int) -> int:
@@ -53,7 +51,7 @@ def presence(folder: Path, organs: dict[str, int]) -> np.ndarray:
 def miss_rates(pool: np.ndarray, picks: int, draws: int, rng: np.random.Generator) -> np.ndarray:
     """(organs,) share of `draws` random subsets of `picks` pool images that hold no image of each organ."""
     idx = np.argsort(rng.random((draws, len(pool))), axis=1)[:, :picks]
-    return ~pool[idx].any(axis=1)
+    return (~pool[idx].any(axis=1)).mean(0)
 
 
 def interpreter_on_pool(generator: Path, interpreter: Path, pool: Path, names: dict[str, int]) -> dict:
@@ -61,17 +59,11 @@ def interpreter_on_pool(generator: Path, interpreter: Path, pool: Path, names: d
     from labelfactory.gan.checkpoint import load_generator
     from labelfactory.interpreter.labeller import load_interpreter
     from labelfactory.interpreter.records import records_from_seed_masks
-    from labelfactory.interpreter.taps import ws_from_w
     from labelfactory.latent_record import TRUNCATION_PSI
 
     G = load_generator(generator)
-    k = max(names.values()) + 1
-    records = records_from_seed_masks(G, pool, TRUNCATION_PSI, k, 255)
-    interp = load_interpreter(interpreter, G)
-    ws = ws_from_w(G, torch.stack([r.w for r in records]))
-    pred = torch.cat([interp.label(ws[i : i + 8]).mask for i in range(0, len(ws), 8)])
-    truth = torch.from_numpy(np.stack([r.mask for r in records])).long()
-    scored = scores(confusion_matrix(pred, truth, k), names)
+    records = records_from_seed_masks(G, pool, TRUNCATION_PSI, max(names.values()) + 1, 255)
+    pred, scored = masks_and_scores(load_interpreter(interpreter, G), records, names)
     organs = [n for n, v in names.items() if v]
     drawn = np.stack([np.isin([names[n] for n in organs], m) for m in pred.numpy()]).mean(0)
     return {
@@ -105,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     strategies = {}
     for explore in (int(e) for e in args.explore.split(",")):
         picks = random_picks(args.budget, args.warmup, explore)
-        missed = miss_rates(pool, picks, args.draws, rng).mean(0)
+        missed = miss_rates(pool, picks, args.draws, rng)
         strategies[f"explore {explore}"] = {
             "explore": explore,
             "random_picks": picks,
