@@ -11,6 +11,10 @@ Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage
     .venv/bin/python benchmarks/label_efficiency.py --data ../shared/datasets/openkbp \\
         --generator /work/runs/openkbp-gan64/stylegan2.pt --out /work/runs/label-efficiency
 
+`--models sample-data/openkbp/models` starts from shipped models instead (their generator and uncertainty-30
+interpreter): the rows on the uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without the annotator
+and labels stages, and the report publishes as `label_efficiency_from_models`.
+
 `--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py). Validation patients are only
 ever read for the figures; nothing is tuned on them.
 """
@@ -117,7 +121,7 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
     add_cpu(folder, cpu_seconds() - c0 - (_RECORDED.get(folder, 0.0) - recorded0))  # what fn did not record itself
     cpu_hours = read_json(folder / "cpu.json")["cpu_seconds"] / 3600  # every run's, interrupted ones included
     if result.get("pending"):  # a part asked for (--rows) is done: the stage is not
-        log(f"stage {name}: {len(result['pending'])} runs still to go (not asked for now)")
+        log(f"stage {name}: still to do: {', '.join(result['pending'])} (not asked for now, or inputs missing)")
         return result
     done = {
         "stage": name,
@@ -448,6 +452,8 @@ class Experiment:
         self._val: list[openkbp.CaseSlices] | None = None
         self._truth: dict[str, np.ndarray] = {}
         self._G = None
+        self.models: Path | None = None  # the models folder the run started from (`seed_from_models`)
+        self.published = "label_efficiency"  # the report's name under benchmarks/results and docs/results
 
     # --- shared inputs
     @property
@@ -508,6 +514,33 @@ class Experiment:
             **summarize(per_patient),
             "per_patient": {k: {openkbp.ORGANS[v]: s for v, s in d.items()} for k, d in per_patient.items()},
         }
+
+    def seed_from_models(self, models: Path) -> None:
+        """Start from a models folder (`--models`, e.g. the shipped one): its generator and uncertainty-30
+        interpreter take the place of the generator and labels stages' products, hash-checked, so the rows on the
+        uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without annotator or labels."""
+        from labelfactory.checkpoints import verify_hash
+        from labelfactory.errors import LabelFactoryError
+        from labelfactory.jsonio import write_atomic
+
+        self.models, self.published = models, "label_efficiency_from_models"  # its own record, not a whole rerun
+        for src, dst in (
+            (models / "stylegan2.pt", self.generator_file),
+            (models / "interpreter.pt", self.out / "synthetic" / "uncertainty" / "interpreter.pt"),
+        ):
+            if not src.is_file():
+                raise SystemExit(f"--models {models} holds no {src.name}")
+            try:
+                verify_hash(src)
+            except LabelFactoryError as e:
+                raise SystemExit(str(e)) from None
+            if dst.is_file() and dst.read_bytes() != src.read_bytes():
+                raise SystemExit(f"{dst} is another model than {src}: start from a new --out folder")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            for a, b in ((src, dst), (hash_path(src), hash_path(dst))):
+                if a.is_file():
+                    write_atomic(b, lambda f, a=a: f.write(a.read_bytes()))
+        log(f"run folder seeded from {models}: generator and uncertainty-30 interpreter")
 
     # --- stage 1
     def generator(self, folder: Path) -> dict:
@@ -700,10 +733,16 @@ class Experiment:
         labels = self.out / "labels"
         n_seeds = math.ceil(s.pairs / (1 - s.drop_fraction))
         spacing = float(np.median([c.case.spacing_mm[0] for c in self.train]))
-        result = {}
+        result, pending = {}, []
         for name in ("random", "uncertainty"):
             d = folder / name
             interp_file = d / "interpreter.pt"
+            if read_json(d / "done.json") is not None:
+                result[name] = read_json(d / "done.json")
+                continue
+            if not interp_file.is_file() and read_json(labels / "done.json") is None:
+                pending.append(name)  # neither labels nor a given interpreter (--models): the other set only
+                continue
             if not interp_file.is_file():
                 self.train_interpreter(name, labels, interp_file)
             res = synthesize(
@@ -721,9 +760,11 @@ class Experiment:
                 "kept": len(res.kept),
                 "dropped": len(res.dropped),
             }
+            write_json_atomic(result[name], d / "done.json")  # the set is whole: its rows may train on it
             log(f"synthetic {name}: {len(res.kept)} pairs kept, {len(res.dropped)} dropped")
-        pairs_figure(folder / "pairs.png", {n: folder / n / "pairs" for n in result})
-        return {**result, "figure": str(folder / "pairs.png")}
+        if result:
+            pairs_figure(folder / "pairs.png", {n: folder / n / "pairs" for n in result})
+        return {**result, "figure": str(folder / "pairs.png"), "pending": pending}
 
     def train_interpreter(self, name: str, labels: Path, out: Path) -> None:
         from labelfactory.interpreter.labeller import save_interpreter
@@ -806,8 +847,8 @@ class Experiment:
     def synthetic_pairs(self, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
         from labelfactory.io import read_image
 
-        if read_json(self.out / "synthetic" / "done.json") is None:  # never train on a set still being written
-            raise SystemExit("the synthetic rows need the synthetic stage finished (run --stages synthetic first)")
+        if read_json(self.out / "synthetic" / name / "done.json") is None:  # never train on a set still being written
+            raise SystemExit(f"the rows on the {name} set need it synthesized first (run --stages synthetic)")
         folder = self.out / "synthetic" / name / "pairs"
         files = sorted((folder / "images").glob("seed*.nii.gz"))
         images = torch.from_numpy(np.stack([openkbp.WINDOW.to_unit(read_image(f).array) for f in files]))[:, None]
@@ -846,6 +887,7 @@ class Experiment:
             figures["validation"] = self.validation_figure(folder / "validation.png", seed0, "segmenters (seed 0)")
         results = {
             "sizes": asdict(self.sizes),
+            "models": self.models and str(self.models),
             "cpu_hours": {k: v["cpu_hours"] for k, v in stages.items() if v},
             "generator": stages["generator"] and stages["generator"]["result"],
             "annotator": stages["annotator"]
@@ -861,10 +903,10 @@ class Experiment:
         write_json_atomic(results, folder / "results.json")
         (folder / "results.md").write_text(markdown(results))
         if self.publish:
-            write_json_atomic(results, REPO / "benchmarks" / "results" / "label_efficiency.json")
-            (REPO / "benchmarks" / "results" / "label_efficiency.md").write_text(markdown(results))
+            write_json_atomic(results, REPO / "benchmarks" / "results" / f"{self.published}.json")
+            (REPO / "benchmarks" / "results" / f"{self.published}.md").write_text(markdown(results))
             for k, v in figures.items():
-                shutil.copy2(v, REPO / "docs" / "results" / f"label-efficiency-{k}.png")
+                shutil.copy2(v, REPO / "docs" / "results" / f"{self.published.replace('_', '-')}-{k}.png")
         return {"results": str(folder / "results.json"), "markdown": str(folder / "results.md")}
 
 
@@ -1014,7 +1056,9 @@ def markdown(r: dict) -> str:
     """The results as markdown tables."""
     organs = list(openkbp.ORGANS.values())
     g = r.get("generator")
-    if g:
+    if r.get("models"):
+        lines = [f"# Label efficiency on OpenKBP, from {r['models']}'s generator and uncertainty-30 interpreter", ""]
+    elif g:
         fid = "not measured (no Inception weights)" if g["fid"] is None else f"{g['fid']:.1f}"
         lines = [f"# Label efficiency on OpenKBP (generator at {g['kimg']:.0f} kimg, FID {fid})", ""]
     else:
@@ -1066,11 +1110,15 @@ def markdown(r: dict) -> str:
         lines += [
             "## Table III: networks on the synthetic (uncertainty-30) set",
             "",
-            "| network | mean Dice | mIoU |",
-            "|---|---|---|",
+            "| network | seeds | mean Dice | mIoU | " + " | ".join(organs) + " |",
+            "|---|---|---|---|" + "---|" * len(organs),
         ]
         for net, t in r["table_iii"].items():
-            lines.append(f"| {net} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} |")
+            lines.append(
+                f"| {net} | {t['seeds']} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} | "
+                + " | ".join(fmt(t["organs"].get(o, (float("nan"), 0)), t["seeds"]) for o in organs)
+                + " |"
+            )
         lines.append("")
     lines += ["## CPU-hours per stage", "", "| stage | CPU-hours |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["cpu_hours"].items()]
@@ -1137,6 +1185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="OpenKBP folder (cases.csv, volumes/)",
     )
     p.add_argument("--generator", type=Path, help="published generator (stylegan2.pt) of the GAN run")
+    p.add_argument(
+        "--models",
+        type=Path,
+        help="start from a models folder's generator and uncertainty-30 interpreter (the shipped ones: "
+        "sample-data/openkbp/models) instead of the generator, annotator and labels stages",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per stage)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--reduced", action="store_true", help="tiny sizes (the test suite)")
@@ -1150,7 +1204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--publish",
         action="store_true",
-        help="the report also writes benchmarks/results/label_efficiency.{json,md} and docs/results PNGs",
+        help="the report also writes benchmarks/results/label_efficiency.{json,md} and docs/results PNGs "
+        "(label_efficiency_from_models.* for a --models run)",
     )
     p.add_argument(
         "--ship",
@@ -1175,9 +1230,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(wanted) - set(STAGES)) + sorted(set(rows) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown stages or rows {unknown}; stages: {', '.join(STAGES)}; rows: {', '.join(ROWS)}")
-    exp = Experiment(args.data, args.out, args.generator, sizes, args.publish, rows)
+    generator = args.generator or (args.models and args.models / "stylegan2.pt")
+    exp = Experiment(args.data, args.out, generator, sizes, args.publish, rows)
+    if args.models:
+        exp.seed_from_models(args.models)
     write_json_atomic(
-        {"sizes": asdict(sizes), "data": str(args.data), "generator": str(args.generator)}, args.out / "config.json"
+        {"sizes": asdict(sizes), "data": str(args.data), "generator": str(generator), "models": str(args.models)},
+        args.out / "config.json",
     )
     for name in STAGES:
         if name == "report" and name in wanted:

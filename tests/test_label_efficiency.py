@@ -138,6 +138,41 @@ def test_shipped_models_serve_an_openkbp_volume_under_its_organ_names(experiment
     assert r.json()["label_names"] == organs
 
 
+@pytest.mark.slow
+def test_a_run_from_shipped_models_rebuilds_the_uncertainty_set_and_trains_table_iii(experiment, tmp_path):
+    """`--models`: the shipped generator and uncertainty-30 interpreter stand in for the generator, annotator and
+    labels stages; the uncertainty set comes out as the full run made it, table III trains on it, the random set
+    (no labels) stays to do, and the report publishes under its own name."""
+    shipped = le.ship(experiment, tmp_path / "models")
+    out = tmp_path / "out"
+
+    def run(folder: Path, *args: str) -> int:
+        return le.main(["--data", str(DATA), "--models", str(shipped), "--out", str(folder), "--reduced", *args])
+
+    assert run(out, "--stages", "synthetic,segmenters,report", "--rows", "synthetic-uncertainty", "--seeds", "0") == 0
+    assert (out / "generator" / "stylegan2.pt").read_bytes() == (shipped / "stylegan2.pt").read_bytes()
+    assert (out / "synthetic" / "uncertainty" / "done.json").is_file() and not (out / "synthetic" / "random").exists()
+    assert not (out / "synthetic" / "done.json").exists()  # the random set is still to do
+    for kind in ("images", "labels"):
+        made = sorted((out / "synthetic" / "uncertainty" / "pairs" / kind).glob("seed*.nii.gz"))
+        before = sorted((experiment / "synthetic" / "uncertainty" / "pairs" / kind).glob("seed*.nii.gz"))
+        assert [f.name for f in made] == [f.name for f in before] and len(made) == le.Sizes.reduced().pairs
+        a, b = (np.stack([read_image(f).array for f in files]) for files in (made, before))
+        if kind == "images":
+            np.testing.assert_allclose(a, b, atol=1e-3)
+        else:
+            assert (a == b).mean() > 0.99
+    assert sorted(p.name for p in (out / "segmenters").iterdir() if p.is_dir()) == ["synthetic-uncertainty.unet.seed0"]
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert results["models"] == str(shipped) and set(results["table_iii"]) == {"unet"} and not results["table"]
+    assert (out / "report" / "results.md").read_text().startswith(f"# Label efficiency on OpenKBP, from {shipped}")
+    with pytest.raises(SystemExit, match="need it synthesized first"):
+        run(tmp_path / "other", "--stages", "segmenters", "--rows", "synthetic-random")
+    (shipped / "interpreter.pt").write_bytes((shipped / "interpreter.pt").read_bytes()[:-1] + b"x")
+    with pytest.raises(SystemExit, match="SHA-256"):
+        run(out, "--stages", "report")
+
+
 def test_the_real_rows_train_before_any_generator_exists(tmp_path):
     """`--rows real-30`: those segmenters train and are scored; the stage stays open for the rows that need the GAN,
     which refuse to start before the synthetic stage has finished."""
@@ -152,7 +187,7 @@ def test_the_real_rows_train_before_any_generator_exists(tmp_path):
     assert json.loads((out / "segmenters" / "cpu.json").read_text())["cpu_seconds"] > 0
     with pytest.raises(SystemExit, match="real-3"):
         le.main([*args[:-1], "real-3"])
-    with pytest.raises(SystemExit, match="the synthetic stage finished"):  # never a half-written synthetic set
+    with pytest.raises(SystemExit, match="need it synthesized first"):  # never a half-written synthetic set
         le.main([*args[:-1], "hybrid"])
 
 
