@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelfactory.checkpoints import hash_path, load_checkpoint, previous_path, save_checkpoint
+from labelfactory.checkpoints import copy_model, hash_path, load_checkpoint, previous_path, save_checkpoint
 from labelfactory.datasets import openkbp
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.segmentation.networks import build_network
@@ -521,7 +521,6 @@ class Experiment:
         uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without annotator or labels."""
         from labelfactory.checkpoints import verify_hash
         from labelfactory.errors import LabelFactoryError
-        from labelfactory.jsonio import write_atomic
 
         self.models, self.published = models, "label_efficiency_from_models"  # its own record, not a whole rerun
         for src, dst in (
@@ -536,10 +535,7 @@ class Experiment:
                 raise SystemExit(str(e)) from None
             if dst.is_file() and dst.read_bytes() != src.read_bytes():
                 raise SystemExit(f"{dst} is another model than {src}: start from a new --out folder")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            for a, b in ((src, dst), (hash_path(src), hash_path(dst))):
-                if a.is_file():
-                    write_atomic(b, lambda f, a=a: f.write(a.read_bytes()))
+            copy_model(src, dst)
         log(f"run folder seeded from {models}: generator and uncertainty-30 interpreter")
 
     # --- stage 1
@@ -551,9 +547,7 @@ class Experiment:
         if self.source_generator is None:
             raise SystemExit("the generator stage needs --generator (the GAN run's published stylegan2.pt)")
         if not self.generator_file.is_file():
-            if hash_path(self.source_generator).is_file():
-                shutil.copy2(hash_path(self.source_generator), hash_path(self.generator_file))
-            shutil.copy2(self.source_generator, self.generator_file)
+            copy_model(self.source_generator, self.generator_file)
         G = self.G
         reals = torch.cat([c.images for c in self.train])
         idx = evenly_spaced(len(reals), self.sizes.fid_images)
@@ -661,8 +655,7 @@ class Experiment:
         datastore.mkdir(parents=True, exist_ok=True)
         models.mkdir(parents=True, exist_ok=True)
         if not (models / "stylegan2.pt").is_file():
-            shutil.copy2(hash_path(self.generator_file), hash_path(models / "stylegan2.pt"))
-            shutil.copy2(self.generator_file, models / "stylegan2.pt")
+            copy_model(self.generator_file, models / "stylegan2.pt")
 
         def labelled() -> int:
             return len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
@@ -939,8 +932,7 @@ def ship(out: Path, folder: Path) -> Path:
         raise SystemExit(f"the models to ship hold {megabytes:.1f} MB, over the {SHIP_LIMIT_MB} MB bound")
     for name, src in sources.items():
         verify_hash(src)
-        for a, b in ((src, folder / name), (hash_path(src), hash_path(folder / name))):
-            write_atomic(b, lambda f, a=a: f.write(a.read_bytes()))
+        copy_model(src, folder / name)
     hybrid = read_json(sources["segmentation.pt"].parent / "eval.json")
     config = load_checkpoint(sources["segmentation.pt"])["config"]
     readme = models_readme(out, hybrid, config, megabytes)

@@ -10,6 +10,7 @@ import torch
 
 from labelfactory import checkpoints
 from labelfactory.checkpoints import (
+    copy_model,
     hash_path,
     load_checkpoint,
     previous_path,
@@ -79,6 +80,30 @@ def test_a_model_without_a_recorded_hash_still_loads(tmp_path):
     path = _publish(tmp_path / "m.pt", 3)
     hash_path(path).unlink()  # e.g. a file copied by hand from another machine
     assert _loader(path) == 3.0
+
+
+def test_a_copied_model_keeps_its_hash_and_a_copy_cut_short_is_refused(tmp_path, monkeypatch):
+    src = _publish(tmp_path / "a" / "m.pt", 4)
+    dst = copy_model(src, tmp_path / "b" / "m.pt")
+    assert dst.read_bytes() == src.read_bytes() and hash_path(dst).read_text() == hash_path(src).read_text()
+    assert _loader(dst) == 4.0
+
+    other = _publish(tmp_path / "c" / "m.pt", 5)
+    hash_path(other).unlink()
+    copy_model(other, dst)  # a source without a hash: dst's old hash would refuse the new bytes, so it goes
+    assert not hash_path(dst).exists() and _loader(dst) == 5.0
+
+    def cut_short(path, write):  # the machine dies before the model file itself lands
+        if path.suffix == ".pt":
+            raise OSError("disk gone")
+        return real(path, write)
+
+    real = checkpoints.write_atomic
+    monkeypatch.setattr(checkpoints, "write_atomic", cut_short)
+    with pytest.raises(OSError):
+        copy_model(src, dst)
+    with pytest.raises(LabelFactoryError, match="SHA-256"):  # src's hash sits beside dst's other bytes: refused
+        load_checkpoint(dst, "toy")
 
 
 def test_leftover_temp_files_are_removed(tmp_path):

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import time
@@ -74,6 +75,19 @@ def sha256_of(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def copy_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy model file `src` and its SHA-256 to `dst`, each atomically and the hash first, so that `dst` is never
+    read unchecked (a stale hash of dst's old version goes when src has none). Returns dst."""
+    src, dst = Path(src), Path(dst)
+    for a, b in ((hash_path(src), hash_path(dst)), (src, dst)):
+        if not a.is_file():
+            b.unlink(missing_ok=True)
+            continue
+        with open(a, "rb") as f:
+            write_atomic(b, lambda out, f=f: shutil.copyfileobj(f, out, 1 << 20))
+    return dst
 
 
 def _link_atomic(src: Path, dst: Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labelfactory.checkout import in_checkout
-from labelfactory.checkpoints import hash_path
+from labelfactory.checkpoints import copy_model
 from labelfactory.errors import LabelFactoryError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,9 +117,7 @@ def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> l
     copied = []
     for f in sorted(source.glob("*.pt")):
         if not f.name.endswith(".previous.pt") and not (model_dir / f.name).exists():
-            if hash_path(f).exists():  # the hash first: the model never sits there unchecked
-                shutil.copy2(hash_path(f), hash_path(model_dir / f.name))
-            shutil.copy2(f, model_dir / f.name)
+            copy_model(f, model_dir / f.name)
             copied.append(f.name)
     return copied
 
