@@ -519,7 +519,7 @@ class Experiment:
         """Start from a models folder (`--models`, e.g. the shipped one): its generator and uncertainty-30
         interpreter take the place of the generator and labels stages' products, hash-checked, so the rows on the
         uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without annotator or labels."""
-        from labelfactory.checkpoints import verify_hash
+        from labelfactory.checkpoints import sha256_of, verify_hash
         from labelfactory.errors import LabelFactoryError
 
         self.models, self.published = models, "label_efficiency_from_models"  # its own record, not a whole rerun
@@ -533,9 +533,10 @@ class Experiment:
                 verify_hash(src)
             except LabelFactoryError as e:
                 raise SystemExit(str(e)) from None
-            if dst.is_file() and dst.read_bytes() != src.read_bytes():
+            if not dst.is_file():
+                copy_model(src, dst)
+            elif sha256_of(dst) != sha256_of(src):  # a rerun keeps its own copy; another model is refused
                 raise SystemExit(f"{dst} is another model than {src}: start from a new --out folder")
-            copy_model(src, dst)
         log(f"run folder seeded from {models}: generator and uncertainty-30 interpreter")
 
     # --- stage 1

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from labelfactory.checkpoints import hash_path, sha256_of
 from labelfactory.gan.checkpoint import publish_generator
 from labelfactory.gan.networks import Generator
 from labelfactory.io import read_image
@@ -170,6 +171,9 @@ def test_a_run_from_shipped_models_rebuilds_the_uncertainty_set_and_trains_table
         run(tmp_path / "other", "--stages", "segmenters", "--rows", "synthetic-random")
     (shipped / "interpreter.pt").write_bytes((shipped / "interpreter.pt").read_bytes()[:-1] + b"x")
     with pytest.raises(SystemExit, match="SHA-256"):
+        run(out, "--stages", "report")
+    hash_path(shipped / "interpreter.pt").write_text(f"{sha256_of(shipped / 'interpreter.pt')}  interpreter.pt\n")
+    with pytest.raises(SystemExit, match="another model"):  # checked, but not the model this run folder was built on
         run(out, "--stages", "report")
 
 
