@@ -1,23 +1,50 @@
-"""Shared fixtures: paths to the bundled sample data, temp copies of the datastore, a real server."""
+"""Shared fixtures: paths to the bundled sample data, temp copies of the datastore, a real server.
+
+Also how the suite runs in parallel (`make test`: pytest-xdist, `--dist loadgroup`): one torch / OpenMP thread per
+process (the test workers and every server, trainer and torchrun child they start), tests that share a module-scoped
+fixture kept on one worker (it is built once), and the slow modules handed out first.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
 
-import pytest
+# Before torch is imported, and inherited by every subprocess: on 2 shared cores, OpenMP threads that spin against
+# another process made tiny networks ~30x slower; each worker is one process on one core.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from labelfactory.serve import server_command, server_env
+import shutil  # noqa: E402 (after the thread settings)
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from labelfactory.serve import server_command, server_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample-data"
 DATASTORE = SAMPLE / "datastore"
 # the smallest StyleGAN2 the GAN tests train: 16^2, 16 channels, batch 4 (TrainingConfig fields)
 TINY_GAN = dict(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16, batch_size=4)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Tests using a module-scoped fixture of their module go to one worker together; slow modules come first.
+
+    Grouping keeps a module's server or trained model built once (xdist's loadgroup would otherwise build it on each
+    worker that gets one of its tests); the order is stable within a module, so module fixtures are set up once.
+    """
+    for item in items:
+        infos = getattr(item, "_fixtureinfo", None)
+        defs = [d for ds in (infos.name2fixturedefs.values() if infos else ()) for d in ds]
+        if any(d.scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
 
 
 @pytest.fixture
