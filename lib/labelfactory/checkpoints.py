@@ -92,6 +92,18 @@ def copy_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+def publish_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Publish the checked model file `src` as `dst` the way save_checkpoint does: the current `dst` kept as
+    the previous version (when it matches its hash), then the file, then its new hash. Returns dst."""
+    src, dst = Path(src), Path(dst)
+    digest = sha256_of(src)
+    keep_as_previous(dst)
+    with open(src, "rb") as f:
+        write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+    write_atomic(hash_path(dst), lambda out: out.write(f"{digest}  {dst.name}\n".encode()))
+    return dst
+
+
 def _link_atomic(src: Path, dst: Path) -> None:
     """Hard-link `src` as `dst`, replacing dst atomically (no-op when src is missing)."""
     if not src.exists():
