@@ -164,3 +164,15 @@ def test_a_trainer_holds_the_lock_with_its_own_pid_while_it_trains(tmp_path):
     Probe("probe", tmp_path, NoOptions())({}, None)
     assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["model"] == "probe" and seen["status"] == 429
     assert not (tmp_path / LOCK_FILE).exists(), "released when training ends"
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_stale(tmp_path):
+    import os
+
+    from labelfactory.training_lock import _start_time, holder
+
+    live = os.getppid()  # a live process, but not the one that took the lock (its start time differs)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": live, "start": "1", "model": "x"}))
+    assert holder(tmp_path) is None and not (tmp_path / LOCK_FILE).exists()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": live, "start": _start_time(live), "model": "x"}))
+    assert holder(tmp_path)["pid"] == live

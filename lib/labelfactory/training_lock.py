@@ -1,11 +1,11 @@
 """One training per models folder, across server restarts: a lock file holding the trainer's PID.
 
-A trainer takes `<model_dir>/training.lock` (created exclusively, JSON: pid, the process's start
-time as /proc reports it, model, time) for as long as it trains, and removes it when done. A
-server killed mid-training leaves its trainer running (MONAI Label starts trainings as
-subprocesses); the restarted server reads the lock and refuses a second training (429) while that
-PID lives. A lock whose process is gone (killed, crashed, or its PID reused by another process) is
-stale: the next check removes it, with a log line.
+A trainer takes `<model_dir>/training.lock` for as long as it trains and removes it when done. The
+lock is created exclusively and whole (a hard link of a written temp file) and holds JSON: pid, the
+process's start time as /proc reports it, model, time. A server killed mid-training leaves its
+trainer running (MONAI Label starts trainings as subprocesses); the restarted server reads the lock
+and refuses a second training (429) while that PID lives. A lock whose process is gone (killed,
+crashed, or its PID reused by another process) is stale: the next check removes it, with a log line.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from labelfactory.errors import LabelFactoryError
+from labelfactory.jsonio import temp_beside
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "training.lock"
@@ -81,19 +82,22 @@ def training_lock(model_dir: str | os.PathLike, model: str) -> Iterator[Path]:
         "model": model,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for _ in range(2):  # a second try after removing a stale lock
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            live = holder(model_dir)
-            if live is not None:
-                raise LabelFactoryError(busy_message(live), status=429) from None
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        break
-    else:
-        raise LabelFactoryError(f"could not take the training lock {path}: another trainer took it first", 429)
+    fd, tmp = temp_beside(path)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    try:
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                os.link(tmp, path)  # created whole with its content, or not at all when one exists
+                break
+            except FileExistsError:
+                live = holder(model_dir)
+                if live is not None:
+                    raise LabelFactoryError(busy_message(live), status=429) from None
+        else:
+            raise LabelFactoryError(f"could not take the training lock {path}: another trainer took it first", 429)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     try:
         yield path
     finally:
