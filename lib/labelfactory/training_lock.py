@@ -25,13 +25,18 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = "training.lock"
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None where unreadable."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces), None where unreadable."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]  # fields after the command name, which may hold spaces
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None where unreadable."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int, started: str | None) -> bool:
@@ -41,7 +46,10 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:  # another account's process: it exists
         pass
-    now = _start_time(pid)
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: gone
+        return False
+    now = fields[19] if fields else None
     return started is None or now is None or now == started  # a PID reused by a later process is not the trainer
 
 
