@@ -135,8 +135,9 @@ def test_trainer_takes_slice_labels_from_the_datastore_info(tmp_path, sample):
     cfg = ClamNetConfig(size=32, features=TINY, steps=1, batch=2, organ="body")
     stats = ClamNetTrain(model_dir, cfg)({"steps": 1}, ds)  # no CSV anywhere: the info alone
     assert stats["abnormal"] == len(abnormal) and set(stats["studies"]) == set(ids)
-    _, result = ClamNetInfer(model_dir)({"image": str(store / f"{ids[0]}.nii.gz")})  # organ 'body' at inference too
-    prob, image = read_image(result["probability"]).array, read_image(store / f"{ids[0]}.nii.gz")
+    infer = ClamNetInfer(model_dir)
+    prob_path, result = infer({"image": str(store / f"{ids[0]}.nii.gz"), "probability": True})  # organ 'body' too
+    prob, image = read_image(prob_path).array, read_image(store / f"{ids[0]}.nii.gz")
     near_body = binary_dilation(body_mask(image).array > 0, iterations=6)  # 32^2 crop pixels span ~3 CT pixels
     assert result["organ_crop"] == "organ mask of the study" and prob[~near_body].max() == 0
     ds.update_image_info(ids[1], {"image_labels": [{"label": "maybe"}]})

@@ -38,7 +38,9 @@ def test_train_then_infer_volume_and_2d(tmp_path, datastore_copy, sample):
     infer = ClamNetInfer(model_dir, organ_dirs)
     image_path = datastore_copy / "thorax_aorta.nii.gz"
     label_path, result = infer({"image": str(image_path)})
-    image, label, prob = read_image(image_path), read_image(label_path), read_image(result["probability"])
+    prob_path, prob_result = infer({"image": str(image_path), "probability": True})
+    assert result["result"] == "marker" and prob_result["result"] == "probability"
+    image, label, prob = read_image(image_path), read_image(label_path), read_image(prob_path)
     assert label.array.shape == prob.array.shape == image.array.shape
     assert np.allclose(label.spacing, image.spacing) and np.allclose(prob.origin, image.origin)
     assert np.array_equal(label.array, prob.array >= result["threshold"])  # the mask is the thresholded map
@@ -48,16 +50,20 @@ def test_train_then_infer_volume_and_2d(tmp_path, datastore_copy, sample):
     assert prob.array[outside].max() == 0
     assert result["organ_crop"] == "organ mask of the study"
 
-    # a 2D image with its organ mask given in the request
+    # a 2D datastore image with its organ mask saved under a label tag, named in the request
     k = 60
     flat = Image(image.array[k], image.spacing[:2], image.origin[:2], (1.0, 0.0, 0.0, 1.0))
-    p2d, m2d = tmp_path / "slice.nii.gz", tmp_path / "slice_aorta.nii.gz"
+    p2d, m2d = tmp_path / "store" / "slice.nii.gz", tmp_path / "store" / "labels" / "organ" / "slice.nii.gz"
     write_image(flat, p2d)
     write_image(flat.with_array(aorta[k].astype(np.uint8)), m2d)
-    label_path, result = infer({"image": str(p2d), "organ_mask": str(m2d)})
-    assert read_image(label_path).array.shape == flat.array.shape and result["organ_crop"] == "organ_mask"
+    label_path, result = infer({"image": str(p2d), "organ_mask": "organ"})
+    assert read_image(label_path).array.shape == flat.array.shape and result["organ_crop"] == "organ_mask organ"
     assert json.loads(json.dumps(result)) == result  # the JSON the server sends, unchanged by the round trip
-    assert set(result) >= {"label_names", "probability", "threshold", "latencies"}
+    assert set(result) >= {"label_names", "result", "threshold", "latencies"} and "probability" not in result
+    for bad in (str(m2d), "../organ", "final"):  # a server path, a path in disguise, a tag without a label
+        with pytest.raises(LabelFactoryError, match="organ_mask") as e:
+            infer({"image": str(p2d), "organ_mask": bad})
+        assert e.value.status == 400
 
 
 def test_cli_train_clamnet(tmp_path, sample):

@@ -130,3 +130,41 @@ def test_code_version_is_read_once_per_process_and_unknown_outside_a_checkout(tm
         assert load_checkpoint(_publish(tmp_path / "x.pt", 1), "toy")["provenance"]["git"] == "unknown"
     finally:
         checkpoints.code_version.cache_clear()
+
+
+_KILLED_PUBLISH = """
+import os, signal, sys
+import torch
+from labelfactory import checkpoints
+
+real = checkpoints.write_atomic
+
+def die_before_the_hash(path, write):  # the model file is renamed into place; its hash is not written yet
+    if str(path).endswith("m.pt.sha256"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, write)
+
+checkpoints.write_atomic = die_before_the_hash
+value = float(sys.argv[2])
+checkpoints.save_checkpoint({"kind": "toy", "config": {}, "data": {}, "state": torch.full((3,), value)}, sys.argv[1])
+"""
+
+
+def test_two_publishes_killed_between_rename_and_hash_still_leave_a_loadable_model(tmp_path):
+    import os
+    import signal
+    import sys
+
+    path = _publish(tmp_path / "m.pt", 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for value in (2, 3):  # kill -9 at the same point twice in a row
+        run = subprocess.run([sys.executable, "-c", _KILLED_PUBLISH, str(path), str(value)], env=env, timeout=120)
+        assert run.returncode == -signal.SIGKILL
+        assert float(torch.load(path, weights_only=True)["state"][0]) == value, "the rename happened"
+        with pytest.raises(LabelFactoryError, match="SHA-256"):
+            load_checkpoint(path, "toy")
+        assert ModelCache(path, _loader, "train toy first").get() == 1.0, "the last checked version still loads"
+    _publish(path, 4)  # the next complete publish: current checked, the good previous kept
+    assert _loader(path) == 4.0 and _loader(previous_path(path)) == 1.0
+    _publish(path, 5)
+    assert _loader(path) == 5.0 and _loader(previous_path(path)) == 4.0

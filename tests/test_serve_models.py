@@ -56,3 +56,33 @@ def test_auto_falls_back_to_the_totalsegmentator_demo_while_openkbp_ships_no_mod
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "stylegan2.pt").write_bytes(b"g")
     assert serve.choose_sample("auto")[0].name == "openkbp"
+
+
+def test_serve_binds_beyond_loopback_only_with_authentication(tmp_path, monkeypatch, capsys):
+    envs = []
+    monkeypatch.setattr(serve.os, "execve", lambda path, cmd, env: envs.append(env))
+    monkeypatch.delenv("MONAI_LABEL_AUTH_ENABLE", raising=False)
+    base = ["serve", "--studies", str(tmp_path), "--models", str(tmp_path / "m")]
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        assert main([*base, "--host", host]) != 0
+        assert "authentication is off" in capsys.readouterr().err
+    assert not envs
+    main([*base, "--host", "localhost"])
+    main([*base, "--host", "::1"])
+    main([*base, "--host", "0.0.0.0", "--insecure-no-auth"])
+    assert "without authentication" in capsys.readouterr().out
+    realm = "https://idp.example.org/realms/monailabel"
+    main([*base, "--host", "0.0.0.0", "--auth-realm", realm, "--auth-client-id", "lf", "--model-routes"])
+    assert envs[-1]["MONAI_LABEL_AUTH_ENABLE"] == "true" and envs[-1]["MONAI_LABEL_AUTH_REALM_URI"] == realm
+    assert envs[-1]["MONAI_LABEL_AUTH_CLIENT_ID"] == "lf" and envs[-1]["LABELFACTORY_MODEL_ROUTES"] == "true"
+    assert "LABELFACTORY_MODEL_ROUTES" not in envs[0], "model routes stay off unless asked for"
+    monkeypatch.setenv("MONAI_LABEL_AUTH_ENABLE", "true")  # auth configured in the environment counts too
+    main([*base, "--host", "0.0.0.0"])
+
+
+def test_the_samples_models_fall_back_to_the_samples_own_label_map(tmp_path, started):
+    main(["serve", "--sample", "openkbp", "--workdir", str(tmp_path / "runs"), "--studies", str(tmp_path)])
+    conf = conf_of(started[0])
+    assert "labels" not in conf and conf["labels_fallback"] == "openkbp"  # the models' own map first, then this
+    main(["serve", "--studies", str(tmp_path), "--models", str(tmp_path / "m")])
+    assert "labels_fallback" not in conf_of(started[1])  # neither the sample's data nor its models

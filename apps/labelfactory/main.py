@@ -4,7 +4,9 @@ strategies and scoring. No model code lives here (see the `labelfactory` library
 Conf options (`--conf KEY VALUE`): models (comma list or 'all', default all),
 skip_trainers, skip_strategies, skip_scoring, model_dir (the models folder the app reads and
 trainers publish to; default <app_dir>/model), labels (a label map of `labelfactory.labels`;
-default: the map the models in model_dir record, see `served_map`), plus each config's own
+default: the map the models in model_dir record, see `served_map`), labels_fallback (the map
+served, with a warning, when no model records one: the data set's own, which `labelfactory serve`
+passes for a bundled sample; default totalsegmentator), plus each config's own
 (see lib/configs). Infers refuse (409) a model trained under another label map than the served one.
 """
 
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 class LabelFactoryApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")  # labelfactory serve --models
-        self.label_map, why = served_map(conf.get("labels"), self.model_dir)
+        self.label_map, why = served_map(conf.get("labels"), self.model_dir, conf.get("labels_fallback"))
         logger.info(f"labelfactory models in {self.model_dir}, label map {self.label_map.describe()}: {why}")
         available = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]

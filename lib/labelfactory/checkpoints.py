@@ -6,7 +6,9 @@ Writing goes to a temp file in the same folder, fsync, then `os.replace`: a read
 file or the new one, never half of one. Beside it, `<name>.sha256` (sha256sum's format, written
 the same way) records the file's SHA-256; a file whose bytes no longer match is refused like a
 truncated one. The version being replaced is kept as `<name>.previous<suffix>` (hard links, also
-atomic) with its hash, so a file damaged later on disk still has a good predecessor. Files are
+atomic) with its hash, so a file damaged later on disk still has a good predecessor; a current file
+that does not match its hash (a publish killed between its rename and its hash write) is never
+kept as the previous one, so even two such crashes in a row leave the previous version loadable. Files are
 loaded with `torch.load(weights_only=True)`: tensors and plain containers only, so a model file
 can never run code in the server; one that needs more is refused (409).
 """
@@ -90,6 +92,18 @@ def copy_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+def publish_model(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Publish the checked model file `src` as `dst` the way save_checkpoint does: the current `dst` kept as
+    the previous version (when it matches its hash), then the file, then its new hash. Returns dst."""
+    src, dst = Path(src), Path(dst)
+    digest = sha256_of(src)
+    keep_as_previous(dst)
+    with open(src, "rb") as f:
+        write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+    write_atomic(hash_path(dst), lambda out: out.write(f"{digest}  {dst.name}\n".encode()))
+    return dst
+
+
 def _link_atomic(src: Path, dst: Path) -> None:
     """Hard-link `src` as `dst`, replacing dst atomically (no-op when src is missing)."""
     if not src.exists():
@@ -118,16 +132,45 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         digest = sha256_of(tmp)
-        _link_atomic(path, previous_path(path))
-        _link_atomic(hash_path(path), hash_path(previous_path(path)))
+        keep_as_previous(path)
         # model first, then its hash: in between (or after a crash there) the pair mismatches and the
-        # file is refused, falling back to the previous version, never served unchecked
+        # file is refused, falling back to the previous version (kept above), never served unchecked
         os.replace(tmp, path)
         write_atomic(hash_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _loads_checked(path: Path) -> bool:
+    """Whether `path` exists and matches its recorded SHA-256 (or records none: a hand-copied file)."""
+    if not path.is_file():
+        return False
+    recorded = hash_path(path)
+    if not recorded.is_file():
+        return True
+    fields = recorded.read_text().split()
+    return bool(fields) and sha256_of(path) == fields[0]
+
+
+def keep_as_previous(path: str | os.PathLike) -> None:
+    """Keep the current `path` (and its hash) as `<name>.previous<suffix>`, only when it matches its hash.
+
+    A current file that does not match (a publish interrupted between its rename and its hash write)
+    never replaces a good previous version: so at every instant of every publish, crashes included,
+    either the current file or the previous one loads checked. Each step is atomic: the previous
+    file's stale hash goes first (the previous file then loads unchecked, never refused), then the
+    file, then its hash."""
+    path = Path(path)
+    if not _loads_checked(path):
+        if path.exists():
+            logger.warning(f"{path.name} does not match its recorded SHA-256: kept out of {previous_path(path).name}")
+        return
+    prev = previous_path(path)
+    hash_path(prev).unlink(missing_ok=True)
+    _link_atomic(path, prev)
+    _link_atomic(hash_path(path), hash_path(prev))
 
 
 def verify_hash(path: Path) -> None:

@@ -129,13 +129,18 @@ def require_same_map(trained: dict[str, int], served: dict[str, int], model_file
     )
 
 
-def served_map(configured: str | None, model_dir: str | os.PathLike) -> tuple[LabelMap, str]:
+def served_map(
+    configured: str | None, model_dir: str | os.PathLike, fallback: str | None = None
+) -> tuple[LabelMap, str]:
     """The map a server on `model_dir` serves, and why: `configured` (a registered name) when given, else the
-    map its labelled models record (the first of LABELLED_MODELS that loads), else DEFAULT."""
+    map its labelled models record (the first of LABELLED_MODELS that loads), else `fallback` (the data set's
+    own map, what `labelfactory serve` passes for a bundled sample), else DEFAULT; the last two with a warning,
+    so a server whose labelled models are missing or damaged never silently serves another data set's map."""
     if configured:
         return label_map(configured), "configured"
     from labelfactory.checkpoints import load_checkpoint  # torch: only where a server starts
 
+    unread = []
     for name in LABELLED_MODELS:
         path = Path(model_dir) / name
         if path.is_file():
@@ -143,7 +148,17 @@ def served_map(configured: str | None, model_dir: str | os.PathLike) -> tuple[La
                 return recorded_map(load_checkpoint(path)), f"recorded by {name}"
             except (LabelFactoryError, KeyError) as e:
                 logger.warning(f"{path}: no label map read ({e}); trying the next model")
-    return DEFAULT, "default (no model records one)"
+                unread.append(f"{name} damaged")
+        else:
+            unread.append(f"{name} missing")
+    state = ", ".join(unread)
+    if fallback:
+        chosen, why = label_map(fallback), f"the data set's own map, as no model records one ({state})"
+    else:
+        chosen = DEFAULT
+        why = f"the default map, as no model records one ({state}); if the data set has another: --conf labels NAME"
+    logger.warning(f"label map {chosen.describe()}: {why}")
+    return chosen, why
 
 
 # TotalSegmentator "total" class number -> our value (everything else becomes background)

@@ -5,11 +5,16 @@ deployments on one machine never mix models. Defaults: a bundled sample (`SAMPLE
 its models are shipped, else the TotalSegmentator sample with its demo models) served from working
 copies, `runs/<sample>/datastore` and `runs/<sample>/models` (seeded from the shipped models, never
 overwriting a trained one), so the server never modifies the files under version control.
+
+Who may reach it: MONAI Label's OIDC authentication (`--auth-realm`, or `MONAI_LABEL_AUTH_*` in the
+environment) is off by default, so `serve` binds beyond the loopback interface only with it on (or
+with `--insecure-no-auth`, said at start). `PUT` / `DELETE /model` stay off unless `--model-routes`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shutil
 import sys
@@ -76,7 +81,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", default=str(REPO / "runs"), help="where the samples' working copies live (default: runs/)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: auth is off, keep it local)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1); any other than loopback needs authentication (--auth-realm)",
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--models",
@@ -91,6 +100,30 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar=("KEY", "VALUE"),
         default=[],
         help="app option, e.g. --conf models all",
+    )
+    auth = p.add_argument_group(
+        "authentication", "MONAI Label's OIDC bearer tokens (e.g. Keycloak); more settings: MONAI_LABEL_AUTH_* env"
+    )
+    auth.add_argument(
+        "--auth-realm",
+        default=None,
+        metavar="URI",
+        help="turn authentication on with this realm of the identity provider, e.g. "
+        "https://keycloak.example.org/realms/monailabel (MONAI_LABEL_AUTH_ENABLE / _REALM_URI)",
+    )
+    auth.add_argument(
+        "--auth-client-id", default=None, help="the client id of the app in that realm (default monailabel-app)"
+    )
+    auth.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="bind beyond 127.0.0.1 without authentication: anyone who reaches the port may label, train and infer",
+    )
+    p.add_argument(
+        "--model-routes",
+        action="store_true",
+        help="enable PUT / DELETE /model/<name> (admin role with auth; off by default: models are published by "
+        "trainers and labelfactory commands)",
     )
 
 
@@ -154,9 +187,48 @@ def server_env() -> dict[str, str]:
     return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def access_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The settings `args` add to the server's environment; LabelFactoryError for a bind the rule refuses.
+
+    The rule: beyond the loopback interface only with authentication on (`--auth-realm`, or
+    MONAI_LABEL_AUTH_ENABLE=true with its realm in the environment), unless `--insecure-no-auth`."""
+    environ = os.environ if environ is None else environ
+    env = {}
+    if args.auth_realm:
+        env |= {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": args.auth_realm}
+    if args.auth_client_id:
+        env["MONAI_LABEL_AUTH_CLIENT_ID"] = args.auth_client_id
+    if args.model_routes:
+        env["LABELFACTORY_MODEL_ROUTES"] = "true"
+    auth_on = _truthy(env.get("MONAI_LABEL_AUTH_ENABLE", environ.get("MONAI_LABEL_AUTH_ENABLE")))
+    if not auth_on and not is_loopback(args.host):
+        if not args.insecure_no_auth:
+            raise LabelFactoryError(
+                f"--host {args.host} would let anyone who reaches the port label, train and infer: authentication "
+                "is off. Turn it on (--auth-realm URI, see the README's Authentication section), bind to "
+                "127.0.0.1, or accept the risk with --insecure-no-auth"
+            )
+        print(f"labelfactory: WARNING: serving on {args.host} without authentication (--insecure-no-auth)")
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     if not in_checkout():
         raise LabelFactoryError(f"serve runs the MONAI Label app of a source checkout ({APP_DIR} is absent); clone it")
+    extra_env = access_env(args)
     sample, why = choose_sample(args.sample)
     studies = prepare_studies(args.studies, args.workdir, sample)
     conf = [tuple(c) for c in args.conf]
@@ -171,8 +243,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.studies and not any(k == "labels" for k, _ in conf):
         conf.append(("labels", sample.labels))  # the sample's own map, even before its models exist
         print(f"labelfactory: the {sample.name} sample ({why})")
+    if not (args.studies and args.models) and not any(k == "labels_fallback" for k, _ in conf):
+        conf.append(("labels_fallback", sample.labels))  # the sample's models, if damaged: never another data set's map
     conf.append(("model_dir", str(models)))
     cmd = server_command(studies, args.host, args.port, conf)
     where = f"{studies} with the models in {models}"
     print(f"labelfactory: serving {where} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    os.execve(cmd[0], cmd, server_env())
+    os.execve(cmd[0], cmd, {**server_env(), **extra_env})

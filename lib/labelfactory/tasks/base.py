@@ -2,7 +2,8 @@
 
 `TrainBase` owns what all our trainers share: the options table (`config()`, fields of the config
 dataclass), request overrides parsed from that dataclass, `stats()` and the atomic
-`<model_dir>/<name>_train_stats.json`, total time. A trainer declares `name`, `options` and
+`<model_dir>/<name>_train_stats.json`, total time, the models folder's training lock
+(`labelfactory.training_lock`). A trainer declares `name`, `options` and
 `train()`. `InferBase` owns `is_valid` (models are checked per request: a missing one answers 409
 "train X first"), `get_path`, the temp result file and the latency timing; an infer declares
 `infer() -> (label Image, result JSON)`. Not BasicTrainTask / BasicInferTask themselves: those
@@ -26,6 +27,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from labelfactory.io import Image, write_image
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.options import config_overrides, options
+from labelfactory.training_lock import training_lock
 
 
 def stats_file(name: str) -> str:
@@ -59,7 +61,8 @@ class TrainBase(TrainTask):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         started = time.time()
         config = config_overrides(self.defaults, request, self.options)
-        return self.write_stats(self.train(request, datastore, config, started), started)
+        with training_lock(self.model_dir, self.name):  # one training per models folder, across server restarts
+            return self.write_stats(self.train(request, datastore, config, started), started)
 
     @abstractmethod
     def train(self, request: dict[str, Any], datastore: Datastore, config: Any, started: float) -> dict[str, Any]:

@@ -7,15 +7,21 @@ normal / abnormal through the API and retrains `clamnet` (see `datastore_image_l
 
 Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
 The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
-Organ mask at inference, in order: request `organ_mask` (a file on the image's grid), request
-`crop_box` (file array indices, starts then ends), `mask_<organ>.nii.gz` under the organ dirs
-(see `labelfactory.clamnet.data`), the image's final label, the project's segmentation model
+Its result file is the marker mask, or with `probability: true` the marker probability map (float,
+on the image's grid): the infer's own result, which MONAI Label sends and removes; no server path
+is ever returned.
+Organ mask at inference, in order: request `organ_mask` (a label tag of this datastore image, e.g.
+"final" or "organ": the label stored under it, never a path; 400 otherwise), request `crop_box` (file
+array indices, starts then ends), `mask_<organ>.nii.gz` under the organ dirs (see
+`labelfactory.clamnet.data`), the image's final label, the project's segmentation model
 (<model_dir>/segmentation.pt) when one is trained; else whole slices with a warning.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +36,40 @@ from labelfactory.clamnet.train import KIND, MODEL_FILE, ClamNetConfig, load_cla
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label
 from labelfactory.io.dataset import study_of
+from labelfactory.io.image import suffix_of
 from labelfactory.options import config_overrides
 from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FILE
-from labelfactory.tasks.base import InferBase, TrainBase, result_file
+from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
 MARKER_LABEL = {"marker": 1}
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def tagged_label(image: Path, tag: Any) -> Path:
+    """The label stored under `tag` for the datastore image at `image` (`<studies>/labels/<tag>/<id>.*`).
+
+    `tag` is a label tag, never a path: anything else, or a tag this image has no label under, is 400."""
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        raise LabelFactoryError(
+            'organ_mask takes a label tag of this image (e.g. "final", or the tag you saved the organ under with '
+            "PUT /datastore/label?tag=...), not a path or file: letters, digits, '_' and '-' only"
+        )
+    if image.parent.resolve() == Path(tempfile.gettempdir()).resolve():
+        raise LabelFactoryError("organ_mask needs a datastore image (image=<id>), not an uploaded file: give crop_box")
+    image_id = image.name[: len(image.name) - len(suffix_of(image))]
+    found = sorted((image.parent / "labels" / tag).glob(f"{glob_escape(image_id)}.*"))
+    found = [f for f in found if f.is_file() and f.name[: len(f.name) - len(suffix_of(f))] == image_id]
+    if not found:
+        raise LabelFactoryError(
+            f"organ_mask: this image has no label under tag '{tag}': save the organ first "
+            f"(PUT /datastore/label?image=<id>&tag={tag}), or give crop_box"
+        )
+    return found[0]
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def datastore_image_labels(datastore: Datastore) -> list[ImageLabel]:
@@ -98,12 +132,17 @@ class ClamNetTrain(TrainBase):
 
 
 class ClamNetInfer(InferBase):
-    """Marker mask (label file) and probability map (path in the result JSON) on the image's own grid."""
+    """Marker mask, or (`probability: true`) the probability map, as the result file on the image's own grid."""
 
     def __init__(self, model_dir: str | os.PathLike, organ_dirs: list[str] | None = None):
         description = "ClamNet weak marker segmentation (e.g. false lumen) within the organ crop"
         super().__init__(
-            Path(model_dir) / MODEL_FILE, InferType.SEGMENTATION, MARKER_LABEL, 3, description, {"threshold": 0.5}
+            Path(model_dir) / MODEL_FILE,
+            InferType.SEGMENTATION,
+            MARKER_LABEL,
+            3,
+            description,
+            {"threshold": 0.5, "probability": False},
         )
         self.segmentation_model = Path(model_dir) / SEGMENTATION_MODEL_FILE
         self.organ_dirs = organ_dirs
@@ -111,7 +150,7 @@ class ClamNetInfer(InferBase):
 
     def _organ(self, request: dict[str, Any], path: Path, image: Image, organ: str) -> tuple[Image | None, str]:
         if request.get("organ_mask"):
-            return read_label(request["organ_mask"], image), "organ_mask"
+            return read_label(tagged_label(path, request["organ_mask"]), image), f"organ_mask {request['organ_mask']}"
         if request.get("crop_box"):
             return box_mask(image, tuple(int(v) for v in request["crop_box"])), "crop_box"
         dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(path.parent)
@@ -127,15 +166,20 @@ class ClamNetInfer(InferBase):
         return None, "none (whole slices)"
 
     def infer(self, request: dict[str, Any]) -> tuple[Image, dict[str, Any]]:
+        path = Path(request["image"])
+        if request.get("organ_mask"):  # checked before any work
+            tagged_label(path, request["organ_mask"])
+        want_probability = request.get("probability", False)
+        if not isinstance(want_probability, bool):
+            raise LabelFactoryError("probability must be true (the result file is the probability map) or false")
         pair, cfg = self.model.get()
         cfg = config_overrides(cfg, request, ("threshold",))
-        path = Path(request["image"])
         image = read_image(path)
         organ, source = self._organ(request, path, image, cfg.organ)
         prob, mask = predict_image(pair, cfg, image, organ)
-        return mask, {
+        return prob if want_probability else mask, {
             "label_names": MARKER_LABEL,
-            "probability": result_file(prob),
+            "result": "probability" if want_probability else "marker",
             "organ_crop": source,
             "threshold": cfg.threshold,
             "marker_voxels": int(mask.array.sum()),

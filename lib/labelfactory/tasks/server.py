@@ -9,10 +9,20 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
   refused (413); a session archive (`uncompress=true`) is unpacked only where it cannot leave its folder.
 - Light routes stay light: MONAI Label runs infers and next-sample inside the event loop, so
   `/info` and a label save waited behind a segmentation. Here infers run in a bounded worker pool
-  (`LABELFACTORY_INFER_WORKERS`, default 2) and next-sample in its own (same size); label and
+  (`LABELFACTORY_INFER_WORKERS`, default 2) and next-sample in its own, one at a time (each picks
+  after the last one's image is added, so concurrent callers get distinct images); label and
   image saves run in the server's thread pool.
+- Work stops when nobody waits: at most `LABELFACTORY_INFER_QUEUE` (default 8) requests wait per
+  pool, more get 429; a request whose client disconnected before its turn is not run.
 - Training: exactly one `POST /train/{model}` is accepted while a training runs or waits to start;
-  the others get 429 (MONAI Label counted only started ones, so a burst queued duplicates).
+  the others get 429 (MONAI Label counted only started ones, so a burst queued duplicates), and so
+  while the models folder's training lock names a live trainer (one a killed server left running).
+- Model files: `PUT` / `DELETE /model/{model}` are off (403) unless `LABELFACTORY_MODEL_ROUTES=true`
+  (`labelfactory serve --model-routes`); then admin-only, and an upload must load as a labelfactory
+  checkpoint of that model's kind, published with its hash, the previous version kept.
+- Authentication: MONAI Label's OIDC bearer tokens (`MONAI_LABEL_AUTH_*`), with the token's
+  signature algorithm named (MONAI Label's `jwt.decode` gave PyJWT 2 none, so every token was
+  refused) and an expiry required; an unreachable identity provider answers 503.
 Routes replaced keep MONAI Label's paths, parameters and roles, and call its own functions.
 """
 
@@ -22,6 +32,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,7 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Request, UploadFile
+import jwt
+import requests
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -42,8 +55,10 @@ from monailabel.config import settings
 from monailabel.endpoints import activelearning as al_endpoint
 from monailabel.endpoints import datastore as ds_endpoint
 from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import model as model_endpoint
 from monailabel.endpoints import session as session_endpoint
 from monailabel.endpoints import train as train_endpoint
+from monailabel.endpoints.user import auth as auth_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import (
@@ -58,8 +73,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
+from labelfactory import training_lock
+from labelfactory.checkpoints import load_checkpoint, publish_model
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import suffix_of
+
+logger = logging.getLogger(__name__)
 
 _STATUS = {MONAILabelError.INVALID_INPUT: 400, MONAILabelError.SERVER_ERROR: 500}
 API = settings.MONAI_LABEL_API_STR
@@ -72,17 +91,59 @@ USER, ANNOTATOR, ADMIN = (
 )
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip().isdigit() and int(value) > 0 else default
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) >= minimum else default
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def max_upload_bytes() -> int:
     return _env_int("LABELFACTORY_MAX_UPLOAD_MB", 4096) << 20
 
 
-_INFERS = ThreadPoolExecutor(_env_int("LABELFACTORY_INFER_WORKERS", 2), thread_name_prefix="lf-infer")
-_SAMPLES = ThreadPoolExecutor(_env_int("LABELFACTORY_INFER_WORKERS", 2), thread_name_prefix="lf-next-sample")
+class WorkQueue:
+    """`workers` threads and at most `waiting` requests queued for them; the rest answered 429.
+
+    A request waits for its turn in the event loop (not in the executor's unbounded queue), so one
+    whose client has gone by then is dropped without running: the ASGI server reports the disconnect
+    (`Request.is_disconnected`) and nobody would read the answer."""
+
+    def __init__(self, name: str, workers: int, waiting: int):
+        self.name, self.workers, self.waiting = name, workers, waiting
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"lf-{name}")
+        self._turns = asyncio.Semaphore(workers)
+        self._pending = 0  # waiting + running; changed only in the event loop's thread
+
+    @contextlib.asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """A place in this queue (429 when there is none), held until the request is answered."""
+        if self._pending >= self.workers + self.waiting:
+            raise LabelFactoryError(
+                f"the server is busy: {self.workers} {self.name} running and {self.waiting} waiting "
+                "(LABELFACTORY_INFER_QUEUE); try again shortly",
+                status=429,
+            )
+        self._pending += 1
+        try:
+            yield
+        finally:
+            self._pending -= 1
+
+    async def run(self, request: Request, fn: Callable, *args) -> Any:
+        """`fn(*args)` on a worker once one is free, unless the client disconnected meanwhile (499, not run)."""
+        async with self._turns:
+            if await request.is_disconnected():
+                logger.info(f"{self.name}: {request.url.path} not run: its client disconnected while it waited")
+                raise LabelFactoryError("the client closed the request before its turn: not run", status=499)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+
+_WAITING = _env_int("LABELFACTORY_INFER_QUEUE", 8, minimum=0)
+_INFERS = WorkQueue("infers", _env_int("LABELFACTORY_INFER_WORKERS", 2), _WAITING)
+_SAMPLES = WorkQueue("next-sample requests", 1, _WAITING)  # one at a time: each pick sees the last one's image
 
 
 # ---- errors ----
@@ -175,10 +236,6 @@ async def saved_upload(file: UploadFile | None) -> AsyncIterator[str | None]:
         Path(path).unlink(missing_ok=True)
 
 
-async def _in_pool(pool: ThreadPoolExecutor, fn: Callable, *args) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
-
-
 def _replace_route(router: APIRouter, path: str, methods: set[str]) -> None:
     """Drop MONAI Label's route for `path` + `methods`, so the one defined next answers it.
 
@@ -197,6 +254,7 @@ _replace_route(infer_endpoint.router, "/infer/{model}", {"POST"})
 
 @app.post(API + "/infer/{model}", summary="Run inference (labelfactory: in a bounded worker pool)")
 async def api_run_inference(
+    request: Request,
     background_tasks: BackgroundTasks,
     model: str,
     image: str = "",
@@ -212,9 +270,9 @@ async def api_run_inference(
         raise LabelFactoryError("no labelfactory model takes a label with its infer: send the image only")
     if not (image or file or session_id):
         raise LabelFactoryError("give the image to infer on: image=<datastore id> (or upload it as file=...)")
-    async with saved_upload(file) as path:
-        return await _in_pool(
-            _INFERS,
+    async with _INFERS.place(), saved_upload(file) as path:
+        return await _INFERS.run(
+            request,
             infer_endpoint.run_inference,
             background_tasks,
             model,
@@ -231,8 +289,9 @@ _replace_route(al_endpoint.router, "/activelearning/{strategy}", {"POST"})
 
 
 @app.post(API + "/activelearning/{strategy}", summary="Next sample (labelfactory: in a bounded worker pool)")
-async def api_sample(strategy: str, params: dict | None = None, user: User = Depends(RBAC(USER))):
-    return await _in_pool(_SAMPLES, al_endpoint.sample, strategy, params, user.username)
+async def api_sample(request: Request, strategy: str, params: dict | None = None, user: User = Depends(RBAC(USER))):
+    async with _SAMPLES.place():
+        return await _SAMPLES.run(request, al_endpoint.sample, strategy, params, user.username)
 
 
 # ---- datastore writes: JSON checked, uploads removed, off the event loop ----
@@ -377,7 +436,104 @@ async def api_run_model(
             "or stop it (DELETE /train/), or send enqueue=true to queue this one",
             status=429,
         )
+    model_dir = getattr(app_instance(), "model_dir", None)
+    live = training_lock.holder(model_dir) if model_dir else None  # a trainer an earlier server left running
+    if live is not None:
+        raise LabelFactoryError(training_lock.busy_message(live), status=429)
     return train_endpoint.run_model(model, params, run_sync, enqueue)
 
 
-__all__ = ["app", "json_form", "max_upload_bytes", "saved_upload"]
+# ---- model files: published by trainers and labelfactory commands; the API's writes off unless enabled ----
+
+MODEL_ROUTES_ENV = "LABELFACTORY_MODEL_ROUTES"
+
+
+def _model_file(model: str) -> Path:
+    """The single model file behind infer `model` (404 for an unknown model, 400 for one that is a folder)."""
+    file = app_instance().model_file(model, validate=False)
+    if not file:
+        raise LabelFactoryError(f"no model '{model}' on this server", status=404)
+    path = Path(file)
+    if path.is_dir() or path.suffix != ".pt":
+        raise LabelFactoryError(f"'{model}' has no single model file to replace or delete ({path.name} is a folder)")
+    return path
+
+
+def _require_model_routes(action: str) -> None:
+    if not _env_true(MODEL_ROUTES_ENV):
+        raise LabelFactoryError(
+            f"{action} model files through the API is off on this server: models are published by its trainers "
+            f"(POST /train/...) and labelfactory commands; an admin may enable PUT / DELETE /model with "
+            f"labelfactory serve --model-routes ({MODEL_ROUTES_ENV}=true)",
+            status=403,
+        )
+
+
+def _replace_model(model: str, upload: str) -> dict[str, Any]:
+    target = _model_file(model)
+    payload = load_checkpoint(upload)  # plain data only, hash-checked where the upload carries none: a 409 otherwise
+    if payload["kind"] != target.stem:
+        raise LabelFactoryError(f"the upload holds a '{payload['kind']}' model; {model} serves '{target.stem}'")
+    publish_model(upload, target)
+    logger.warning(f"model {model}: {target} replaced through PUT /model (the previous version kept)")
+    return {"checksum": model_endpoint.file_checksum(str(target)), "modified_time": int(target.stat().st_mtime)}
+
+
+def _delete_model(model: str) -> dict[str, Any]:
+    target = _model_file(model)
+    if not target.is_file():
+        raise LabelFactoryError(f"no model file for {model} ({target.name})", status=404)
+    model_endpoint.delete_model(model)
+    logger.warning(f"model {model}: {target} moved aside through DELETE /model")
+    return {}
+
+
+_replace_route(model_endpoint.router, "/model/{model}", {"PUT", "DELETE"})
+
+
+@app.put(API + "/model/{model}", summary="Replace a model file (labelfactory: off unless enabled; admin; checked)")
+async def api_update_model(model: str, file: UploadFile = File(...), user: User = Depends(RBAC(ADMIN))):
+    _require_model_routes("replacing")
+    async with saved_upload(file) as path:
+        return await run_in_threadpool(_replace_model, model, path)
+
+
+@app.delete(API + "/model/{model}", summary="Move a model file aside (labelfactory: off unless enabled; admin)")
+async def api_delete_model(model: str, user: User = Depends(RBAC(ADMIN))):
+    _require_model_routes("deleting")
+    return await run_in_threadpool(_delete_model, model)
+
+
+# ---- authentication: MONAI Label's OIDC tokens, verified with a named algorithm ----
+
+TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
+
+
+def from_token(token: str) -> User:
+    """MONAI Label's `from_token` (key from the realm, user and roles from the claims MONAI_LABEL_AUTH_TOKEN_*
+    name), with PyJWT 2's required `algorithms` (asymmetric ones only: the realm's public key) and `exp` required."""
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        return auth_endpoint.DEFAULT_USER
+    try:
+        key = auth_endpoint.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
+    except (requests.RequestException, KeyError, ValueError) as e:
+        logger.error(f"identity provider {settings.MONAI_LABEL_AUTH_REALM_URI} unreachable: {e}")
+        raise HTTPException(503, "the identity provider cannot be reached: try again later") from None
+    payload = jwt.decode(
+        token, key, algorithms=TOKEN_ALGORITHMS, options={"verify_aud": False, "require": ["exp"], "verify_exp": True}
+    )
+    roles: Any = payload
+    for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
+        roles = roles.get(part) if isinstance(roles, dict) else None
+    return User(
+        username=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME) or "",
+        email=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL),
+        name=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
+        roles=[r for r in roles if isinstance(r, str)] if isinstance(roles, list) else [],
+    )
+
+
+auth_endpoint.from_token = from_token  # get_current_user, which every route's RBAC calls, looks it up here
+
+
+__all__ = ["app", "from_token", "json_form", "max_upload_bytes", "saved_upload"]
