@@ -125,6 +125,7 @@ class LabelFactoryApp(MONAILabelApp):
         else:
             if not isinstance(image, str):
                 raise LabelFactoryError("image must be a datastore id (or an upload: file=..., or session_id=...)")
+            check_id(image)  # never a path, whatever the datastore
             if isinstance(ds, LabelFactoryDatastore):
                 ds.require_image(image)
                 record = (ds.get_image_info(image) or {}).get(LATENT_KEY)
