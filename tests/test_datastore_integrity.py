@@ -396,3 +396,28 @@ def test_server_infer_never_overwrites_an_expert_label(server):
     info = requests.get(f"{url}/datastore/label/info", params={"label": "torso_3mm", "tag": "original"}, timeout=60)
     assert info.status_code == 200 and info.json()[MODEL_KEY] == "segmentation"
     assert label.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_replacing_an_image_never_attaches_its_old_labels(
+    datastore_copy, app_copy, start_server, tmp_path
+):
+    """Killed at the index write of a re-upload that discards labels: the new image is stored, the old labels are
+    gone (moved aside first), and none of them attaches to the new image after the restart."""
+    from tests.test_crash_safety import _killer_env, _wait_dead
+
+    image = read_image(datastore_copy / "torso_3mm.nii.gz")
+    cropped = write_image(Image(image.array[:10], image.spacing, image.origin, image.direction), tmp_path / "c.nii.gz")
+    env, flag = _killer_env(tmp_path, datastore_copy, "*datastore_v2.json*")
+    conf = {"models": "all", "skip_scoring": "true"}
+    srv = start_server(datastore_copy, app_copy, conf=conf, env=env)
+    flag.touch()
+    with pytest.raises(requests.ConnectionError):
+        _put_image(srv.url, "torso_3mm", cropped, {"discard_labels": True})
+    _wait_dead(srv)
+    srv = start_server(datastore_copy, app_copy, conf=conf)
+    stored = read_image(datastore_copy / "torso_3mm.nii.gz").array.shape
+    labels = _listing_works(srv.url)["objects"]["torso_3mm"]["labels"]
+    assert stored == (10, *image.array.shape[1:]) and labels == {}, (stored, labels)
+    assert not _label_of(datastore_copy, "torso_3mm").exists()
+    assert _listing_works(srv.url)["objects"]["abdomen"]["labels"]["final"], "other images keep theirs"

@@ -374,6 +374,9 @@ class LabelFactoryDatastore(LocalDatastore):
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=labels)
             index = self._index_bytes()
             with contextlib.ExitStack() as placed:
+                # labels that go are moved aside first: after a crash at any later step they are temp files
+                # (removed at start), never labels of the new image
+                placed.enter_context(_set_aside(dropped))
                 if latent is not None:  # before the image: no generated image is ever without its provenance
                     record = json.dumps({"image": name, LATENT_KEY: latent}, indent=1).encode()
                     placed.enter_context(_placed(self.provenance_path(image_id), data=record))
@@ -385,8 +388,6 @@ class LabelFactoryDatastore(LocalDatastore):
                 self.provenance_path(image_id).unlink(missing_ok=True)
             if old is not None and old.image.ext != ext:
                 (images / self._filename(image_id, old.image.ext)).unlink(missing_ok=True)
-            for f in dropped:
-                f.unlink(missing_ok=True)
         if dropped:
             logger.warning(f"image {image_id}: deleted label files {[str(f) for f in dropped]}")
         logger.info(f"added image {image_id} ({name})")
@@ -547,6 +548,25 @@ def _placed(dst: Path, src: str | os.PathLike | None = None, data: bytes | None 
     finally:
         if backup is not None:
             Path(backup).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _set_aside(files: list[Path]) -> Iterator[None]:
+    """`files` renamed to temp names beside them; deleted if the with-block succeeds, put back if it fails."""
+    moved = []
+    try:
+        for f in files:
+            fd, tmp = temp_beside(f)
+            os.close(fd)
+            os.replace(f, tmp)
+            moved.append((f, tmp))
+        yield
+    except BaseException:
+        for f, tmp in reversed(moved):
+            os.replace(tmp, f)
+        raise
+    for _, tmp in moved:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _names_from_label_info(info: dict[str, Any], label_names: dict[str, int]) -> dict[int, str] | None:
