@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,13 +64,20 @@ def test_info_that_is_not_strict_json_is_refused_and_changes_nothing(ds, datasto
     assert set(bad) & set(ds.get_image_info("torso_3mm")) == set()
 
 
+def _index_writes_fail(monkeypatch):
+    """Every rename onto the index fails (a full disk at the last step); other files are written as usual."""
+    replace = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if os.fspath(dst).endswith(ds_module.INDEX):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+
+
 def test_a_failed_index_write_is_rolled_back_in_memory(ds, datastore_copy, monkeypatch):
-    import labelfactory.jsonio as jsonio
-
-    def full(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(jsonio.os, "fsync", full)
+    _index_writes_fail(monkeypatch)
     with pytest.raises(OSError):
         ds.update_image_info("torso_3mm", {"note": "lost"})
     monkeypatch.undo()
@@ -84,14 +92,13 @@ def test_a_label_whose_index_write_fails_leaves_the_old_label(ds, datastore_copy
     old = label.read_bytes()
     new = read_image(label)
     new = _write(tmp_path, "new.nii.gz", np.zeros_like(new.array), (new.spacing, new.origin, new.direction))
-
-    def fail(data):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ds, "_write_index", fail)
+    _index_writes_fail(monkeypatch)
     with pytest.raises(OSError):
         ds.save_label("torso_3mm", str(new), "final", {})
+    monkeypatch.undo()
     assert label.read_bytes() == old and not list(label.parent.glob(".*.tmp"))
+    on_disk = _open(datastore_copy).get_label_info("torso_3mm", "final")
+    assert ds.get_label_info("torso_3mm", "final") == on_disk
 
 
 # ---- labels checked against their image ----
