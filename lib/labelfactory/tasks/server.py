@@ -198,6 +198,23 @@ def _replace_route(router: APIRouter, path: str, methods: set[str]) -> None:
 _replace_route(infer_endpoint.router, "/infer/{model}", {"POST"})
 
 
+def infer_params(params: str | None, session_id: str) -> dict[str, Any]:
+    """An infer's `params` form field, refused (400) where it would redirect the infer: MONAI Label merges params
+    over the request, so `image`, `model` or `session` there would replace what the query names. A `session_id`
+    must name a session of this server (404 otherwise)."""
+    p = json_form(params, "params")
+    redirects = sorted(k for k in _SET_BY_THE_SERVER if k in p)
+    if redirects:
+        raise LabelFactoryError(
+            f"params may not set {', '.join(redirects)}: the image is image=<id>, file=... or session_id=<id>"
+        )
+    if session_id:
+        sessions = app_instance().sessions()
+        if sessions is None or not _SESSION_ID.fullmatch(session_id) or not sessions.get_session(session_id):
+            raise LabelFactoryError(f"no session {session_id!r} (create one with PUT /session/)", status=404)
+    return p
+
+
 @app.post(API + "/infer/{model}", summary="Run inference (labelfactory: in a bounded worker pool)")
 async def api_run_inference(
     background_tasks: BackgroundTasks,
@@ -210,20 +227,11 @@ async def api_run_inference(
     output: infer_endpoint.ResultType | None = None,
     user: User = Depends(RBAC(USER)),
 ):
-    p = json_form(params, "params")
+    p = infer_params(params, session_id)
     if label is not None:
         raise LabelFactoryError("no labelfactory model takes a label with its infer: send the image only")
     if not (image or file or session_id):
         raise LabelFactoryError("give the image to infer on: image=<datastore id> (or upload it as file=...)")
-    redirects = sorted(k for k in _SET_BY_THE_SERVER if k in p)  # MONAI Label merges params over the request
-    if redirects:
-        raise LabelFactoryError(
-            f"params may not set {', '.join(redirects)}: the image is image=<id>, file=... or session_id=<id>"
-        )
-    if session_id:
-        sessions = app_instance().sessions()
-        if sessions is None or not _SESSION_ID.fullmatch(session_id) or not sessions.get_session(session_id):
-            raise LabelFactoryError(f"no session {session_id!r} (create one with PUT /session/)", status=404)
     async with saved_upload(file) as path:
         return await _in_pool(
             _INFERS,
