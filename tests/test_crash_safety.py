@@ -33,6 +33,13 @@ def _generated(tmp_path, seed: int):
     return path, {LATENT_KEY: {"seed": seed, "truncation_psi": 0.7, "w": W, "generator": "g1"}, "uncertainty": 0.5}
 
 
+def _add_generated(ds: LabelFactoryDatastore, image_id: str, path, info) -> str:
+    """What the server's synthesis does (`add_generated_image`): the latent record as `latent=`, never in info."""
+    return ds.add_image(
+        image_id, str(path), {k: v for k, v in info.items() if k != LATENT_KEY}, latent=info[LATENT_KEY]
+    )
+
+
 def _open(folder) -> LabelFactoryDatastore:
     return LabelFactoryDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False)
 
@@ -40,7 +47,7 @@ def _open(folder) -> LabelFactoryDatastore:
 def test_a_stale_copy_never_overwrites_the_index(datastore_copy, tmp_path):
     server, scoring = _open(datastore_copy), _open(datastore_copy)  # both loaded the index as it was
     path, info = _generated(tmp_path, 7)
-    server.add_image("gen_seed000007", str(path), info)
+    _add_generated(server, "gen_seed000007", path, info)
     scoring.update_image_info("torso_3mm", {"uncertainty": 0.1})  # writes from its old copy under MONAI Label
     fresh = _open(datastore_copy)
     assert fresh.get_image_info("gen_seed000007")[LATENT_KEY]["w"] == W
@@ -51,7 +58,7 @@ def test_a_stale_copy_never_overwrites_the_index(datastore_copy, tmp_path):
 def test_provenance_survives_an_index_written_without_it(datastore_copy, tmp_path):
     ds = _open(datastore_copy)
     path, info = _generated(tmp_path, 3)
-    ds.add_image("gen_seed000003", str(path), info)
+    _add_generated(ds, "gen_seed000003", path, info)
     assert (datastore_copy / "gen_seed000003.labelfactory.json").is_file()
     (datastore_copy / "datastore_v2.json").unlink()  # the entry is re-made from the file alone, info lost
     LocalDatastore(str(datastore_copy), extensions=["*.nii.gz"])
@@ -71,7 +78,7 @@ def test_provenance_survives_an_index_written_without_it(datastore_copy, tmp_pat
 def test_a_damaged_index_is_rebuilt_keeping_labels_and_latents(datastore_copy, tmp_path, damage, caplog):
     ds = _open(datastore_copy)
     path, info = _generated(tmp_path, 5)
-    ds.add_image("gen_seed000005", str(path), info)
+    _add_generated(ds, "gen_seed000005", path, info)
     (datastore_copy / "datastore_v2.json").write_bytes(damage)
     rebuilt = _open(datastore_copy)
     assert "DATASTORE INDEX DAMAGED" in caplog.text
@@ -90,7 +97,7 @@ def test_concurrent_writers_lose_nothing(datastore_copy, tmp_path):
         ds = _open(datastore_copy)
         for i in range(8):
             path, info = _generated(tmp_path, offset + i)
-            ds.add_image(f"gen_seed{offset + i:06d}", str(path), info)
+            _add_generated(ds, f"gen_seed{offset + i:06d}", path, info)
             ds.update_image_info("torso_3mm", {f"writer{offset}": i})
 
     threads = [threading.Thread(target=writer, args=(offset,)) for offset in (100, 200)]
@@ -184,7 +191,7 @@ def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_l
     datastore_copy, app_copy, start_server, tmp_path
 ):
     path, info = _generated(tmp_path, 11)
-    _open(datastore_copy).add_image("gen_seed000011", str(path), info)
+    _add_generated(_open(datastore_copy), "gen_seed000011", path, info)
     labels_before = sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir())
     env, flag = _killer_env(tmp_path, datastore_copy, "*datastore_v2.json*")
     conf = {"models": "all", "skip_scoring": "true"}

@@ -12,6 +12,7 @@ from labelfactory.gan.networks import Generator
 from labelfactory.interpreter import generate_with_taps, load_interpreter, ws_from_seeds, ws_from_w
 from labelfactory.interpreter.train import TrainConfig
 from labelfactory.io import Image, read_image, write_image
+from labelfactory.tasks.datastore import LabelFactoryDatastore
 from labelfactory.tasks.interpreter import DatasetGANInfer, InterpreterModels, InterpreterTrain
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
@@ -42,7 +43,10 @@ def add_generated(ds, G, seed, tmp_path, label=True):
             "generator": generator_identity(G),
         }
     }
-    image_id = ds.add_image(f"gen{seed}", str(path), info)
+    if isinstance(ds, LabelFactoryDatastore):  # provenance only as the server's synthesis sets it
+        image_id = ds.add_image(f"gen{seed}", str(path), {}, latent=info["labelfactory"])
+    else:
+        image_id = ds.add_image(f"gen{seed}", str(path), info)
     if label:
         lab = write_image(image.with_array((img[0, 0] > 0).numpy().astype(np.uint8)), tmp_path / f"lab{seed}.nii.gz")
         ds.save_label(image_id, str(lab), "final", {})

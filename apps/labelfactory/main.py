@@ -12,24 +12,27 @@ passes for a bundled sample; default totalsegmentator), plus each config's own
 
 import logging
 import os
-import tempfile
 import threading
 
 import lib.configs
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.async_tasks.utils import tasks as background_tasks
 from monailabel.utils.others.class_utils import get_class_names
 from monailabel.utils.others.generic import strtobool
 
 from labelfactory import __version__
 from labelfactory.checkpoints import remove_leftover_temp_files
+from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image
 from labelfactory.labels import served_map
 from labelfactory.latent_record import LATENT_KEY
-from labelfactory.tasks.datastore import LabelFactoryDatastore
+from labelfactory.options import cast
+from labelfactory.tasks.datastore import LabelFactoryDatastore, check_id
 from labelfactory.tasks.synthesis import GENERATED_FILE, add_generated_image, seed_of
+from labelfactory.tasks.uploads import is_live_upload
 
 logger = logging.getLogger(__name__)
 
@@ -102,21 +105,39 @@ class LabelFactoryApp(MONAILabelApp):
         )
 
     def infer(self, request, datastore=None):
-        """Only datastore ids or the server's own upload temp files reach a task, never other paths.
+        """Only datastore ids, the server's own live uploads and session images reach a task, never other paths.
 
         The app is the infers' one door to the datastore: a generated image's latent record (seed,
-        psi, w) is added to the request for `datasetgan`; `synthesis` takes image=seed<N> (it makes
-        the image) and, asked to add it, the app stores the image it names like the strategy does.
+        psi, w) is added to the request for `datasetgan` (a client's is refused); `synthesis` takes
+        image=seed<N> (it makes the image) and, asked to add it, the app stores the image it names like
+        the strategy does. `save_label` (datastore ids only) writes the model's label into `label_tag`
+        (default `original`) only where no annotator's label is (409 otherwise, checked before the infer
+        runs and again at the write).
         """
+        if LATENT_KEY in request:
+            raise LabelFactoryError(f"'{LATENT_KEY}' is set by the server from the datastore, never by a request")
         image = request.get("image")
+        model = request.get("model")
         ds = datastore or self.datastore()
-        if request.get("model") == "synthesis":
+        save, tag = None, request.get("label_tag") or DefaultLabelTag.ORIGINAL.value
+        if model == "synthesis":
             request = {**request, "seed": seed_of(image)}
-        elif isinstance(image, str) and not _is_upload(image) and isinstance(ds, LabelFactoryDatastore):
-            ds.require_image(image)
-            record = (ds.get_image_info(image) or {}).get(LATENT_KEY)
-            if record:  # a generated image: its latent travels with the request (tasks see only the path)
-                request = {**request, LATENT_KEY: record}
+        elif self._is_session_image(request) or is_live_upload(image):
+            pass  # MONAI Label saves no label for a path
+        else:
+            if not isinstance(image, str):
+                raise LabelFactoryError("image must be a datastore id (or an upload: file=..., or session_id=...)")
+            check_id(image)  # never a path, whatever the datastore
+            if isinstance(ds, LabelFactoryDatastore):
+                ds.require_image(image)
+                record = (ds.get_image_info(image) or {}).get(LATENT_KEY)
+                if record:  # a generated image: its latent travels with the request (tasks see only the path)
+                    request = {**request, LATENT_KEY: record}
+                if cast(bool, "save_label", request.get("save_label", False)):
+                    check_id(tag, "label tag")
+                    ds.check_model_may_write(image, tag, model)  # fail before the model runs; checked again
+                    save = tag
+                request = {**request, "save_label": False}  # saved here, by_model, not by MONAI Label
         result = super().infer(request, datastore)
         params = result.get("params") or {}
         generated = params.pop(GENERATED_FILE, None)
@@ -127,7 +148,29 @@ class LabelFactoryApp(MONAILabelApp):
                 )
             finally:
                 os.unlink(generated)
+        if save is not None and result.get("file"):
+            info = {"model": model, "params": params}
+            result["label"] = ds.save_label(image, result["file"], save, info, by_model=model)
+            result["tag"] = save
         return result
+
+    def _is_session_image(self, request):
+        """Whether the request's image is the image of the session it names (what MONAI Label resolves a
+        session_id to): the session is looked up by its id, never trusted from the request."""
+        sessions, session = self.sessions(), request.get("session")
+        if sessions is None or not isinstance(session, dict) or not isinstance(session.get("name"), str):
+            return False
+        name = session["name"]
+        if not name or name != os.path.basename(name) or name in (".", ".."):
+            return False
+        info = sessions.get_session(name, update_ts=False)
+        image = request.get("image")
+        return (
+            info is not None
+            and isinstance(image, str)
+            and image == info.image
+            and os.path.realpath(image).startswith(os.path.realpath(sessions.store_path) + os.sep)
+        )
 
     def init_infers(self):
         return {k: v for c in self.models.values() for k, v in _as_dict(c.infer(), c.name).items()}
@@ -151,15 +194,6 @@ class LabelFactoryApp(MONAILabelApp):
         if strtobool(self.conf.get("skip_scoring", "false")):
             return {}
         return {k: v for c in self.models.values() for k, v in _as_dict(c.scoring_method(), c.name).items()}
-
-
-def _is_upload(path):
-    """MONAI Label writes uploaded files to the system temp folder before calling infer."""
-    return (
-        os.path.isabs(path)
-        and os.path.dirname(os.path.realpath(path)) == os.path.realpath(tempfile.gettempdir())
-        and os.path.isfile(path)
-    )
 
 
 def _as_dict(task, name):

@@ -68,11 +68,18 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
 
 
 def read_label(
-    path: str | os.PathLike, reference: Image | None = None, label_names: dict[str, int] | None = None
+    path: str | os.PathLike,
+    reference: Image | None = None,
+    label_names: dict[str, int] | None = None,
+    check_geometry: bool = False,
 ) -> Image:
     """Read a label map (NIfTI/NRRD, or Slicer .seg.nrrd with segment names mapped through `label_names`).
 
-    With `reference`, the label must have its shape; with `label_names`, every value must be in it.
+    With `reference`, the label must have its shape (a 1-slice volume for a 2D image, or the other way
+    round, is squeezed: Slicer saves a 2D slice so; any other shape is refused, never reshaped) and
+    gets its geometry; with `check_geometry`, spacing, origin and direction must also match it
+    (`geometry_difference`). With `label_names`, every value must be in it, checked on the values as
+    stored (before any cast: int64 2**32 + 3 is refused, not read as 3).
     """
     path = Path(path)
     if suffix_of(path) == ".seg.nrrd":
@@ -81,21 +88,74 @@ def read_label(
         label = read_image(path)
         if not np.all(np.mod(label.array, 1) == 0):
             raise LabelFactoryError(f"{path.name}: a label map must hold whole numbers, found fractions")
-        label = label.with_array(
-            label.array.astype(np.uint8 if label.array.max() < 256 and label.array.min() >= 0 else np.int32)
-        )
-    if reference is not None and label.array.shape != reference.array.shape:
-        # Slicer may save a single 2D slice as a 1-slice volume
-        squeezed = label.array.reshape(reference.array.shape) if label.array.size == reference.array.size else None
-        if squeezed is None:
-            raise LabelFactoryError(
-                f"{path.name}: label shape {label.array.shape} differs from its image's {reference.array.shape}; "
-                "draw the label on the image it belongs to"
-            )
-        label = Image(squeezed, reference.spacing, reference.origin, reference.direction)
     if label_names is not None:
         check_label_values(label.array, label_names, what=path.name)
+    label = label.with_array(_as_int_labels(label.array, path.name))
+    if reference is not None:
+        label = fit_label_to_image(label, reference, path.name, check_geometry)
     return label
+
+
+def _as_int_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    """Whole-number label values as the smallest of uint8 / int32 / int64 that holds them all; 400 beyond int64."""
+    lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
+    for dtype in (np.uint8, np.int32, np.int64):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return arr if arr.dtype == dtype else arr.astype(dtype)
+    raise LabelFactoryError(f"{name}: label values {lo}..{hi} are beyond any label map")
+
+
+# Tolerances of "the same grid": 0.01 % of the spacing, 1 % of a voxel for the origin, 1e-4 for the direction
+# cosines (over 512 voxels under 0.06 voxel of drift); what Slicer's float32 NIfTI headers round off stays inside.
+SPACING_RTOL, ORIGIN_VOXELS, DIRECTION_ATOL = 1e-4, 0.01, 1e-4
+
+
+def _kept_axes(shape: tuple[int, ...], squeeze: bool) -> list[int]:
+    """SimpleITK axes (x, y[, z]) of a numpy-order shape, without its singleton axes when `squeeze`."""
+    return [i for i in range(len(shape)) if not squeeze or shape[len(shape) - 1 - i] != 1]
+
+
+def geometry_difference(a: Image, b: Image, what_a: str = "label", what_b: str = "image") -> str | None:
+    """None when `a` lies on `b`'s grid (same shape after dropping singleton axes, same spacing, origin and
+    direction within the tolerances above); else what differs, naming both values."""
+    squeeze = a.array.shape != b.array.shape
+    ka, kb = _kept_axes(a.array.shape, squeeze), _kept_axes(b.array.shape, squeeze)
+    if [a.array.shape[a.ndim - 1 - i] for i in ka] != [b.array.shape[b.ndim - 1 - i] for i in kb]:
+        return f"{what_a} shape {a.array.shape} differs from its {what_b}'s {b.array.shape}"
+    p = min(a.ndim, b.ndim)  # physical coordinates both have (a 2D image's plane is its x, y)
+    sa, sb = np.asarray(a.spacing, float)[ka], np.asarray(b.spacing, float)[kb]
+    oa, ob = np.asarray(a.origin, float)[:p], np.asarray(b.origin, float)[:p]
+    da = np.asarray(a.direction, float).reshape(a.ndim, a.ndim)[:p][:, ka]
+    db = np.asarray(b.direction, float).reshape(b.ndim, b.ndim)[:p][:, kb]
+    if not np.allclose(sa, sb, rtol=SPACING_RTOL, atol=1e-9):
+        return f"{what_a} spacing {_fmt(sa)} mm differs from its {what_b}'s {_fmt(sb)} mm"
+    if np.abs(oa - ob).max(initial=0.0) > ORIGIN_VOXELS * float(sb.min(initial=1.0)):
+        return f"{what_a} origin {_fmt(oa)} mm differs from its {what_b}'s {_fmt(ob)} mm"
+    if np.abs(da - db).max(initial=0.0) > DIRECTION_ATOL:
+        return f"{what_a} direction {_fmt(da)} differs from its {what_b}'s {_fmt(db)}"
+    return None
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{x:.6g}" for x in np.ravel(values)) + ")"
+
+
+def fit_label_to_image(label: Image, reference: Image, name: str, check_geometry: bool = False) -> Image:
+    """`label` on `reference`'s grid: its array (squeezed or given the image's singleton axes) with the image's
+    geometry. A shape that differs otherwise is refused (never reshaped), and so, with `check_geometry`, is
+    another spacing, origin or direction."""
+    squeezed = tuple(n for n in label.array.shape if n != 1) == tuple(n for n in reference.array.shape if n != 1)
+    if label.array.shape != reference.array.shape and not squeezed:
+        raise LabelFactoryError(
+            f"{name}: label shape {label.array.shape} differs from its image's {reference.array.shape}; "
+            "draw the label on the image it belongs to"
+        )
+    if check_geometry:
+        why = geometry_difference(label, reference)
+        if why:
+            raise LabelFactoryError(f"{name}: {why}; draw the label on the image it belongs to (or resample it)")
+    return Image(label.array.reshape(reference.array.shape), reference.spacing, reference.origin, reference.direction)
 
 
 def _sitk_read(path: Path, name: str) -> sitk.Image:

@@ -77,13 +77,15 @@ from labelfactory import training_lock
 from labelfactory.checkpoints import load_checkpoint, publish_model
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import suffix_of
+from labelfactory.tasks.uploads import UPLOAD_PREFIX, new_upload, release
 
 logger = logging.getLogger(__name__)
 
 _STATUS = {MONAILabelError.INVALID_INPUT: 400, MONAILabelError.SERVER_ERROR: 500}
 API = settings.MONAI_LABEL_API_STR
-UPLOAD_PREFIX = "lf-upload-"
 _SUFFIX = re.compile(r"^(\.[A-Za-z0-9]{1,8}){1,2}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # MONAI Label's are uuid1 strings; never a path
+_SET_BY_THE_SERVER = ("image", "model", "session")  # infer request keys params would otherwise overwrite
 USER, ANNOTATOR, ADMIN = (
     settings.MONAI_LABEL_AUTH_ROLE_USER,
     settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR,
@@ -227,12 +229,13 @@ async def saved_upload(file: UploadFile | None) -> AsyncIterator[str | None]:
     if file is None:
         yield None
         return
-    fd, path = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=upload_suffix(file.filename))
+    fd, path = new_upload(upload_suffix(file.filename))  # the app's infer takes it while it is live
     try:
         with os.fdopen(fd, "wb") as out:
             await run_in_threadpool(shutil.copyfileobj, file.file, out)  # bounded: the body is (BoundedBody)
         yield path
     finally:
+        release(path)
         Path(path).unlink(missing_ok=True)
 
 
@@ -252,6 +255,23 @@ def _replace_route(router: APIRouter, path: str, methods: set[str]) -> None:
 _replace_route(infer_endpoint.router, "/infer/{model}", {"POST"})
 
 
+def infer_params(params: str | None, session_id: str) -> dict[str, Any]:
+    """An infer's `params` form field, refused (400) where it would redirect the infer: MONAI Label merges params
+    over the request, so `image`, `model` or `session` there would replace what the query names. A `session_id`
+    must name a session of this server (404 otherwise)."""
+    p = json_form(params, "params")
+    redirects = sorted(k for k in _SET_BY_THE_SERVER if k in p)
+    if redirects:
+        raise LabelFactoryError(
+            f"params may not set {', '.join(redirects)}: the image is image=<id>, file=... or session_id=<id>"
+        )
+    if session_id:
+        sessions = app_instance().sessions()
+        if sessions is None or not _SESSION_ID.fullmatch(session_id) or not sessions.get_session(session_id):
+            raise LabelFactoryError(f"no session {session_id!r} (create one with PUT /session/)", status=404)
+    return p
+
+
 @app.post(API + "/infer/{model}", summary="Run inference (labelfactory: in a bounded worker pool)")
 async def api_run_inference(
     request: Request,
@@ -265,7 +285,7 @@ async def api_run_inference(
     output: infer_endpoint.ResultType | None = None,
     user: User = Depends(RBAC(USER)),
 ):
-    p = json_form(params, "params")
+    p = infer_params(params, session_id)
     if label is not None:
         raise LabelFactoryError("no labelfactory model takes a label with its infer: send the image only")
     if not (image or file or session_id):

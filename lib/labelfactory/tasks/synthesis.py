@@ -27,6 +27,7 @@ from labelfactory.labels import LABEL_NAMES, foreground
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.options import cast
 from labelfactory.tasks.base import InferBase, result_file
+from labelfactory.tasks.datastore import LabelFactoryDatastore
 from labelfactory.tasks.interpreter import InterpreterModels
 
 SEED_ID = re.compile(r"^seed(\d{1,9})$")
@@ -44,11 +45,17 @@ def seed_of(image_id: str) -> int:
 def add_generated_image(
     datastore: Datastore, image: Image, record: dict[str, Any], uncertainty: float | None, info: dict | None = None
 ) -> str:
-    """Store a generated image as `gen_seed<N>` with its latent record, uncertainty and `info`; returns the id."""
+    """Store a generated image as `gen_seed<N>` with its latent record, uncertainty and `info`; returns the id.
+
+    The one way provenance is set: the datastore takes the record only as `add_image(..., latent=)`."""
     image_id = f"gen_{seed_name(record['seed'])}"
     with tempfile.TemporaryDirectory() as tmp:
         path = write_image(image, Path(tmp) / f"{image_id}.nii.gz")
-        datastore.add_image(image_id, str(path), {LATENT_KEY: record, "uncertainty": uncertainty, **(info or {})})
+        info = {"uncertainty": uncertainty, **(info or {})}
+        if isinstance(datastore, LabelFactoryDatastore):
+            datastore.add_image(image_id, str(path), info, latent=record)
+        else:  # MONAI Label's own datastores (DICOMweb) keep it in the info
+            datastore.add_image(image_id, str(path), {LATENT_KEY: record, **info})
     return image_id
 
 
