@@ -227,9 +227,10 @@ def check_dicom_series(files: Sequence[str], name: str) -> None:
     """A series: the whole volume within the limits (from its first file's header), then each file (check_dicom)."""
     try:
         first = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
-        check_shape((len(files), int(first.Rows), int(first.Columns)), name)
+        rows, cols = int(first.Rows), int(first.Columns)
     except (InvalidDicomError, AttributeError, ValueError, TypeError, OSError, EOFError) as e:
         raise LabelFactoryError(f"{name}: not a readable DICOM series ({str(e)[:200]})") from None
+    check_shape((len(files), rows, cols), name)
     for f in files:
         check_dicom(Path(f), f"{name}/{Path(f).name}")
 
