@@ -95,7 +95,8 @@ def _as(typ: type, value: Any) -> Any:
 
 
 def _a(typ: type) -> str:
-    return {bool: "bool (true or false)", int: "int (a whole number)", float: "float (a finite number)", str: "str"}[typ]
+    names = {bool: "bool (true or false)", int: "int (a whole number)", float: "float (a finite number)", str: "str"}
+    return names[typ]
 
 
 def config_overrides(defaults: C, values: dict[str, Any], names: typing.Iterable[str], prefix: str = "") -> C:

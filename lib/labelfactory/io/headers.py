@@ -310,11 +310,10 @@ def _text_header(path: Path, name: str, magic: str) -> tuple[str, int]:
     if not raw.startswith(magic.encode()):
         raise LabelFactoryError(f"{name}: not a readable {magic} file (no {magic} magic)")
     ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\r\n\r\n")) if i >= 0]
-    if not ends:
-        raise LabelFactoryError(
-            f"{name}: a {magic} header with no data after it (a detached header?); send the image with its data "
-            "in one file"
-        )
+    if not ends and len(raw) == HEADER_BYTES:
+        raise LabelFactoryError(f"{name}: not a readable {magic} file (no end to its header)")
+    if not ends:  # the file ends with its header: a detached one (its fields say where its data would be)
+        return raw.decode("latin-1"), len(raw)
     end = min(ends)
     gap = 2 if raw[end : end + 2] == b"\n\n" else 4
     return raw[:end].decode("latin-1"), end + gap

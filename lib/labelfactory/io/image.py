@@ -153,7 +153,9 @@ def _nifti_header(raw: bytes, name: str):
     header_class = nib.Nifti2Header if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Header
     try:
         hdr = header_class.from_fileobj(io.BytesIO(raw[: header_class.template_dtype.itemsize]))
-        return hdr, hdr.get_data_dtype(), hdr.get_data_shape(), int(hdr.get_data_offset())
+        # a single-file NIfTI's voxels start after its header whatever vox_offset says (as ITK's niftilib reads it)
+        offset = max(int(hdr.get_data_offset()), header_class.template_dtype.itemsize + 4)
+        return hdr, hdr.get_data_dtype(), hdr.get_data_shape(), offset
     except (HeaderDataError, WrapStructError, ValueError, OverflowError) as e:
         raise LabelFactoryError(
             f"{name}: not a readable image (NIfTI header: {e}); expected a complete, uncorrupted NIfTI"

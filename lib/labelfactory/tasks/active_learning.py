@@ -83,7 +83,6 @@ class GeneratedUncertain(Strategy):
         self.models, self.candidates, self.truncation_psi, self.explore = models, candidates, truncation_psi, explore
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        G = self.models.generator.get()
         k = cast(int, "candidates", request.get("candidates", self.candidates), 1, 256)
         psi = cast(float, "truncation_psi", request.get("truncation_psi", self.truncation_psi))
         explore = cast(int, "explore", request.get("explore", self.explore))
@@ -91,6 +90,7 @@ class GeneratedUncertain(Strategy):
             raise LabelFactoryError(f"option truncation_psi={psi}: expected a number in (0, 1]")
         low, high = SEED_RANGE
         seed = cast(int, "seed", request["seed"], low, high - k + 1) if request.get("seed") is not None else None
+        G = self.models.generator.get()  # after the options: a bad one answers 400 with or without a model
         infos = generated_infos(datastore)
         start = next_candidate_seed(infos) if seed is None else seed
         seeds = list(range(start, start + k))
