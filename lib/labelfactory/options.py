@@ -57,8 +57,8 @@ def cast(typ: type, name: str, value: Any, low: float | None = 0, high: float | 
     except (TypeError, ValueError, OverflowError):
         raise LabelFactoryError(f"option {name}={value!r}: expected {_a(typ)}") from None
     if typ in (int, float) and ((low is not None and out < low) or (high is not None and out > high)):
-        span = f"{'-inf' if low is None else low}..{'inf' if high is None else high}"
-        raise LabelFactoryError(f"option {name}={value!r}: expected {_a(typ)} in {span}")
+        span = f">= {low}" if high is None else f"<= {high}" if low is None else f"in {low}..{high}"
+        raise LabelFactoryError(f"option {name}={value!r}: expected {_a(typ)} {span}")
     return out
 
 
