@@ -211,7 +211,7 @@ def test_deep_or_non_finite_json_is_400_and_leaves_the_datastore_answering(serve
         f"{url}/datastore/image/info", params={"image": "torso_3mm"}, data={"info": '{"x": Infinity}'}, timeout=60
     )
     assert r.status_code == 400 and "Infinity" in _detail(r), r.text
-    for route in ("/activelearning/random", "/train/segmentation"):
+    for route in ("/activelearning/random", "/train/segmentation", "/batch/infer/segmentation", "/scoring/x"):
         r = requests.post(f"{url}{route}", data=deep_5000, headers={"content-type": "application/json"}, timeout=60)
         assert r.status_code == 400 and "JSON body is nested deeper" in _detail(r), (route, r.text)
         r = requests.post(f"{url}{route}", data='{"seed": NaN}', headers={"content-type": "application/json"})

@@ -83,6 +83,8 @@ def check_file(path: str | os.PathLike, name: str) -> str:
     }
     if io in checks:
         checks[io](path, name)
+    elif io == "NiftiImageIO":
+        raise LabelFactoryError(f"{name}: NIfTI in a file not named .nii or .nii.gz (or an Analyze pair); rename it")
     elif io not in PICTURE_IOS:
         what = f"a {io.removesuffix('ImageIO')} file" if io else "not a readable image"
         raise LabelFactoryError(f"{name}: {what}; expected {TAKEN}, complete and uncorrupted")
@@ -125,8 +127,8 @@ def check_nrrd(path: Path, name: str) -> None:
         fields[key] = value.strip()
     if "datafile" in fields:
         raise LabelFactoryError(
-            f"{name}: a detached NRRD header (data file: {fields['datafile'][:80]}); send the image with its data in "
-            "one file (.nrrd, e.g. saved by Slicer or ITK as .nrrd)"
+            f"{name}: a detached NRRD header (data file: {fields['datafile'][:80]}); save it as one file first "
+            "(.nrrd with its data attached, .mha or .nii.gz)"
         )
     for skip in ("lineskip", "byteskip"):
         if fields.get(skip, "0") != "0":
@@ -170,8 +172,8 @@ def check_metaimage(path: Path, name: str) -> None:
     data_file = fields.get("elementdatafile", "")
     if data_file.upper() != "LOCAL":
         raise LabelFactoryError(
-            f"{name}: its voxels are in another file (ElementDataFile = {data_file[:80]}); send a .mha, or a .mhd "
-            "with ElementDataFile = LOCAL (the data in the same file)"
+            f"{name}: its voxels are in another file (ElementDataFile = {data_file[:80]}); save it as one file "
+            "first (.mha, .nrrd or .nii.gz; a .mhd needs ElementDataFile = LOCAL)"
         )
     if fields.get("headersize", "0") not in ("0", ""):
         raise LabelFactoryError(f"{name}: MetaImage HeaderSize is not taken; save the image again as .mha")

@@ -147,25 +147,28 @@ def _no_constant(name: str) -> None:
     raise _NotFinite(name)
 
 
-def json_form(text: str | bytes | None, field: str) -> dict[str, Any]:
-    """A form field (or body) holding a JSON object -> dict; 400 with what to fix otherwise.
-
-    Bounded before it is parsed: over MAX_JSON_KB 413; NaN, Infinity and numbers beyond a float 400;
-    nested deeper than MAX_JSON_DEPTH 400 (Python's parser would otherwise recurse until it fails)."""
-    size = len(text or b"")
+def parse_json(text: str | bytes | None, field: str, hint: str = "") -> Any:
+    """JSON text -> its value, bounded before it is parsed: over MAX_JSON_KB 413; nested deeper than MAX_JSON_DEPTH
+    400 (Python's parser would recurse until it fails: a 500); NaN, Infinity and numbers beyond a float 400 (a NaN
+    stored in the datastore's index made every later write of it fail)."""
+    size = len(text.encode() if isinstance(text, str) else text or b"")
     if size > MAX_JSON_KB.value() << 10:
         raise LabelFactoryError(f"{field} ({size >> 10} KB) is over the server's limit ({MAX_JSON_KB.named()})", 413)
     _check_depth(text or "", field)
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite) if text else {}
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite) if text else None
     except _NotFinite as e:
         raise LabelFactoryError(f"{field}: {e} is not a finite number; send a number or null") from None
     except json.JSONDecodeError as e:
-        raise LabelFactoryError(
-            f"{field} must be a JSON object, e.g. {field}={{}}: {e.msg} at character {e.pos}"
-        ) from None
+        raise LabelFactoryError(f"{field} is not JSON{hint}: {e.msg} at character {e.pos}") from None
     except (ValueError, RecursionError) as e:  # a number of more digits than Python converts
-        raise LabelFactoryError(f"{field} must be a JSON object: {str(e)[:200]}") from None
+        raise LabelFactoryError(f"{field} is not JSON this server reads{hint}: {str(e)[:200]}") from None
+
+
+def json_form(text: str | bytes | None, field: str) -> dict[str, Any]:
+    """A form field holding a JSON object -> dict (parse_json's bounds); 400 naming the field otherwise."""
+    value = parse_json(text, field, f" ({field} must be a JSON object, e.g. {field}={{}})")
+    value = {} if value is None else value
     if not isinstance(value, dict):
         raise LabelFactoryError(f"{field} must be a JSON object ({{...}}), got a {type(value).__name__}")
     return value
@@ -184,16 +187,49 @@ def _check_depth(text: str | bytes, field: str) -> None:
         raise LabelFactoryError(f"{field} is nested deeper than the server's limit ({MAX_JSON_DEPTH.named()})")
 
 
-async def json_body(request: Request) -> dict[str, Any] | None:
-    """The request's JSON body (next-sample, train) as json_form bounds it; None when empty. Read in chunks and
-    refused as soon as it passes MAX_JSON_KB."""
-    body, limit = bytearray(), MAX_JSON_KB.value() << 10
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise LabelFactoryError(f"the JSON body is over the server's limit ({MAX_JSON_KB.named()})", 413)
-    text = bytes(body).strip()
-    return None if text in (b"", b"null") else json_form(text, "the JSON body")
+class BoundedJson:
+    """ASGI middleware: a JSON body (any route: next sample, train, scoring, batch infer ...) is read whole, up to
+    MAX_JSON_KB, checked by parse_json (413 / 400 naming the limit) and only then handed on to the app; FastAPI's
+    own parser took NaN and recursed into a 500 on deep nesting."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or not _json_type(scope):
+            return await self.app(scope, receive, send)
+        body, more, limit = bytearray(), True, MAX_JSON_KB.value() << 10
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                more = False
+        try:
+            parse_json(bytes(body), "the JSON body")
+        except LabelFactoryError as e:
+            return await JSONResponse(status_code=e.status, content={"detail": str(e)})(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _json_type(scope) -> bool:
+    """Whether FastAPI would parse the body as JSON: no content type, application/json or application/*+json."""
+    value = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
+    return value in (b"", b"application/json") or (value.startswith(b"application/") and value.endswith(b"+json"))
+
+
+app.add_middleware(BoundedJson)
 
 
 # ---- connections: one with no request under way is closed ----
@@ -347,7 +383,7 @@ _replace_route(al_endpoint.router, "/activelearning/{strategy}", {"POST"})
 
 
 @app.post(API + "/activelearning/{strategy}", summary="Next sample (labelfactory: in a bounded worker pool)")
-async def api_sample(strategy: str, params: dict | None = Depends(json_body), user: User = Depends(RBAC(USER))):
+async def api_sample(strategy: str, params: dict | None = None, user: User = Depends(RBAC(USER))):
     strategies = app_instance()._strategies  # MONAI Label answers an unknown one with a 500 (APP_INIT_ERROR)
     if (strategy or "random") not in strategies:
         known = ", ".join(sorted(strategies)) or "none (skip_strategies)"
@@ -516,7 +552,7 @@ _replace_route(train_endpoint.router, "/train/{model}", {"POST"})
 @app.post(API + "/train/{model}", summary="Run a training task (labelfactory: one at a time, others 429)")
 async def api_run_model(
     model: str,
-    params: dict | None = Depends(json_body),
+    params: dict | None = None,
     run_sync: bool | None = False,
     enqueue: bool | None = False,
     user: User = Depends(RBAC(ADMIN)),
