@@ -4,7 +4,7 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
 `labelfactory serve` does). MONAI Label's own app, plus:
 - Errors are answers: a `LabelFactoryError` gets its status, MONAI Label's invalid-input errors
   400, a `params` / `info` form field that is not a JSON object 400; never a traceback.
-- JSON is bounded: form fields and the JSON bodies of next-sample and train over
+- JSON is bounded: form fields (`params`, `info`) and every JSON body (BoundedJson) over
   `LABELFACTORY_MAX_JSON_KB` (default 1024) 413, nested deeper than `LABELFACTORY_MAX_JSON_DEPTH`
   (default 32) or holding NaN / Infinity 400, each naming the field. Options are parsed from the
   config dataclasses before any work (a training's before it is submitted; unknown strategy or model 404).
