@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from labelfactory import checkout
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
 from labelfactory.jsonio import read_json, write_json_atomic
-from labelfactory.options import add_arguments, config_overrides, field_type, from_args
+from labelfactory.options import SEED_RANGE, add_arguments, bounded, choice, config_overrides, field_type, from_args
 from labelfactory.tasks.base import InferBase, TrainBase, result_file
 
 
@@ -52,6 +53,40 @@ def test_bad_option_values_are_400s_and_unsupported_fields_are_refused():
         config_overrides(Knobs(), {"augment": "maybe"}, ("augment",))
     with pytest.raises(TypeError, match="widths"):
         field_type(Knobs, "widths")
+
+
+@dataclass(frozen=True)
+class Ranged:
+    seed: int = bounded(0, *SEED_RANGE)
+    psi: float = bounded(0.7, 0.1, 1.0)
+    lr: float = 1e-3  # undeclared: finite and >= 0
+    network: str = choice("unet", ("unet", "fcn"))
+
+
+@pytest.mark.parametrize(
+    "values,words",
+    [
+        ({"seed": -5}, "option seed=-5: expected int (a whole number) in 0..4294967295"),
+        ({"seed": 2**32}, "option seed=4294967296"),
+        ({"seed": "x"}, "option seed='x': expected int"),
+        ({"seed": 1.5}, "option seed=1.5: expected int"),
+        ({"seed": True}, "option seed=True: expected int"),
+        ({"psi": "x"}, "option psi='x': expected float"),
+        ({"psi": 1.5}, "option psi=1.5: expected float (a finite number) in 0.1..1.0"),
+        ({"lr": "nan"}, "option lr='nan'"),
+        ({"lr": "inf"}, "option lr='inf'"),
+        ({"lr": -1}, "option lr=-1: expected float (a finite number) >= 0"),
+        ({"network": "resnet"}, "option network='resnet': expected one of unet, fcn"),
+        ({"network": {"a": 1}}, "option network={'a': 1}: expected str"),
+    ],
+)
+def test_option_values_are_refused_outside_their_fields_type_and_range(values, words):
+    with pytest.raises(LabelFactoryError, match=re.escape(words)) as e:
+        config_overrides(Ranged(), values, ("seed", "psi", "lr", "network"))
+    assert e.value.status == 400
+    assert config_overrides(Ranged(), {"seed": "7", "psi": 1, "network": "fcn"}, ("seed", "psi", "network")) == Ranged(
+        seed=7, psi=1.0, network="fcn"
+    )
 
 
 def test_cli_flags_carry_the_dataclass_defaults_and_come_back():

@@ -7,7 +7,6 @@ The server runs with its own temp folder (TMPDIR) so that upload leftovers can b
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import tarfile
 import zipfile
@@ -257,13 +256,15 @@ def test_nifti_with_nan_or_inf_voxels_is_refused(tmp_path):
 
 
 def test_a_nii_gz_is_decompressed_once(sample, monkeypatch):
+    """Its header (the first 540 bytes), then its voxels once, and ITK reads the inflated bytes."""
     inflated, itk_read = [], []
-    real_decompress, real_read = gzip.decompress, image_io.sitk.ReadImage
-    monkeypatch.setattr(image_io.gzip, "decompress", lambda data: inflated.append(len(data)) or real_decompress(data))
-    monkeypatch.setattr(image_io.gzip, "open", lambda *a, **k: pytest.fail("the file is inflated a second time"))
+    real_inflate, real_read = image_io.inflate_bounded, image_io.sitk.ReadImage
+    monkeypatch.setattr(
+        image_io, "inflate_bounded", lambda p, o, limit, *a: inflated.append(limit) or real_inflate(p, o, limit, *a)
+    )
     monkeypatch.setattr(image_io.sitk, "ReadImage", lambda path, *a: itk_read.append(str(path)) or real_read(path, *a))
     img = read_image(sample / "datastore" / "torso_3mm.nii.gz")
-    assert len(inflated) == 1 and len(itk_read) == 1 and not itk_read[0].endswith(".gz"), (
-        "ITK must read the inflated bytes"
-    )
+    assert inflated[0] == image_io.NIFTI_HEADER_BYTES and len(inflated) == 2
+    assert inflated[1] == 352 + img.array.size * img.array.dtype.itemsize
+    assert len(itk_read) == 1 and not itk_read[0].endswith(".gz"), "ITK must read the inflated bytes"
     assert img.array.shape == sitk.GetArrayFromImage(real_read(str(sample / "datastore" / "torso_3mm.nii.gz"))).shape

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 
+import nibabel as nib
 import nrrd
 import numpy as np
 import pydicom
@@ -259,3 +261,134 @@ def test_find_studies_takes_dicom_folders_and_skips_other_folders(sample, tmp_pa
     found = {s.id: s for s in find_studies(tmp_path)}
     assert set(found) == {"abdomen_series", "torso"}
     assert read_image(found["abdomen_series"].image).array.shape == (20, 512, 512)
+
+
+# ---- headers checked before a voxel is read (io.headers): declared size, detached data, limits ----
+
+
+def _dicom(path, rows, cols, pixel_bytes):
+    """A one-file CT DICOM (explicit VR little endian, 16 bits) declaring rows x cols, holding `pixel_bytes`."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", generate_uid(), generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = pixel_bytes
+    ds.save_as(str(path), write_like_original=False)
+    return path
+
+
+def test_a_dicom_declaring_more_pixels_than_it_holds_is_refused_from_its_header(tmp_path):
+    """The issue's 652-byte DICOM claiming 60000 x 60000: refused on its header (ITK allocated 7 GB for it)."""
+    huge = _dicom(tmp_path / "huge.dcm", 60000, 60000, b"\0" * 200)
+    assert huge.stat().st_size < 1000
+    with pytest.raises(LabelFactoryError, match="LABELFACTORY_MAX_VOXELS") as e:
+        read_image(huge)
+    assert e.value.status == 413 and "60000 x 60000" in str(e.value)
+
+
+def test_a_dicom_holding_fewer_pixels_than_it_declares_is_refused_not_zero_filled(tmp_path):
+    short = _dicom(tmp_path / "short.dcm", 64, 64, b"\0" * 2000)  # 64 x 64 x 16 bits needs 8192 bytes
+    with pytest.raises(LabelFactoryError, match=r"truncated DICOM: 2000 bytes of pixel data.*\(8192 bytes\)"):
+        read_image(short)
+    ok = _dicom(tmp_path / "ok.dcm", 64, 64, np.arange(64 * 64, dtype="<i2").tobytes())
+    assert np.array_equal(read_image(ok).array.reshape(64, 64), np.arange(64 * 64).reshape(64, 64))
+
+
+def _volume(tmp_path, name, **kw):
+    arr = np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10)
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), **kw)
+    return arr, path
+
+
+@pytest.mark.parametrize("target", ["/etc/shadow", "/dev/zero", "other.raw"])
+def test_metaimage_and_nrrd_with_their_data_in_another_file_are_refused(tmp_path, target):
+    arr, mhd = _volume(tmp_path, "v.mhd")
+    text = mhd.read_text().replace("ElementDataFile = v.raw", f"ElementDataFile = {target}")
+    (tmp_path / "evil.mhd").write_text(text)
+    with pytest.raises(LabelFactoryError, match="another file"):
+        read_image(tmp_path / "evil.mhd")
+    _, nhdr = _volume(tmp_path, "v.nhdr")
+    (tmp_path / "evil.nhdr").write_text(nhdr.read_text().replace("data file: v.raw", f"data file: {target}"))
+    with pytest.raises(LabelFactoryError, match="detached NRRD header"):
+        read_image(tmp_path / "evil.nhdr")
+    seg = tmp_path / "evil.seg.nrrd"  # read by pynrrd, which would follow it too
+    seg.write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 10 9 8\nencoding: raw\ndata file: {target}\n")
+    with pytest.raises(LabelFactoryError, match="detached NRRD header"):
+        read_label(seg)
+
+
+@pytest.mark.parametrize("name,compress", [("v.mha", False), ("v.mha", True), ("v.nrrd", False), ("v.nrrd", True)])
+def test_a_metaimage_or_nrrd_shorter_than_its_header_declares_is_refused(tmp_path, name, compress):
+    arr, path = _volume(tmp_path, name, useCompression=compress)
+    assert np.array_equal(read_image(path).array, arr)  # whole: read as written
+    data = path.read_bytes()
+    cut = tmp_path / f"cut{path.suffix}"
+    cut.write_bytes(data[: len(data) - (40 if compress else 200)])
+    with pytest.raises(LabelFactoryError, match="truncated image: .* its header declares 1440"):  # 8 x 9 x 10 x 2
+        read_image(cut)
+
+
+def test_a_line_of_voxels_is_refused_and_the_limits_name_their_settings(tmp_path, monkeypatch):
+    """1 x 1 x 400 (78 bytes of NIfTI) cost 400 slices of work; limits are checked on the header."""
+    line = tmp_path / "line.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((400, 1, 1), np.int16)), str(line))
+    with pytest.raises(LabelFactoryError, match="a line, not a volume"):
+        read_image(line)
+    monkeypatch.setenv("LABELFACTORY_MAX_VOXELS", "500")
+    _, mha = _volume(tmp_path, "v.mha")  # 720 voxels
+    for path in (mha, line.with_name("ok.nii.gz")):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 10), np.int16)), str(line.with_name("ok.nii.gz")))
+        with pytest.raises(LabelFactoryError, match=r"720 voxels, over the server's limit \(500 voxels, LABELFACTORY"):
+            read_image(path)
+    monkeypatch.setenv("LABELFACTORY_MAX_VOXELS", "")
+    monkeypatch.setenv("LABELFACTORY_MAX_SLICES", "9")
+    with pytest.raises(LabelFactoryError, match="LABELFACTORY_MAX_SLICES"):
+        read_image(mha)
+
+
+def test_the_default_limits_take_a_512_x_512_x_2000_ct():
+    from labelfactory.io.headers import check_shape
+
+    check_shape((2000, 512, 512), "ct")  # no error
+    with pytest.raises(LabelFactoryError, match="LABELFACTORY_MAX_VOXELS"):
+        check_shape((4000, 512, 512), "ct")
+
+
+def test_a_nifti_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """A .nii.gz declaring 2048^3 voxels (a few KB compressed) is refused on its header; a short one is inflated
+    only up to the size its header declares."""
+    from labelfactory.io import image as image_io
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2048, 2048, 2048))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_offset(352)
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * (8 << 20)))
+    inflated = []
+    real = image_io.inflate_bounded
+    monkeypatch.setattr(
+        image_io, "inflate_bounded", lambda p, o, limit, *a: inflated.append(limit) or real(p, o, limit, *a)
+    )
+    with pytest.raises(LabelFactoryError, match="LABELFACTORY_MAX_VOXELS"):
+        read_image(bomb)
+    assert inflated == [image_io.NIFTI_HEADER_BYTES]
+    hdr.set_data_shape((16, 16, 16))  # 8 KB of voxels declared, 8 MB of zeros after them: never inflated
+    padded = tmp_path / "padded.nii.gz"
+    padded.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * (8 << 20)))
+    assert read_image(padded).array.shape == (16, 16, 16)
+    assert inflated[-1] == 352 + 16**3 * 2
+
+
+def test_a_dicom_series_over_the_limits_is_refused_from_its_headers(sample, monkeypatch):
+    monkeypatch.setenv("LABELFACTORY_MAX_VOXELS", str(512 * 512 * 19))
+    with pytest.raises(LabelFactoryError, match=r"20 x 512 x 512 = 5242880 voxels.*LABELFACTORY_MAX_VOXELS"):
+        read_image(sample / "dicom" / "abdomen")

@@ -4,12 +4,17 @@
 (a MONAI Label request, the app's `--conf` dict with a prefix), casting each value to its field's
 type; `add_arguments` / `from_args` turn the same fields into argparse flags. Hand-written because
 neither MONAI Label nor argparse maps a dataclass onto options.
+
+A value a request sends is refused (400, naming the option) unless it is of its field's type and in its field's
+range: a number finite and >= 0 unless the field declares another (`bounded`, e.g. `seed: int = bounded(0,
+*SEED_RANGE)`), a string one of the field's `choices` if it declares them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -18,6 +23,17 @@ from labelfactory.errors import LabelFactoryError
 
 C = TypeVar("C")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+SEED_RANGE = (0, 2**32 - 1)  # numpy's seeds (the generator's latents, every training's RNG)
+
+
+def bounded(default: Any, low: float | None = 0, high: float | None = None) -> Any:
+    """A dataclass field whose option values must lie in [low, high] (None: open on that side)."""
+    return dataclasses.field(default=default, metadata={"range": (low, high)})
+
+
+def choice(default: str, choices: typing.Sequence[str]) -> Any:
+    """A dataclass field whose option values must be one of `choices`."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
 
 
 def field_type(cls: type, name: str) -> type:
@@ -30,24 +46,57 @@ def field_type(cls: type, name: str) -> type:
     return hint
 
 
-def cast(typ: type, name: str, value: Any) -> Any:
-    """One option value (a string from a form or conf, a JSON scalar, or Slicer's combo list) as `typ`."""
+def cast(typ: type, name: str, value: Any, low: float | None = 0, high: float | None = None) -> Any:
+    """One option value (a string from a form or conf, a JSON scalar, or Slicer's combo list) as `typ`.
+
+    Numbers must be finite, whole for an int, and in [low, high] (None: open on that side)."""
     if isinstance(value, list | tuple):
         value = value[0] if value else None  # an options-table combo box sends its list; the first is the choice
     try:
-        if typ is bool and not isinstance(value, bool):
-            text = str(value).strip().lower()
-            if text not in _TRUE + _FALSE:
-                raise ValueError(text)
-            return text in _TRUE
-        return typ(value)
-    except (TypeError, ValueError):
-        raise LabelFactoryError(f"option {name}={value!r}: expected {typ.__name__}") from None
+        out = _as(typ, value)
+    except (TypeError, ValueError, OverflowError):
+        raise LabelFactoryError(f"option {name}={value!r}: expected {_a(typ)}") from None
+    if typ in (int, float) and ((low is not None and out < low) or (high is not None and out > high)):
+        span = f">= {low}" if high is None else f"<= {high}" if low is None else f"in {low}..{high}"
+        raise LabelFactoryError(f"option {name}={value!r}: expected {_a(typ)} {span}")
+    return out
 
 
 def parse_value(cls: type, name: str, value: Any) -> Any:
-    """A value for field `name` of dataclass `cls`, as the field's type."""
-    return cast(field_type(cls, name), name, value)
+    """A value for field `name` of dataclass `cls`, as the field's type, in its range or choices."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}.get(name, {})
+    out = cast(field_type(cls, name), name, value, *meta.get("range", (0, None)))
+    if "choices" in meta and out not in meta["choices"]:
+        raise LabelFactoryError(f"option {name}={out!r}: expected one of {', '.join(meta['choices'])}")
+    return out
+
+
+def _as(typ: type, value: Any) -> Any:
+    """`value` as `typ`, or ValueError / TypeError: no bool for a number, no fraction for an int, no NaN or inf."""
+    if typ is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in _TRUE + _FALSE:
+            return value if isinstance(value, bool) else text in _TRUE
+        raise ValueError(value)
+    if typ is str:
+        if not isinstance(value, str | int | float):
+            raise TypeError(value)
+        return str(value)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise TypeError(value)
+    if typ is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value) if not isinstance(value, str) else int(value.strip())
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(value)
+    return out
+
+
+def _a(typ: type) -> str:
+    names = {bool: "bool (true or false)", int: "int (a whole number)", float: "float (a finite number)", str: "str"}
+    return names[typ]
 
 
 def config_overrides(defaults: C, values: dict[str, Any], names: typing.Iterable[str], prefix: str = "") -> C:

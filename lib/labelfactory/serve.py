@@ -158,7 +158,11 @@ def install_models(source: str | os.PathLike, model_dir: str | os.PathLike) -> l
 def server_command(
     studies: str, host: str, port: int, conf: list[tuple[str, str]], app_dir: str | os.PathLike = APP_DIR
 ) -> list[str]:
-    """The `monailabel start_server` command line for this app (errors answered as 4xx, see tasks.server)."""
+    """The `monailabel start_server` command line for this app (errors answered as 4xx, see tasks.server).
+
+    Timeouts: `start_server` passes uvicorn no timeout options, so its keep-alive stays at uvicorn's 5 s; a
+    connection with no request under way is closed after LABELFACTORY_IDLE_TIMEOUT_S (tasks.server), and every
+    input is bounded by labelfactory.limits (environment settings the server inherits)."""
     cmd = [
         sys.executable,
         "-m",

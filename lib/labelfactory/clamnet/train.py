@@ -17,6 +17,7 @@ from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.network import ClamNetPair
 from labelfactory.clamnet.pairs import PairSampler, near_normals
 from labelfactory.io import Window
+from labelfactory.options import SEED_RANGE, bounded
 
 logger = logging.getLogger(__name__)
 KIND = "clamnet"
@@ -46,11 +47,11 @@ class ClamNetConfig:
     dice_term: bool = True
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
     near_negatives: int = 0
-    seed: int = 0
+    seed: int = bounded(0, *SEED_RANGE)
     organ: str = "aorta"
     margin_mm: float = 10.0
     window: tuple[float, float] = (100.0, 600.0)
-    threshold: float = 0.5
+    threshold: float = bounded(0.5, 0.0, 1.0)
 
     @property
     def ct_window(self) -> Window:

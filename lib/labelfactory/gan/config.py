@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from labelfactory.options import SEED_RANGE, bounded
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -36,7 +38,7 @@ class TrainingConfig:
     fid_kimg: float = 200.0  # 0: never
     fid_images: int = 2000
     preview_seeds: int = 16
-    seed: int = 0
+    seed: int = bounded(0, *SEED_RANGE)
     mixed_precision: bool = False  # main phases with the top num_bf16_res blocks of G and D in bf16 (conv_clamp 256)
     num_bf16_res: int = 4  # with mixed_precision: how many of the highest resolutions run in bf16 (the reference's 4)
     fused_adam: bool = True  # one fused kernel per optimiser step (CPU and CUDA; 4-7x faster step than the loop)

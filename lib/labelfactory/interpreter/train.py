@@ -24,6 +24,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
 from labelfactory.interpreter.records import LatentRecord
 from labelfactory.interpreter.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
+from labelfactory.options import SEED_RANGE, bounded
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class TrainConfig:
     ignore_index: int = 255  # mask value of unlabelled pixels (never drawn)
     class_weights: tuple[float, ...] | None = None  # one cross-entropy weight per class value
     cache_gb: float = 2.0  # taps kept in memory (fp16) up to this size
-    seed: int = 0
+    seed: int = bounded(0, *SEED_RANGE)
 
     def to_dict(self) -> dict:
         d = asdict(self)

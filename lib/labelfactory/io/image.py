@@ -1,18 +1,18 @@
 """Reading and writing images of every format we take: NIfTI, NRRD (incl. Slicer .seg.nrrd), DICOM series, PNG/JPEG.
 
 Every reader returns `Image` (labelfactory.io.image_type: numpy-order array plus SimpleITK geometry)
-and validates what it read: 2D or 3D, not empty, complete, finite. NIfTI goes through nibabel's
-header first (ITK's NIfTI reader silently turns NaN and Inf voxels into 0 and zero-fills a short
-file); a .nii.gz is decompressed once, then ITK reads the plain bytes for the geometry.
+and validates what it read: 2D or 3D, not empty, complete, finite. Before a voxel is read, every file's header
+is checked (`io.headers`: its size within `labelfactory.limits`, its data in the file itself and all present).
+NIfTI goes through nibabel's header first (ITK's NIfTI reader silently turns NaN and Inf voxels into 0 and
+zero-fills a short file); a .nii.gz is inflated once, never past the size its header declares, then ITK reads
+the plain bytes for the geometry.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import tempfile
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +22,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
 from labelfactory.errors import LabelFactoryError
+from labelfactory.io.headers import check_dicom_series, check_file, check_nrrd, check_shape, inflate_bounded
 from labelfactory.io.image_type import Image
 from labelfactory.io.segnrrd import read_seg_nrrd
 from labelfactory.labels import check_label_values
@@ -51,6 +52,7 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Image:
     elif suffix_of(path) in NIFTI_SUFFIXES:
         img = _read_nifti(path)
     else:
+        check_file(path, path.name)
         img = _sitk_read(path, path.name)
     return _validated(Image.from_sitk(_to_scalar(img, path.name)), path.name)
 
@@ -83,6 +85,7 @@ def read_label(
     """
     path = Path(path)
     if suffix_of(path) == ".seg.nrrd":
+        check_nrrd(path, path.name)  # pynrrd would follow a detached `data file` too
         label = read_seg_nrrd(path, label_names)
     else:
         label = read_image(path)
@@ -169,19 +172,21 @@ def _sitk_read(path: Path, name: str) -> sitk.Image:
 
 
 def _read_nifti(path: Path) -> sitk.Image:
-    """A .nii / .nii.gz, decompressed once: complete and finite (checked on the bytes), then read by ITK."""
-    raw = path.read_bytes()
-    if not path.name.lower().endswith(".gz"):
-        _check_nifti_voxels(raw, path.name)
-        return _sitk_read(path, path.name)
-    try:
-        raw = gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
+    """A .nii / .nii.gz: its header checked, its bytes inflated once up to the size the header declares, complete
+    and finite (checked on the bytes), then read by ITK."""
+    gz = path.name.lower().endswith(".gz")
+    head = _nifti_bytes(path, gz, NIFTI_HEADER_BYTES)
+    hdr, dtype, shape, offset = _nifti_header(head, path.name)
+    check_shape(shape, path.name)
+    if offset > MAX_NIFTI_OFFSET:
         raise LabelFactoryError(
-            f"{path.name}: not a readable image: truncated or corrupt compressed data ({e}); "
-            "copy it again from its source"
-        ) from None
-    _check_nifti_voxels(raw, path.name)
+            f"{path.name}: its header puts the voxels at byte {offset} (over {MAX_NIFTI_OFFSET} bytes of "
+            "extensions); save the image again without them"
+        )
+    raw = _nifti_bytes(path, gz, offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    _check_nifti_voxels(raw, hdr, dtype, shape, offset, path.name)
+    if not gz:
+        return _sitk_read(path, path.name)
     with tempfile.TemporaryDirectory(prefix="lf-nii-") as tmp:
         plain = Path(tmp) / "image.nii"
         plain.write_bytes(raw)
@@ -189,16 +194,36 @@ def _read_nifti(path: Path) -> sitk.Image:
         return _sitk_read(plain, path.name)
 
 
-def _check_nifti_voxels(raw: bytes, name: str) -> None:
-    """Catch what ITK would hide: a short voxel block (zero-filled) and NaN / Inf voxels (read as 0)."""
+NIFTI_HEADER_BYTES = 540  # NIfTI-2's header (NIfTI-1's is 348)
+MAX_NIFTI_OFFSET = 64 << 20  # header extensions beyond this are not an image's
+
+
+def _nifti_bytes(path: Path, gz: bool, limit: int) -> bytes:
+    """The first `limit` bytes of the NIfTI (inflated if `gz`; never more made)."""
+    if not gz:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    out = bytearray()
+    inflate_bounded(path, 0, limit, path.name, out.extend)
+    return bytes(out)
+
+
+def _nifti_header(raw: bytes, name: str):
+    """(header, dtype, shape, voxel offset) from the first bytes of a NIfTI-1 or -2 file."""
     header_class = nib.Nifti2Header if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Header
     try:
         hdr = header_class.from_fileobj(io.BytesIO(raw[: header_class.template_dtype.itemsize]))
-        dtype, shape, offset = hdr.get_data_dtype(), hdr.get_data_shape(), int(hdr.get_data_offset())
-    except (HeaderDataError, WrapStructError, ValueError) as e:
+        # a single-file NIfTI's voxels start after its header whatever vox_offset says (as ITK's niftilib reads it)
+        offset = max(int(hdr.get_data_offset()), header_class.template_dtype.itemsize + 4)
+        return hdr, hdr.get_data_dtype(), hdr.get_data_shape(), offset
+    except (HeaderDataError, WrapStructError, ValueError, OverflowError) as e:
         raise LabelFactoryError(
             f"{name}: not a readable image (NIfTI header: {e}); expected a complete, uncorrupted NIfTI"
         ) from None
+
+
+def _check_nifti_voxels(raw: bytes, hdr, dtype: np.dtype, shape: tuple[int, ...], offset: int, name: str) -> None:
+    """Catch what ITK would hide: a short voxel block (zero-filled) and NaN / Inf voxels (read as 0)."""
     n = int(np.prod(shape, dtype=np.int64))
     needed = offset + n * dtype.itemsize
     if len(raw) < needed:
@@ -231,6 +256,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     if uid not in uids:
         raise LabelFactoryError(f"{folder.name}: no DICOM series {uid}; found {', '.join(uids)}")
     files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    check_dicom_series(files, folder.name)
     reader.SetFileNames(files)
     try:
         return reader.Execute()

@@ -34,7 +34,8 @@ from labelfactory import distributed
 from labelfactory.checkpoints import save_checkpoint
 from labelfactory.errors import LabelFactoryError
 from labelfactory.labels import LABEL_NAMES, map_of
-from labelfactory.segmentation.networks import build_network
+from labelfactory.options import SEED_RANGE, bounded, choice
+from labelfactory.segmentation.networks import NETWORKS, build_network
 
 logger = logging.getLogger(__name__)
 KIND = "segmentation"
@@ -46,13 +47,13 @@ SLICINGS = ("resize", "body-crop")  # TrainConfig.slicing
 class TrainConfig:
     """How to train (the one home of these defaults: CLI flags and app options derive from it)."""
 
-    network: str = "unetpp"  # one of networks.NETWORKS
+    network: str = choice("unetpp", NETWORKS)  # one of networks.NETWORKS
     size: int = 256  # slice side in pixels
     steps: int = 2000  # training iterations, rounded up to a whole number of validation rounds
     batch_size: int = 8
     lr: float = 1e-3  # Adam learning rate
     val_interval: int = 200  # iterations between validation Dice measurements
-    seed: int = 0
+    seed: int = bounded(0, *SEED_RANGE)
     label_names: dict[str, int] = field(default_factory=lambda: dict(LABEL_NAMES))
     # how the training slices were made, which the infer repeats: "resize" (whole axial slices resized to size,
     # io.volume_to_slices) or "body-crop" (size x size body-centred crops at native spacing, datasets.openkbp)

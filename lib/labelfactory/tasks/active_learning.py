@@ -29,7 +29,7 @@ from labelfactory.interpreter.labeller import KIND as INTERPRETER
 from labelfactory.interpreter.labeller import Interpreter
 from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
-from labelfactory.options import cast
+from labelfactory.options import SEED_RANGE, cast
 from labelfactory.tasks.interpreter import InterpreterModels
 from labelfactory.tasks.synthesis import add_generated_image
 
@@ -83,14 +83,16 @@ class GeneratedUncertain(Strategy):
         self.models, self.candidates, self.truncation_psi, self.explore = models, candidates, truncation_psi, explore
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        G = self.models.generator.get()
-        k = cast(int, "candidates", request.get("candidates", self.candidates))
+        k = cast(int, "candidates", request.get("candidates", self.candidates), 1, 256)
         psi = cast(float, "truncation_psi", request.get("truncation_psi", self.truncation_psi))
         explore = cast(int, "explore", request.get("explore", self.explore))
-        if not 1 <= k <= 256 or not 0.0 < psi <= 1.0 or explore < 0:
-            raise LabelFactoryError("candidates must be 1..256, truncation_psi in (0, 1] and explore >= 0")
+        if not 0.0 < psi <= 1.0:
+            raise LabelFactoryError(f"option truncation_psi={psi}: expected a number in (0, 1]")
+        low, high = SEED_RANGE
+        seed = cast(int, "seed", request["seed"], low, high - k + 1) if request.get("seed") is not None else None
+        G = self.models.generator.get()  # after the options: a bad one answers 400 with or without a model
         infos = generated_infos(datastore)
-        start = int(request["seed"]) if "seed" in request else next_candidate_seed(infos)
+        start = next_candidate_seed(infos) if seed is None else seed
         seeds = list(range(start, start + k))
         ws = ws_from_seeds(G, seeds, psi)
         interp = interpreter_or_none(self.models)

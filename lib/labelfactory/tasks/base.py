@@ -24,10 +24,13 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, write_image
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.options import config_overrides, options
 from labelfactory.training_lock import training_lock
+
+RESULT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # an infer's result file: one file, geometry kept
 
 
 def stats_file(name: str) -> str:
@@ -58,9 +61,14 @@ class TrainBase(TrainTask):
         write_json_atomic(stats, self.model_dir / stats_file(self.name))
         return stats
 
+    def parse_request(self, request: dict[str, Any]) -> Any:
+        """The config `request` asks for (the defaults plus its options, each parsed from its field: 400 naming a bad
+        one). The server calls it before it submits a training, so a bad option never reaches the trainer."""
+        return config_overrides(self.defaults, request, self.options)
+
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         started = time.time()
-        config = config_overrides(self.defaults, request, self.options)
+        config = self.parse_request(request)
         with training_lock(self.model_dir, self.name):  # one training per models folder, across server restarts
             return self.write_stats(self.train(request, datastore, config, started), started)
 
@@ -84,8 +92,11 @@ class InferBase(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         started = time.time()
+        suffix = request.get("result_extension") or ".nii.gz"
+        if suffix not in RESULT_SUFFIXES:  # checked before the infer's work
+            raise LabelFactoryError(f"option result_extension={suffix!r}: expected one of {', '.join(RESULT_SUFFIXES)}")
         label, result = self.infer(request)
-        out = None if label is None else result_file(label, request.get("result_extension") or ".nii.gz")
+        out = None if label is None else result_file(label, suffix)
         return out, {**result, "latencies": {"total": round(time.time() - started, 3)}}
 
     @abstractmethod

@@ -37,7 +37,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label
 from labelfactory.io.dataset import study_of
 from labelfactory.io.image import suffix_of
-from labelfactory.options import config_overrides
+from labelfactory.options import cast, config_overrides
 from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FILE
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
@@ -148,11 +148,13 @@ class ClamNetInfer(InferBase):
         self.organ_dirs = organ_dirs
         self.model = ModelCache(self.path, load_clamnet, "train clamnet first")
 
-    def _organ(self, request: dict[str, Any], path: Path, image: Image, organ: str) -> tuple[Image | None, str]:
+    def _organ(
+        self, request: dict[str, Any], path: Path, image: Image, organ: str, box: tuple[int, ...] | None
+    ) -> tuple[Image | None, str]:
         if request.get("organ_mask"):
             return read_label(tagged_label(path, request["organ_mask"]), image), f"organ_mask {request['organ_mask']}"
-        if request.get("crop_box"):
-            return box_mask(image, tuple(int(v) for v in request["crop_box"])), "crop_box"
+        if box:
+            return box_mask(image, box), "crop_box"
         dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(path.parent)
         mask = organ_mask(study_of(path), image, organ, dirs)
         if mask is not None:
@@ -167,15 +169,17 @@ class ClamNetInfer(InferBase):
 
     def infer(self, request: dict[str, Any]) -> tuple[Image, dict[str, Any]]:
         path = Path(request["image"])
-        if request.get("organ_mask"):  # checked before any work
+        if request.get("organ_mask"):  # options first, before the model loads: a bad one costs nothing
             tagged_label(path, request["organ_mask"])
         want_probability = request.get("probability", False)
         if not isinstance(want_probability, bool):
             raise LabelFactoryError("probability must be true (the result file is the probability map) or false")
+        box = crop_box(request.get("crop_box"))
+        config_overrides(ClamNetConfig(), request, ("threshold",))
         pair, cfg = self.model.get()
         cfg = config_overrides(cfg, request, ("threshold",))
         image = read_image(path)
-        organ, source = self._organ(request, path, image, cfg.organ)
+        organ, source = self._organ(request, path, image, cfg.organ, box)
         prob, mask = predict_image(pair, cfg, image, organ)
         return prob if want_probability else mask, {
             "label_names": MARKER_LABEL,
@@ -184,3 +188,16 @@ class ClamNetInfer(InferBase):
             "threshold": cfg.threshold,
             "marker_voxels": int(mask.array.sum()),
         }
+
+
+def crop_box(value: Any) -> tuple[int, ...] | None:
+    """The `crop_box` option: 4 (2D) or 6 (3D) whole numbers >= 0, as a JSON list or "a,b,c,d"; None if unset."""
+    if value in (None, "", []):
+        return None
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or len(items) not in (4, 6):
+        raise LabelFactoryError(
+            f"option crop_box={value!r}: expected 4 whole numbers (y0, x0, y1, x1) for a 2D image or 6 "
+            "(z0, y0, x0, z1, y1, x1) for a volume"
+        )
+    return tuple(cast(int, "crop_box", v) for v in items)

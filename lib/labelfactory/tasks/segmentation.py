@@ -23,6 +23,7 @@ from labelfactory.io.dataset import Study
 from labelfactory.io.image import suffix_of
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
+from labelfactory.options import cast
 from labelfactory.segmentation.data import training_sets
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
@@ -46,6 +47,10 @@ class SegmentationTrain(TrainBase):
         )
         self.synthetic_dir = synthetic_dir
 
+    def parse_request(self, request: dict[str, Any]) -> TrainConfig:
+        real_options(request)
+        return super().parse_request(request)
+
     def config(self) -> dict[str, Any]:
         networks = [self.defaults.network] + [n for n in NETWORKS if n != self.defaults.network]  # a combo box
         return super().config() | {
@@ -61,15 +66,14 @@ class SegmentationTrain(TrainBase):
         synthetic = request.get("synthetic", self.synthetic_dir) or None
         if synthetic and not Path(synthetic, "images").is_dir():
             synthetic = None  # nothing synthesized yet: real labels only
-        real = str(request.get("real", "all"))
         studies = [
             Study(Path(d["image"]).name[: -len(suffix_of(d["image"]))], Path(d["image"]), Path(d["label"]))
             for d in datastore.datalist()
         ]
         # real patients only: labelled generated images (DatasetGAN's loop) belong to the interpreter
         studies = [s for s in studies if not is_generated(datastore.get_image_info(s.id))]
-        k_real = None if real == "all" else int(real)
-        train, val, data = training_sets(studies, synthetic, k_real, int(request.get("val_patients", 1)), config.size)
+        k_real, val_patients = real_options(request)
+        train, val, data = training_sets(studies, synthetic, k_real, val_patients, config.size)
         result = train_segmenter(
             train, val, config, out=self.model_dir / MODEL_FILE, log_dir=self.model_dir / f"{KIND}_logs", data=data
         )
@@ -81,6 +85,13 @@ class SegmentationTrain(TrainBase):
             "history": result.history,
             **data,
         }
+
+
+def real_options(request: dict[str, Any]) -> tuple[int | None, int]:
+    """(`real`: how many real patients train, None for "all"; `val_patients`) of a training request, parsed."""
+    real = request.get("real", "all")
+    k_real = None if real in ("all", None, "") else cast(int, "real", real, 1)
+    return k_real, cast(int, "val_patients", request.get("val_patients", 1))
 
 
 class SegmentationInfer(InferBase):

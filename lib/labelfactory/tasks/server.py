@@ -4,9 +4,16 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
 `labelfactory serve` does). MONAI Label's own app, plus:
 - Errors are answers: a `LabelFactoryError` gets its status, MONAI Label's invalid-input errors
   400, a `params` / `info` form field that is not a JSON object 400; never a traceback.
+- JSON is bounded: form fields (`params`, `info`) and every JSON body (BoundedJson) over
+  `LABELFACTORY_MAX_JSON_KB` (default 1024) 413, nested deeper than `LABELFACTORY_MAX_JSON_DEPTH`
+  (default 32) or holding NaN / Infinity 400, each naming the field. Options are parsed from the
+  config dataclasses before any work (a training's before it is submitted; unknown strategy or model 404).
 - Uploads (infer `file`, label saves, image uploads, session images) are streamed into a temp file
   that is removed whatever the outcome; a body over `LABELFACTORY_MAX_UPLOAD_MB` (default 4096) is
-  refused (413); a session archive (`uncompress=true`) is unpacked only where it cannot leave its folder.
+  refused (413); a session archive (`uncompress=true`) is unpacked only where it cannot leave its folder,
+  and only up to `LABELFACTORY_MAX_ARCHIVE_MB` (default 2048) and `LABELFACTORY_MAX_ARCHIVE_FILES` (10000).
+- Idle connections are closed: one with no request under way for `LABELFACTORY_IDLE_TIMEOUT_S`
+  (default 60; uvicorn's own keep-alive timer only starts after a first response).
 - Light routes stay light: MONAI Label runs infers and next-sample inside the event loop, so
   `/info` and a label save waited behind a segmentation. Here infers run in a bounded worker pool
   (`LABELFACTORY_INFER_WORKERS`, default 2) and next-sample in its own, one at a time (each picks
@@ -45,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import numpy as np
 import requests
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
@@ -77,6 +85,15 @@ from labelfactory import training_lock
 from labelfactory.checkpoints import load_checkpoint, publish_model
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import suffix_of
+from labelfactory.limits import (
+    IDLE_TIMEOUT_S,
+    MAX_ARCHIVE_FILES,
+    MAX_ARCHIVE_MB,
+    MAX_JSON_DEPTH,
+    MAX_JSON_KB,
+    MAX_UPLOAD_MB,
+)
+from labelfactory.tasks.base import TrainBase
 from labelfactory.tasks.uploads import UPLOAD_PREFIX, new_upload, release
 
 logger = logging.getLogger(__name__)
@@ -103,7 +120,7 @@ def _env_true(name: str) -> bool:
 
 
 def max_upload_bytes() -> int:
-    return _env_int("LABELFACTORY_MAX_UPLOAD_MB", 4096) << 20
+    return MAX_UPLOAD_MB.value() << 20
 
 
 class WorkQueue:
@@ -175,20 +192,155 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 def upload_limit_message(size: int | None = None) -> str:
     body = f"the request body ({size >> 20} MB)" if size is not None else "the request body"
-    return f"{body} is over the server's upload limit ({max_upload_bytes() >> 20} MB, LABELFACTORY_MAX_UPLOAD_MB)"
+    return f"{body} is over the server's upload limit ({MAX_UPLOAD_MB.named()})"
 
 
-def json_form(text: str | None, field: str) -> dict[str, Any]:
-    """A form field holding a JSON object -> dict; 400 with the parse error otherwise."""
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400: JSON allows the digits, not the infinity they make
+        raise _NotFinite(text)
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise _NotFinite(name)
+
+
+def parse_json(text: str | bytes | None, field: str, hint: str = "") -> Any:
+    """JSON text -> its value, bounded before it is parsed: over MAX_JSON_KB 413; nested deeper than MAX_JSON_DEPTH
+    400 (Python's parser would recurse until it fails: a 500); NaN, Infinity and numbers beyond a float 400 (a NaN
+    stored in the datastore's index made every later write of it fail)."""
+    size = len(text.encode() if isinstance(text, str) else text or b"")
+    if size > MAX_JSON_KB.value() << 10:
+        raise LabelFactoryError(f"{field} ({size >> 10} KB) is over the server's limit ({MAX_JSON_KB.named()})", 413)
+    _check_depth(text or "", field)
     try:
-        value = json.loads(text) if text else {}
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite) if text else None
+    except _NotFinite as e:
+        raise LabelFactoryError(f"{field}: {e} is not a finite number; send a number or null") from None
     except json.JSONDecodeError as e:
-        raise LabelFactoryError(
-            f"{field} must be a JSON object, e.g. {field}={{}}: {e.msg} at character {e.pos}"
-        ) from None
+        raise LabelFactoryError(f"{field} is not JSON{hint}: {e.msg} at character {e.pos}") from None
+    except (ValueError, RecursionError) as e:  # a number of more digits than Python converts
+        raise LabelFactoryError(f"{field} is not JSON this server reads{hint}: {str(e)[:200]}") from None
+
+
+def json_form(text: str | bytes | None, field: str) -> dict[str, Any]:
+    """A form field holding a JSON object -> dict (parse_json's bounds); 400 naming the field otherwise."""
+    value = parse_json(text, field, f" ({field} must be a JSON object, e.g. {field}={{}})")
+    value = {} if value is None else value
     if not isinstance(value, dict):
         raise LabelFactoryError(f"{field} must be a JSON object ({{...}}), got a {type(value).__name__}")
     return value
+
+
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = re.compile(rb"[^\[\]{}]")
+
+
+def _check_depth(text: str | bytes, field: str) -> None:
+    """400 if the JSON text nests deeper than MAX_JSON_DEPTH (its brackets outside strings, counted at C speed)."""
+    data = text.encode() if isinstance(text, str) else text
+    brackets = np.frombuffer(_NOT_BRACKETS.sub(b"", _STRINGS.sub(b"", data)), np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    if steps.size and int(np.cumsum(steps).max()) > MAX_JSON_DEPTH.value():
+        raise LabelFactoryError(f"{field} is nested deeper than the server's limit ({MAX_JSON_DEPTH.named()})")
+
+
+class BoundedJson:
+    """ASGI middleware: a JSON body (any route: next sample, train, scoring, batch infer ...) is read whole, up to
+    MAX_JSON_KB, checked by parse_json (413 / 400 naming the limit) and only then handed on to the app; FastAPI's
+    own parser took NaN and recursed into a 500 on deep nesting."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or not _json_type(scope):
+            return await self.app(scope, receive, send)
+        body, more, limit = bytearray(), True, MAX_JSON_KB.value() << 10
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                more = False
+        try:
+            parse_json(bytes(body), "the JSON body")
+        except LabelFactoryError as e:
+            return await JSONResponse(status_code=e.status, content={"detail": str(e)})(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _json_type(scope) -> bool:
+    """Whether FastAPI would parse the body as JSON: no content type, application/json or application/*+json."""
+    value = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
+    return value in (b"", b"application/json") or (value.startswith(b"application/") and value.endswith(b"+json"))
+
+
+app.add_middleware(BoundedJson)
+
+
+# ---- connections: one with no request under way is closed ----
+
+
+def close_idle_connections(protocol_class: type) -> None:
+    """Make uvicorn's HTTP protocol close a connection that has had no request under way for IDLE_TIMEOUT_S.
+
+    uvicorn's keep-alive timer (5 s, its default, which MONAI Label keeps) starts only after a response: a client
+    that connected and sent nothing, or half a request line, held its connection and socket for ever. Checked
+    every IDLE_TIMEOUT_S: closed when no request began since the last check and none is running (a long infer
+    or upload is never cut)."""
+    made = protocol_class.connection_made
+    if getattr(made, "closes_idle", False):
+        return
+
+    def connection_made(self, transport, *args, **kwargs):
+        made(self, transport, *args, **kwargs)
+        seconds = IDLE_TIMEOUT_S.value()
+        seen = [self.cycle]
+
+        def check() -> None:
+            if transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is seen[0] and (cycle is None or cycle.response_complete):
+                transport.close()
+                return
+            seen[0] = cycle
+            self.loop.call_later(seconds, check)
+
+        self.loop.call_later(seconds, check)
+
+    connection_made.closes_idle = True
+    protocol_class.connection_made = connection_made
+
+
+def _patch_protocols() -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    close_idle_connections(H11Protocol)
+    with contextlib.suppress(ImportError):  # httptools is optional; uvicorn uses it when installed
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        close_idle_connections(HttpToolsProtocol)
+
+
+_patch_protocols()
 
 
 # ---- uploads: bounded, always removed ----
@@ -310,6 +462,10 @@ _replace_route(al_endpoint.router, "/activelearning/{strategy}", {"POST"})
 
 @app.post(API + "/activelearning/{strategy}", summary="Next sample (labelfactory: in a bounded worker pool)")
 async def api_sample(request: Request, strategy: str, params: dict | None = None, user: User = Depends(RBAC(USER))):
+    strategies = app_instance()._strategies  # MONAI Label answers an unknown one with a 500 (APP_INIT_ERROR)
+    if (strategy or "random") not in strategies:
+        known = ", ".join(sorted(strategies)) or "none (skip_strategies)"
+        raise LabelFactoryError(f"no strategy '{strategy}' on this server; strategies: {known}", status=404)
     async with _SAMPLES.place():
         return await _SAMPLES.run(request, al_endpoint.sample, strategy, params, user.username)
 
@@ -398,19 +554,50 @@ def _new_session(sessions, received: Path, names: list[str], expiry: int, uncomp
             raise LabelFactoryError("uncompress=true takes one archive")
         unpacked = received / "unpacked"
         try:
-            if zipfile.is_zipfile(source):
-                with zipfile.ZipFile(source) as z:
-                    z.extractall(unpacked)  # zipfile drops absolute and ".." parts of member names
-            else:
-                with tarfile.open(source) as tar:
-                    tar.extractall(unpacked, filter="data")  # refuses members outside, links, devices
-        except (ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+            unpack_bounded(source, unpacked, names[0])
+        except LabelFactoryError:
+            raise
+        except (ValueError, OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as e:
             raise LabelFactoryError(f"{names[0]} is not an archive this server unpacks safely: {e}") from e
         if not unpacked.is_dir() or not any(p.is_file() for p in unpacked.rglob("*")):
             raise LabelFactoryError(f"{names[0]} holds no files")
         source = unpacked
     session_id, info = sessions.add_session(str(source), expiry, False)
     return {"session_id": session_id, "session_info": info.to_json()}
+
+
+def unpack_bounded(archive: Path, folder: Path, name: str) -> None:
+    """Unpack a zip or tar (any compression) into `folder`: no member outside it, no links or devices, at most
+    MAX_ARCHIVE_FILES members and MAX_ARCHIVE_MB unpacked, checked on the declared sizes before a byte is written
+    and counted again on what was written (zip sizes can lie; zipfile stops at the declared one)."""
+    max_files, max_bytes = MAX_ARCHIVE_FILES.value(), MAX_ARCHIVE_MB.value() << 20
+
+    def check(count: int, total: int) -> None:
+        if count > max_files:
+            raise LabelFactoryError(
+                f"{name} holds over {max_files} files, the server's limit ({MAX_ARCHIVE_FILES.named()})"
+            )
+        if total > max_bytes:
+            raise LabelFactoryError(
+                f"{name} unpacks to over {max_bytes >> 20} MB, the server's limit ({MAX_ARCHIVE_MB.named()})", 413
+            )
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            members = z.infolist()
+            check(len(members), sum(m.file_size for m in members))
+            written = 0
+            for m in members:
+                written += Path(z.extract(m, folder)).stat().st_size if not m.is_dir() else 0  # names sanitised
+                check(0, written)
+        return
+    with tarfile.open(archive) as tar:  # members read one by one: a member past a limit stops the listing
+        members, total = [], 0
+        for m in tar:
+            members.append(m)
+            total += m.size
+            check(len(members), total)
+        tar.extractall(folder, members=members, filter="data")  # refuses members outside, links, devices
 
 
 @app.put(API + "/session/", summary="Create a session with an image (labelfactory: bounded, removed, off the loop)")
@@ -449,6 +636,12 @@ async def api_run_model(
     enqueue: bool | None = False,
     user: User = Depends(RBAC(ADMIN)),
 ):
+    trainers = app_instance()._trainers
+    if model not in trainers:
+        known = ", ".join(sorted(trainers)) or "none (skip_trainers)"
+        raise LabelFactoryError(f"no trainer '{model}' on this server; trainers: {known}", status=404)
+    if isinstance(trainers[model], TrainBase):  # its options parsed here: a bad one 400, never a failed training
+        trainers[model].parse_request(params or {})
     # checked and submitted without yielding the event loop, so of a burst exactly one passes
     if not enqueue and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in async_tasks("train")):
         raise LabelFactoryError(

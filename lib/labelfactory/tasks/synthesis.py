@@ -25,7 +25,7 @@ from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES, foreground
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
-from labelfactory.options import cast
+from labelfactory.options import SEED_RANGE, cast
 from labelfactory.tasks.base import InferBase, result_file
 from labelfactory.tasks.datastore import LabelFactoryDatastore
 from labelfactory.tasks.interpreter import InterpreterModels
@@ -79,10 +79,11 @@ class SynthesisInfer(InferBase):
         self.models, self.truncation_psi = models, truncation_psi
 
     def infer(self, request: dict[str, Any]) -> tuple[Image, dict[str, Any]]:
-        seed = int(request["seed"]) if "seed" in request else seed_of(request.get("image", ""))
-        psi = float(request.get("truncation_psi", self.truncation_psi))
+        seed = request["seed"] if request.get("seed") is not None else seed_of(request.get("image", ""))
+        seed = cast(int, "seed", seed, *SEED_RANGE)
+        psi = cast(float, "truncation_psi", request.get("truncation_psi", self.truncation_psi))
         if not 0.0 < psi <= 1.0:
-            raise LabelFactoryError("truncation_psi must be in (0, 1]")
+            raise LabelFactoryError(f"option truncation_psi={psi}: expected a number in (0, 1]")
         interp = self.models.interpreter()
         ws = ws_from_seeds(interp.G, [seed], psi)
         lab = interp.label(ws)
