@@ -43,6 +43,7 @@ class TrainBase(TrainTask):
 
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]]
+    path_options: ClassVar[tuple[str, ...]] = ()  # request options naming a server folder or file (see request_path)
 
     def __init__(self, description: str, model_dir: str | os.PathLike, defaults: Any):
         super().__init__(description)
@@ -61,14 +62,33 @@ class TrainBase(TrainTask):
         write_json_atomic(stats, self.model_dir / stats_file(self.name))
         return stats
 
-    def parse_request(self, request: dict[str, Any]) -> Any:
+    def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> Any:
         """The config `request` asks for (the defaults plus its options, each parsed from its field: 400 naming a bad
-        one). The server calls it before it submits a training, so a bad option never reaches the trainer."""
+        one; paths only inside the studies or models folder). The server calls it before it submits a training, so a
+        bad option never reaches the trainer."""
+        for field in self.path_options:
+            self.request_path(request, field, None, datastore)
         return config_overrides(self.defaults, request, self.options)
+
+    def request_path(self, request: dict[str, Any], field: str, default: Any, datastore: Datastore | None) -> Any:
+        """`request[field]`, a server path, resolved; only inside the models folder or the datastore's (400 for any
+        other: a request never makes the server read elsewhere); `default` (the app's own setting) when absent."""
+        value = request.get(field)
+        if value is None or value == "":
+            return default
+        if not isinstance(value, str) or "\0" in value:
+            raise LabelFactoryError(f"{field} must be a path inside the studies or models folder")
+        roots = [self.model_dir, getattr(datastore, "_datastore_path", None)]
+        path = Path(value).resolve()
+        if not any(root and path.is_relative_to(Path(root).resolve()) for root in roots):
+            raise LabelFactoryError(
+                f"{field} {value!r} is outside this server's studies and models folders: name a path inside them"
+            )
+        return str(path)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         started = time.time()
-        config = self.parse_request(request)
+        config = self.parse_request(request, datastore)
         with training_lock(self.model_dir, self.name):  # one training per models folder, across server restarts
             return self.write_stats(self.train(request, datastore, config, started), started)
 

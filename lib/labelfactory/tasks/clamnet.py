@@ -89,6 +89,7 @@ class ClamNetTrain(TrainBase):
 
     name = KIND
     options = ("steps", "batch", "lr", "eta", "marker_fraction", "organ", "size", "seed", "margin_mm", "threshold")
+    path_options = ("labels_csv",)
 
     def __init__(
         self,
@@ -112,7 +113,7 @@ class ClamNetTrain(TrainBase):
             raise LabelFactoryError("the datastore holds no images")
         studies = images[0].parent
         organ_dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(studies)
-        labels_csv = request.get("labels_csv") or self.labels_csv
+        labels_csv = self.request_path(request, "labels_csv", self.labels_csv, datastore)
         slices = load_weak_slices(
             studies,
             labels_csv,

@@ -37,6 +37,7 @@ class SegmentationTrain(TrainBase):
 
     name = KIND
     options = ("network", "size", "steps", "batch_size", "lr", "val_interval", "seed")
+    path_options = ("synthetic",)
 
     def __init__(
         self, model_dir: str | os.PathLike, config: TrainConfig | None = None, synthetic_dir: str | None = None
@@ -47,9 +48,9 @@ class SegmentationTrain(TrainBase):
         )
         self.synthetic_dir = synthetic_dir
 
-    def parse_request(self, request: dict[str, Any]) -> TrainConfig:
+    def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> TrainConfig:
         real_options(request)
-        return super().parse_request(request)
+        return super().parse_request(request, datastore)
 
     def config(self) -> dict[str, Any]:
         networks = [self.defaults.network] + [n for n in NETWORKS if n != self.defaults.network]  # a combo box
@@ -63,7 +64,7 @@ class SegmentationTrain(TrainBase):
     def train(
         self, request: dict[str, Any], datastore: Datastore, config: TrainConfig, started: float
     ) -> dict[str, Any]:
-        synthetic = request.get("synthetic", self.synthetic_dir) or None
+        synthetic = self.request_path(request, "synthetic", self.synthetic_dir, datastore) or None
         if synthetic and not Path(synthetic, "images").is_dir():
             synthetic = None  # nothing synthesized yet: real labels only
         studies = [

@@ -641,7 +641,7 @@ async def api_run_model(
         known = ", ".join(sorted(trainers)) or "none (skip_trainers)"
         raise LabelFactoryError(f"no trainer '{model}' on this server; trainers: {known}", status=404)
     if isinstance(trainers[model], TrainBase):  # its options parsed here: a bad one 400, never a failed training
-        trainers[model].parse_request(params or {})
+        trainers[model].parse_request(params or {}, app_instance().datastore())
     # checked and submitted without yielding the event loop, so of a burst exactly one passes
     if not enqueue and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in async_tasks("train")):
         raise LabelFactoryError(
