@@ -261,6 +261,8 @@ class BoundedJson:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or not _json_type(scope):
             return await self.app(scope, receive, send)
+        if dict(scope.get("headers") or []).get(b"content-length") == b"0":  # no body: receive() left as it is, so
+            return await self.app(scope, receive, send)  # the queue's disconnect check sees the client leave
         body, more, limit = bytearray(), True, MAX_JSON_KB.value() << 10
         while more:
             message = await receive()
