@@ -690,6 +690,9 @@ class Experiment:
             "--conf",
             "interpreter_max_epochs",
             str(s.interpreter_epochs),
+            "--conf",  # the strategy scores its own candidates: a scoring run after each retraining went unused
+            "skip_scoring",
+            "true",
         ]
         with open(folder / "server.log", "a") as server_log:
             server = subprocess.Popen(serve, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)

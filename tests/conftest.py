@@ -1,8 +1,8 @@
 """Shared fixtures: paths to the bundled sample data, temp copies of the datastore, a real server.
 
-Also how the suite runs in parallel (`make test`: pytest-xdist, `--dist loadgroup`): one torch / OpenMP thread per
-process (the test workers and every server, trainer and torchrun child they start), tests that share a module-scoped
-fixture kept on one worker (it is built once), and the slow modules handed out first.
+Also how the suite runs in parallel (`make test`: pytest-xdist, `--dist loadfile`, each module on one worker, so
+its module fixtures are built once): one torch / OpenMP thread per process (the test workers and every server,
+trainer and torchrun child they start), and the slow modules handed out first.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import shutil  # noqa: E402 (after the thread settings)
+import contextlib  # noqa: E402 (after the thread settings)
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -22,7 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from labelfactory.serve import server_command, server_env  # noqa: E402
+from labelfactory.serve import DEMO_MODELS, install_models, server_command, server_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample-data"
@@ -31,18 +32,10 @@ DATASTORE = SAMPLE / "datastore"
 TINY_GAN = dict(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16, batch_size=4)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests using a module-scoped fixture of their module go to one worker together; slow modules come first.
+    """Modules with slow tests first, so that `--dist loadfile` hands the longest work out before the short.
 
-    Grouping keeps a module's server or trained model built once (xdist's loadgroup would otherwise build it on each
-    worker that gets one of its tests); the order is stable within a module, so module fixtures are set up once.
-    """
-    for item in items:
-        infos = getattr(item, "_fixtureinfo", None)
-        defs = [d for ds in (infos.name2fixturedefs.values() if infos else ()) for d in ds]
-        if any(d.scope == "module" for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    Stable and per module: a module's tests stay together and in their order, so module fixtures are built once."""
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module.__name__ not in slow_modules)
 
@@ -144,12 +137,32 @@ def start_server(tmp_path):
         s.stop()
 
 
-@pytest.fixture
-def app_copy(tmp_path) -> Path:
-    """A copy of apps/labelfactory (so model files written by tests stay in tmp)."""
-    dst = tmp_path / "app"
+def copy_app(dst: Path) -> Path:
+    """A copy of apps/labelfactory at `dst` (so model files written by tests stay in tmp)."""
     shutil.copytree(REPO / "apps" / "labelfactory", dst, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     return dst
+
+
+@pytest.fixture
+def app_copy(tmp_path) -> Path:
+    return copy_app(tmp_path / "app")
+
+
+@contextlib.contextmanager
+def module_server(root: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None):
+    """A ready server on copies of the sample datastore and the app under `root`, the demo models in the app's model
+    folder (`.studies`, `.app`, `.models`): one server start that a module's tests share (a start costs ~10 s of
+    CPU); stopped on exit."""
+    studies, app = root / "datastore", copy_app(root / "app")
+    shutil.copytree(DATASTORE, studies)
+    install_models(DEMO_MODELS, app / "model")
+    srv = Server(studies, app, conf, env)
+    srv.studies, srv.app, srv.models = studies, app, app / "model"
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def _make_pairs(folder: Path, n: int, size: int = 32, seed: int = 0) -> Path:

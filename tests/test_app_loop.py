@@ -2,21 +2,18 @@
 
 info -> train stylegan2 -> next sample -> infer datasetgan -> save label (x3) -> train interpreter ->
 infer again -> synthesis -> train segmentation -> infer segmentation on a real volume (3D in, 3D out,
-same geometry) -> train and infer clamnet; then a training killed with -9 resumes, and a corrupt
-model file never replaces the one being served. Tiny sizes (32^2 GAN, a few steps) keep it to minutes.
+same geometry) -> train and infer clamnet; a corrupt model file never replaces the one being served.
+Tiny sizes (32^2 GAN, a few steps) keep it to minutes. Scoring after each training is off here (each run
+is a subprocess that builds the app, ~10 s): the next-sample strategy scores its own candidates, and
+scoring runs are tested in test_server_concurrency. A training killed with -9: test_crash_safety.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import re
-import signal
-import time
 
 import numpy as np
-import psutil
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
@@ -43,6 +40,7 @@ TINY = {
     "clamnet_steps": "2",
     "clamnet_size": "32",
     "candidates": "3",
+    "skip_scoring": "true",
 }
 
 
@@ -166,43 +164,3 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     r = _infer(url, "segmentation", "torso_3mm")
     assert r.status_code == 200 and r.content == good
     assert requests.get(f"{url}/info/", timeout=30).status_code == 200
-
-
-def _training_pids(server_pid):
-    """The server's training subprocesses (`python -m monailabel.interfaces.utils.app -m train ...`)."""
-    out = []
-    for p in psutil.Process(server_pid).children(recursive=True):
-        try:
-            cmd = p.cmdline()
-        except (psutil.ZombieProcess, psutil.NoSuchProcess):
-            continue
-        if "monailabel.interfaces.utils.app" in cmd and "train" in cmd:
-            out.append(p)
-    return out
-
-
-def test_killed_training_resumes_and_keeps_labels(datastore_copy, app_copy, start_server):
-    conf = {**TINY, "stylegan2_total_kimg": "0.064", "stylegan2_snapshot_kimg": "0.008"}
-    srv = start_server(datastore_copy, app_copy, conf=conf)
-    client = MONAILabelClient(srv.url)
-    labels_before = sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir())
-    client.train_start("stylegan2", {})
-    stats_file = app_copy / "model" / "stylegan2_train_stats.json"
-    t0 = time.time()
-    while not stats_file.exists() and time.time() - t0 < 600:
-        time.sleep(0.2)
-    assert stats_file.exists(), "a snapshot should appear"
-    pids = _training_pids(srv.proc.pid)
-    assert pids, "training runs in a subprocess"
-    for p in pids:
-        os.kill(p.pid, signal.SIGKILL)
-    wait_for_training(client, timeout=120, poll=0.5)
-    done_before = float(json.loads(stats_file.read_text())["kimg"])
-    assert 0 < done_before < 0.064, "killed before the end"
-    _train(client, "stylegan2")
-    assert float(json.loads(stats_file.read_text())["kimg"]) >= 0.064
-    resumed = [float(k) for k in re.findall(r"resumed \S+ at ([0-9.]+) kimg", srv.log.read_text())]
-    assert resumed and resumed[0] >= done_before, (
-        "the second training must resume from the last snapshot, not start over"
-    )
-    assert sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir()) == labels_before

@@ -3,24 +3,31 @@
 Unit tests drive two datastore objects on one folder (what the server and its scoring subprocess
 are); the kill tests SIGKILL a real server at the moment it opens the file for writing, through a
 fault-injection `sitecustomize` on its PYTHONPATH (armed by a flag file once the server is up),
-then start a new server on the same folder.
+then start a new server on the same folder. A training killed with -9 resumes from its last snapshot.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import textwrap
 import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
 import requests
+from monailabel.client import MONAILabelClient
 from monailabel.datastore.local import LocalDatastore
 
 from labelfactory.io import Image, read_image, write_image
 from labelfactory.latent_record import LATENT_KEY
+from labelfactory.loop import wait_for_training
 from labelfactory.tasks.datastore import LabelFactoryDatastore
+from tests.test_app_loop import TINY, _train
 
 W = [0.25] * 8
 
@@ -216,3 +223,44 @@ def test_a_server_killed_while_writing_the_index_restarts_with_every_label_and_l
     )
     assert not list(model_dir.glob("*.tmp")), "temp model files of a killed write are removed at start"
     assert not list(datastore_copy.glob(".*.tmp"))
+
+
+def _training_pids(server_pid):
+    """The server's training subprocesses (`python -m monailabel.interfaces.utils.app -m train ...`)."""
+    out = []
+    for p in psutil.Process(server_pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+        if "monailabel.interfaces.utils.app" in cmd and "train" in cmd:
+            out.append(p)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_keeps_labels(datastore_copy, app_copy, start_server):
+    conf = {**TINY, "stylegan2_total_kimg": "0.064", "stylegan2_snapshot_kimg": "0.008"}
+    srv = start_server(datastore_copy, app_copy, conf=conf)
+    client = MONAILabelClient(srv.url)
+    labels_before = sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir())
+    client.train_start("stylegan2", {})
+    stats_file = app_copy / "model" / "stylegan2_train_stats.json"
+    t0 = time.time()
+    while not stats_file.exists() and time.time() - t0 < 600:
+        time.sleep(0.2)
+    assert stats_file.exists(), "a snapshot should appear"
+    pids = _training_pids(srv.proc.pid)
+    assert pids, "training runs in a subprocess"
+    for p in pids:
+        os.kill(p.pid, signal.SIGKILL)
+    wait_for_training(client, timeout=120, poll=0.5)
+    done_before = float(json.loads(stats_file.read_text())["kimg"])
+    assert 0 < done_before < 0.064, "killed before the end"
+    _train(client, "stylegan2")
+    assert float(json.loads(stats_file.read_text())["kimg"]) >= 0.064
+    resumed = [float(k) for k in re.findall(r"resumed \S+ at ([0-9.]+) kimg", srv.log.read_text())]
+    assert resumed and resumed[0] >= done_before, (
+        "the second training must resume from the last snapshot, not start over"
+    )
+    assert sorted(p.name for p in (datastore_copy / "labels" / "final").iterdir()) == labels_before

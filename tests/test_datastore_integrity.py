@@ -26,7 +26,7 @@ from labelfactory.labels import LABEL_NAMES
 from labelfactory.latent_record import LATENT_KEY
 from labelfactory.tasks import datastore as ds_module
 from labelfactory.tasks.datastore import MODEL_KEY, LabelFactoryDatastore, check_id
-from tests.conftest import DATASTORE, REPO, Server
+from tests.conftest import module_server
 
 RECORD = {"seed": 4, "truncation_psi": 0.7, "w": [0.5] * 8, "generator": "g1"}
 GRID_2D = ((1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
@@ -245,22 +245,12 @@ def test_a_model_label_goes_only_where_no_annotator_label_is(ds, datastore_copy,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from labelfactory.serve import DEMO_MODELS, install_models
-
     root = tmp_path_factory.mktemp("integrity")
-    studies, app = root / "datastore", root / "app"
-    shutil.copytree(DATASTORE, studies)
-    shutil.copytree(REPO / "apps" / "labelfactory", app, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
-    install_models(DEMO_MODELS, app / "model")
-    env = {"TMPDIR": str(root / "server-tmp"), "MONAI_LABEL_SESSION_PATH": str(root / "sessions")}
     (root / "server-tmp").mkdir()
-    srv = Server(studies, app, {"models": "all", "skip_scoring": "true", "skip_strategies": "true"}, env)
-    try:
-        srv.wait_ready()
-        srv.studies, srv.tmp = studies, root / "server-tmp"
+    env = {"TMPDIR": str(root / "server-tmp"), "MONAI_LABEL_SESSION_PATH": str(root / "sessions")}
+    with module_server(root, {"models": "all", "skip_scoring": "true", "skip_strategies": "true"}, env) as srv:
+        srv.tmp = root / "server-tmp"
         yield srv
-    finally:
-        srv.stop()
 
 
 def _put_label(url, image_id, path, params=None, tag="final"):

@@ -9,18 +9,19 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from labelfactory.serve import DEMO_MODELS, install_models
+from tests.conftest import module_server
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def server(datastore_copy, app_copy, start_server):
-    install_models(DEMO_MODELS, app_copy / "model")  # the demo segmenter: a real, heavy infer
-    return start_server(datastore_copy, app_copy, conf={"models": "all"})
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module, with the demo models (the demo segmenter: a real, heavy infer)."""
+    with module_server(tmp_path_factory.mktemp("concurrency"), conf={"models": "all"}) as srv:
+        yield srv
 
 
-def test_light_routes_answer_while_segmentations_run(server, datastore_copy):
+def test_light_routes_answer_while_segmentations_run(server):
     url, done = server.url, {}
 
     def segment(k):
@@ -31,7 +32,7 @@ def test_light_routes_answer_while_segmentations_run(server, datastore_copy):
     for t in heavy:
         t.start()
     time.sleep(1.0)  # both segmentations are under way
-    label = (datastore_copy / "labels" / "final" / "torso_3mm.nii.gz").read_bytes()
+    label = (server.studies / "labels" / "final" / "torso_3mm.nii.gz").read_bytes()
     info = requests.get(f"{url}/info/", timeout=600)
     saved = requests.put(
         f"{url}/datastore/label", params={"image": "torso_3mm"}, files={"label": ("l.nii.gz", label)}, timeout=600

@@ -8,7 +8,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -18,9 +17,8 @@ import pytest
 import requests
 
 from labelfactory.io import read_image
-from labelfactory.serve import DEMO_MODELS, install_models
 from labelfactory.training_lock import LOCK_FILE
-from tests.conftest import DATASTORE, REPO, Server
+from tests.conftest import module_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +26,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the module: the sample datastore and its demo models, one infer worker and one waiting place."""
-    root = tmp_path_factory.mktemp("guard")
-    studies, app, models = root / "datastore", root / "app", root / "models"
-    shutil.copytree(DATASTORE, studies)
-    shutil.copytree(REPO / "apps" / "labelfactory", app, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
-    install_models(DEMO_MODELS, models)
-    env = {"LABELFACTORY_INFER_WORKERS": "1", "LABELFACTORY_INFER_QUEUE": "1", "OMP_NUM_THREADS": "1"}
-    srv = Server(studies, app, {"models": "all", "model_dir": str(models), "explore": "0"}, env)
-    srv.models, srv.studies = models, studies
-    try:
-        srv.wait_ready()
+    env = {"LABELFACTORY_INFER_WORKERS": "1", "LABELFACTORY_INFER_QUEUE": "1"}
+    with module_server(tmp_path_factory.mktemp("guard"), {"models": "all", "explore": "0"}, env) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _digests(folder):
