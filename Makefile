@@ -30,5 +30,5 @@ $(SYSTEM_STAMP): $(STAMP)
 	@touch $@
 
 test: $(SYSTEM_STAMP)
-	@start=$$(date +%s); $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; end=$$(date +%s); \
+	@start=$$(date +%s); $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30; rc=$$?; end=$$(date +%s); \
 	echo "make test: pytest $$((end - start)) s, $$((end - $(MAKE_START))) s in all (set-up included)"; exit $$rc
