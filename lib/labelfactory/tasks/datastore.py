@@ -574,9 +574,11 @@ def _names_from_label_info(info: dict[str, Any], label_names: dict[str, int]) ->
     items = (info or {}).get("label_info")
     if not items:
         return None
+    if not isinstance(items, list):
+        raise LabelFactoryError(f"label_info must be a list of {{'name': ..., 'idx': <integer>}}, got {items!r:.80}")
     out = {}
     for it in items:
-        if not isinstance(it, dict) or "name" not in it or not isinstance(it.get("idx"), int):
+        if not isinstance(it, dict) or "name" not in it or type(it.get("idx")) is not int:
             raise LabelFactoryError("label_info must be a list of {'name': ..., 'idx': <integer>}", status=400)
         out[it["idx"]] = str(it["name"])
     return out
