@@ -273,16 +273,30 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 @pytest.mark.slow
 def test_idle_and_half_sent_connections_are_closed(server):
-    """uvicorn's keep-alive timer starts after a first response: these two were held open for ever."""
+    """uvicorn's keep-alive timer starts after a first response: these three were held open for ever."""
     host, port = server[0].removeprefix("http://").split(":")
     silent = socket.create_connection((host, int(port)))
     half = socket.create_connection((host, int(port)))
     half.sendall(b"GET /info/ HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    stalled = socket.create_connection((host, int(port)))  # a body announced, two bytes of it sent
+    stalled.sendall(b"POST /activelearning/random HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
     t0 = time.time()
     assert _closed_within(silent, 3 * IDLE_S + 5) and _closed_within(half, 3 * IDLE_S + 5)
+    assert _closed_within(stalled, 3 * IDLE_S + 5)
     assert time.time() - t0 < 3 * IDLE_S + 5
-    silent.close()
-    half.close()
+    for s in (silent, half, stalled):
+        s.close()
+    slow = socket.create_connection((host, int(port)))  # a body that keeps coming, a byte a second: never cut
+    slow.sendall(
+        b"POST /activelearning/random HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+    )
+    for byte in b'{"a":"xx"}':
+        time.sleep(IDLE_S / 2)
+        slow.sendall(bytes([byte]))
+    slow.settimeout(60)
+    assert slow.recv(1024).startswith(b"HTTP/1.1 200"), "an upload still under way was cut"
+    slow.close()
     _still_up(server[0])
 
 

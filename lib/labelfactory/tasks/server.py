@@ -316,32 +316,40 @@ def close_idle_connections(protocol_class: type) -> None:
     """Make uvicorn's HTTP protocol close a connection that has had no request under way for IDLE_TIMEOUT_S.
 
     uvicorn's keep-alive timer (5 s, its default, which MONAI Label keeps) starts only after a response: a client
-    that connected and sent nothing, or half a request line, held its connection and socket for ever. Checked
-    every IDLE_TIMEOUT_S: closed when no request began since the last check and none is running (a long infer
-    or upload is never cut)."""
-    made = protocol_class.connection_made
+    that connected and sent nothing, or half a request line, held its connection and socket for ever; so did one
+    that announced a body and stopped sending it. Checked every IDLE_TIMEOUT_S: closed when no request began since
+    the last check and none is running, or when the request's body is unfinished and not a byte of it came since
+    (while the server itself has not paused reading). A long infer, or an upload that keeps sending, is never cut."""
+    made, received = protocol_class.connection_made, protocol_class.data_received
     if getattr(made, "closes_idle", False):
         return
 
     def connection_made(self, transport, *args, **kwargs):
         made(self, transport, *args, **kwargs)
         seconds = IDLE_TIMEOUT_S.value()
-        seen = [self.cycle]
+        self.bytes_received = 0
+        seen = [self.cycle, 0]
 
         def check() -> None:
             if transport.is_closing():
                 return
-            cycle = self.cycle
-            if cycle is seen[0] and (cycle is None or cycle.response_complete):
+            cycle, count = self.cycle, self.bytes_received
+            idle = cycle is None or cycle.response_complete
+            stalled = cycle is not None and cycle.more_body and count == seen[1] and not self.flow.read_paused
+            if cycle is seen[0] and (idle or stalled):
                 transport.close()
                 return
-            seen[0] = cycle
+            seen[:] = [cycle, count]
             self.loop.call_later(seconds, check)
 
         self.loop.call_later(seconds, check)
 
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        received(self, data)
+
     connection_made.closes_idle = True
-    protocol_class.connection_made = connection_made
+    protocol_class.connection_made, protocol_class.data_received = connection_made, data_received
 
 
 def _patch_protocols() -> None:
