@@ -477,3 +477,19 @@ def test_a_server_killed_while_replacing_an_image_never_attaches_its_old_labels(
     assert stored == (10, *image.array.shape[1:]) and labels == {}, (stored, labels)
     assert not _label_of(datastore_copy, "torso_3mm").exists()
     assert _listing_works(srv.url)["objects"]["abdomen"]["labels"]["final"], "other images keep theirs"
+
+
+@pytest.mark.slow
+def test_server_dataset_download_leaves_no_archive_behind(server):
+    """GET /datastore/dataset left a copy of every labelled image in the temp folder, each time: a disk filler."""
+    import zipfile
+    from io import BytesIO
+
+    before = set(server.tmp.iterdir())
+    for _ in range(2):
+        r = requests.get(f"{server.url}/datastore/dataset", timeout=120)
+        assert r.status_code == 200, r.text
+        with zipfile.ZipFile(BytesIO(r.content)) as z:
+            assert "image/torso_3mm.nii.gz" in z.namelist() and "metadata.json" in z.namelist()
+    left = [p.name for p in set(server.tmp.iterdir()) - before if p.is_file()]
+    assert not left, f"archives left in the server's temp folder: {left}"

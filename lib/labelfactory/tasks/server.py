@@ -33,7 +33,9 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
 - MONAI Label routes that answered 500 (found by fuzzing): a batch infer's options are checked (400) and
   fitted to the GPUs there are (none: one device, never a modulo by zero), run_sync off the event loop; a
   session id is a session id (404), a series session's image=true 400; whole-slide infers 404 (no WSI model);
-  output=dicom_seg 400 and /proxy/dicom 404 on a folder datastore; /logs/gpu 404 without nvidia-smi.
+  output=dicom_seg 400 and /proxy/dicom 404 on a folder datastore; /logs/gpu 404 without nvidia-smi; the dataset
+  archive (GET /datastore/dataset) is built one at a time, off the loop, and unlinked once opened (each download
+  left a copy of every labelled image in the temp folder), 404 when nothing is labelled.
 Routes replaced keep MONAI Label's paths, parameters and roles, and call its own functions.
 """
 
@@ -62,7 +64,7 @@ import requests
 import torch
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from monailabel.app import app
 from monailabel.config import settings
@@ -175,6 +177,7 @@ class WorkQueue:
 _WAITING = _env_int("LABELFACTORY_INFER_QUEUE", 8, minimum=0)
 _INFERS = WorkQueue("infers", _env_int("LABELFACTORY_INFER_WORKERS", 2), _WAITING)
 _SAMPLES = WorkQueue("next-sample requests", 1, _WAITING)  # one at a time: each pick sees the last one's image
+_ARCHIVES = WorkQueue("dataset archives", 1, _WAITING)  # each a temp copy of every labelled image: one at a time
 
 
 # ---- errors ----
@@ -574,6 +577,34 @@ async def api_put_label_info(
         **({"user": user.username} if user.username else {}),
     }
     return await run_in_threadpool(app_instance().datastore().update_label_info, label, tag, i)
+
+
+_replace_route(ds_endpoint.router, "/datastore/dataset", {"GET"})
+
+
+def _dataset_archive(limit_cases: int | None):
+    """MONAI Label's archive of the labelled images, opened and already unlinked (it left every one in the temp
+    folder: a disk filled by repeated downloads); 404 when nothing is labelled (its assert was a 500)."""
+    datastore = app_instance().datastore()
+    if not datastore.datalist():
+        raise LabelFactoryError("no image in the datastore has a label: there is no dataset to download", status=404)
+    path = datastore.get_dataset_archive(limit_cases)
+    archive = open(path, "rb")  # closed by _chunks once sent (or when a dropped response is collected)
+    os.unlink(path)
+    return archive
+
+
+def _chunks(archive) -> Any:
+    with archive:
+        yield from iter(lambda: archive.read(1 << 20), b"")
+
+
+@app.get(API + "/datastore/dataset", summary="Download the labelled images as a ZIP (labelfactory: nothing left)")
+async def api_download_dataset(request: Request, limit_cases: int | None = None, user: User = Depends(RBAC(ANNOTATOR))):
+    async with _ARCHIVES.place():
+        archive = await _ARCHIVES.run(request, _dataset_archive, limit_cases)
+    disposition = {"Content-Disposition": 'attachment; filename="dataset.zip"'}
+    return StreamingResponse(_chunks(archive), media_type="application/zip", headers=disposition)
 
 
 # ---- sessions (an image sent for inference only, as Slicer does for a local volume): bounded, removed ----
