@@ -307,7 +307,7 @@ def test_idle_and_half_sent_connections_are_closed(server):
 def test_monai_label_routes_that_answered_500_answer_4xx_naming_what_to_fix(server):
     """Each of these was a 500 (a traceback in the log): a batch infer spread over zero GPUs (modulo by zero), a
     session of several files downloaded as one, a whole-slide infer, output=dicom_seg and the DICOMweb proxy on a
-    folder datastore, and nvidia-smi run where there is none."""
+    folder datastore, nvidia-smi run where there is none, and 2**80 log lines."""
     url, _, datastore = server
     annotated = datastore / "labels" / "final" / "torso_3mm.nii.gz"
     before = annotated.read_bytes()
@@ -332,6 +332,7 @@ def test_monai_label_routes_that_answered_500_answer_4xx_naming_what_to_fix(serv
         ("wsi", requests.post(f"{url}/infer/wsi_v2/segmentation", params={"image": "torso_3mm"}), 404, "whole-slide"),
         ("dicom_seg", requests.post(f"{url}/infer/segmentation?image=torso_3mm&output=dicom_seg"), 400, "dicom_seg"),
         ("proxy", requests.get(f"{url}/proxy/dicom/studies", timeout=60), 404, "not DICOMweb"),
+        ("log lines", requests.get(f"{url}/logs/", params={"lines": 2**80}, timeout=60), 400, "lines=1208925"),
     ]
     if shutil.which("nvidia-smi") is None:
         cases.append(("gpu info", requests.get(f"{url}/logs/gpu", timeout=60), 404, "no nvidia-smi"))

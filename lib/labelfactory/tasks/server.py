@@ -33,9 +33,10 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
 - MONAI Label routes that answered 500 (found by fuzzing): a batch infer's options are checked (400) and
   fitted to the GPUs there are (none: one device, never a modulo by zero), run_sync off the event loop; a
   session id is a session id (404), a series session's image=true 400; whole-slide infers 404 (no WSI model);
-  output=dicom_seg 400 and /proxy/dicom 404 on a folder datastore; /logs/gpu 404 without nvidia-smi; the dataset
-  archive (GET /datastore/dataset) is built one at a time, off the loop, and unlinked once opened (each download
-  left a copy of every labelled image in the temp folder), 404 when nothing is labelled.
+  output=dicom_seg 400 and /proxy/dicom 404 on a folder datastore; /logs/gpu 404 without nvidia-smi, /logs/
+  lines bounded (400 past MAX_LOG_LINES); the dataset archive (GET /datastore/dataset) is built one at a time,
+  off the loop, and unlinked once opened (each download left a copy of every labelled image in the temp folder),
+  404 when nothing is labelled.
 Routes replaced keep MONAI Label's paths, parameters and roles, and call its own functions.
 """
 
@@ -776,6 +777,24 @@ async def api_wsi_infer(model: str, user: User = Depends(RBAC(USER))):
     raise LabelFactoryError(
         "labelfactory serves no whole-slide (WSI) models: infer on CT with POST /infer/{model}", status=404
     )
+
+
+_replace_route(logs_endpoint.router, "/logs/", {"GET"})
+MAX_LOG_LINES = 100_000
+
+
+@app.get(API + "/logs/", summary="Get logs (labelfactory: lines bounded, read off the loop)")
+async def api_get_logs(
+    lines: int = 300,
+    html: bool = True,
+    text: bool = False,
+    refresh: int = 0,
+    user: User = Depends(RBAC(ADMIN)),
+):
+    if not 0 <= lines <= MAX_LOG_LINES:  # MONAI Label's deque(file, lines) overflowed past a C ssize_t: a 500
+        raise LabelFactoryError(f"lines={lines}: give 1 to {MAX_LOG_LINES} (the last lines of the log), or 0 (all)")
+    log = os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log")
+    return await run_in_threadpool(logs_endpoint.get_logs, log, lines, html, text, max(refresh, 0))
 
 
 _replace_route(logs_endpoint.router, "/logs/gpu", {"GET"})
