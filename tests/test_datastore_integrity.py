@@ -231,6 +231,22 @@ def test_a_label_for_an_image_deleted_meanwhile_is_never_written(ds, flat, tmp_p
     assert _open(datastore_copy).get_labels_by_image_id(flat) == {}
 
 
+def test_a_label_for_an_image_deleted_right_after_its_lookup_is_404(ds, flat, tmp_path, datastore_copy, monkeypatch):
+    """Found by 108 concurrent saves and deletes: the image's file gone between the lookup and the read was a
+    FileNotFoundError (a 500)."""
+    require_image = ds.require_image
+
+    def deleted_after_lookup(image_id):
+        path = require_image(image_id)
+        _open(datastore_copy).remove_image(image_id)  # another request deletes the image meanwhile
+        return path
+
+    monkeypatch.setattr(ds, "require_image", deleted_after_lookup)
+    with pytest.raises(ImageNotFoundException):
+        ds.save_label(flat, str(_write(tmp_path, "l.nii.gz", np.zeros((8, 12), np.uint8))), "final", {})
+    assert not _label_of(datastore_copy, flat).exists()
+
+
 def test_reuploading_an_image_keeps_its_labels_on_the_same_grid_else_needs_discard(ds, datastore_copy, tmp_path):
     image = read_image(datastore_copy / "torso_3mm.nii.gz")
     label = _label_of(datastore_copy, "torso_3mm")

@@ -451,8 +451,13 @@ class LabelFactoryDatastore(LocalDatastore):
             info = dict(label_info or {})
             check_strict_json(info, f"the info of model {by_model}'s label")
             info[MODEL_KEY] = by_model
-        checked = os.stat(image_path)  # before reading: a replacement after this is seen at the write
-        image = read_image(image_path)
+        try:
+            checked = os.stat(image_path)  # before reading: a replacement after this is seen at the write
+            image = read_image(image_path)
+        except (FileNotFoundError, LabelFactoryError):
+            if not os.path.exists(image_path):  # deleted since it was looked up (a concurrent delete): a 500 before
+                raise ImageNotFoundException(f"Image {image_id} not found") from None
+            raise
         names = _names_from_label_info(info, self.label_names)
         label = read_label(
             label_filename,
