@@ -159,6 +159,55 @@ def test_ids_and_tags_ending_in_a_newline_are_refused(ds, flat, tmp_path):
         ds.save_label(flat, str(p), "final\n", {})
 
 
+def _seg_nrrd(tmp_path, arr, fields: dict[str, str]) -> Path:
+    """A .seg.nrrd of `arr` on GRID_2D's plane (one slice), with Slicer's segment header fields as given."""
+    import nrrd
+
+    path = tmp_path / "s.seg.nrrd"
+    header = {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)}
+    nrrd.write(str(path), arr[None], {**header, **fields}, index_order="C")
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"Segment0_Name": "liver", "Segment0_LabelValue": "x"}, "Segment0_LabelValue='x'"),
+        ({"Segment0_Name": "liver", "Segment0_LabelValue": "1.5"}, "Segment0_LabelValue='1.5'"),
+        ({"Segment0_Name": "liver", "Segment0_LabelValue": "1", "Segment0_Layer": "5"}, "layer 5"),
+    ],
+)
+def test_a_seg_nrrd_with_odd_segment_fields_is_refused_naming_the_field(ds, flat, tmp_path, fields, words):
+    """A LabelValue that is no whole number, or a Layer the file lacks, was a ValueError / IndexError: a 500."""
+    p = _seg_nrrd(tmp_path, np.ones((8, 12), np.uint8), fields)
+    with pytest.raises(LabelFactoryError) as e:
+        ds.save_label(flat, str(p), "final", {})
+    assert e.value.status == 400 and words in str(e.value), str(e.value)
+    assert not ds.get_labels_by_image_id(flat)
+
+
+@pytest.mark.parametrize("label_info", [5, True, [{"name": "liver", "idx": True}]])
+def test_label_info_that_is_not_a_list_of_segments_is_refused(ds, flat, tmp_path, label_info):
+    """label_info 5 or true was iterated (a TypeError: a 500); idx true passed for segment 1."""
+    p = _write(tmp_path, "l.nii.gz", np.ones((8, 12), np.uint8))
+    with pytest.raises(LabelFactoryError, match="label_info must be a list"):
+        ds.save_label(flat, str(p), "final", {"label_info": label_info})
+    assert not ds.get_labels_by_image_id(flat)
+
+
+def test_complex_voxels_are_refused_as_image_and_label(ds, flat, tmp_path):
+    """A complex NIfTI was stored as an image (a model could not read it) and as a label was a TypeError: a 500."""
+    import nibabel
+
+    for name, shape in (("c_image.nii.gz", (12, 8)), ("c_label.nii.gz", (12, 8))):
+        nibabel.save(nibabel.Nifti1Image(np.zeros(shape, np.complex64), np.eye(4)), str(tmp_path / name))
+    with pytest.raises(LabelFactoryError, match="complex64 voxels are not intensities"):
+        ds.add_image("complex", str(tmp_path / "c_image.nii.gz"), {})
+    with pytest.raises(LabelFactoryError, match="complex64 voxels are not intensities"):
+        ds.save_label(flat, str(tmp_path / "c_label.nii.gz"), "final", {})
+    assert "complex" not in ds.list_images() and not ds.get_labels_by_image_id(flat)
+
+
 # ---- a label never outlives or changes image ----
 
 
@@ -180,6 +229,22 @@ def test_a_label_for_an_image_deleted_meanwhile_is_never_written(ds, flat, tmp_p
     ds.add_image(flat, str(_write(tmp_path, "flat.nii.gz", np.ones((8, 12), np.int16))), {})
     assert ds.get_labels_by_image_id(flat) == {} and not _label_of(datastore_copy, flat).exists()
     assert _open(datastore_copy).get_labels_by_image_id(flat) == {}
+
+
+def test_a_label_for_an_image_deleted_right_after_its_lookup_is_404(ds, flat, tmp_path, datastore_copy, monkeypatch):
+    """Found by 108 concurrent saves and deletes: the image's file gone between the lookup and the read was a
+    FileNotFoundError (a 500)."""
+    require_image = ds.require_image
+
+    def deleted_after_lookup(image_id):
+        path = require_image(image_id)
+        _open(datastore_copy).remove_image(image_id)  # another request deletes the image meanwhile
+        return path
+
+    monkeypatch.setattr(ds, "require_image", deleted_after_lookup)
+    with pytest.raises(ImageNotFoundException):
+        ds.save_label(flat, str(_write(tmp_path, "l.nii.gz", np.zeros((8, 12), np.uint8))), "final", {})
+    assert not _label_of(datastore_copy, flat).exists()
 
 
 def test_reuploading_an_image_keeps_its_labels_on_the_same_grid_else_needs_discard(ds, datastore_copy, tmp_path):
@@ -418,3 +483,19 @@ def test_a_server_killed_while_replacing_an_image_never_attaches_its_old_labels(
     assert stored == (10, *image.array.shape[1:]) and labels == {}, (stored, labels)
     assert not _label_of(datastore_copy, "torso_3mm").exists()
     assert _listing_works(srv.url)["objects"]["abdomen"]["labels"]["final"], "other images keep theirs"
+
+
+@pytest.mark.slow
+def test_server_dataset_download_leaves_no_archive_behind(server):
+    """GET /datastore/dataset left a copy of every labelled image in the temp folder, each time: a disk filler."""
+    import zipfile
+    from io import BytesIO
+
+    before = set(server.tmp.iterdir())
+    for _ in range(2):
+        r = requests.get(f"{server.url}/datastore/dataset", timeout=120)
+        assert r.status_code == 200, r.text
+        with zipfile.ZipFile(BytesIO(r.content)) as z:
+            assert "image/torso_3mm.nii.gz" in z.namelist() and "metadata.json" in z.namelist()
+    left = [p.name for p in set(server.tmp.iterdir()) - before if p.is_file()]
+    assert not left, f"archives left in the server's temp folder: {left}"

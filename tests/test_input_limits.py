@@ -273,14 +273,69 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 @pytest.mark.slow
 def test_idle_and_half_sent_connections_are_closed(server):
-    """uvicorn's keep-alive timer starts after a first response: these two were held open for ever."""
+    """uvicorn's keep-alive timer starts after a first response: these three were held open for ever."""
     host, port = server[0].removeprefix("http://").split(":")
     silent = socket.create_connection((host, int(port)))
     half = socket.create_connection((host, int(port)))
     half.sendall(b"GET /info/ HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    stalled = socket.create_connection((host, int(port)))  # a body announced, two bytes of it sent
+    stalled.sendall(b"POST /activelearning/random HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
     t0 = time.time()
     assert _closed_within(silent, 3 * IDLE_S + 5) and _closed_within(half, 3 * IDLE_S + 5)
+    assert _closed_within(stalled, 3 * IDLE_S + 5)
     assert time.time() - t0 < 3 * IDLE_S + 5
-    silent.close()
-    half.close()
+    for s in (silent, half, stalled):
+        s.close()
+    slow = socket.create_connection((host, int(port)))  # a body that keeps coming, a byte a second: never cut
+    slow.sendall(
+        b"POST /activelearning/random HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+    )
+    for byte in b'{"a":"xx"}':
+        time.sleep(IDLE_S / 2)
+        slow.sendall(bytes([byte]))
+    slow.settimeout(60)
+    assert slow.recv(1024).startswith(b"HTTP/1.1 200"), "an upload still under way was cut"
+    slow.close()
     _still_up(server[0])
+
+
+# ---- MONAI Label's own routes: found answering 500 by fuzzing the OpenAPI spec and by hand ----
+
+
+@pytest.mark.slow
+def test_monai_label_routes_that_answered_500_answer_4xx_naming_what_to_fix(server):
+    """Each of these was a 500 (a traceback in the log): a batch infer spread over zero GPUs (modulo by zero), a
+    session of several files downloaded as one, a whole-slide infer, output=dicom_seg and the DICOMweb proxy on a
+    folder datastore, nvidia-smi run where there is none, and 2**80 log lines."""
+    url, _, datastore = server
+    annotated = datastore / "labels" / "final" / "torso_3mm.nii.gz"
+    before = annotated.read_bytes()
+
+    def batch(body):
+        return requests.post(f"{url}/batch/infer/segmentation", params={"run_sync": True}, json=body, timeout=300)
+
+    ok = datastore / "torso_3mm.nii.gz"
+    series = requests.put(
+        f"{url}/session/", files=[("files", ("a.nii.gz", ok.read_bytes())), ("files", ("b.nii.gz", ok.read_bytes()))]
+    )
+    assert series.status_code == 200, series.text
+    session = series.json()["session_id"]
+    cases = [
+        # the annotator's label: refused by the infer (409), no longer a ZeroDivisionError before it
+        ("batch", batch({"images": ["torso_3mm"], "label_tag": "final"}), 409, "was saved by an annotator"),
+        ("batch size", batch({"max_batch_size": -1}), 400, "option max_batch_size=-1"),
+        ("batch gpus", batch({"gpus": "a,b"}), 400, "option gpus='a,b'"),
+        ("batch image", batch({"images": ["../etc"]}), 400, "invalid image id '../etc'"),
+        ("batch model", requests.post(f"{url}/batch/infer/nope", json={}, timeout=60), 404, "no model 'nope'"),
+        ("series image", requests.get(f"{url}/session/{session}", params={"image": True}), 400, "holds a series"),
+        ("wsi", requests.post(f"{url}/infer/wsi_v2/segmentation", params={"image": "torso_3mm"}), 404, "whole-slide"),
+        ("dicom_seg", requests.post(f"{url}/infer/segmentation?image=torso_3mm&output=dicom_seg"), 400, "dicom_seg"),
+        ("proxy", requests.get(f"{url}/proxy/dicom/studies", timeout=60), 404, "not DICOMweb"),
+        ("log lines", requests.get(f"{url}/logs/", params={"lines": 2**80}, timeout=60), 400, "lines=1208925"),
+    ]
+    if shutil.which("nvidia-smi") is None:
+        cases.append(("gpu info", requests.get(f"{url}/logs/gpu", timeout=60), 404, "no nvidia-smi"))
+    for what, r, status, words in cases:
+        assert r.status_code == status and words in _detail(r), (what, r.status_code, r.text)
+    assert annotated.read_bytes() == before and "torso_3mm" in _still_up(url)

@@ -289,6 +289,8 @@ def _validated(image: Image, name: str) -> Image:
         )
     if a.size == 0:
         raise LabelFactoryError(f"{name}: the image is empty (shape {a.shape})")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == np.bool_):
+        raise LabelFactoryError(f"{name}: {a.dtype} voxels are not intensities; give integer or real (float) voxels")
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
         raise LabelFactoryError(f"{name}: {bad} voxels are NaN or infinite; fix or mask them before use")

@@ -90,6 +90,10 @@ def read_seg_nrrd(path: str | os.PathLike, label_names: dict[str, int] | None = 
     lookup = {n.lower(): v for n, v in (label_names or {}).items()}
     for s in segs:
         name, stored, layer = s["name"], s["value"], s["layer"]
+        if layer >= len(layers):
+            raise LabelFactoryError(
+                f"{path.name}: segment '{name}' is on layer {layer}, but the file holds {len(layers)} layer(s)"
+            )
         if label_names is not None:
             if name.lower() not in lookup:
                 raise LabelFactoryError(
@@ -120,10 +124,18 @@ def _segments(h: dict) -> list[dict]:
     while f"Segment{i}_Name" in h:
         p = f"Segment{i}_"
         out.append(
-            {"name": h[p + "Name"], "value": int(h.get(p + "LabelValue", i + 1)), "layer": int(h.get(p + "Layer", 0))}
+            {"name": h[p + "Name"], "value": _whole(h, p + "LabelValue", i + 1), "layer": _whole(h, p + "Layer", 0)}
         )
         i += 1
     return out
+
+
+def _whole(h: dict, key: str, default: int) -> int:
+    """A segment's LabelValue or Layer: a whole number >= 0 (Slicer writes them so); 400 naming the field otherwise."""
+    text = str(h.get(key, default)).strip()
+    if not text.isdigit():
+        raise LabelFactoryError(f"segment field {key}={text!r} must be a whole number >= 0; fix the .seg.nrrd header")
+    return int(text)
 
 
 def _extent(mask: np.ndarray) -> list[int]:

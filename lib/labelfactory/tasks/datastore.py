@@ -451,8 +451,13 @@ class LabelFactoryDatastore(LocalDatastore):
             info = dict(label_info or {})
             check_strict_json(info, f"the info of model {by_model}'s label")
             info[MODEL_KEY] = by_model
-        checked = os.stat(image_path)  # before reading: a replacement after this is seen at the write
-        image = read_image(image_path)
+        try:
+            checked = os.stat(image_path)  # before reading: a replacement after this is seen at the write
+            image = read_image(image_path)
+        except (FileNotFoundError, LabelFactoryError):
+            if not os.path.exists(image_path):  # deleted since it was looked up (a concurrent delete): a 500 before
+                raise ImageNotFoundException(f"Image {image_id} not found") from None
+            raise
         names = _names_from_label_info(info, self.label_names)
         label = read_label(
             label_filename,
@@ -574,9 +579,11 @@ def _names_from_label_info(info: dict[str, Any], label_names: dict[str, int]) ->
     items = (info or {}).get("label_info")
     if not items:
         return None
+    if not isinstance(items, list):
+        raise LabelFactoryError(f"label_info must be a list of {{'name': ..., 'idx': <integer>}}, got {items!r:.80}")
     out = {}
     for it in items:
-        if not isinstance(it, dict) or "name" not in it or not isinstance(it.get("idx"), int):
+        if not isinstance(it, dict) or "name" not in it or type(it.get("idx")) is not int:
             raise LabelFactoryError("label_info must be a list of {'name': ..., 'idx': <integer>}", status=400)
         out[it["idx"]] = str(it["name"])
     return out

@@ -30,6 +30,13 @@ Start with `monailabel start_server --uvicorn_app labelfactory.tasks.server:app 
 - Authentication: MONAI Label's OIDC bearer tokens (`MONAI_LABEL_AUTH_*`), with the token's
   signature algorithm named (MONAI Label's `jwt.decode` gave PyJWT 2 none, so every token was
   refused) and an expiry required; an unreachable identity provider answers 503.
+- MONAI Label routes that answered 500 (found by fuzzing): a batch infer's options are checked (400) and
+  fitted to the GPUs there are (none: one device, never a modulo by zero), run_sync off the event loop; a
+  session id is a session id (404), a series session's image=true 400; whole-slide infers 404 (no WSI model);
+  output=dicom_seg 400 and /proxy/dicom 404 on a folder datastore; /logs/gpu 404 without nvidia-smi, /logs/
+  lines bounded (400 past MAX_LOG_LINES); the dataset archive (GET /datastore/dataset) is built one at a time,
+  off the loop, and unlinked once opened (each download left a copy of every labelled image in the temp folder),
+  404 when nothing is labelled.
 Routes replaced keep MONAI Label's paths, parameters and roles, and call its own functions.
 """
 
@@ -43,6 +50,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import zipfile
@@ -54,18 +62,24 @@ from typing import Any
 import jwt
 import numpy as np
 import requests
+import torch
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from monailabel.app import app
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints import activelearning as al_endpoint
+from monailabel.endpoints import batch_infer as batch_endpoint
 from monailabel.endpoints import datastore as ds_endpoint
 from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import logs as logs_endpoint
 from monailabel.endpoints import model as model_endpoint
+from monailabel.endpoints import proxy as proxy_endpoint
 from monailabel.endpoints import session as session_endpoint
 from monailabel.endpoints import train as train_endpoint
+from monailabel.endpoints import wsi_infer as wsi_endpoint
 from monailabel.endpoints.user import auth as auth_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -94,6 +108,7 @@ from labelfactory.limits import (
     MAX_UPLOAD_MB,
 )
 from labelfactory.tasks.base import TrainBase
+from labelfactory.tasks.datastore import check_id
 from labelfactory.tasks.uploads import UPLOAD_PREFIX, new_upload, release
 
 logger = logging.getLogger(__name__)
@@ -163,6 +178,7 @@ class WorkQueue:
 _WAITING = _env_int("LABELFACTORY_INFER_QUEUE", 8, minimum=0)
 _INFERS = WorkQueue("infers", _env_int("LABELFACTORY_INFER_WORKERS", 2), _WAITING)
 _SAMPLES = WorkQueue("next-sample requests", 1, _WAITING)  # one at a time: each pick sees the last one's image
+_ARCHIVES = WorkQueue("dataset archives", 1, _WAITING)  # each a temp copy of every labelled image: one at a time
 
 
 # ---- errors ----
@@ -304,32 +320,40 @@ def close_idle_connections(protocol_class: type) -> None:
     """Make uvicorn's HTTP protocol close a connection that has had no request under way for IDLE_TIMEOUT_S.
 
     uvicorn's keep-alive timer (5 s, its default, which MONAI Label keeps) starts only after a response: a client
-    that connected and sent nothing, or half a request line, held its connection and socket for ever. Checked
-    every IDLE_TIMEOUT_S: closed when no request began since the last check and none is running (a long infer
-    or upload is never cut)."""
-    made = protocol_class.connection_made
+    that connected and sent nothing, or half a request line, held its connection and socket for ever; so did one
+    that announced a body and stopped sending it. Checked every IDLE_TIMEOUT_S: closed when no request began since
+    the last check and none is running, or when the request's body is unfinished and not a byte of it came since
+    (while the server itself has not paused reading). A long infer, or an upload that keeps sending, is never cut."""
+    made, received = protocol_class.connection_made, protocol_class.data_received
     if getattr(made, "closes_idle", False):
         return
 
     def connection_made(self, transport, *args, **kwargs):
         made(self, transport, *args, **kwargs)
         seconds = IDLE_TIMEOUT_S.value()
-        seen = [self.cycle]
+        self.bytes_received = 0
+        seen = [self.cycle, 0]
 
         def check() -> None:
             if transport.is_closing():
                 return
-            cycle = self.cycle
-            if cycle is seen[0] and (cycle is None or cycle.response_complete):
+            cycle, count = self.cycle, self.bytes_received
+            idle = cycle is None or cycle.response_complete
+            stalled = cycle is not None and cycle.more_body and count == seen[1] and not self.flow.read_paused
+            if cycle is seen[0] and (idle or stalled):
                 transport.close()
                 return
-            seen[0] = cycle
+            seen[:] = [cycle, count]
             self.loop.call_later(seconds, check)
 
         self.loop.call_later(seconds, check)
 
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        received(self, data)
+
     connection_made.closes_idle = True
-    protocol_class.connection_made = connection_made
+    protocol_class.connection_made, protocol_class.data_received = connection_made, data_received
 
 
 def _patch_protocols() -> None:
@@ -420,10 +444,20 @@ def infer_params(params: str | None, session_id: str) -> dict[str, Any]:
             f"params may not set {', '.join(redirects)}: the image is image=<id>, file=... or session_id=<id>"
         )
     if session_id:
-        sessions = app_instance().sessions()
-        if sessions is None or not _SESSION_ID.fullmatch(session_id) or not sessions.get_session(session_id):
-            raise LabelFactoryError(f"no session {session_id!r} (create one with PUT /session/)", status=404)
+        session_of(session_id)
     return p
+
+
+def session_of(session_id: str, update_ts: bool = False):
+    """The session `session_id` names (its SessionInfo): 404 for an unknown one or an id that is not a session
+    id (MONAI Label joins it to the sessions folder: '..' named the folder above), 406 when sessions are off."""
+    sessions = app_instance().sessions()
+    if sessions is None:
+        raise LabelFactoryError("sessions are off on this server (MONAI_LABEL_SESSIONS=false)", status=406)
+    info = sessions.get_session(session_id, update_ts=update_ts) if _SESSION_ID.fullmatch(session_id) else None
+    if not info:
+        raise LabelFactoryError(f"no session {session_id!r} (create one with PUT /session/)", status=404)
+    return info
 
 
 @app.post(API + "/infer/{model}", summary="Run inference (labelfactory: in a bounded worker pool)")
@@ -440,6 +474,8 @@ async def api_run_inference(
     user: User = Depends(RBAC(USER)),
 ):
     p = infer_params(params, session_id)
+    if output == infer_endpoint.ResultType.dicom_seg and not isinstance(app_instance().datastore(), DICOMWebDatastore):
+        raise LabelFactoryError("output=dicom_seg needs a DICOMweb datastore; this one is a folder: use image or json")
     if label is not None:
         raise LabelFactoryError("no labelfactory model takes a label with its infer: send the image only")
     if not (image or file or session_id):
@@ -544,6 +580,34 @@ async def api_put_label_info(
     return await run_in_threadpool(app_instance().datastore().update_label_info, label, tag, i)
 
 
+_replace_route(ds_endpoint.router, "/datastore/dataset", {"GET"})
+
+
+def _dataset_archive(limit_cases: int | None):
+    """MONAI Label's archive of the labelled images, opened and already unlinked (it left every one in the temp
+    folder: a disk filled by repeated downloads); 404 when nothing is labelled (its assert was a 500)."""
+    datastore = app_instance().datastore()
+    if not datastore.datalist():
+        raise LabelFactoryError("no image in the datastore has a label: there is no dataset to download", status=404)
+    path = datastore.get_dataset_archive(limit_cases)
+    archive = open(path, "rb")  # closed by _chunks once sent (or when a dropped response is collected)
+    os.unlink(path)
+    return archive
+
+
+def _chunks(archive) -> Any:
+    with archive:
+        yield from iter(lambda: archive.read(1 << 20), b"")
+
+
+@app.get(API + "/datastore/dataset", summary="Download the labelled images as a ZIP (labelfactory: nothing left)")
+async def api_download_dataset(request: Request, limit_cases: int | None = None, user: User = Depends(RBAC(ANNOTATOR))):
+    async with _ARCHIVES.place():
+        archive = await _ARCHIVES.run(request, _dataset_archive, limit_cases)
+    disposition = {"Content-Disposition": 'attachment; filename="dataset.zip"'}
+    return StreamingResponse(_chunks(archive), media_type="application/zip", headers=disposition)
+
+
 # ---- sessions (an image sent for inference only, as Slicer does for a local volume): bounded, removed ----
 
 _replace_route(session_endpoint.router, "/session/", {"PUT"})
@@ -623,6 +687,143 @@ async def api_create_session(
         return await run_in_threadpool(_new_session, sessions, received, names, expiry, uncompress)
     finally:
         shutil.rmtree(received, ignore_errors=True)
+
+
+_replace_route(session_endpoint.router, "/session/{session_id}", {"GET", "DELETE"})
+
+
+@app.get(API + "/session/{session_id}", summary="Get a session (labelfactory: a series session's image=true 400)")
+async def api_get_session(
+    session_id: str, update_ts: bool = False, image: bool = False, user: User = Depends(RBAC(USER))
+):
+    info = session_of(session_id, update_ts)
+    if image and not os.path.isfile(info.image):  # FileResponse on a folder was a 500
+        raise LabelFactoryError(
+            f"session {session_id} holds a series (several files), not one image file: image=true downloads "
+            "single-file sessions only; infer on it with session_id=..."
+        )
+    return session_endpoint.get_session(session_id, update_ts, image)
+
+
+@app.delete(API + "/session/{session_id}", summary="Delete a session (labelfactory: session ids only)")
+async def api_remove_session(session_id: str, user: User = Depends(RBAC(USER))):
+    session_of(session_id)
+    return session_endpoint.remove_session(session_id)
+
+
+# ---- batch infer: options checked before the task starts; run_sync off the event loop ----
+
+_replace_route(batch_endpoint.router, "/batch/infer/{model}", {"POST"})
+_WHOLE = re.compile(r"[0-9]{1,3}(,[0-9]{1,3})*")
+
+
+def batch_params(model: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """A batch infer's params, checked (400 naming the option; unknown model 404) and fitted to this machine's GPUs:
+    MONAI Label spreads the images over `gpus` (default all) when multi_gpu (default true), so on a machine without
+    CUDA it divided by zero GPUs (a 500, or a failed task)."""
+    infers = app_instance()._infers
+    if model not in infers:
+        raise LabelFactoryError(f"no model '{model}' on this server; models: {', '.join(sorted(infers))}", status=404)
+    p = dict(params or {})
+    if "model" in p:
+        raise LabelFactoryError("params may not set model: the model is the one in the path, /batch/infer/<model>")
+    for key in ("max_batch_size", "max_workers"):
+        if key in p and not (type(p[key]) is int and p[key] >= 0):
+            raise LabelFactoryError(f"option {key}={p[key]!r}: give a whole number >= 0 (0: no limit)")
+    if "label_tag" in p:
+        check_id(p["label_tag"], "label tag")
+    if "images" in p:
+        if not isinstance(p["images"], list):
+            raise LabelFactoryError("option images: give a list of image ids, or images=all|labeled|unlabeled")
+        for image in p["images"]:
+            check_id(image)
+    if "multi_gpu" in p and not isinstance(p["multi_gpu"], bool):
+        raise LabelFactoryError(f"option multi_gpu={p['multi_gpu']!r}: give true or false")
+    count = torch.cuda.device_count()
+    gpus = p.get("gpus", "all")
+    if gpus != "all" and not (
+        isinstance(gpus, str) and _WHOLE.fullmatch(gpus) and all(int(g) < count for g in gpus.split(","))
+    ):
+        have = f"GPU numbers below {count}, e.g. '0'" if count else "nothing: this server has no GPU"
+        raise LabelFactoryError(f"option gpus={gpus!r}: give 'all' or {have}")
+    if not count:
+        p["multi_gpu"] = False  # one device, the CPU
+    return p
+
+
+@app.post(API + "/batch/infer/{model}", summary="Run batch inference (labelfactory: options checked)")
+async def api_batch_infer(
+    model: str,
+    images: batch_endpoint.BatchInferImageType | None = batch_endpoint.BatchInferImageType.IMAGES_ALL,
+    params: dict | None = None,
+    run_sync: bool | None = False,
+    user: User = Depends(RBAC(ADMIN)),
+):
+    p = batch_params(model, params)
+    if run_sync:  # every image's infer, in the request: never in the event loop
+        return await run_in_threadpool(batch_endpoint.run, model, images, p, True)
+    return batch_endpoint.run(model, images, p, False)
+
+
+# ---- MONAI Label routes that answered 500 here: whole-slide infers (no WSI model), GPU info without a GPU ----
+
+_replace_route(wsi_endpoint.router, "/infer/wsi/{model}", {"POST"})
+_replace_route(wsi_endpoint.router, "/infer/wsi_v2/{model}", {"POST"})
+
+
+@app.post(API + "/infer/wsi/{model}", include_in_schema=False, deprecated=True)
+@app.post(API + "/infer/wsi_v2/{model}", summary="Whole-slide infer (labelfactory: none; 404)")
+async def api_wsi_infer(model: str, user: User = Depends(RBAC(USER))):
+    raise LabelFactoryError(
+        "labelfactory serves no whole-slide (WSI) models: infer on CT with POST /infer/{model}", status=404
+    )
+
+
+_replace_route(logs_endpoint.router, "/logs/", {"GET"})
+MAX_LOG_LINES = 100_000
+
+
+@app.get(API + "/logs/", summary="Get logs (labelfactory: lines bounded, read off the loop)")
+async def api_get_logs(
+    lines: int = 300,
+    html: bool = True,
+    text: bool = False,
+    refresh: int = 0,
+    user: User = Depends(RBAC(ADMIN)),
+):
+    if not 0 <= lines <= MAX_LOG_LINES:  # MONAI Label's deque(file, lines) overflowed past a C ssize_t: a 500
+        raise LabelFactoryError(f"lines={lines}: give 1 to {MAX_LOG_LINES} (the last lines of the log), or 0 (all)")
+    log = os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log")
+    return await run_in_threadpool(logs_endpoint.get_logs, log, lines, html, text, max(refresh, 0))
+
+
+_replace_route(logs_endpoint.router, "/logs/gpu", {"GET"})
+
+
+@app.get(API + "/logs/gpu", summary="GPU info (nvidia-smi; labelfactory: 404 without one)")
+async def api_gpu_info(user: User = Depends(RBAC(ADMIN))):
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        raise LabelFactoryError("no nvidia-smi on this server (no NVIDIA driver): there is no GPU info", status=404)
+    try:
+        done = await run_in_threadpool(functools.partial(subprocess.run, [nvidia_smi], capture_output=True, timeout=30))
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LabelFactoryError(f"nvidia-smi did not answer: {e}", status=503) from None
+    return Response(content=done.stdout.decode(errors="replace"), media_type="text/plain")
+
+
+_proxy_dicom = proxy_endpoint.proxy_dicom
+
+
+async def proxy_dicom(request: Request, op: str, path: str):
+    """MONAI Label's DICOMweb proxy (every /proxy/dicom route calls it), where the datastore is DICOMweb only: on a
+    folder it made the folder's path a URL (a 500)."""
+    if not isinstance(app_instance().datastore(), DICOMWebDatastore):
+        raise LabelFactoryError("the datastore is a folder, not DICOMweb: nothing to proxy", status=404)
+    return await _proxy_dicom(request, op, path)
+
+
+proxy_endpoint.proxy_dicom = proxy_dicom  # the proxy routes look it up here
 
 
 # ---- training: one accepted at a time ----
