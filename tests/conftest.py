@@ -32,12 +32,20 @@ DATASTORE = SAMPLE / "datastore"
 TINY_GAN = dict(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16, batch_size=4)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first, so that `--dist loadfile` hands the longest work out before the short.
+# the longest modules (a minute or two each, docs/RESULTS.md section 8): handed out first, one to each worker
+LONGEST = ("tests.test_label_efficiency", "tests.test_app_loop")
 
-    Stable and per module: a module's tests stay together and in their order, so module fixtures are built once."""
+
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first, then those with slow tests, so that `--dist loadfile` hands the longest work out
+    before the short. Stable and per module: a module's tests stay together and in their order."""
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+
+    def rank(item) -> tuple[int, int]:
+        name = item.module.__name__
+        return (LONGEST.index(name) if name in LONGEST else len(LONGEST), name not in slow_modules)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture

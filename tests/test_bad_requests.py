@@ -22,22 +22,22 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import image as image_io
 from labelfactory.io import read_image, write_image, write_seg_nrrd
 from labelfactory.labels import LABEL_NAMES
+from tests.conftest import module_server
 
 
-@pytest.fixture
-def server_tmp(tmp_path):
-    (tmp_path / "server-tmp").mkdir()
-    return tmp_path / "server-tmp"
-
-
-@pytest.fixture
-def server(datastore_copy, app_copy, start_server, server_tmp):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module (every test leaves the datastore as it found it), its temp folder `.tmp`."""
+    root = tmp_path_factory.mktemp("bad-requests")
+    (root / "server-tmp").mkdir()
     env = {
-        "TMPDIR": str(server_tmp),
+        "TMPDIR": str(root / "server-tmp"),
         "LABELFACTORY_MAX_UPLOAD_MB": "1",
-        "MONAI_LABEL_SESSION_PATH": str(server_tmp.parent / "sessions"),
+        "MONAI_LABEL_SESSION_PATH": str(root / "sessions"),
     }
-    return start_server(datastore_copy, app_copy, conf={"models": "all", "skip_scoring": "true"}, env=env)
+    with module_server(root, {"models": "all", "skip_scoring": "true"}, env) as srv:
+        srv.tmp = root / "server-tmp"
+        yield srv
 
 
 def _uploads_left(folder):
@@ -64,8 +64,8 @@ def _put_label(url, image_id, path, params=None):
 
 
 @pytest.mark.slow
-def test_bad_requests_are_4xx_and_the_server_stays_up(server, datastore_copy, tmp_path, server_tmp):
-    url = server.url
+def test_bad_requests_are_4xx_and_the_server_stays_up(server, tmp_path):
+    url, datastore_copy, server_tmp = server.url, server.studies, server.tmp
     ok = read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz")
 
     # an id that tries to leave the datastore
@@ -196,9 +196,9 @@ def _put_session(url, files, **params):
 
 
 @pytest.mark.slow
-def test_session_uploads_are_bounded_unpacked_in_place_and_removed(server, datastore_copy, tmp_path, server_tmp):
+def test_session_uploads_are_bounded_unpacked_in_place_and_removed(server, tmp_path):
     """Slicer sends a local volume as a session: kept as sent; too big 413; an archive may not write outside."""
-    url, image = server.url, datastore_copy / "torso_3mm.nii.gz"
+    url, image, server_tmp = server.url, server.studies / "torso_3mm.nii.gz", server.tmp
     r = _put_session(url, [(image.name, image.read_bytes())])
     assert r.status_code == 200, r.text
     got = requests.get(f"{url}/session/{r.json()['session_id']}", params={"image": True}, timeout=60)
@@ -228,7 +228,8 @@ def test_session_uploads_are_bounded_unpacked_in_place_and_removed(server, datas
 
 
 @pytest.mark.slow
-def test_slicer_seg_nrrd_and_label_info_are_mapped_by_name(server, datastore_copy, tmp_path):
+def test_slicer_seg_nrrd_and_label_info_are_mapped_by_name(server, tmp_path):
+    datastore_copy = server.studies
     ok = read_image(datastore_copy / "labels" / "final" / "torso_3mm.nii.gz")
     # Slicer numbers segments 1..n in its own order: liver=3, aorta=1 here
     arr = np.zeros_like(ok.array)
