@@ -1,8 +1,8 @@
 """What one input may cost: the server's and the readers' limits, each an environment setting with its default.
 
-Read at each use (a test or an admin changes them without a restart of the library). A value that is not a
-positive whole number leaves the default. Every refusal names the limit and its setting, so whoever meets it
-knows what to change. Defaults are sized for CT: a 512 x 512 x 2000 volume passes every one.
+Read at each use (a test or an admin changes them without a restart of the library). A value that is not a whole
+number at least the limit's minimum (1 unless it says) leaves the default. Every refusal names the limit and its
+setting, so whoever meets it knows what to change. Defaults are sized for CT: a 512 x 512 x 2000 volume passes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ class Limit:
     setting: str  # the environment variable
     default: int
     unit: str  # as messages write it: "voxels", "MB", ...
+    minimum: int = 1  # a smaller value leaves the default
 
     def value(self) -> int:
         text = os.environ.get(self.setting, "").strip()
-        return int(text) if text.isdigit() and int(text) > 0 else self.default
+        return int(text) if text.isdigit() and int(text) >= self.minimum else self.default
 
     def named(self) -> str:
         """`4096 MB, LABELFACTORY_MAX_UPLOAD_MB`: for messages."""
@@ -40,3 +41,6 @@ MAX_ARCHIVE_MB = Limit("LABELFACTORY_MAX_ARCHIVE_MB", 2048, "MB unpacked")
 MAX_ARCHIVE_FILES = Limit("LABELFACTORY_MAX_ARCHIVE_FILES", 10000, "files")
 # connections: one that sends no request for this long is closed (labelfactory.tasks.server)
 IDLE_TIMEOUT_S = Limit("LABELFACTORY_IDLE_TIMEOUT_S", 60, "s")
+# work: infer worker threads, and the requests that may wait for them per queue (more: 429)
+INFER_WORKERS = Limit("LABELFACTORY_INFER_WORKERS", 2, "workers")
+INFER_QUEUE = Limit("LABELFACTORY_INFER_QUEUE", 8, "waiting", minimum=0)

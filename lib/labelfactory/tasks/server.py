@@ -101,6 +101,8 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import suffix_of
 from labelfactory.limits import (
     IDLE_TIMEOUT_S,
+    INFER_QUEUE,
+    INFER_WORKERS,
     MAX_ARCHIVE_FILES,
     MAX_ARCHIVE_MB,
     MAX_JSON_DEPTH,
@@ -123,11 +125,6 @@ USER, ANNOTATOR, ADMIN = (
     settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR,
     settings.MONAI_LABEL_AUTH_ROLE_ADMIN,
 )
-
-
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() and int(value) >= minimum else default
 
 
 def _env_true(name: str) -> bool:
@@ -175,8 +172,8 @@ class WorkQueue:
             return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
 
-_WAITING = _env_int("LABELFACTORY_INFER_QUEUE", 8, minimum=0)
-_INFERS = WorkQueue("infers", _env_int("LABELFACTORY_INFER_WORKERS", 2), _WAITING)
+_WAITING = INFER_QUEUE.value()
+_INFERS = WorkQueue("infers", INFER_WORKERS.value(), _WAITING)
 _SAMPLES = WorkQueue("next-sample requests", 1, _WAITING)  # one at a time: each pick sees the last one's image
 _ARCHIVES = WorkQueue("dataset archives", 1, _WAITING)  # each a temp copy of every labelled image: one at a time
 
