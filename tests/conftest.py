@@ -110,7 +110,7 @@ class Server:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:

@@ -149,7 +149,8 @@ def test_server_serves_the_map_its_models_record_and_refuses_another(openkbp_mod
     shutil.copytree(STORE, store)
     shutil.copytree(openkbp_models, models)
     publish_interpreter(models, TOTALSEGMENTATOR)
-    conf = {"models": "segmentation,datasetgan", "skip_trainers": "true", "model_dir": str(models)}
+    conf = {"models": "segmentation,datasetgan", "skip_trainers": "true", "skip_scoring": "true"}
+    conf["model_dir"] = str(models)
     srv = start_server(store, app_copy, conf=conf)
     info = requests.get(srv.url + "/info/", timeout=30).json()
     assert info["labels"] == OPENKBP.values and info["label_map"] == "openkbp"

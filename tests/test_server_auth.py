@@ -114,7 +114,7 @@ def server(tmp_path_factory, idp):
         "LABELFACTORY_MODEL_ROUTES": "true",
         "OMP_NUM_THREADS": "1",
     }
-    conf = {"models": "all", "model_dir": str(models), "labels_fallback": "openkbp"}
+    conf = {"models": "all", "skip_scoring": "true", "model_dir": str(models), "labels_fallback": "openkbp"}
     srv = AuthServer(studies, app, conf, env)
     srv.models, srv.studies = models, studies
     try:

@@ -1,4 +1,5 @@
-"""Under load the server answers light routes while heavy ones run, takes one training at a time, coalesces scoring."""
+"""The server starts on the sample data and answers /info; under load it answers light routes while heavy ones run,
+takes one training at a time, coalesces scoring."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from monailabel.client import MONAILabelClient
 
+from labelfactory.labels import LABEL_COLORS, LABEL_NAMES
 from tests.conftest import module_server
 
 pytestmark = pytest.mark.slow
@@ -19,6 +22,17 @@ def server(tmp_path_factory):
     """One server for the module, with the demo models (the demo segmenter: a real, heavy infer)."""
     with module_server(tmp_path_factory.mktemp("concurrency"), conf={"models": "all"}) as srv:
         yield srv
+
+
+def test_server_starts_on_the_sample_data_and_answers_info(server):
+    """First in the module: the datastore is still the sample's."""
+    info = MONAILabelClient(server.url).info()
+    assert info["name"] == "labelfactory"
+    assert info["labels"] == LABEL_NAMES
+    assert set(info["label_colors"]) == set(LABEL_COLORS)
+    assert all(0 <= c <= 1 for rgb in info["label_colors"].values() for c in rgb)
+    assert info["datastore"]["total"] == 4  # every sample study is served
+    assert info["datastore"]["completed"] == 2  # two carry final labels
 
 
 def test_light_routes_answer_while_segmentations_run(server):

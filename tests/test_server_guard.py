@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory):
     """One server for the module: the sample datastore and its demo models, one infer worker and one waiting place."""
     env = {"LABELFACTORY_INFER_WORKERS": "1", "LABELFACTORY_INFER_QUEUE": "1"}
-    with module_server(tmp_path_factory.mktemp("guard"), {"models": "all", "explore": "0"}, env) as srv:
+    conf = {"models": "all", "explore": "0", "skip_scoring": "true"}
+    with module_server(tmp_path_factory.mktemp("guard"), conf, env) as srv:
         yield srv
 
 
