@@ -5,7 +5,7 @@ infer again -> synthesis -> train segmentation -> infer segmentation on a real v
 same geometry) -> train and infer clamnet; a corrupt model file never replaces the one being served.
 Tiny sizes (32^2 GAN, a few steps) keep it to minutes. Scoring after each training is off here (each run
 is a subprocess that builds the app, ~10 s): the next-sample strategy scores its own candidates, and
-scoring runs are tested in test_server_concurrency. A training killed with -9: test_crash_safety.
+scoring runs are tested in test_server. A training killed with -9: test_crash_safety.
 """
 
 from __future__ import annotations

@@ -183,9 +183,10 @@ class LabelFactoryApp(MONAILabelApp):
     def init_strategies(self):
         if strtobool(self.conf.get("skip_strategies", "false")):
             return {}
+        from monailabel.tasks.activelearning.first import First
         from monailabel.tasks.activelearning.random import Random
 
-        out = {"random": Random()}
+        out = {"random": Random(), "first": First()}  # MONAI Label's standard strategies, as its sample apps offer
         for c in self.models.values():
             out.update(_as_dict(c.strategy(), c.name))
         return out
