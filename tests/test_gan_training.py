@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.checkpoint import load_generator
 from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.training import Trainer, train
@@ -131,3 +132,30 @@ def test_a_float32_run_continues_in_bf16(tmp_path):
     G = load_generator(tmp_path / "g.pt")
     assert G.synthesis.blocks[-1].convs[0].conv_clamp == 256.0
     assert torch.isfinite(G(torch.randn(2, 16))).all()
+
+
+def test_a_run_continues_from_a_published_file_with_its_discriminator(tmp_path):
+    """--resume-from: a new run folder starts at the file's kimg with its G_ema, D and ADA p; without D, a fresh D."""
+    images = _images()
+    first = Trainer(
+        TINY, images, tmp_path / "a", publish_path=tmp_path / "g.pt", progress=False, publish_discriminator=True
+    )
+    first.run()
+    cont = Trainer(
+        TINY.with_overrides(total_kimg=0.036), images, tmp_path / "b", progress=False, resume_from=tmp_path / "g.pt"
+    )
+    assert cont.cur_nimg == 24 and float(cont.augment_pipe.p) == pytest.approx(float(first.augment_pipe.p))
+    for name, mine, theirs in (("G", cont.G, first.G_ema), ("G_ema", cont.G_ema, first.G_ema), ("D", cont.D, first.D)):
+        assert all(
+            torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values(), strict=True)
+        ), name
+    assert cont.run()["kimg"] == 0.036
+    assert load_generator(tmp_path / "g.pt").checkpoint_info["kimg"] == 0.024  # the file still serves as a generator
+
+    train(TINY, images, tmp_path / "c", publish_path=tmp_path / "g_only.pt", progress=False)
+    fresh = Trainer(TINY, images, tmp_path / "d", progress=False, resume_from=tmp_path / "g_only.pt")
+    assert fresh.cur_nimg == 24 and not torch.equal(fresh.D.out.weight, first.D.out.weight)
+    with pytest.raises(LabelFactoryError, match="another architecture"):
+        Trainer(
+            TINY.with_overrides(channel_max=8), images, tmp_path / "e", progress=False, resume_from=tmp_path / "g.pt"
+        )

@@ -49,6 +49,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also publish the EMA generator here (e.g. apps/labelfactory/model/stylegan2.pt)",
     )
     parser.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="a published generator file to continue (when --out holds no training state): its weights, its "
+        "discriminator and ADA p if it was published with them, its kimg; optimisers restart",
+    )
+    parser.add_argument(
+        "--publish-discriminator",
+        action="store_true",
+        help="--model also holds the discriminator and ADA p, so a later run can --resume-from it (about 2x the size)",
+    )
+    parser.add_argument(
         "--preset", default="auto", choices=["auto", *PRESETS], help="auto: paper256 with a GPU, demo on CPU"
     )
     add_arguments(
@@ -88,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             data_info=data_info,
             fid_weights=args.fid_weights,
             progress=not args.no_progress,
+            resume_from=args.resume_from,
+            publish_discriminator=args.publish_discriminator,
         )
         if is_main():
             print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=1))

@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.distributed import all_reduce_mean, is_main, world_size
+from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.augment import AdaController, AugmentPipe
-from labelfactory.gan.checkpoint import publish_generator
+from labelfactory.gan.checkpoint import publish_generator, read_warm_start
 from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.latents import z_from_seeds
 from labelfactory.gan.loss import StyleGAN2Loss
@@ -102,6 +103,8 @@ class Trainer:
         progress: bool = True,
         device: torch.device | None = None,
         on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+        resume_from: str | os.PathLike | None = None,
+        publish_discriminator: bool = False,
     ):
         if (
             images.ndim != 4
@@ -117,6 +120,7 @@ class Trainer:
         self.publish_path = Path(publish_path) if publish_path else None
         self.data_info = data_info or {"slices": len(images)}
         self.fid_weights, self.progress, self.on_snapshot = fid_weights, progress, on_snapshot
+        self.publish_discriminator = publish_discriminator
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = world_size()
         if config.batch_size % self.world:
@@ -132,7 +136,8 @@ class Trainer:
         self._build()
         self.cur_nimg, self.batch_idx = 0, 0
         self.history: list[dict[str, Any]] = []
-        self._resume_if_possible()
+        if not self._resume_if_possible() and resume_from is not None:
+            self._warm_start(Path(resume_from))
 
     def _build(self) -> None:
         c = self.config
@@ -184,9 +189,10 @@ class Trainer:
             "history": self.history,
         }
 
-    def _resume_if_possible(self) -> None:
+    def _resume_if_possible(self) -> bool:
+        """Exact resume from <run_dir>/training-state.pt; False when there is none (or it does not fit)."""
         if not self.state_path.exists():
-            return
+            return False
         payload = load_checkpoint(self.state_path, STATE_KIND, map_location=self.device)
         saved = TrainingConfig.from_dict(payload["config"])
         if saved.architecture() != self.config.architecture():
@@ -195,7 +201,7 @@ class Trainer:
                 self.state_path,
                 saved.architecture(),
             )
-            return
+            return False
         s = payload["state"]
         if s.get("layout", 1) != GENERATOR_LAYOUT:
             logger.warning(
@@ -203,7 +209,7 @@ class Trainer:
                 self.state_path,
                 s.get("layout", 1),
             )
-            return
+            return False
         self.G.load_state_dict(s["G"])
         self.D.load_state_dict(s["D"])
         self.G_ema.load_state_dict(s["G_ema"])
@@ -221,6 +227,28 @@ class Trainer:
         self.loss.pl_mean = torch.tensor(s["pl_mean"])
         self.cur_nimg, self.batch_idx, self.history = s["cur_nimg"], s["batch_idx"], list(s["history"])
         logger.info("resumed %s at %.3f kimg", self.state_path, self.cur_nimg / 1000)
+        return True
+
+    def _warm_start(self, path: Path) -> None:
+        """Continue from a published generator file: G and G_ema from its EMA weights, D and ADA p when it holds
+        them (else a fresh D), kimg counted on; optimisers and the EMA/ADA statistics restart (NVlabs' --resume)."""
+        w = read_warm_start(path)
+        saved = TrainingConfig.from_dict(w["config"])
+        if saved.architecture() != self.config.architecture():
+            raise LabelFactoryError(
+                f"{path.name} was trained with another architecture ({saved.architecture()}): it cannot be continued "
+                "with this preset"
+            )
+        self.G.load_state_dict(w["generator"])
+        self.G_ema.load_state_dict(w["generator"])
+        if w["discriminator"] is not None:
+            self.D.load_state_dict(w["discriminator"])
+        else:
+            logger.warning("%s holds no discriminator: continuing its generator against a new one", path)
+        if self.augment_pipe is not None:
+            self.augment_pipe.p.fill_(w["augment_p"])
+        self.cur_nimg = int(round(w["kimg"] * 1000))
+        logger.info("continuing %s from %.3f kimg", path, w["kimg"])
 
     def save_state(self) -> None:
         save_checkpoint(
@@ -367,6 +395,11 @@ class Trainer:
                 self.config.to_dict(),
                 self.data_info,
                 self.cur_nimg / 1000,
+                discriminator=(
+                    (self.D, self.config.discriminator_kwargs, entry["augment_p"])
+                    if self.publish_discriminator
+                    else None
+                ),
             )
         stats = {**entry, "total_kimg": self.config.total_kimg, "history": self.history}
         write_json_atomic(stats, self.run_dir / "train_stats.json")
