@@ -114,6 +114,11 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     mask, image = read_image(mask_file), read_image(datastore_copy / f"{nxt['id']}.nii.gz")
     assert mask.array.shape == image.array.shape == (32, 32)
     assert set(np.unique(mask.array)) <= set(LABEL_NAMES.values())
+    forged = {"labelfactory": {"seed": 1, "truncation_psi": 0.7, "w": [0.0] * 16}}  # the infer's prepare refuses it
+    r = requests.post(
+        f"{url}/infer/datasetgan", params={"image": nxt["id"]}, data={"params": json.dumps(forged)}, timeout=60
+    )
+    assert r.status_code == 400 and "set by the server" in r.text
 
     # synthesis: a new pair on request, reproducible from its seed
     a, b = _infer(url, "synthesis", "seed000777"), _infer(url, "synthesis", "seed000777")
@@ -125,6 +130,7 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
         timeout=300,
     )
     assert r.status_code == 200 and r.json()["image_id"] == "gen_seed000778"
+    assert "generated_image_file" not in r.json() and (datastore_copy / "gen_seed000778.nii.gz").is_file()
 
     # downstream segmenter: 3D volume in, 3D label out on the same grid
     _train(client, "segmentation")

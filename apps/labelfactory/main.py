@@ -26,12 +26,10 @@ from monailabel.utils.others.generic import strtobool
 from labelfactory import __version__
 from labelfactory.checkpoints import remove_leftover_temp_files
 from labelfactory.errors import LabelFactoryError
-from labelfactory.io import read_image
 from labelfactory.labels import served_map
-from labelfactory.latent_record import LATENT_KEY
 from labelfactory.options import cast
+from labelfactory.tasks.base import InferBase
 from labelfactory.tasks.datastore import LabelFactoryDatastore, check_id
-from labelfactory.tasks.synthesis import GENERATED_FILE, add_generated_image, seed_of
 from labelfactory.tasks.uploads import is_live_upload
 
 logger = logging.getLogger(__name__)
@@ -107,47 +105,35 @@ class LabelFactoryApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """Only datastore ids, the server's own live uploads and session images reach a task, never other paths.
 
-        The app is the infers' one door to the datastore: a generated image's latent record (seed,
-        psi, w) is added to the request for `datasetgan` (a client's is refused); `synthesis` takes
-        image=seed<N> (it makes the image) and, asked to add it, the app stores the image it names like
-        the strategy does. `save_label` (datastore ids only) writes the model's label into `label_tag`
-        (default `original`) only where no annotator's label is (409 otherwise, checked before the infer
-        runs and again at the write).
+        The app is the infers' one door to the datastore: each infer's `prepare` adds what it needs from it
+        (e.g. a generated image's latent record) and its `finish` stores what it made (e.g. a generated
+        image); an infer that makes its image (`makes_its_image`) names it freely. `save_label` (datastore ids
+        only) writes the model's label into `label_tag` (default `original`) only where no annotator's label
+        is (409 otherwise, checked before the infer runs and again at the write).
         """
-        if LATENT_KEY in request:
-            raise LabelFactoryError(f"'{LATENT_KEY}' is set by the server from the datastore, never by a request")
         image = request.get("image")
         model = request.get("model")
+        task = self._infers.get(model)
+        if not isinstance(task, InferBase):
+            return super().infer(request, datastore)  # MONAI Label answers an unknown model
         ds = datastore or self.datastore()
-        save, tag = None, request.get("label_tag") or DefaultLabelTag.ORIGINAL.value
-        if model == "synthesis":
-            request = {**request, "seed": seed_of(image)}
-        elif self._is_session_image(request) or is_live_upload(image):
-            pass  # MONAI Label saves no label for a path
-        else:
+        save, tag, image_id = None, request.get("label_tag") or DefaultLabelTag.ORIGINAL.value, None
+        if not task.makes_its_image and not (self._is_session_image(request) or is_live_upload(image)):
             if not isinstance(image, str):
                 raise LabelFactoryError("image must be a datastore id (or an upload: file=..., or session_id=...)")
             check_id(image)  # never a path, whatever the datastore
+            image_id = image
             if isinstance(ds, LabelFactoryDatastore):
                 ds.require_image(image)
-                record = (ds.get_image_info(image) or {}).get(LATENT_KEY)
-                if record:  # a generated image: its latent travels with the request (tasks see only the path)
-                    request = {**request, LATENT_KEY: record}
                 if cast(bool, "save_label", request.get("save_label", False)):
                     check_id(tag, "label tag")
                     ds.check_model_may_write(image, tag, model)  # fail before the model runs; checked again
                     save = tag
-                request = {**request, "save_label": False}  # saved here, by_model, not by MONAI Label
+            request = {**request, "save_label": False}  # saved here, by_model, not by MONAI Label
+        request = task.prepare(request, ds, image_id)
         result = super().infer(request, datastore)
         params = result.get("params") or {}
-        generated = params.pop(GENERATED_FILE, None)
-        if generated:
-            try:
-                params["image_id"] = add_generated_image(
-                    ds, read_image(generated), params[LATENT_KEY], params["uncertainty"]
-                )
-            finally:
-                os.unlink(generated)
+        task.finish(params, ds)
         if save is not None and result.get("file"):
             info = {"model": model, "params": params}
             result["label"] = ds.save_label(image, result["file"], save, info, by_model=model)

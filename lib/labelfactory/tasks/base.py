@@ -6,9 +6,11 @@ dataclass), request overrides parsed from that dataclass, `stats()` and the atom
 (`labelfactory.training_lock`). A trainer declares `name`, `options` and
 `train()`. `InferBase` owns `is_valid` (models are checked per request: a missing one answers 409
 "train X first"), `get_path`, the temp result file and the latency timing; an infer declares
-`infer() -> (label Image, result JSON)`. Not BasicTrainTask / BasicInferTask themselves: those
-feed whole datastore files through dict transforms and save bare state dicts, while our models
-train on 2D slices or latents and publish versioned checkpoints (labelfactory.checkpoints).
+`infer() -> (label Image, result JSON)`, and, where it needs the datastore, `prepare` (what the request
+needs from it) and `finish` (what to store of the result): the app calls both and never names a model.
+Not BasicTrainTask / BasicInferTask themselves: those feed whole datastore files through dict
+transforms and save bare state dicts, while our models train on 2D slices or latents and publish
+versioned checkpoints (labelfactory.checkpoints).
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class TrainBase(TrainTask):
 class InferBase(InferTask):
     """An infer whose model is checked per request; `infer()` returns (label Image or None, result JSON)."""
 
+    makes_its_image: ClassVar[bool] = False  # True: the request's `image` names what the infer makes, not a file
+
     def __init__(self, path: str | os.PathLike, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.path = Path(path)
@@ -122,6 +126,16 @@ class InferBase(InferTask):
     @abstractmethod
     def infer(self, request: dict[str, Any]) -> tuple[Image | None, dict[str, Any]]:
         """The label on the input's grid (written to the result file) and the result JSON."""
+
+    def prepare(self, request: dict[str, Any], datastore: Datastore, image_id: str | None) -> dict[str, Any]:
+        """The request with what this infer needs from the datastore, before the server runs it.
+
+        `image_id`: the request's datastore image (checked to exist), None for an upload, a session image or an
+        infer that makes its image. Runs in the server's request thread: a LabelFactoryError answers 4xx."""
+        return request
+
+    def finish(self, params: dict[str, Any], datastore: Datastore) -> None:
+        """Store what the infer made (e.g. a generated image) and drop private keys from `params`, the result JSON."""
 
 
 def result_file(image: Image, suffix: str = ".nii.gz") -> str:

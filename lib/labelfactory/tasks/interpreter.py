@@ -29,7 +29,7 @@ from labelfactory.interpreter.taps import ws_from_w
 from labelfactory.interpreter.train import TrainConfig, train_ensemble
 from labelfactory.io import Image, read_image
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
-from labelfactory.latent_record import latent_from_info
+from labelfactory.latent_record import LATENT_KEY, latent_from_info
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
@@ -104,6 +104,13 @@ class DatasetGANInfer(InferBase):
         description = "DatasetGAN: the interpreter's mask of a generated image (from the w in its info)"
         super().__init__(models.model_dir / MODEL_FILE, InferType.SEGMENTATION, foreground(label_names), 2, description)
         self.models = models
+
+    def prepare(self, request: dict[str, Any], datastore: Datastore, image_id: str | None) -> dict[str, Any]:
+        """A generated image's latent record (seed, psi, w) travels with the request (the task sees only a path)."""
+        if LATENT_KEY in request:
+            raise LabelFactoryError(f"'{LATENT_KEY}' is set by the server from the datastore, never by a request")
+        record = (datastore.get_image_info(image_id) or {}).get(LATENT_KEY) if image_id else None
+        return {**request, LATENT_KEY: record} if record else request
 
     def infer(self, request: dict[str, Any]) -> tuple[Image, dict[str, Any]]:
         latent = latent_from_info(request, Path(request["image"]).name)

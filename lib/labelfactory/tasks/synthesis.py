@@ -3,13 +3,14 @@
 `POST /infer/synthesis?image=seed<N>` (e.g. `seed000042`) generates the image of seed N with
 truncation psi, labels it with the interpreter, and returns the mask (a 2D label on the image's
 grid) with the seed, w and uncertainty in the JSON. With `add_to_datastore: true` the result also
-names the generated image's temp file (GENERATED_FILE); the app, the infers' one door to the
-datastore, adds it with its latent record (id `gen_seed<N>`) via `add_generated_image`, exactly as
-the next-sample strategy does.
+names the generated image's temp file (GENERATED_FILE), which `finish` (called by the app, the infers'
+one door to the datastore) adds with its latent record (id `gen_seed<N>`) via `add_generated_image`,
+exactly as the next-sample strategy does.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from labelfactory.errors import LabelFactoryError
 from labelfactory.gan.identity import generated_to_image, generator_identity, generator_window, seed_name
 from labelfactory.interpreter.taps import ws_from_seeds
-from labelfactory.io import Image, write_image
+from labelfactory.io import Image, read_image, write_image
 from labelfactory.labels import LABEL_NAMES, foreground
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.options import SEED_RANGE, cast
@@ -31,7 +32,7 @@ from labelfactory.tasks.datastore import LabelFactoryDatastore
 from labelfactory.tasks.interpreter import InterpreterModels
 
 SEED_ID = re.compile(r"^seed(\d{1,9})$")
-GENERATED_FILE = "generated_image_file"  # result key the app takes the image to add from (never sent to clients)
+GENERATED_FILE = "generated_image_file"  # result key `finish` takes the image to add from (never sent to clients)
 
 
 def seed_of(image_id: str) -> int:
@@ -61,6 +62,8 @@ def add_generated_image(
 
 class SynthesisInfer(InferBase):
     """Seed -> generated image + the interpreter's mask, uncertainty and latent record."""
+
+    makes_its_image = True  # image=seed<N>
 
     def __init__(
         self,
@@ -98,3 +101,16 @@ class SynthesisInfer(InferBase):
         if cast(bool, "add_to_datastore", request.get("add_to_datastore", False)):
             result[GENERATED_FILE] = result_file(image)
         return image.with_array(lab.mask[0].cpu().numpy().astype(np.uint8)), result
+
+    def prepare(self, request: dict[str, Any], datastore: Datastore, image_id: str | None) -> dict[str, Any]:
+        return {**request, "seed": seed_of(request.get("image", ""))}
+
+    def finish(self, params: dict[str, Any], datastore: Datastore) -> None:
+        generated = params.pop(GENERATED_FILE, None)
+        if generated:
+            try:
+                params["image_id"] = add_generated_image(
+                    datastore, read_image(generated), params[LATENT_KEY], params["uncertainty"]
+                )
+            finally:
+                os.unlink(generated)
