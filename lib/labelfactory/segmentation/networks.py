@@ -2,11 +2,14 @@
 
 Every network maps (N, 1, H, W) float in [-1, 1] to (N, n_classes, H, W) logits in eval mode.
 UNet++ trains with deep supervision: in train mode it returns its four heads, main head first,
-which is the order MONAI's DeepSupervisionLoss weights. torchvision models start from random
+which is the order MONAI's DeepSupervisionLoss weights. `UNetPlusPlus` is the project's one UNet++
+wrapper (ClamNet's pair is two of them). torchvision models start from random
 weights (no download) with their first convolution replaced by a 1-channel one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -23,17 +26,36 @@ UNET_CHANNELS = (16, 32, 64, 128, 256)
 
 
 class UNetPlusPlus(nn.Module):
-    """MONAI BasicUNetPlusPlus with deep supervision; train: [main, aux...] heads, eval: the main head."""
+    """MONAI BasicUNetPlusPlus, 2D, one channel in: (N, 1, H, W) -> (N, n_classes, H, W) logits.
 
-    def __init__(self, n_classes: int):
+    Train mode: a list of heads, deepest (main) first (one head without deep supervision). Eval mode: head
+    `head`, 1 (shallowest) to 4 (full depth, the default): the pruning the UNet++ paper describes.
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        features: Sequence[int] = UNETPP_FEATURES,
+        deep_supervision: bool = True,
+        head: int = 4,
+    ):
         super().__init__()
+        if not 1 <= head <= 4 or (not deep_supervision and head != 4):
+            raise ValueError(f"head must be 1-4 with deep supervision (4 without), got {head}")
         self.net = BasicUNetPlusPlus(
-            spatial_dims=2, in_channels=1, out_channels=n_classes, features=UNETPP_FEATURES, deep_supervision=True
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=n_classes,
+            features=tuple(features),
+            deep_supervision=deep_supervision,
         )
+        self.deep_supervision, self.head = deep_supervision, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        heads = self.net(x)  # [x_0_1, x_0_2, x_0_3, x_0_4]; x_0_4 is the full-depth output
-        return heads[::-1] if self.training else heads[-1]
+        heads = self.net(x)  # [x_0_1, x_0_2, x_0_3, x_0_4] (only x_0_4 without deep supervision)
+        if self.training:
+            return heads[::-1]
+        return heads[self.head - 1] if self.deep_supervision else heads[-1]
 
 
 class TorchvisionSegmenter(nn.Module):
