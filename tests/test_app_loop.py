@@ -114,7 +114,7 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
     mask, image = read_image(mask_file), read_image(datastore_copy / f"{nxt['id']}.nii.gz")
     assert mask.array.shape == image.array.shape == (32, 32)
     assert set(np.unique(mask.array)) <= set(LABEL_NAMES.values())
-    forged = {"labelfactory": {"seed": 1, "truncation_psi": 0.7, "w": [0.0] * 16}}  # the infer's prepare refuses it
+    forged = {"labelfactory": {"seed": 1, "truncation_psi": 0.7, "w": [0.0] * 16}}  # provenance only from the datastore
     r = requests.post(
         f"{url}/infer/datasetgan", params={"image": nxt["id"]}, data={"params": json.dumps(forged)}, timeout=60
     )

@@ -27,6 +27,7 @@ from labelfactory import __version__
 from labelfactory.checkpoints import remove_leftover_temp_files
 from labelfactory.errors import LabelFactoryError
 from labelfactory.labels import served_map
+from labelfactory.latent_record import LATENT_KEY
 from labelfactory.options import cast
 from labelfactory.tasks.base import InferBase
 from labelfactory.tasks.datastore import LabelFactoryDatastore, check_id
@@ -111,6 +112,8 @@ class LabelFactoryApp(MONAILabelApp):
         only) writes the model's label into `label_tag` (default `original`) only where no annotator's label
         is (409 otherwise, checked before the infer runs and again at the write).
         """
+        if LATENT_KEY in request:  # provenance comes from the datastore only, for every model
+            raise LabelFactoryError(f"'{LATENT_KEY}' is set by the server from the datastore, never by a request")
         image = request.get("image")
         model = request.get("model")
         task = self._infers.get(model)

@@ -107,8 +107,6 @@ class DatasetGANInfer(InferBase):
 
     def prepare(self, request: dict[str, Any], datastore: Datastore, image_id: str | None) -> dict[str, Any]:
         """A generated image's latent record (seed, psi, w) travels with the request (the task sees only a path)."""
-        if LATENT_KEY in request:
-            raise LabelFactoryError(f"'{LATENT_KEY}' is set by the server from the datastore, never by a request")
         record = (datastore.get_image_info(image_id) or {}).get(LATENT_KEY) if image_id else None
         return {**request, LATENT_KEY: record} if record else request
 
