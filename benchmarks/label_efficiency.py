@@ -724,7 +724,7 @@ class Experiment:
     def synthetic(self, folder: Path) -> dict:
         """Per label set: the interpreter trained on it (one recipe for both), then the synthetic pairs."""
         from labelfactory.interpreter.labeller import load_interpreter
-        from labelfactory.synthesis import synthesize
+        from labelfactory.interpreter.synthesis import synthesize
 
         s, G = self.sizes, self.G
         labels = self.out / "labels"

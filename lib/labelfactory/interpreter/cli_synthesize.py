@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from labelfactory.gan.checkpoint import load_generator
     from labelfactory.interpreter.labeller import load_interpreter
-    from labelfactory.synthesis import synthesize
+    from labelfactory.interpreter.synthesis import synthesize
 
     seeds = parse_seeds(args.seeds)
     generator = generator_path(args)

@@ -18,7 +18,7 @@ FLAGS = ("size", "steps", "batch_size", "lr", "val_interval", "seed")
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--synthetic", type=Path, help="synthetic data set folder (images/, labels/), from labelfactory synthesis"
+        "--synthetic", type=Path, help="synthetic data set folder (images/, labels/), from labelfactory synthesize"
     )
     p.add_argument(
         "--studies", type=Path, help="real studies with labels/final: real training slices and validation Dice"
