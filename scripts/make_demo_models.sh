@@ -15,7 +15,7 @@ $LF train-gan --preset demo --total-kimg "${GAN_KIMG:-8}" --snapshot-kimg 1 --ou
 # 2. 30 generated images annotated by the simulated annotator (HU rule: lungs)
 $LF annotate --generator "$OUT/stylegan2.pt" --seeds 0-29 --out "$RUN/annotations"
 # 3. the interpreter ensemble on those 30 annotations
-$LF train-interpreter --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations" --out "$OUT/interpreter.pt" --epochs 20 --no-progress
+$LF train-interpreter --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations" --out "$OUT/interpreter.pt" --max-epochs 20 --no-progress
 if [ "${GENERATOR_ONLY:-0}" = 1 ]; then  # only the models tied to the generator (after a generator layout change)
   rm -f "$OUT"/*.previous.pt "$OUT"/*.previous.pt.sha256; ls -la "$OUT"; exit 0
 fi

@@ -19,7 +19,7 @@ from labelfactory import checkout
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
 from labelfactory.jsonio import read_json, write_json_atomic
-from labelfactory.options import SEED_RANGE, add_arguments, bounded, choice, config_overrides, field_type, from_args
+from labelfactory.options import SEED_RANGE, add_arguments, config_overrides, exposed, field_type, from_args, option
 from labelfactory.tasks.base import InferBase, TrainBase, result_file
 
 
@@ -57,10 +57,10 @@ def test_bad_option_values_are_400s_and_unsupported_fields_are_refused():
 
 @dataclass(frozen=True)
 class Ranged:
-    seed: int = bounded(0, *SEED_RANGE)
-    psi: float = bounded(0.7, 0.1, 1.0)
+    seed: int = option(0, "seed", high=SEED_RANGE[1])
+    psi: float = option(0.7, "truncation", low=0.1, high=1.0)
     lr: float = 1e-3  # undeclared: finite and >= 0
-    network: str = choice("unet", ("unet", "fcn"))
+    network: str = option("unet", "network", choices=("unet", "fcn"))
 
 
 @pytest.mark.parametrize(
@@ -91,10 +91,56 @@ def test_option_values_are_refused_outside_their_fields_type_and_range(values, w
 
 def test_cli_flags_carry_the_dataclass_defaults_and_come_back():
     p = argparse.ArgumentParser()
-    add_arguments(p, Knobs(), ("steps", "lr", "augment"), aliases={"steps": "--iterations"})
+    add_arguments(p, Knobs(), ("steps", "lr", "augment"), deprecated={"steps": "--iterations"})
     assert from_args(Knobs(), p.parse_args([]), ("steps", "lr", "augment")) == Knobs()
     args = p.parse_args(["--iterations", "3", "--lr", "0.1", "--no-augment"])
     assert from_args(Knobs(), args, ("steps", "lr", "augment")) == Knobs(steps=3, lr=0.1, augment=False)
+    assert from_args(Knobs(), p.parse_args(["--steps", "4"]), ("steps",)).steps == 4
+    assert "--iterations: the old name, deprecated" in p.format_help()
+
+
+@dataclass(frozen=True)
+class Declared:
+    steps: int = option(10, "training steps", low=1)
+    size: int = option(64, "image side", where=("conf", "cli"))
+    head: str = option("a", "which head", choices=("a", "b"), where=("request",))
+    hidden: int = 3  # not an option
+
+
+def test_options_are_declared_once_on_the_field():
+    """Slicer's table, the app's --conf and the CLI's flags all come from the field's declaration, help included."""
+    assert exposed(Declared, "request") == ("steps", "head")
+    assert exposed(Declared, "conf") == ("steps", "size", "head")
+    assert exposed(Declared, "cli") == ("steps", "size")
+    p = argparse.ArgumentParser()
+    add_arguments(p, Declared(), exposed(Declared, "cli"))
+    text = " ".join(p.format_help().split())
+    assert "--steps STEPS training steps (default: 10)" in text and "--size SIZE image side (default: 64)" in text
+    with pytest.raises(LabelFactoryError, match="steps=0: expected int"):
+        config_overrides(Declared(), {"steps": 0}, exposed(Declared, "request"))
+    with pytest.raises(ValueError, match="where must name"):
+        option(1, "x", where=("slicer",))
+
+
+@pytest.mark.parametrize(
+    "task,config",
+    [
+        ("labelfactory.tasks.stylegan2:StyleGAN2Train", "labelfactory.gan.config:TrainingConfig"),
+        ("labelfactory.tasks.interpreter:InterpreterTrain", "labelfactory.interpreter.train:TrainConfig"),
+        ("labelfactory.tasks.segmentation:SegmentationTrain", "labelfactory.segmentation.train:TrainConfig"),
+        ("labelfactory.tasks.clamnet:ClamNetTrain", "labelfactory.clamnet.train:ClamNetConfig"),
+    ],
+)
+def test_every_trainer_option_has_one_name_in_slicer_and_on_the_cli(task, config):
+    import importlib
+
+    def load(ref):
+        module, name = ref.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    task, config = load(task), load(config)
+    assert task.options == exposed(config, "request") and task.options
+    assert set(task.options) <= set(exposed(config, "cli")), "a Slicer option the command does not take"
 
 
 def test_unset_flags_keep_whatever_defaults_they_are_applied_to():

@@ -98,3 +98,12 @@ def test_cli_train_clamnet(tmp_path, sample):
     assert (
         main(["train-clamnet", "--studies", str(tmp_path), "--out", str(out)]) == 2
     )  # no labels CSV: a one-line error
+
+
+def test_a_head_without_deep_supervision_is_refused_before_training(tmp_path):
+    trainer = ClamNetTrain(tmp_path, TINY)
+    with pytest.raises(LabelFactoryError, match="head=2 needs deep_supervision=true") as e:
+        trainer.parse_request({"head": 2})
+    assert e.value.status == 400
+    assert trainer.parse_request({"head": "2", "deep_supervision": "true"}).head == 2
+    assert {"head", "deep_supervision", "threshold"} <= set(trainer.config())

@@ -1,5 +1,9 @@
 """Config dataclasses are the one home of defaults; request options, `--conf` options and CLI flags derive from them.
 
+Which fields are options, and their help, is declared once, on the field (`option(...)`): `exposed(cls, "request")`
+lists a trainer's options table in Slicer (also its `--conf <prefix>_<name>` app settings), `exposed(cls, "cli")`
+its command's flags (`--the-name`, same name, same help); `exposed(cls, "conf")` adds app-only settings.
+
 `config_overrides(defaults, values, names)` reads the fields `names` from any string-keyed source
 (a MONAI Label request, the app's `--conf` dict with a prefix), casting each value to its field's
 type; `add_arguments` / `from_args` turn the same fields into argparse flags. Hand-written because
@@ -34,6 +38,39 @@ def bounded(default: Any, low: float | None = 0, high: float | None = None) -> A
 def choice(default: str, choices: typing.Sequence[str]) -> Any:
     """A dataclass field whose option values must be one of `choices`."""
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
+
+
+WHERE = ("request", "conf", "cli")  # Slicer's options table and requests (and --conf), --conf only, CLI flags
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = 0,
+    high: float | None = None,
+    choices: typing.Sequence[str] | None = None,
+    where: typing.Sequence[str] = ("request", "cli"),
+) -> Any:
+    """A config field that users set: in Slicer's options table and requests and as a CLI flag (`where` narrows it),
+    with one `help`; numbers in [low, high], strings one of `choices` when given."""
+    if not set(where) <= set(WHERE):
+        raise ValueError(f"where must name some of {WHERE}, got {where}")
+    meta: dict[str, Any] = {"option": {"help": help, "where": tuple(where)}, "range": (low, high)}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def exposed(cls: type, where: str) -> tuple[str, ...]:
+    """The option fields of config class `cls` shown in `where` ("request", "cli"; "conf": request and conf-only)."""
+    wanted = {"request", "conf"} if where == "conf" else {where}
+    return tuple(f.name for f in dataclasses.fields(cls) if wanted & set(f.metadata.get("option", {}).get("where", ())))
+
+
+def option_help(cls: type, name: str) -> str:
+    """The help an `option` field declares ("" for another field)."""
+    return {f.name: f.metadata.get("option", {}).get("help", "") for f in dataclasses.fields(cls)}[name]
 
 
 def field_type(cls: type, name: str) -> type:
@@ -116,25 +153,31 @@ def add_arguments(
     defaults: Any,
     names: typing.Iterable[str],
     helps: dict[str, str] | None = None,
-    aliases: dict[str, str] | None = None,
+    deprecated: dict[str, str] | None = None,
     unset: str | None = None,
 ) -> None:
-    """A flag `--the-name` (or `aliases[name]`) per field, typed and defaulted from `defaults` (bool: --x/--no-x).
+    """A flag `--the-name` per field (`deprecated[name]`: an old flag still taken, its help says so), typed and
+    defaulted from `defaults` (bool: --x/--no-x),
+    helped by `helps[name]` or else the field's `option` help; a field with `choices` offers only those.
 
     `unset`: the flags default to None (from_args then keeps the field of the defaults it is given, e.g. a
     preset chosen by another flag) and their help says `(default: <unset>)`."""
-    helps, aliases = helps or {}, aliases or {}
+    helps, deprecated = helps or {}, deprecated or {}
     for n in names:
         typ, default, flag = (
             field_type(type(defaults), n),
             None if unset else getattr(defaults, n),
-            aliases.get(n, "--" + n.replace("_", "-")),
+            "--" + n.replace("_", "-"),
         )
-        text = (helps[n] + " " if n in helps else "") + f"(default: {unset or default})"
+        flags = (flag, deprecated[n]) if n in deprecated else (flag,)
+        said = helps.get(n) or option_help(type(defaults), n)
+        text = (said + " " if said else "") + f"(default: {unset or default})"
+        text += f" ({deprecated[n]}: the old name, deprecated)" if n in deprecated else ""
+        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(defaults)}[n]
         if typ is bool:
-            parser.add_argument(flag, dest=n, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(*flags, dest=n, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, dest=n, type=typ, default=default, help=text)
+            parser.add_argument(*flags, dest=n, type=typ, default=default, choices=choices, help=text)
 
 
 def from_args(defaults: C, args: argparse.Namespace, names: typing.Iterable[str]) -> C:

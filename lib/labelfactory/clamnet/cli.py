@@ -10,18 +10,9 @@ from pathlib import Path
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.clamnet.data import load_weak_slices
 from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, save_clamnet, train_clamnet
-from labelfactory.options import add_arguments, from_args
+from labelfactory.options import add_arguments, exposed, from_args
 
-FLAGS = ("organ", "size", "steps", "batch", "lr", "eta", "seed", "margin_mm", "deep_supervision", "head")
-FLAGS += ("marker_fraction", "dice_term", "near_negatives", "threshold")
-HELPS = {
-    "organ": "organ to crop to (mask name / label name)",
-    "head": "UNet++ depth used at inference (1-4; < 4 needs --deep-supervision)",
-    "marker_fraction": "share of an abnormal slice's organ pixels taken to hold the marker",
-    "dice_term": "keep equation (1)'s Dice-like term",
-    "near_negatives": "k > 0: pair an abnormal slice with one of the k nearest normal slices of its study",
-    "threshold": "marker probability at which a pixel is in the mask",
-}
+FLAGS = exposed(ClamNetConfig, "cli")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="folder of <study>/mask_<organ>.nii.gz (repeatable; default: 'reference' in or beside the studies)",
     )
     parser.add_argument("--out", type=Path, default=Path(MODEL_FILE), help="checkpoint to write")
-    add_arguments(parser, d, FLAGS, helps=HELPS)
+    add_arguments(parser, d, FLAGS)
     parser.add_argument(
         "--features", type=int, nargs=6, default=list(d.features), help="BasicUNetPlusPlus widths (6 numbers)"
     )

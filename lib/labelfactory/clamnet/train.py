@@ -17,7 +17,7 @@ from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.network import ClamNetPair
 from labelfactory.clamnet.pairs import PairSampler, near_normals
 from labelfactory.io import Window
-from labelfactory.options import SEED_RANGE, bounded
+from labelfactory.options import SEED_RANGE, option
 
 logger = logging.getLogger(__name__)
 KIND = "clamnet"
@@ -35,23 +35,23 @@ class ClamNetConfig:
     window: CT (level, width) in HU; margin_mm: organ crop margin; threshold: marker probability at
     which a pixel is in the mask."""
 
-    size: int = 256
+    size: int = option(256, "crop side in pixels", low=8)
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
-    deep_supervision: bool = False
-    head: int = 4
-    steps: int = 300
-    batch: int = 8
-    lr: float = 1e-3
-    eta: float = 0.5
-    marker_fraction: float = 0.25
-    dice_term: bool = True
+    deep_supervision: bool = option(False, "train every UNet++ head (needed for head < 4)")
+    head: int = option(4, "UNet++ depth used at inference (1-4; < 4 needs deep_supervision)", low=1, high=4)
+    steps: int = option(300, "training steps", low=1)
+    batch: int = option(8, "pairs per step", low=1)
+    lr: float = option(1e-3, "Adam learning rate")
+    eta: float = option(0.5, "loss weight of abnormal slices without a slice label")
+    marker_fraction: float = option(0.25, "share of an abnormal slice's organ pixels taken to hold the marker", high=1)
+    dice_term: bool = option(True, "keep equation (1)'s Dice-like term")
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    near_negatives: int = 0
-    seed: int = bounded(0, *SEED_RANGE)
-    organ: str = "aorta"
-    margin_mm: float = 10.0
+    near_negatives: int = option(0, "k > 0: pair an abnormal slice with one of its study's k nearest normal slices")
+    seed: int = option(0, "seed of the initial weights and of every random draw", high=SEED_RANGE[1])
+    organ: str = option("aorta", "organ to crop to (mask name / label name)")
+    margin_mm: float = option(10.0, "organ crop margin in mm")
     window: tuple[float, float] = (100.0, 600.0)
-    threshold: float = bounded(0.5, 0.0, 1.0)
+    threshold: float = option(0.5, "marker probability at which a pixel is in the mask", high=1)
 
     @property
     def ct_window(self) -> Window:

@@ -11,12 +11,13 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.experiments import PAPER_SEGMENTERS, TABLES, Settings, run_experiments, synthetic_fid
 from labelfactory.evaluation.report import write_report
 from labelfactory.options import add_arguments, from_args
-from labelfactory.segmentation.cli import FLAGS
+from labelfactory.segmentation.cli import FLAGS as SEGMENTER_FLAGS
 from labelfactory.segmentation.data import real_slices, synthetic_pairs
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import TrainConfig
 
 logger = logging.getLogger(__name__)
+FLAGS = tuple(f for f in SEGMENTER_FLAGS if f != "network")  # --baseline and --networks choose networks here
 
 
 def configure(p: argparse.ArgumentParser) -> None:

@@ -15,12 +15,11 @@ from labelfactory.distributed import init_from_env, is_main, process_group_clean
 from labelfactory.gan.config import PRESETS, TrainingConfig, preset
 from labelfactory.gan.data import load_training_slices, openkbp_training_slices, real_image_paths
 from labelfactory.gan.training import train
-from labelfactory.options import add_arguments, from_args
+from labelfactory.options import add_arguments, exposed, from_args
 
 logger = logging.getLogger(__name__)
 # TrainingConfig fields a flag sets over the preset's value
-FLAGS = ("resolution", "total_kimg", "snapshot_kimg", "fid_kimg", "batch_size", "r1_gamma", "seed")
-FLAGS += ("augment", "mixed_precision")
+FLAGS = exposed(TrainingConfig, "cli")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +66,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser,
         TrainingConfig(),
         FLAGS,
-        helps={
-            "augment": "ADA (adaptive discriminator augmentation)",
-            "mixed_precision": "main phases with the top 4 resolutions of G and D in bf16 (CPU with AVX-512 BF16, GPU)",
-        },
         unset="the preset's",
     )
     parser.add_argument(

@@ -7,39 +7,42 @@ from typing import Any
 
 import torch
 
-from labelfactory.options import SEED_RANGE, bounded
+from labelfactory.options import SEED_RANGE, option
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    resolution: int = 256
+    resolution: int = option(256, "image side in pixels (a power of 2)", low=8, where=("conf", "cli"))
     z_dim: int = 512
     w_dim: int = 512
     mapping_layers: int = 8
     channel_base: int = 16384
     channel_max: int = 512
-    batch_size: int = 16  # images per step over all ranks
+    batch_size: int = option(16, "images per step over all processes", low=1)
     mbstd_group: int = 4
     lr: float = 0.0025
     betas: tuple[float, float] = (0.0, 0.99)
-    r1_gamma: float = 1.0
+    r1_gamma: float = option(1.0, "R1 regularisation weight (gamma)")
     style_mixing_prob: float = 0.9
     pl_weight: float = 2.0
     G_reg_interval: int = 4
     D_reg_interval: int = 16
     ema_kimg: float | None = None  # None: batch_size * 10 / 32, as stylegan2-ada
     ema_rampup: float | None = 0.05
-    augment: bool = True
+    augment: bool = option(True, "ADA (adaptive discriminator augmentation)")
     ada_target: float = 0.6
     ada_interval: int = 4
     ada_kimg: float = 500.0
-    total_kimg: float = 25000.0
-    snapshot_kimg: float = 50.0
-    fid_kimg: float = 200.0  # 0: never
+    total_kimg: float = option(25000.0, "training length in thousands of real images shown")
+    snapshot_kimg: float = option(50.0, "kimg between snapshots: state, preview, published generator")
+    fid_kimg: float = option(200.0, "kimg between FID measurements; 0: never")
     fid_images: int = 2000
     preview_seeds: int = 16
-    seed: int = bounded(0, *SEED_RANGE)
-    mixed_precision: bool = False  # main phases with the top num_bf16_res blocks of G and D in bf16 (conv_clamp 256)
+    seed: int = option(0, "seed of the initial weights and of every random draw", high=SEED_RANGE[1])
+    mixed_precision: bool = option(
+        False,
+        "main phases with the top num_bf16_res resolutions of G and D in bf16 (AVX-512 BF16 CPUs, GPUs)",
+    )
     num_bf16_res: int = 4  # with mixed_precision: how many of the highest resolutions run in bf16 (the reference's 4)
     fused_adam: bool = True  # one fused kernel per optimiser step (CPU and CUDA; 4-7x faster step than the loop)
     channels_last: bool = True  # G, D and images in channels-last memory (CPU: 1.1-1.3x on its convs; same math)

@@ -12,9 +12,9 @@ from labelfactory.gan.checkpoint import MODEL_FILE as GENERATOR_FILE
 from labelfactory.interpreter.labeller import MODEL_FILE
 from labelfactory.interpreter.train import TrainConfig
 from labelfactory.latent_record import TRUNCATION_PSI
-from labelfactory.options import add_arguments, from_args
+from labelfactory.options import add_arguments, exposed, from_args
 
-FLAGS = ("members", "max_epochs", "patience", "lr", "pixels_per_image", "seed")
+FLAGS = exposed(TrainConfig, "cli")
 
 
 def generator_arg(p: argparse.ArgumentParser) -> None:
@@ -51,11 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         p,
         d,
         FLAGS,
-        aliases={"max_epochs": "--epochs"},
-        helps={
-            "max_epochs": "at most this many epochs (early stopping may end sooner)",
-            "pixels_per_image": "pixels each member draws from each image per step",
-        },
+        deprecated={"max_epochs": "--epochs"},
     )
     p.add_argument("--hidden", type=int, nargs=2, default=list(d.hidden), metavar=("H1", "H2"))
     p.add_argument(

@@ -24,7 +24,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
 from labelfactory.interpreter.records import LatentRecord
 from labelfactory.interpreter.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
-from labelfactory.options import SEED_RANGE, bounded
+from labelfactory.options import SEED_RANGE, option
 
 logger = logging.getLogger(__name__)
 
@@ -33,21 +33,21 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """How to train the ensemble (the one home of these defaults: CLI flags and app options derive from it)."""
 
-    members: int = 10  # pixel MLPs in the ensemble
+    members: int = option(10, "pixel MLPs in the ensemble (majority vote)", low=1)
     hidden: tuple[int, int] = (256, 128)  # their hidden widths
     # at most this many epochs (an epoch: every image once, `images_per_step` per step); early stopping may end
     # sooner. 30 left 0.06 of Dice on the table (benchmarks/interpreter_budget.py: 4 / 30 / 100 epochs gave 0.50 /
     # 0.70 / 0.76 on OpenKBP generated images; 100 stopped at 65)
-    max_epochs: int = 100
-    patience: int = 5  # epochs without progress before stopping
+    max_epochs: int = option(100, "at most this many epochs (early stopping may end sooner)", low=1)
+    patience: int = option(5, "epochs without progress before stopping")
     min_improvement: float = 0.01  # relative drop of the epoch loss that counts as progress
-    lr: float = 1e-3  # Adam learning rate
-    pixels_per_image: int = 1024  # pixels each member draws from each image per step
+    lr: float = option(1e-3, "Adam learning rate")
+    pixels_per_image: int = option(1024, "pixels each member draws from each image per step", low=1)
     images_per_step: int = 2
     ignore_index: int = 255  # mask value of unlabelled pixels (never drawn)
     class_weights: tuple[float, ...] | None = None  # one cross-entropy weight per class value
     cache_gb: float = 2.0  # taps kept in memory (fp16) up to this size
-    seed: int = bounded(0, *SEED_RANGE)
+    seed: int = option(0, "seed of the initial weights and of every random draw", high=SEED_RANGE[1])
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -34,7 +34,7 @@ from labelfactory import distributed
 from labelfactory.checkpoints import save_checkpoint
 from labelfactory.errors import LabelFactoryError
 from labelfactory.labels import LABEL_NAMES, map_of
-from labelfactory.options import SEED_RANGE, bounded, choice
+from labelfactory.options import SEED_RANGE, option
 from labelfactory.segmentation.networks import NETWORKS, build_network
 
 logger = logging.getLogger(__name__)
@@ -47,13 +47,13 @@ SLICINGS = ("resize", "body-crop")  # TrainConfig.slicing
 class TrainConfig:
     """How to train (the one home of these defaults: CLI flags and app options derive from it)."""
 
-    network: str = choice("unetpp", NETWORKS)  # one of networks.NETWORKS
-    size: int = 256  # slice side in pixels
-    steps: int = 2000  # training iterations, rounded up to a whole number of validation rounds
-    batch_size: int = 8
-    lr: float = 1e-3  # Adam learning rate
-    val_interval: int = 200  # iterations between validation Dice measurements
-    seed: int = bounded(0, *SEED_RANGE)
+    network: str = option("unetpp", "segmentation network", choices=NETWORKS)
+    size: int = option(256, "slice side in pixels", low=8)
+    steps: int = option(2000, "training iterations, rounded up to whole validation rounds", low=1)
+    batch_size: int = option(8, "slices per step over all processes", low=1)
+    lr: float = option(1e-3, "Adam learning rate")
+    val_interval: int = option(200, "iterations between validation Dice measurements", low=1)
+    seed: int = option(0, "seed of the initial weights and of every random draw", high=SEED_RANGE[1])
     label_names: dict[str, int] = field(default_factory=lambda: dict(LABEL_NAMES))
     # how the training slices were made, which the infer repeats: "resize" (whole axial slices resized to size,
     # io.volume_to_slices) or "body-crop" (size x size body-centred crops at native spacing, datasets.openkbp)

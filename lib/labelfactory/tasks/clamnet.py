@@ -37,7 +37,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label
 from labelfactory.io.dataset import study_of
 from labelfactory.io.image import suffix_of
-from labelfactory.options import cast, config_overrides
+from labelfactory.options import cast, config_overrides, exposed
 from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FILE
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
@@ -88,7 +88,7 @@ class ClamNetTrain(TrainBase):
     """Trains the ClamNet pair on the datastore's images with the image-level labels (CSV and datastore info)."""
 
     name = KIND
-    options = ("steps", "batch", "lr", "eta", "marker_fraction", "organ", "size", "seed", "margin_mm", "threshold")
+    options = exposed(ClamNetConfig, "request")
     path_options = ("labels_csv",)
 
     def __init__(
@@ -101,6 +101,12 @@ class ClamNetTrain(TrainBase):
         description = "ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)"
         super().__init__(description, model_dir, config or ClamNetConfig())
         self.labels_csv, self.organ_dirs = labels_csv, organ_dirs
+
+    def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> ClamNetConfig:
+        config = super().parse_request(request, datastore)
+        if config.head != 4 and not config.deep_supervision:
+            raise LabelFactoryError(f"option head={config.head} needs deep_supervision=true (only head 4 without)")
+        return config
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"labels_csv": self.labels_csv or ""}

@@ -30,6 +30,7 @@ from labelfactory.interpreter.train import TrainConfig, train_ensemble
 from labelfactory.io import Image, read_image
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import LATENT_KEY, latent_from_info
+from labelfactory.options import exposed
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
@@ -61,7 +62,7 @@ class InterpreterTrain(TrainBase):
     """Fits the ensemble on all labelled generated images of the current generator."""
 
     name = KIND
-    options = ("members", "max_epochs", "patience", "lr", "pixels_per_image", "seed")
+    options = exposed(TrainConfig, "request")
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from labelfactory.io.dataset import Study
 from labelfactory.io.image import suffix_of
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
-from labelfactory.options import cast
+from labelfactory.options import cast, exposed
 from labelfactory.segmentation.data import training_sets
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
@@ -36,7 +36,7 @@ class SegmentationTrain(TrainBase):
     """Trains the segmenter on the synthetic data set (if any) plus the datastore's final labels."""
 
     name = KIND
-    options = ("network", "size", "steps", "batch_size", "lr", "val_interval", "seed")
+    options = exposed(TrainConfig, "request")
     path_options = ("synthetic",)
 
     def __init__(

@@ -20,6 +20,7 @@ from labelfactory.gan.config import TrainingConfig
 from labelfactory.gan.data import load_training_slices
 from labelfactory.gan.training import train
 from labelfactory.latent_record import is_generated
+from labelfactory.options import exposed
 from labelfactory.tasks.base import TrainBase, stats_file
 
 RUN_DIR = f"{KIND}-run"
@@ -30,7 +31,7 @@ class StyleGAN2Train(TrainBase):
     """Trains (or continues) the GAN; request options (see `options`) override the app's defaults."""
 
     name = KIND
-    options = ("total_kimg", "snapshot_kimg", "fid_kimg", "batch_size", "r1_gamma", "augment", "seed")
+    options = exposed(TrainingConfig, "request")
 
     def __init__(self, model_dir: str | os.PathLike, defaults: TrainingConfig, fid_weights: str | None = None):
         description = "StyleGAN2-ADA generator on the datastore's real CT slices (the DatasetGAN image source)"

@@ -7,11 +7,11 @@ to pytorch-fid's Inception weights).
 
 from monailabel.interfaces.config import TaskConfig
 
-from labelfactory.gan.config import preset
-from labelfactory.options import config_overrides
+from labelfactory.gan.config import TrainingConfig, preset
+from labelfactory.options import config_overrides, exposed
 from labelfactory.tasks.stylegan2 import StyleGAN2Train
 
-CONF_OPTIONS = ("resolution", *StyleGAN2Train.options)
+CONF_OPTIONS = exposed(TrainingConfig, "conf")  # the trainer's options and resolution
 
 
 class StyleGAN2(TaskConfig):
