@@ -20,11 +20,11 @@ import torch
 
 from labelfactory.checkpoints import load_checkpoint
 from labelfactory.evaluation.fid import FIDEvaluator
-from labelfactory.gan.config import TrainingConfig
-from labelfactory.gan.data import load_training_slices, real_image_paths
-from labelfactory.gan.networks import Generator
-from labelfactory.gan.training import STATE_FILE, STATE_KIND
 from labelfactory.jsonio import write_json_atomic
+from labelfactory.stylegan2.config import StyleGAN2Config
+from labelfactory.stylegan2.data import load_training_slices, real_image_paths
+from labelfactory.stylegan2.networks import Generator
+from labelfactory.stylegan2.training import STATE_FILE, STATE_KIND
 
 TAGS = ("Loss/G/loss", "Loss/D/loss", "Loss/r1_penalty", "Progress/augment")
 
@@ -56,7 +56,7 @@ def main() -> None:
     results, fid = [], None
     for run in a.runs:
         payload = load_checkpoint(run / STATE_FILE, STATE_KIND)
-        cfg = TrainingConfig.from_dict(payload["config"])
+        cfg = StyleGAN2Config.from_dict(payload["config"])
         G = Generator(**cfg.generator_kwargs)
         G.load_state_dict(payload["state"]["G_ema"])
         G.eval()

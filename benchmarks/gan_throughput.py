@@ -93,13 +93,13 @@ def _ours(cfg_name: str, overrides: dict, lib: str | None):
 
     import torch
 
-    from labelfactory.gan.config import PRESETS, TrainingConfig
-    from labelfactory.gan.training import Trainer
+    from labelfactory.stylegan2.config import PRESETS, StyleGAN2Config
+    from labelfactory.stylegan2.training import Trainer
 
     preset, base = CONFIGS[cfg_name]
-    known = {k: v for k, v in {**base, **overrides}.items() if k in TrainingConfig.__dataclass_fields__}
+    known = {k: v for k, v in {**base, **overrides}.items() if k in StyleGAN2Config.__dataclass_fields__}
     if len(known) != len(base) + len(overrides):
-        raise SystemExit(f"this checkout's TrainingConfig lacks {sorted(set(base) | set(overrides) - set(known))}")
+        raise SystemExit(f"this checkout's StyleGAN2Config lacks {sorted(set(base) | set(overrides) - set(known))}")
     cfg = PRESETS[preset].with_overrides(fid_kimg=0.0, **known)
     images = torch.rand(256, 1, cfg.resolution, cfg.resolution) * 2 - 1
     t = Trainer(cfg, images, tempfile.mkdtemp(prefix="gan-bench-"), progress=False, device=torch.device("cpu"))
@@ -147,7 +147,7 @@ def _reference(cfg_name: str, root: str):
     from torch_utils import training_stats
     from training import augment, loss, networks  # the reference's modules, from its clone
 
-    from labelfactory.gan.config import PRESETS
+    from labelfactory.stylegan2.config import PRESETS
 
     preset, base = CONFIGS[cfg_name]
     cfg = PRESETS[preset].with_overrides(**base)

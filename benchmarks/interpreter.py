@@ -26,20 +26,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import (
+from labelfactory.datasetgan import (
+    DatasetGANConfig,
     EnsembleConfig,
     LatentRecord,
     PixelEnsemble,
     TapLayout,
-    TrainConfig,
     generate_with_taps,
     train_ensemble,
     ws_from_seeds,
 )
-from labelfactory.interpreter.ensemble import majority_vote
-from labelfactory.interpreter.uncertainty import image_score, js_divergence
+from labelfactory.datasetgan.ensemble import majority_vote
+from labelfactory.datasetgan.uncertainty import image_score, js_divergence
 from labelfactory.jsonio import write_json_atomic
+from labelfactory.stylegan2.networks import Generator
 
 K = 9
 
@@ -64,7 +64,7 @@ def part_train(args) -> dict:
         records.append(
             LatentRecord(ws[0, 0], torch.bucketize(img[0, 0], q).numpy().astype(np.int64), f"seed{s}", s, 0.7)
         )
-    cfg = TrainConfig(max_epochs=args.max_epochs)
+    cfg = DatasetGANConfig(max_epochs=args.max_epochs)
     t0 = time.perf_counter()
     _, history = train_ensemble(G, records, K, cfg, progress=False)
     secs = time.perf_counter() - t0

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelfactory.datasetgan.labeller import Interpreter
+from labelfactory.datasetgan.records import records_from_seed_masks
+from labelfactory.datasetgan.taps import ws_from_w
+from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
 from labelfactory.evaluation.metrics import confusion_matrix, scores
-from labelfactory.gan.checkpoint import load_generator
-from labelfactory.interpreter.labeller import Interpreter
-from labelfactory.interpreter.records import records_from_seed_masks
-from labelfactory.interpreter.taps import ws_from_w
-from labelfactory.interpreter.train import TrainConfig, train_ensemble
 from labelfactory.jsonio import write_json_atomic
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.segmentation.infer import load_segmenter
+from labelfactory.stylegan2.checkpoint import load_generator
 
 
 def annotate(generator: Path, annotator: Path, seeds: str, out: Path) -> None:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", default="500000-500029", help="seeds the interpreter learns from")
     p.add_argument("--test", default="700000-700039", help="seeds it is scored on")
     p.add_argument("--budgets", default="4:3,30:3,100:5", help="max_epochs:patience, comma-separated")
-    p.add_argument("--members", type=int, default=TrainConfig.members)
+    p.add_argument("--members", type=int, default=DatasetGANConfig.members)
     p.add_argument("--out", type=Path, help="JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for budget in args.budgets.split(","):
         epochs, patience = (int(x) for x in budget.split(":"))
-        cfg = TrainConfig(members=args.members, max_epochs=epochs, patience=patience)
+        cfg = DatasetGANConfig(members=args.members, max_epochs=epochs, patience=patience)
         t0 = time.process_time()
         ensemble, history = train_ensemble(G, train, k, cfg, progress=False)
         cpu = time.process_time() - t0

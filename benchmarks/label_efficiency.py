@@ -44,7 +44,7 @@ from labelfactory.datasets import openkbp
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.segmentation.networks import build_network
 from labelfactory.segmentation.train import KIND as SEG_KIND
-from labelfactory.segmentation.train import TrainConfig
+from labelfactory.segmentation.train import SegmentationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_NAMES: dict[str, int] = {"background": 0, **{name: v for v, name in openkbp.ORGANS.items()}}
@@ -174,8 +174,8 @@ def stack(case_slices: list[openkbp.CaseSlices]) -> Slices:
 # ---------------------------------------------------------------------------------------------- resumable training
 
 
-def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> TrainConfig:
-    return TrainConfig(
+def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> SegmentationConfig:
+    return SegmentationConfig(
         network=network,
         size=sizes.size,
         steps=steps,
@@ -191,7 +191,7 @@ def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> Train
 def train_resumable(
     images: torch.Tensor,
     masks: torch.Tensor,
-    config: TrainConfig,
+    config: SegmentationConfig,
     folder: Path,
     data: dict,
     save_every: int,
@@ -493,7 +493,7 @@ class Experiment:
 
     @property
     def G(self):
-        from labelfactory.gan.checkpoint import load_generator
+        from labelfactory.stylegan2.checkpoint import load_generator
 
         if self._G is None:
             self._G = load_generator(self.generator_file)
@@ -723,8 +723,8 @@ class Experiment:
     # --- stage 4
     def synthetic(self, folder: Path) -> dict:
         """Per label set: the interpreter trained on it (one recipe for both), then the synthetic pairs."""
-        from labelfactory.interpreter.labeller import load_interpreter
-        from labelfactory.interpreter.synthesis import synthesize
+        from labelfactory.datasetgan.labeller import load_interpreter
+        from labelfactory.datasetgan.synthesis import synthesize
 
         s, G = self.sizes, self.G
         labels = self.out / "labels"
@@ -764,17 +764,16 @@ class Experiment:
         return {**result, "figure": str(folder / "pairs.png"), "pending": pending}
 
     def train_interpreter(self, name: str, labels: Path, out: Path) -> None:
-        from labelfactory.interpreter.labeller import save_interpreter
-        from labelfactory.interpreter.records import (
+        from labelfactory.datasetgan.labeller import save_interpreter
+        from labelfactory.datasetgan.records import (
             load_records,
             records_from_seed_masks,
         )
-        from labelfactory.interpreter.train import TrainConfig as InterpreterConfig
-        from labelfactory.interpreter.train import train_ensemble
+        from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
         from labelfactory.latent_record import TRUNCATION_PSI
 
         G, k = self.G, len(LABEL_NAMES)
-        cfg = InterpreterConfig(members=self.sizes.members, max_epochs=self.sizes.interpreter_epochs)
+        cfg = DatasetGANConfig(members=self.sizes.members, max_epochs=self.sizes.interpreter_epochs)
         if name == "random":
             records = records_from_seed_masks(G, labels / "random", TRUNCATION_PSI, k, cfg.ignore_index)
         else:
@@ -996,7 +995,7 @@ def models_readme(out: Path, hybrid: dict, config: dict, megabytes: float) -> st
 
 def datastore_records(folder: Path) -> list[tuple[str, dict, str]]:
     """(image id, latent record, label path) of the labelled generated images of a datastore folder."""
-    from labelfactory.interpreter.records import records_from_datastore
+    from labelfactory.datasetgan.records import records_from_datastore
     from labelfactory.tasks.datastore import LabelFactoryDatastore
 
     datastore = LabelFactoryDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False, label_names=LABEL_NAMES)

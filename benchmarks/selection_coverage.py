@@ -56,10 +56,10 @@ def miss_rates(pool: np.ndarray, picks: int, draws: int, rng: np.random.Generato
 
 def interpreter_on_pool(generator: Path, interpreter: Path, pool: Path, names: dict[str, int]) -> dict:
     """Dice per organ of `interpreter` against the annotator's masks of `pool`, and its organ frequency there."""
-    from labelfactory.gan.checkpoint import load_generator
-    from labelfactory.interpreter.labeller import load_interpreter
-    from labelfactory.interpreter.records import records_from_seed_masks
+    from labelfactory.datasetgan.labeller import load_interpreter
+    from labelfactory.datasetgan.records import records_from_seed_masks
     from labelfactory.latent_record import TRUNCATION_PSI
+    from labelfactory.stylegan2.checkpoint import load_generator
 
     G = load_generator(generator)
     records = records_from_seed_masks(G, pool, TRUNCATION_PSI, max(names.values()) + 1, 255)

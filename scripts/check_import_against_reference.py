@@ -104,7 +104,7 @@ def reference_forward(G, z, psi, cutoff):
 
 def check(config, tmp: Path) -> dict:
     from labelfactory.cli import main
-    from labelfactory.gan.checkpoint import load_generator
+    from labelfactory.stylegan2.checkpoint import load_generator
 
     res, channels, fp16, clamp, protocol = config
     G_ref, D, aug = reference_networks(res, channels, fp16, clamp, seed=res + channels)

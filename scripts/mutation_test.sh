@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (not in CI: tens of minutes per module on 2 cores).
 #
-#   scripts/mutation_test.sh [-r REV] [-n EVERY | -m "NAME..."] [-b] [-o OUT] MODULE...   MODULE: gan/loss, ... or "all"
+#   scripts/mutation_test.sh [-r REV] [-n EVERY | -m "NAME..."] [-b] [-o OUT] MODULE...   MODULE: stylegan2/loss, ... or "all"
 #
 # Each module runs alone, in a scratch copy of REV (default HEAD; `git archive`, so the working tree is never
 # touched), against its own test files only (TESTS below), at `nice -n 15` with one thread. -n EVERY runs every
@@ -27,17 +27,17 @@ REV=$(git -C "$ROOT" rev-parse --short "$REV")  # one commit for the whole run, 
 [ $# -gt 0 ] || { sed -n 2,13p "$0"; exit 2; }
 
 declare -A TESTS=(
-  [gan/loss]="tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
-  [gan/augment]="tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
-  [gan/networks]="tests/test_gan_networks.py tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
-  [interpreter/ensemble]="tests/test_interpreter_ensemble.py tests/test_formulas_interpreter.py"
-  [interpreter/uncertainty]="tests/test_interpreter_ensemble.py tests/test_formulas_interpreter.py"
+  [stylegan2/loss]="tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
+  [stylegan2/augment]="tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
+  [stylegan2/networks]="tests/test_gan_networks.py tests/test_gan_augment_loss.py tests/test_formulas_gan.py"
+  [datasetgan/ensemble]="tests/test_interpreter_ensemble.py tests/test_formulas_interpreter.py"
+  [datasetgan/uncertainty]="tests/test_interpreter_ensemble.py tests/test_formulas_interpreter.py"
   [clamnet/loss]="tests/test_clamnet.py tests/test_formulas_clamnet_metrics_io.py"
   [evaluation/metrics]="tests/test_evaluation.py tests/test_formulas_clamnet_metrics_io.py"
   [io/slices]="tests/test_io.py tests/test_formulas_clamnet_metrics_io.py"
   [io/windowing]="tests/test_io.py tests/test_formulas_clamnet_metrics_io.py"
 )
-[ "$*" = all ] && set -- gan/loss gan/augment gan/networks interpreter/ensemble interpreter/uncertainty \
+[ "$*" = all ] && set -- stylegan2/loss stylegan2/augment stylegan2/networks datasetgan/ensemble datasetgan/uncertainty \
   clamnet/loss evaluation/metrics io/slices io/windowing
 
 [ -x "$VENV/bin/mutmut" ] || "$VENV/bin/pip" install -q "mutmut==$MUTMUT_VERSION"

@@ -28,7 +28,7 @@ from labelfactory.serve import DEMO_MODELS, install_models, server_command, serv
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample-data"
 DATASTORE = SAMPLE / "datastore"
-# the smallest StyleGAN2 the GAN tests train: 16^2, 16 channels, batch 4 (TrainingConfig fields)
+# the smallest StyleGAN2 the GAN tests train: 16^2, 16 channels, batch 4 (StyleGAN2Config fields)
 TINY_GAN = dict(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16, batch_size=4)
 
 

@@ -125,9 +125,9 @@ def test_options_are_declared_once_on_the_field():
 @pytest.mark.parametrize(
     "task,config",
     [
-        ("labelfactory.tasks.stylegan2:StyleGAN2Train", "labelfactory.gan.config:TrainingConfig"),
-        ("labelfactory.tasks.interpreter:InterpreterTrain", "labelfactory.interpreter.train:TrainConfig"),
-        ("labelfactory.tasks.segmentation:SegmentationTrain", "labelfactory.segmentation.train:TrainConfig"),
+        ("labelfactory.tasks.stylegan2:StyleGAN2Train", "labelfactory.stylegan2.config:StyleGAN2Config"),
+        ("labelfactory.tasks.datasetgan:InterpreterTrain", "labelfactory.datasetgan.train:DatasetGANConfig"),
+        ("labelfactory.tasks.segmentation:SegmentationTrain", "labelfactory.segmentation.train:SegmentationConfig"),
         ("labelfactory.tasks.clamnet:ClamNetTrain", "labelfactory.clamnet.train:ClamNetConfig"),
     ],
 )

@@ -14,7 +14,7 @@ from labelfactory.evaluation.experiments import Experiments, Settings
 from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
 from labelfactory.segmentation.data import RealSlices
-from labelfactory.segmentation.train import TrainConfig
+from labelfactory.segmentation.train import SegmentationConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +70,7 @@ def test_patient_folds_never_leak():
 def test_experiment_splits_keep_each_patient_in_one_role():
     groups = [f"p{i % 6}" for i in range(60)]
     real = RealSlices(torch.zeros(60, 1, 8, 8), torch.zeros(60, 8, 8, dtype=torch.long), groups)
-    ex = Experiments(real, Settings(folds=3, test_size=7, train=TrainConfig(size=8)))
+    ex = Experiments(real, Settings(folds=3, test_size=7, train=SegmentationConfig(size=8)))
     tested = set()
     for f in range(3):
         split = ex.real_split(f)

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labelfactory.gan.augment import AdaController, AugmentPipe
-from labelfactory.gan.loss import StyleGAN2Loss
-from labelfactory.gan.networks import (
+from labelfactory.stylegan2.augment import AdaController, AugmentPipe
+from labelfactory.stylegan2.loss import StyleGAN2Loss
+from labelfactory.stylegan2.networks import (
     Conv2dLayer,
     Discriminator,
     DiscriminatorBlock,
@@ -34,7 +34,7 @@ from labelfactory.gan.networks import (
     modulated_conv2d,
     normalize_2nd_moment,
 )
-from labelfactory.gan.resample import downsample2d, upsample2d
+from labelfactory.stylegan2.resample import downsample2d, upsample2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

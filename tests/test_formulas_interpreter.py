@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble, majority_vote, upsample_matrix
-from labelfactory.interpreter.uncertainty import image_score, js_divergence
+from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble, majority_vote, upsample_matrix
+from labelfactory.datasetgan.uncertainty import image_score, js_divergence
 
 
 def _ensemble(channels=(3, 2), resolutions=(2, 4), R=4, K=3, M=2, hidden=(5, 4), seed=0) -> PixelEnsemble:

@@ -2,9 +2,9 @@
 
 import torch
 
-from labelfactory.gan.augment import AdaController, AugmentPipe
-from labelfactory.gan.loss import StyleGAN2Loss
-from labelfactory.gan.networks import Discriminator, Generator
+from labelfactory.stylegan2.augment import AdaController, AugmentPipe
+from labelfactory.stylegan2.loss import StyleGAN2Loss
+from labelfactory.stylegan2.networks import Discriminator, Generator
 
 SMALL_G = dict(z_dim=16, w_dim=16, img_resolution=16, channel_base=256, channel_max=16, mapping_layers=2)
 SMALL_D = dict(img_resolution=16, channel_base=256, channel_max=16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from labelfactory.evaluation import fid
-from labelfactory.gan.networks import Generator
+from labelfactory.stylegan2.networks import Generator
 
 
 def test_frechet_distance_matches_pytorch_fid():

@@ -21,10 +21,10 @@ import torch
 
 from labelfactory.cli import main
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator
-from labelfactory.gan.import_gan import import_generator
-from labelfactory.gan.networks import Generator
-from labelfactory.gan.reference_pickle import load_reference_pickle
+from labelfactory.stylegan2.checkpoint import load_generator
+from labelfactory.stylegan2.import_gan import import_generator
+from labelfactory.stylegan2.networks import Generator
+from labelfactory.stylegan2.reference_pickle import load_reference_pickle
 
 KW = dict(z_dim=16, w_dim=12, img_resolution=16, channel_base=128, channel_max=16, mapping_layers=2)
 FILTER = torch.tensor([[1.0, 3, 3, 1], [3, 9, 9, 3], [3, 9, 9, 3], [1, 3, 3, 1]]) / 64

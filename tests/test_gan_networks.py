@@ -8,9 +8,9 @@ from scipy.signal import correlate2d
 
 from labelfactory.checkpoints import save_checkpoint
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator, publish_generator
-from labelfactory.gan.latents import z_from_seed
-from labelfactory.gan.networks import Discriminator, Generator, MinibatchStd, SynthesisNetwork, modulated_conv2d
+from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
+from labelfactory.stylegan2.latents import z_from_seed
+from labelfactory.stylegan2.networks import Discriminator, Generator, MinibatchStd, SynthesisNetwork, modulated_conv2d
 
 SMALL = dict(z_dim=32, w_dim=32, channel_base=512, channel_max=32, mapping_layers=2)
 

@@ -8,13 +8,13 @@ import pytest
 from monailabel.datastore.local import LocalDatastore
 
 from labelfactory.cli import main as cli_main
-from labelfactory.gan.checkpoint import load_generator
-from labelfactory.gan.config import TrainingConfig
+from labelfactory.stylegan2.checkpoint import load_generator
+from labelfactory.stylegan2.config import StyleGAN2Config
 from labelfactory.tasks.stylegan2 import MODEL_FILE, STATS_FILE, StyleGAN2Train
 from tests.conftest import TINY_GAN
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TrainingConfig(
+TINY = StyleGAN2Config(
     **TINY_GAN,
     pl_weight=0.0,
     total_kimg=0.008,

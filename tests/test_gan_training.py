@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator
-from labelfactory.gan.config import TrainingConfig
-from labelfactory.gan.training import Trainer, train
+from labelfactory.stylegan2.checkpoint import load_generator
+from labelfactory.stylegan2.config import StyleGAN2Config
+from labelfactory.stylegan2.training import Trainer, train
 from tests.conftest import TINY_GAN
 
-TINY = TrainingConfig(
+TINY = StyleGAN2Config(
     **TINY_GAN,
     G_reg_interval=2,
     D_reg_interval=2,
@@ -71,9 +71,9 @@ def test_train_writes_files_and_resume_is_exact(tmp_path):
 DDP_SCRIPT = r"""
 import sys, torch
 from labelfactory.distributed import init_from_env, process_group_cleanup
-from labelfactory.gan.config import TrainingConfig
-from labelfactory.gan.training import Trainer
-cfg = TrainingConfig(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16,
+from labelfactory.stylegan2.config import StyleGAN2Config
+from labelfactory.stylegan2.training import Trainer
+cfg = StyleGAN2Config(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16,
                      batch_size=4, G_reg_interval=2, D_reg_interval=2, pl_weight=0.0, ada_interval=1, ada_kimg=0.1,
                      total_kimg=0.012, snapshot_kimg=0.0, fid_kimg=0.0, preview_seeds=4)
 with process_group_cleanup():

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelfactory.gan.networks import Generator
-from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble, majority_vote
-from labelfactory.interpreter.taps import TapLayout, generate_with_taps, sample_taps, ws_from_seeds
-from labelfactory.interpreter.uncertainty import image_score, js_divergence
+from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble, majority_vote
+from labelfactory.datasetgan.taps import TapLayout, generate_with_taps, sample_taps, ws_from_seeds
+from labelfactory.datasetgan.uncertainty import image_score, js_divergence
+from labelfactory.stylegan2.networks import Generator
 
 SMALL = dict(z_dim=32, w_dim=32, channel_base=1024, channel_max=64, mapping_layers=2)
 

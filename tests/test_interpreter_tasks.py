@@ -5,18 +5,18 @@ import pytest
 import torch
 from monailabel.datastore.local import LocalDatastore
 
+from labelfactory.datasetgan import generate_with_taps, load_interpreter, ws_from_seeds, ws_from_w
+from labelfactory.datasetgan.train import DatasetGANConfig
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator, publish_generator
-from labelfactory.gan.identity import generated_to_image, generator_identity
-from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import generate_with_taps, load_interpreter, ws_from_seeds, ws_from_w
-from labelfactory.interpreter.train import TrainConfig
 from labelfactory.io import Image, read_image, write_image
+from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
+from labelfactory.stylegan2.identity import generated_to_image, generator_identity
+from labelfactory.stylegan2.networks import Generator
+from labelfactory.tasks.datasetgan import DatasetGANInfer, InterpreterModels, InterpreterTrain
 from labelfactory.tasks.datastore import LabelFactoryDatastore
-from labelfactory.tasks.interpreter import DatasetGANInfer, InterpreterModels, InterpreterTrain
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
-FAST = TrainConfig(members=2, hidden=(8, 8), max_epochs=3, pixels_per_image=128)
+FAST = DatasetGANConfig(members=2, hidden=(8, 8), max_epochs=3, pixels_per_image=128)
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_label_of_the_wrong_shape_is_refused(setup):
 
 def test_offline_records_read_the_provenance_sidecars(setup):
     """`train-interpreter --datastore DIR` (no server) finds what the server trainer finds: sidecar latents, labels."""
-    from labelfactory.interpreter.records import records_from_datastore, records_from_datastore_folder
+    from labelfactory.datasetgan.records import records_from_datastore, records_from_datastore_folder
     from labelfactory.tasks.datastore import LabelFactoryDatastore
 
     _, _, G, tmp = setup

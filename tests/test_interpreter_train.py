@@ -5,13 +5,10 @@ import pytest
 import torch
 
 from labelfactory.cli import main
-from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator, publish_generator
-from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import (
+from labelfactory.datasetgan import (
+    DatasetGANConfig,
     Interpreter,
     LatentRecord,
-    TrainConfig,
     generate_with_taps,
     load_interpreter,
     save_interpreter,
@@ -19,14 +16,17 @@ from labelfactory.interpreter import (
     ws_from_seeds,
     ws_from_w,
 )
-from labelfactory.interpreter.records import check_mask, load_records, records_from_seed_masks
+from labelfactory.datasetgan.records import check_mask, load_records, records_from_seed_masks
+from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.latent_record import latent_from_info
+from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
+from labelfactory.stylegan2.networks import Generator
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=1024, channel_max=64, mapping_layers=2)
 K = max(LABEL_NAMES.values()) + 1
-FAST = TrainConfig(
+FAST = DatasetGANConfig(
     members=3, hidden=(16, 8), max_epochs=12, patience=4, lr=1e-2, pixels_per_image=256, images_per_step=1, seed=0
 )
 
@@ -73,7 +73,7 @@ def test_training_fits_the_annotated_images(trained):
 
 def test_training_is_deterministic(trained):
     _, G, records, _, _ = trained
-    cfg = TrainConfig(members=2, hidden=(8, 8), max_epochs=2, pixels_per_image=64)
+    cfg = DatasetGANConfig(members=2, hidden=(8, 8), max_epochs=2, pixels_per_image=64)
     a, _ = train_ensemble(G, records[:3], K, cfg, progress=False)
     b, _ = train_ensemble(G, records[:3], K, cfg, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
@@ -86,7 +86,7 @@ def test_ignored_pixels_teach_nothing(trained):
     top = np.broadcast_to(np.arange(32)[:, None] < 16, (32, 32))
     masks = [np.where(top, r.mask, 0) for r in records]  # liver only in the top half
     assert sum(int(m[top].sum()) for m in masks) > 100
-    cfg = TrainConfig(
+    cfg = DatasetGANConfig(
         members=2, hidden=(16, 8), max_epochs=6, patience=6, lr=1e-2, pixels_per_image=256, images_per_step=1
     )
     ignored = [LatentRecord(r.w, np.where(top, 255, m), r.name) for r, m in zip(records, masks, strict=True)]
@@ -103,10 +103,14 @@ def test_ignored_pixels_teach_nothing(trained):
 def test_class_weights_and_unusable_labels(trained):
     _, G, records, _, _ = trained
     ignored = [LatentRecord(r.w, np.where(np.arange(32)[:, None] < 16, 255, r.mask), r.name) for r in records[:3]]
-    cfg = TrainConfig(members=2, hidden=(8, 8), max_epochs=2, pixels_per_image=64, class_weights=tuple([1.0] * K))
+    cfg = DatasetGANConfig(members=2, hidden=(8, 8), max_epochs=2, pixels_per_image=64, class_weights=tuple([1.0] * K))
     with pytest.raises(LabelFactoryError, match="class weights"):
         train_ensemble(
-            G, ignored, K, TrainConfig(members=2, hidden=(8, 8), max_epochs=1, class_weights=(1.0, 2.0)), progress=False
+            G,
+            ignored,
+            K,
+            DatasetGANConfig(members=2, hidden=(8, 8), max_epochs=1, class_weights=(1.0, 2.0)),
+            progress=False,
         )
     all_ignored = [LatentRecord(records[0].w, np.full((32, 32), 255), "x")]
     with pytest.raises(LabelFactoryError, match="ignore"):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from labelfactory.checkpoints import hash_path, sha256_of
-from labelfactory.gan.checkpoint import publish_generator
-from labelfactory.gan.networks import Generator
 from labelfactory.io import read_image
+from labelfactory.stylegan2.checkpoint import publish_generator
+from labelfactory.stylegan2.networks import Generator
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "sample-data" / "openkbp" / "cases"
@@ -52,7 +52,7 @@ def experiment(tmp_path_factory):
 @pytest.mark.slow
 def test_every_stage_finishes_with_its_outputs(experiment):
     from labelfactory.checkpoints import load_checkpoint
-    from labelfactory.interpreter.labeller import KIND
+    from labelfactory.datasetgan.labeller import KIND
     from labelfactory.segmentation.infer import load_segmenter
 
     sizes = le.Sizes.reduced()

@@ -10,17 +10,17 @@ import requests
 import torch
 
 from labelfactory.checkpoints import load_checkpoint
+from labelfactory.datasetgan import EnsembleConfig, PixelEnsemble, TapLayout, save_interpreter
 from labelfactory.datasets import openkbp
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator, publish_generator
-from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import EnsembleConfig, PixelEnsemble, TapLayout, save_interpreter
 from labelfactory.io import read_image
 from labelfactory.labels import OPENKBP, TOTALSEGMENTATOR, LabelMap, map_of, recorded_map, served_map
 from labelfactory.segmentation.data import RealSlices
 from labelfactory.segmentation.infer import Segmenter, segment_image
-from labelfactory.segmentation.train import MODEL_FILE, TrainConfig, train_segmenter
-from labelfactory.tasks.interpreter import InterpreterModels
+from labelfactory.segmentation.train import MODEL_FILE, SegmentationConfig, train_segmenter
+from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
+from labelfactory.stylegan2.networks import Generator
+from labelfactory.tasks.datasetgan import InterpreterModels
 from labelfactory.tasks.segmentation import SegmentationInfer
 from tests.conftest import SAMPLE
 
@@ -42,7 +42,7 @@ def train_tiny(model_dir, label_map: LabelMap, slicing: str = "body-crop"):
     """A 2-step UNet on 32 px body crops of one bundled patient, published as model_dir/segmentation.pt."""
     case = openkbp.load_case(openkbp.read_cases(CASES, "train")[0], size=32)
     data = RealSlices(case.images[::8], case.organs[::8], [case.case.name] * len(case.images[::8]))
-    cfg = TrainConfig(
+    cfg = SegmentationConfig(
         network="unet",
         size=32,
         steps=2,

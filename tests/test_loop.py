@@ -7,10 +7,10 @@ import pytest
 
 from labelfactory.annotator import hu_rule_annotator
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.identity import parse_seeds
 from labelfactory.io import Image, read_image
 from labelfactory.io.slices import reorient
 from labelfactory.labels import LABEL_NAMES
+from labelfactory.stylegan2.identity import parse_seeds
 
 
 def _dice(a, b):

@@ -15,7 +15,7 @@ from labelfactory.io import read_image
 from labelfactory.segmentation.data import PairSubset, real_slices, synthetic_pairs, training_sets
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS, build_network
-from labelfactory.segmentation.train import TrainConfig, train_segmenter
+from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
 SIZE = 32
 
@@ -28,8 +28,8 @@ def pairs_dir(tmp_path_factory, make_pairs) -> Path:
     return make_pairs(tmp_path_factory.mktemp("synthetic"), 8)
 
 
-def tiny(network: str = "unetpp", **kw) -> TrainConfig:
-    return TrainConfig(
+def tiny(network: str = "unetpp", **kw) -> SegmentationConfig:
+    return SegmentationConfig(
         **{"network": network, "size": SIZE, "steps": 4, "batch_size": 4, "val_interval": 2, "lr": 3e-3, **kw}
     )
 

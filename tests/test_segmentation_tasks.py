@@ -9,7 +9,7 @@ from monailabel.datastore.local import LocalDatastore
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image
-from labelfactory.segmentation.train import TrainConfig
+from labelfactory.segmentation.train import SegmentationConfig
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +24,9 @@ def test_infer_answers_train_first_then_segments_in_the_input_geometry(datastore
     assert e.value.status == 409
 
     synthetic = make_pairs(tmp_path / "synthetic", 6, size=32)
-    trainer = SegmentationTrain(model_dir, TrainConfig(size=32, steps=2, val_interval=2, batch_size=2), str(synthetic))
+    trainer = SegmentationTrain(
+        model_dir, SegmentationConfig(size=32, steps=2, val_interval=2, batch_size=2), str(synthetic)
+    )
     assert trainer.config()["network"][0] == "unetpp"
     datastore = LocalDatastore(str(datastore_copy), extensions=("*.nii.gz",), auto_reload=False)
     stats = trainer({"network": ["unet"], "real": "4", "steps": 2}, datastore)
@@ -50,7 +52,7 @@ def test_infer_answers_train_first_then_segments_in_the_input_geometry(datastore
 def test_trainer_uses_real_labels_only_without_a_synthetic_set(datastore_copy, tmp_path):
     trainer = SegmentationTrain(
         tmp_path / "model",
-        TrainConfig(network="unet", size=32, steps=2, val_interval=2, batch_size=4),
+        SegmentationConfig(network="unet", size=32, steps=2, val_interval=2, batch_size=4),
         str(tmp_path / "absent"),
     )
     datastore = LocalDatastore(str(datastore_copy), extensions=("*.nii.gz",), auto_reload=False)

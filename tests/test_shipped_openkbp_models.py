@@ -9,15 +9,15 @@ import torch
 
 from labelfactory import serve
 from labelfactory.checkpoints import load_checkpoint, verify_hash
+from labelfactory.datasetgan.taps import ws_from_seeds
 from labelfactory.datasets import openkbp
 from labelfactory.evaluation.metrics import confusion_matrix, scores
-from labelfactory.gan.identity import generated_to_image, generator_window
-from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import read_image
 from labelfactory.labels import OPENKBP, recorded_map
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.segmentation.infer import load_segmenter, predict_slices
-from labelfactory.tasks.interpreter import InterpreterModels
+from labelfactory.stylegan2.identity import generated_to_image, generator_window
+from labelfactory.tasks.datasetgan import InterpreterModels
 from labelfactory.tasks.segmentation import SegmentationInfer
 from tests.conftest import SAMPLE
 

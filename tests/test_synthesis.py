@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from labelfactory.cli import main
+from labelfactory.datasetgan import EnsembleConfig, Interpreter, PixelEnsemble, TapLayout, save_interpreter
+from labelfactory.datasetgan.synthesis import synthesize
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import load_generator, publish_generator
-from labelfactory.gan.identity import generated_to_image
-from labelfactory.gan.networks import Generator
-from labelfactory.interpreter import EnsembleConfig, Interpreter, PixelEnsemble, TapLayout, save_interpreter
-from labelfactory.interpreter.synthesis import synthesize
 from labelfactory.io import read_image, read_seg_nrrd
 from labelfactory.labels import LABEL_NAMES
+from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
+from labelfactory.stylegan2.identity import generated_to_image
+from labelfactory.stylegan2.networks import Generator
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
 K = max(LABEL_NAMES.values()) + 1

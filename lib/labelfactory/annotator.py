@@ -15,10 +15,10 @@ import numpy as np
 from scipy import ndimage
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.identity import generated_to_image, generator_window, parse_seeds, seed_name
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES
 from labelfactory.latent_record import TRUNCATION_PSI
+from labelfactory.stylegan2.identity import generated_to_image, generator_window, parse_seeds, seed_name
 
 
 def hu_rule_annotator(image: Image, prediction: Image | None = None) -> np.ndarray:
@@ -67,8 +67,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from labelfactory.annotator_model import ModelAnnotator
-    from labelfactory.gan.checkpoint import load_generator
-    from labelfactory.interpreter.taps import ws_from_seeds
+    from labelfactory.datasetgan.taps import ws_from_seeds
+    from labelfactory.stylegan2.checkpoint import load_generator
 
     G = load_generator(args.generator)
     annotate = ModelAnnotator(args.annotator_model) if args.annotator_model else hu_rule_annotator

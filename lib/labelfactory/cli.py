@@ -25,11 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "label generated images with the simulated (HU-rule) annotator, for demos and tests",
     ),
     "train-interpreter": (
-        "labelfactory.interpreter.cli",
+        "labelfactory.datasetgan.cli",
         "train the DatasetGAN pixel-classifier ensemble on annotated generated images",
     ),
     "synthesize": (
-        "labelfactory.interpreter.cli_synthesize",
+        "labelfactory.datasetgan.cli_synthesize",
         "generate a labelled data set (images, masks, manifest, preview), the most uncertain pairs dropped",
     ),
     "train-clamnet": (
@@ -45,10 +45,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the paper's segmentation experiments (tables I, II, III-C, III): mIoU over patient-wise folds",
     ),
     "train-gan": (
-        "labelfactory.gan.cli",
+        "labelfactory.stylegan2.cli",
         "train StyleGAN2-ADA on the CT slices of a folder of studies (torchrun for several GPUs)",
     ),
-    "import-gan": ("labelfactory.gan.import_gan", "a stylegan2-ada-pytorch G_ema as our generator file (no code run)"),
+    "import-gan": (
+        "labelfactory.stylegan2.import_gan",
+        "a stylegan2-ada-pytorch G_ema as our generator file (no code run)",
+    ),
     "openkbp-download": (
         "labelfactory.datasets.convert_openkbp",
         "download OpenKBP (head-and-neck CT, organs, PTVs), convert it to NIfTI + cases.csv (or --from a local copy)",

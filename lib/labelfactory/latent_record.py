@@ -1,7 +1,7 @@
 """The latent record: what an image's datastore info holds when the app generated it.
 
 `info["labelfactory"] = {"seed": int, "truncation_psi": float, "w": [w_dim floats], "generator": str | None}`;
-`generator` is the generator's identity (labelfactory.gan.identity). Features are regenerated from
+`generator` is the generator's identity (labelfactory.stylegan2.identity). Features are regenerated from
 w on demand, never stored. Everything that writes or reads such a record goes through here.
 """
 

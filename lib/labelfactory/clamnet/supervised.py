@@ -11,7 +11,7 @@ from torch import nn
 
 from labelfactory.clamnet.data import WeakSlices
 from labelfactory.segmentation.data import RealSlices
-from labelfactory.segmentation.train import TrainConfig, train_segmenter
+from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
 TARGET = {"background": 0, "target": 1}
 
@@ -30,7 +30,7 @@ def train_ceiling(slices: WeakSlices, config: CeilingConfig) -> tuple[nn.Module,
     """UNet++ on (slices.x, slices.truth), DiceCE with deep supervision. Returns (network in eval mode, loss per
     round)."""
     data = RealSlices(slices.x, slices.truth[:, 0].long(), slices.study)
-    cfg = TrainConfig(
+    cfg = SegmentationConfig(
         network="unetpp",
         size=int(slices.x.shape[-1]),
         steps=config.steps,

@@ -14,7 +14,7 @@ from labelfactory.options import add_arguments, from_args
 from labelfactory.segmentation.cli import FLAGS as SEGMENTER_FLAGS
 from labelfactory.segmentation.data import real_slices, synthetic_pairs
 from labelfactory.segmentation.networks import NETWORKS
-from labelfactory.segmentation.train import TrainConfig
+from labelfactory.segmentation.train import SegmentationConfig
 
 logger = logging.getLogger(__name__)
 FLAGS = tuple(f for f in SEGMENTER_FLAGS if f != "network")  # --baseline and --networks choose networks here
@@ -70,7 +70,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--networks", default=",".join(PAPER_SEGMENTERS), help="table III: comma list of segmenters")
     add_arguments(
-        p, TrainConfig(), FLAGS, helps={"size": "slice size in pixels", "steps": "training iterations per run"}
+        p, SegmentationConfig(), FLAGS, helps={"size": "slice size in pixels", "steps": "training iterations per run"}
     )
     p.add_argument(
         "--fid-weights",
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise LabelFactoryError("nothing to evaluate: pass --synthetic DIR and/or --annotated K=DIR")
     studies = args.studies or checkout_default(SAMPLE_STUDIES, "--studies")
     real = real_slices(studies, args.size)
-    train = from_args(TrainConfig(), args, FLAGS)
+    train = from_args(SegmentationConfig(), args, FLAGS)
     settings = from_args(
         Settings(baseline=args.baseline, log_dir=args.out / "tensorboard", train=train), args, ("folds", "test_size")
     )

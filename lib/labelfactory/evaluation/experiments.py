@@ -31,7 +31,7 @@ from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
 from labelfactory.segmentation.data import PairSubset, evenly_spaced, hybrid
 from labelfactory.segmentation.infer import predict_slices
-from labelfactory.segmentation.train import TrainConfig, train_segmenter
+from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
 logger = logging.getLogger(__name__)
 TEST_SETS = ("test_G", "test_R")
@@ -44,7 +44,7 @@ class Settings:
     folds: int = 5
     test_size: int = 100
     baseline: str = "deeplabv3"
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: SegmentationConfig = field(default_factory=SegmentationConfig)
     log_dir: Path | None = None
 
 
@@ -145,7 +145,7 @@ def evenly_spaced_subset(dataset: Dataset, indices: Sequence[int], k: int) -> Pa
     return PairSubset(dataset, [indices[i] for i in evenly_spaced(len(indices), k)])
 
 
-def score_dataset(network: torch.nn.Module, dataset: Dataset, config: TrainConfig) -> dict:
+def score_dataset(network: torch.nn.Module, dataset: Dataset, config: SegmentationConfig) -> dict:
     """Per-class Dice/IoU and mIoU of `network` over every pixel of `dataset`."""
     cm = torch.zeros(config.n_classes, config.n_classes, dtype=torch.long)
     for batch in DataLoader(dataset, config.batch_size, shuffle=False, num_workers=config.num_workers):

@@ -10,9 +10,9 @@ from labelfactory import distributed
 from labelfactory.labels import label_map
 from labelfactory.options import add_arguments, exposed, from_args
 from labelfactory.segmentation.data import training_sets
-from labelfactory.segmentation.train import TrainConfig, train_segmenter
+from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
-FLAGS = exposed(TrainConfig, "cli")
+FLAGS = exposed(SegmentationConfig, "cli")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, required=True, help="model file to write (e.g. apps/labelfactory/model/segmentation.pt)"
     )
-    d = TrainConfig()
+    d = SegmentationConfig()
     add_arguments(p, d, FLAGS)
     p.add_argument("--log-dir", type=Path, default=None, help="TensorBoard folder (default: <out>.logs)")
     p.add_argument(
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         k_real = None if real == "all" else int(real)
         names = label_map(args.label_map).values
         train, val, info = training_sets(args.studies, args.synthetic, k_real, args.val_patients, args.size, names)
-        config = from_args(TrainConfig(label_names=names), args, FLAGS)
+        config = from_args(SegmentationConfig(label_names=names), args, FLAGS)
         result = train_segmenter(
             train, val, config, out=args.out, log_dir=args.log_dir or args.out.with_suffix(".logs"), data=info
         )

@@ -4,7 +4,7 @@ Every item is {"image": (1, S, S) float32 in [-1, 1], "label": (1, S, S) int64}.
 also knows each item's group (`groups[i]`): the patient (study id) of a real slice, the seed of a
 synthetic pair. Splits are made over groups, never over items (see labelfactory.evaluation.splits).
 
-Synthetic layout (written by labelfactory.interpreter.synthesis): `<dir>/images/seed<NNNNNN>.nii.gz` and
+Synthetic layout (written by labelfactory.datasetgan.synthesis): `<dir>/images/seed<NNNNNN>.nii.gz` and
 `<dir>/labels/seed<NNNNNN>.nii.gz`, CT intensities in HU like any real image.
 """
 

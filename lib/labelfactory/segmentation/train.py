@@ -40,11 +40,11 @@ from labelfactory.segmentation.networks import NETWORKS, build_network
 logger = logging.getLogger(__name__)
 KIND = "segmentation"
 MODEL_FILE = f"{KIND}.pt"  # in a model folder
-SLICINGS = ("resize", "body-crop")  # TrainConfig.slicing
+SLICINGS = ("resize", "body-crop")  # SegmentationConfig.slicing
 
 
 @dataclass
-class TrainConfig:
+class SegmentationConfig:
     """How to train (the one home of these defaults: CLI flags and app options derive from it)."""
 
     network: str = option("unetpp", "segmentation network", choices=NETWORKS)
@@ -81,7 +81,7 @@ class TrainResult:
 def train_segmenter(
     train_set: Dataset,
     val_set: Dataset | None,
-    config: TrainConfig,
+    config: SegmentationConfig,
     out: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
     data: dict[str, Any] | None = None,
@@ -182,7 +182,7 @@ def _loss(network: str) -> nn.Module:
     return DeepSupervisionLoss(dice_ce) if network == "unetpp" else dice_ce
 
 
-def _train_loader(train_set: Dataset, config: TrainConfig, world: int) -> DataLoader:
+def _train_loader(train_set: Dataset, config: SegmentationConfig, world: int) -> DataLoader:
     """Shuffled batches; the last short batch is dropped (BatchNorm needs 2+ items) unless it is the only one."""
     drop_last = len(train_set) // world > config.batch_size
     if world > 1:
@@ -197,7 +197,7 @@ def _train_loader(train_set: Dataset, config: TrainConfig, world: int) -> DataLo
 
 
 def _evaluator(
-    val_set: Dataset, model: nn.Module, config: TrainConfig, device: torch.device, world: int
+    val_set: Dataset, model: nn.Module, config: SegmentationConfig, device: torch.device, world: int
 ) -> SupervisedEvaluator:
     """Mean foreground Dice (MONAI MeanDice, gathered over ranks) of the argmax prediction."""
     sampler = DistributedSampler(val_set, shuffle=False, even_divisible=False) if world > 1 else None

@@ -23,14 +23,14 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from labelfactory.datasetgan.labeller import KIND as INTERPRETER
+from labelfactory.datasetgan.labeller import Interpreter
+from labelfactory.datasetgan.taps import ws_from_seeds, ws_from_w
 from labelfactory.errors import LabelFactoryError, ModelMissing
-from labelfactory.gan.identity import generated_to_image, generator_identity, generator_window
-from labelfactory.interpreter.labeller import KIND as INTERPRETER
-from labelfactory.interpreter.labeller import Interpreter
-from labelfactory.interpreter.taps import ws_from_seeds, ws_from_w
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.options import SEED_RANGE, cast
-from labelfactory.tasks.interpreter import InterpreterModels
+from labelfactory.stylegan2.identity import generated_to_image, generator_identity, generator_window
+from labelfactory.tasks.datasetgan import InterpreterModels
 from labelfactory.tasks.synthesis import add_generated_image
 
 logger = logging.getLogger(__name__)

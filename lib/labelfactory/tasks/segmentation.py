@@ -27,7 +27,7 @@ from labelfactory.options import cast, exposed
 from labelfactory.segmentation.data import training_sets
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
-from labelfactory.segmentation.train import KIND, MODEL_FILE, TrainConfig, train_segmenter
+from labelfactory.segmentation.train import KIND, MODEL_FILE, SegmentationConfig, train_segmenter
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
@@ -36,19 +36,19 @@ class SegmentationTrain(TrainBase):
     """Trains the segmenter on the synthetic data set (if any) plus the datastore's final labels."""
 
     name = KIND
-    options = exposed(TrainConfig, "request")
+    options = exposed(SegmentationConfig, "request")
     path_options = ("synthetic",)
 
     def __init__(
-        self, model_dir: str | os.PathLike, config: TrainConfig | None = None, synthetic_dir: str | None = None
+        self, model_dir: str | os.PathLike, config: SegmentationConfig | None = None, synthetic_dir: str | None = None
     ):
         description = "2D segmenter (UNet++ by default) on synthetic pairs plus real labels"
         super().__init__(
-            f"{description}; validation Dice on held-out real patients", model_dir, config or TrainConfig()
+            f"{description}; validation Dice on held-out real patients", model_dir, config or SegmentationConfig()
         )
         self.synthetic_dir = synthetic_dir
 
-    def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> TrainConfig:
+    def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> SegmentationConfig:
         real_options(request)
         return super().parse_request(request, datastore)
 
@@ -62,7 +62,7 @@ class SegmentationTrain(TrainBase):
         }
 
     def train(
-        self, request: dict[str, Any], datastore: Datastore, config: TrainConfig, started: float
+        self, request: dict[str, Any], datastore: Datastore, config: SegmentationConfig, started: float
     ) -> dict[str, Any]:
         synthetic = self.request_path(request, "synthetic", self.synthetic_dir, datastore) or None
         if synthetic and not Path(synthetic, "images").is_dir():

@@ -15,12 +15,12 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import KIND, MODEL_FILE
-from labelfactory.gan.config import TrainingConfig
-from labelfactory.gan.data import load_training_slices
-from labelfactory.gan.training import train
 from labelfactory.latent_record import is_generated
 from labelfactory.options import exposed
+from labelfactory.stylegan2.checkpoint import KIND, MODEL_FILE
+from labelfactory.stylegan2.config import StyleGAN2Config
+from labelfactory.stylegan2.data import load_training_slices
+from labelfactory.stylegan2.training import train
 from labelfactory.tasks.base import TrainBase, stats_file
 
 RUN_DIR = f"{KIND}-run"
@@ -31,9 +31,9 @@ class StyleGAN2Train(TrainBase):
     """Trains (or continues) the GAN; request options (see `options`) override the app's defaults."""
 
     name = KIND
-    options = exposed(TrainingConfig, "request")
+    options = exposed(StyleGAN2Config, "request")
 
-    def __init__(self, model_dir: str | os.PathLike, defaults: TrainingConfig, fid_weights: str | None = None):
+    def __init__(self, model_dir: str | os.PathLike, defaults: StyleGAN2Config, fid_weights: str | None = None):
         description = "StyleGAN2-ADA generator on the datastore's real CT slices (the DatasetGAN image source)"
         super().__init__(description, model_dir, defaults)
         self.fid_weights = fid_weights
@@ -42,7 +42,7 @@ class StyleGAN2Train(TrainBase):
         return super().config() | {"resolution": self.defaults.resolution}
 
     def train(
-        self, request: dict[str, Any], datastore: Datastore, cfg: TrainingConfig, started: float
+        self, request: dict[str, Any], datastore: Datastore, cfg: StyleGAN2Config, started: float
     ) -> dict[str, Any]:
         ids = [i for i in datastore.list_images() if not is_generated(datastore.get_image_info(i))]
         if not ids:

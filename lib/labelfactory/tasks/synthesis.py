@@ -20,16 +20,16 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from labelfactory.datasetgan.taps import ws_from_seeds
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.identity import generated_to_image, generator_identity, generator_window, seed_name
-from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import Image, read_image, write_image
 from labelfactory.labels import LABEL_NAMES, foreground
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.options import SEED_RANGE, cast
+from labelfactory.stylegan2.identity import generated_to_image, generator_identity, generator_window, seed_name
 from labelfactory.tasks.base import InferBase, result_file
+from labelfactory.tasks.datasetgan import InterpreterModels
 from labelfactory.tasks.datastore import LabelFactoryDatastore
-from labelfactory.tasks.interpreter import InterpreterModels
 
 SEED_ID = re.compile(r"^seed(\d{1,9})$")
 GENERATED_FILE = "generated_image_file"  # result key `finish` takes the image to add from (never sent to clients)

@@ -3,25 +3,25 @@ generated image) and `synthesis` (a new image + mask from a seed), next-sample s
 `generated_uncertain` and scoring `generated_uncertainty`.
 
 Conf: interpreter_<option> for each trainer option (`InterpreterTrain.options`; defaults:
-`labelfactory.interpreter.train.TrainConfig`), candidates (K new images scored per next sample),
+`labelfactory.datasetgan.train.DatasetGANConfig`), candidates (K new images scored per next sample),
 explore (every N-th next sample a random new image; 0 never; default 2) and truncation_psi (defaults:
 `GeneratedUncertain`'s, `SynthesisInfer`'s).
 """
 
 from monailabel.interfaces.config import TaskConfig
 
-from labelfactory.interpreter.train import TrainConfig
+from labelfactory.datasetgan.train import DatasetGANConfig
 from labelfactory.labels import DEFAULT
 from labelfactory.options import config_overrides
 from labelfactory.tasks.active_learning import GeneratedUncertain, GeneratedUncertainty
-from labelfactory.tasks.interpreter import DatasetGANInfer, InterpreterModels, InterpreterTrain
+from labelfactory.tasks.datasetgan import DatasetGANInfer, InterpreterModels, InterpreterTrain
 from labelfactory.tasks.synthesis import SynthesisInfer
 
 
 class DatasetGAN(TaskConfig):
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.defaults = config_overrides(TrainConfig(), conf, InterpreterTrain.options, prefix="interpreter_")
+        self.defaults = config_overrides(DatasetGANConfig(), conf, InterpreterTrain.options, prefix="interpreter_")
         self.candidates = {"candidates": int(conf["candidates"])} if conf.get("candidates") else {}
         self.psi = {"truncation_psi": float(conf["truncation_psi"])} if conf.get("truncation_psi") else {}
         self.explore = {"explore": int(conf["explore"])} if conf.get("explore") else {}

@@ -2,7 +2,7 @@
 
 Conf: segmentation_synthetic (synthetic data set folder; default <app_dir>/synthetic, used when it
 exists) and segmentation_<option> for each trainer option (`SegmentationTrain.options`;
-defaults: `labelfactory.segmentation.train.TrainConfig`).
+defaults: `labelfactory.segmentation.train.SegmentationConfig`).
 """
 
 import os
@@ -11,7 +11,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from labelfactory.labels import DEFAULT
 from labelfactory.options import config_overrides
-from labelfactory.segmentation.train import TrainConfig
+from labelfactory.segmentation.train import SegmentationConfig
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 
 
@@ -20,7 +20,7 @@ class Segmentation(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.synthetic_dir = conf.get("segmentation_synthetic") or os.path.join(os.path.dirname(model_dir), "synthetic")
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
-        base = TrainConfig(label_names=self.label_names)
+        base = SegmentationConfig(label_names=self.label_names)
         self.defaults = config_overrides(base, conf, SegmentationTrain.options, prefix="segmentation_")
 
     def infer(self):

@@ -7,11 +7,11 @@ to pytorch-fid's Inception weights).
 
 from monailabel.interfaces.config import TaskConfig
 
-from labelfactory.gan.config import TrainingConfig, preset
 from labelfactory.options import config_overrides, exposed
+from labelfactory.stylegan2.config import StyleGAN2Config, preset
 from labelfactory.tasks.stylegan2 import StyleGAN2Train
 
-CONF_OPTIONS = exposed(TrainingConfig, "conf")  # the trainer's options and resolution
+CONF_OPTIONS = exposed(StyleGAN2Config, "conf")  # the trainer's options and resolution
 
 
 class StyleGAN2(TaskConfig):

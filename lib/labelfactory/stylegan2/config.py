@@ -11,7 +11,7 @@ from labelfactory.options import SEED_RANGE, option
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class StyleGAN2Config:
     resolution: int = option(256, "image side in pixels (a power of 2)", low=8, where=("conf", "cli"))
     z_dim: int = 512
     w_dim: int = 512
@@ -88,7 +88,7 @@ class TrainingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainingConfig:
+    def from_dict(cls, d: dict[str, Any]) -> StyleGAN2Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -98,15 +98,15 @@ class TrainingConfig:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
-    def with_overrides(self, **kw) -> TrainingConfig:
+    def with_overrides(self, **kw) -> StyleGAN2Config:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
-PRESETS: dict[str, TrainingConfig] = {
+PRESETS: dict[str, StyleGAN2Config] = {
     # the paper: 256^2, stylegan2-ada defaults (batch 16, lr 0.0025, channel base 16384) with gamma = 1
-    "paper256": TrainingConfig(),
+    "paper256": StyleGAN2Config(),
     # a few minutes on a CPU: 64^2, narrow networks, a few kimg
-    "demo": TrainingConfig(
+    "demo": StyleGAN2Config(
         resolution=64,
         z_dim=64,
         w_dim=64,
@@ -124,7 +124,7 @@ PRESETS: dict[str, TrainingConfig] = {
     ),
     # OpenKBP head-and-neck crops at 64^2 on a CPU: 4x the demo's widths from 16^2 down (128 channels, 32 at 64^2),
     # gamma 0.1 (stylegan2-ada's heuristic 0.0002 R^2 / batch gives 0.05), no path length (as its cifar config)
-    "openkbp64": TrainingConfig(
+    "openkbp64": StyleGAN2Config(
         resolution=64,
         z_dim=128,
         w_dim=128,
@@ -144,7 +144,7 @@ PRESETS: dict[str, TrainingConfig] = {
 }
 
 
-def preset(name: str = "auto") -> TrainingConfig:
+def preset(name: str = "auto") -> StyleGAN2Config:
     """'paper256', 'demo', or 'auto' (paper256 when a CUDA GPU is present, else demo)."""
     if name == "auto":
         name = "paper256" if torch.cuda.is_available() else "demo"

@@ -1,7 +1,7 @@
 """The published generator file (`<model_dir>/stylegan2.pt`): EMA generator weights, its config and kimg.
 
 Training state (G, D, optimisers, ADA p, counters) lives in a separate, larger file the
-training loop writes (see `labelfactory.gan.training`). A file published with its discriminator
+training loop writes (see `labelfactory.stylegan2.training`). A file published with its discriminator
 (and ADA p) also lets a new run continue from it, as NVlabs' `--resume` does from a network
 snapshot: weights kept, optimisers restarted (`read_warm_start`).
 """
@@ -16,7 +16,7 @@ import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.errors import LabelFactoryError, ModelMissing
-from labelfactory.gan.networks import GENERATOR_LAYOUT, Generator
+from labelfactory.stylegan2.networks import GENERATOR_LAYOUT, Generator
 
 KIND = "stylegan2"
 MODEL_FILE = f"{KIND}.pt"  # in a model folder

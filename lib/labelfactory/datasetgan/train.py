@@ -20,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
+from labelfactory.datasetgan.records import LatentRecord
+from labelfactory.datasetgan.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
 from labelfactory.errors import LabelFactoryError
-from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
-from labelfactory.interpreter.records import LatentRecord
-from labelfactory.interpreter.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
 from labelfactory.options import SEED_RANGE, option
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
+class DatasetGANConfig:
     """How to train the ensemble (the one home of these defaults: CLI flags and app options derive from it)."""
 
     members: int = option(10, "pixel MLPs in the ensemble (majority vote)", low=1)
@@ -80,10 +80,10 @@ def _draw_pixels(valid: torch.Tensor, n: int, R: int, gen: torch.Generator) -> t
 
 
 def train_ensemble(
-    G, records: list[LatentRecord], num_classes: int, config: TrainConfig | None = None, progress: bool = True
+    G, records: list[LatentRecord], num_classes: int, config: DatasetGANConfig | None = None, progress: bool = True
 ) -> tuple[PixelEnsemble, dict]:
-    """Fit `config.members` pixel MLPs (default config: TrainConfig()). Returns (ensemble in eval mode, history)."""
-    config = config or TrainConfig()
+    """Fit `config.members` pixel MLPs (default: DatasetGANConfig()). Returns (ensemble in eval mode, history)."""
+    config = config or DatasetGANConfig()
     if not records:
         raise LabelFactoryError(
             "no annotated generated images to train on: label a few generated images first", status=409

@@ -27,13 +27,13 @@ import torch.distributed as dist
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.distributed import all_reduce_mean, is_main, world_size
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.augment import AdaController, AugmentPipe
-from labelfactory.gan.checkpoint import publish_generator, read_warm_start
-from labelfactory.gan.config import TrainingConfig
-from labelfactory.gan.latents import z_from_seeds
-from labelfactory.gan.loss import StyleGAN2Loss
-from labelfactory.gan.networks import GENERATOR_LAYOUT, Discriminator, Generator
 from labelfactory.jsonio import write_json_atomic
+from labelfactory.stylegan2.augment import AdaController, AugmentPipe
+from labelfactory.stylegan2.checkpoint import publish_generator, read_warm_start
+from labelfactory.stylegan2.config import StyleGAN2Config
+from labelfactory.stylegan2.latents import z_from_seeds
+from labelfactory.stylegan2.loss import StyleGAN2Loss
+from labelfactory.stylegan2.networks import GENERATOR_LAYOUT, Discriminator, Generator
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: TrainingConfig,
+        config: StyleGAN2Config,
         images: torch.Tensor,
         run_dir: str | os.PathLike,
         publish_path: str | os.PathLike | None = None,
@@ -194,7 +194,7 @@ class Trainer:
         if not self.state_path.exists():
             return False
         payload = load_checkpoint(self.state_path, STATE_KIND, map_location=self.device)
-        saved = TrainingConfig.from_dict(payload["config"])
+        saved = StyleGAN2Config.from_dict(payload["config"])
         if saved.architecture() != self.config.architecture():
             logger.warning(
                 "%s was trained with another architecture (%s); starting a new run over it",
@@ -233,7 +233,7 @@ class Trainer:
         """Continue from a published generator file: G and G_ema from its EMA weights, D and ADA p when it holds
         them (else a fresh D), kimg counted on; optimisers and the EMA/ADA statistics restart (NVlabs' --resume)."""
         w = read_warm_start(path)
-        saved = TrainingConfig.from_dict(w["config"])
+        saved = StyleGAN2Config.from_dict(w["config"])
         if saved.architecture() != self.config.architecture():
             raise LabelFactoryError(
                 f"{path.name} was trained with another architecture ({saved.architecture()}): it cannot be continued "
@@ -407,6 +407,6 @@ class Trainer:
             self.on_snapshot(stats)
 
 
-def train(config: TrainingConfig, images: torch.Tensor, run_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:
+def train(config: StyleGAN2Config, images: torch.Tensor, run_dir: str | os.PathLike, **kwargs) -> dict[str, Any]:
     """Build (or resume) a Trainer on `images` (N, 1, R, R) in [-1, 1] and train to config.total_kimg."""
     return Trainer(config, images, run_dir, **kwargs).run()

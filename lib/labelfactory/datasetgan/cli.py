@@ -7,14 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from labelfactory.checkout import APP_MODEL_DIR, checkout_default
+from labelfactory.datasetgan.labeller import MODEL_FILE
+from labelfactory.datasetgan.train import DatasetGANConfig
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import MODEL_FILE as GENERATOR_FILE
-from labelfactory.interpreter.labeller import MODEL_FILE
-from labelfactory.interpreter.train import TrainConfig
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.options import add_arguments, exposed, from_args
+from labelfactory.stylegan2.checkpoint import MODEL_FILE as GENERATOR_FILE
 
-FLAGS = exposed(TrainConfig, "cli")
+FLAGS = exposed(DatasetGANConfig, "cli")
 
 
 def generator_arg(p: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def generator_path(args: argparse.Namespace) -> Path:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
+    d = DatasetGANConfig()
     generator_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--datastore", help="MONAI Label datastore folder: every generated image with a final label")
@@ -66,16 +66,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from labelfactory.gan.checkpoint import load_generator
-    from labelfactory.interpreter.labeller import save_interpreter
-    from labelfactory.interpreter.records import load_records, records_from_datastore_folder, records_from_seed_masks
-    from labelfactory.interpreter.train import train_ensemble
+    from labelfactory.datasetgan.labeller import save_interpreter
+    from labelfactory.datasetgan.records import load_records, records_from_datastore_folder, records_from_seed_masks
+    from labelfactory.datasetgan.train import train_ensemble
     from labelfactory.labels import label_map
+    from labelfactory.stylegan2.checkpoint import load_generator
 
     generator = generator_path(args)
     G = load_generator(generator)
     weights = tuple(args.class_weights) if args.class_weights else None
-    cfg = replace(from_args(TrainConfig(), args, FLAGS), hidden=tuple(args.hidden), class_weights=weights)
+    cfg = replace(from_args(DatasetGANConfig(), args, FLAGS), hidden=tuple(args.hidden), class_weights=weights)
     label_names = label_map(args.label_map).values
     K = max(label_names.values()) + 1
     if args.datastore:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from labelfactory.gan.latents import z_from_seeds
+from labelfactory.stylegan2.latents import z_from_seeds
 
 
 @dataclass(frozen=True)

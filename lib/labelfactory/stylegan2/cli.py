@@ -12,14 +12,14 @@ from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
-from labelfactory.gan.config import PRESETS, TrainingConfig, preset
-from labelfactory.gan.data import load_training_slices, openkbp_training_slices, real_image_paths
-from labelfactory.gan.training import train
 from labelfactory.options import add_arguments, exposed, from_args
+from labelfactory.stylegan2.config import PRESETS, StyleGAN2Config, preset
+from labelfactory.stylegan2.data import load_training_slices, openkbp_training_slices, real_image_paths
+from labelfactory.stylegan2.training import train
 
 logger = logging.getLogger(__name__)
-# TrainingConfig fields a flag sets over the preset's value
-FLAGS = exposed(TrainingConfig, "cli")
+# StyleGAN2Config fields a flag sets over the preset's value
+FLAGS = exposed(StyleGAN2Config, "cli")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_arguments(
         parser,
-        TrainingConfig(),
+        StyleGAN2Config(),
         FLAGS,
         unset="the preset's",
     )

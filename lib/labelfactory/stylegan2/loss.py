@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from labelfactory.gan.augment import AugmentPipe
-from labelfactory.gan.networks import Discriminator, Generator
+from labelfactory.stylegan2.augment import AugmentPipe
+from labelfactory.stylegan2.networks import Discriminator, Generator
 
 
 class StyleGAN2Loss:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from kornia.geometry.transform import warp_affine
 
-from labelfactory.gan.resample import downsample2d, upsample2d
+from labelfactory.stylegan2.resample import downsample2d, upsample2d
 
 
 def _eye(n: int, device) -> torch.Tensor:

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labelfactory.gan.networks import assert_shape
-from labelfactory.interpreter.taps import TapLayout
-from labelfactory.interpreter.uncertainty import js_divergence
+from labelfactory.datasetgan.taps import TapLayout
+from labelfactory.datasetgan.uncertainty import js_divergence
+from labelfactory.stylegan2.networks import assert_shape
 
 
 @dataclass(frozen=True)

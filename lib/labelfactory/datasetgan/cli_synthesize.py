@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from labelfactory.gan.identity import parse_seeds
-from labelfactory.interpreter.cli import generator_arg, generator_path
-from labelfactory.interpreter.labeller import MODEL_FILE
+from labelfactory.datasetgan.cli import generator_arg, generator_path
+from labelfactory.datasetgan.labeller import MODEL_FILE
 from labelfactory.latent_record import TRUNCATION_PSI
+from labelfactory.stylegan2.identity import parse_seeds
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -27,9 +27,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from labelfactory.gan.checkpoint import load_generator
-    from labelfactory.interpreter.labeller import load_interpreter
-    from labelfactory.interpreter.synthesis import synthesize
+    from labelfactory.datasetgan.labeller import load_interpreter
+    from labelfactory.datasetgan.synthesis import synthesize
+    from labelfactory.stylegan2.checkpoint import load_generator
 
     seeds = parse_seeds(args.seeds)
     generator = generator_path(args)

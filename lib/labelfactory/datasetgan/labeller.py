@@ -2,7 +2,7 @@
 
 Model file `<model_dir>/interpreter.pt` (kind "interpreter"): the ensemble's weights and config,
 the label names, the training config and data, and which generator it was trained on (its
-identity, `labelfactory.gan.identity`). Loading it beside another generator is refused: its
+identity, `labelfactory.stylegan2.identity`). Loading it beside another generator is refused: its
 features mean something else.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
+from labelfactory.datasetgan.taps import TapLayout, generate_with_taps
+from labelfactory.datasetgan.uncertainty import image_score
 from labelfactory.errors import ModelMissing
-from labelfactory.gan.identity import generator_identity
-from labelfactory.interpreter.ensemble import EnsembleConfig, PixelEnsemble
-from labelfactory.interpreter.taps import TapLayout, generate_with_taps
-from labelfactory.interpreter.uncertainty import image_score
 from labelfactory.labels import map_of
+from labelfactory.stylegan2.identity import generator_identity
 
 KIND = "interpreter"
 MODEL_FILE = f"{KIND}.pt"  # in a model folder, beside the generator's

@@ -19,18 +19,18 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from labelfactory.datasetgan.labeller import KIND, MODEL_FILE, Interpreter, load_interpreter, save_interpreter
+from labelfactory.datasetgan.records import load_records, records_from_datastore
+from labelfactory.datasetgan.taps import ws_from_w
+from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import MODEL_FILE as GENERATOR_FILE
-from labelfactory.gan.checkpoint import load_generator
-from labelfactory.gan.identity import generator_identity
-from labelfactory.interpreter.labeller import KIND, MODEL_FILE, Interpreter, load_interpreter, save_interpreter
-from labelfactory.interpreter.records import load_records, records_from_datastore
-from labelfactory.interpreter.taps import ws_from_w
-from labelfactory.interpreter.train import TrainConfig, train_ensemble
 from labelfactory.io import Image, read_image
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import LATENT_KEY, latent_from_info
 from labelfactory.options import exposed
+from labelfactory.stylegan2.checkpoint import MODEL_FILE as GENERATOR_FILE
+from labelfactory.stylegan2.checkpoint import load_generator
+from labelfactory.stylegan2.identity import generator_identity
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
@@ -62,19 +62,21 @@ class InterpreterTrain(TrainBase):
     """Fits the ensemble on all labelled generated images of the current generator."""
 
     name = KIND
-    options = exposed(TrainConfig, "request")
+    options = exposed(DatasetGANConfig, "request")
 
     def __init__(
         self,
         model_dir: str | os.PathLike,
-        defaults: TrainConfig | None = None,
+        defaults: DatasetGANConfig | None = None,
         label_names: dict[str, int] = LABEL_NAMES,
     ):
         description = "DatasetGAN style interpreter: an ensemble of pixel MLPs on the generator's features"
-        super().__init__(f"{description}, from labelled generated images", model_dir, defaults or TrainConfig())
+        super().__init__(f"{description}, from labelled generated images", model_dir, defaults or DatasetGANConfig())
         self.label_names = dict(label_names)
 
-    def train(self, request: dict[str, Any], datastore: Datastore, cfg: TrainConfig, started: float) -> dict[str, Any]:
+    def train(
+        self, request: dict[str, Any], datastore: Datastore, cfg: DatasetGANConfig, started: float
+    ) -> dict[str, Any]:
         G = load_generator(self.model_dir / GENERATOR_FILE)
         current = generator_identity(G)
         items = [it for it in records_from_datastore(datastore) if it[1].get("generator") == current]

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from labelfactory.datasetgan.labeller import Interpreter
+from labelfactory.datasetgan.taps import ws_from_seeds
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.identity import generated_to_image, generator_identity, seed_name
-from labelfactory.interpreter.labeller import Interpreter
-from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.io import Image, Window, write_image, write_seg_nrrd
 from labelfactory.labels import UNKNOWN_COLOR, map_of
 from labelfactory.latent_record import TRUNCATION_PSI
+from labelfactory.stylegan2.identity import generated_to_image, generator_identity, seed_name
 
 logger = logging.getLogger(__name__)
 

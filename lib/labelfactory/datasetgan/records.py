@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from labelfactory.datasetgan.taps import ws_from_seeds
 from labelfactory.errors import LabelFactoryError
-from labelfactory.interpreter.taps import ws_from_seeds
 from labelfactory.latent_record import PROVENANCE_SUFFIX, is_generated, latent_from_info
 
 SEED_NAME = re.compile(r"^seed(\d+)(\.nii\.gz|\.nii|\.seg\.nrrd|\.nrrd)$")

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.gan.checkpoint import publish_generator
-from labelfactory.gan.networks import Generator
-from labelfactory.gan.reference_pickle import Record, load_reference_pickle
+from labelfactory.stylegan2.checkpoint import publish_generator
+from labelfactory.stylegan2.networks import Generator
+from labelfactory.stylegan2.reference_pickle import Record, load_reference_pickle
 
 SOURCE = "stylegan2-ada-pytorch"
 _TAPS = torch.tensor([1.0, 3.0, 3.0, 1.0])

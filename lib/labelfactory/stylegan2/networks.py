@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labelfactory.gan.resample import downsample2d, filter2d, upsample2d
+from labelfactory.stylegan2.resample import downsample2d, filter2d, upsample2d
 
 LRELU_GAIN = math.sqrt(2.0)
 # 2: the reference's up-sampling conv (transposed conv, then filter); 1 (before): filter, then conv at 2x. Incompatible.
