@@ -1,6 +1,6 @@
 """float32 vs bf16 GAN training after the same budget: FID of each run's G_ema and its loss curves.
 
-Runs are `labelfactory train-gan` output folders (e.g. the same seed with and without
+Runs are `labelfactory train-stylegan2` output folders (e.g. the same seed with and without
 `--mixed-precision`); each is read from its training-state.pt (G_ema) and TensorBoard events
 (Loss/G/loss, Loss/D/loss, Loss/r1_penalty, augment p per step, averaged over windows of steps).
 FID: `--fid-images` images of each G_ema (const noise, fixed seed) against the real slices of

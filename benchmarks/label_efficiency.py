@@ -525,7 +525,7 @@ class Experiment:
         self.models, self.published = models, "label_efficiency_from_models"  # its own record, not a whole rerun
         for src, dst in (
             (models / "stylegan2.pt", self.generator_file),
-            (models / "interpreter.pt", self.out / "synthetic" / "uncertainty" / "interpreter.pt"),
+            (models / "datasetgan.pt", self.out / "synthetic" / "uncertainty" / "datasetgan.pt"),
         ):
             if not src.is_file():
                 raise SystemExit(f"--models {models} holds no {src.name}")
@@ -733,7 +733,7 @@ class Experiment:
         result, pending = {}, []
         for name in ("random", "uncertainty"):
             d = folder / name
-            interp_file = d / "interpreter.pt"
+            interp_file = d / "datasetgan.pt"
             if read_json(d / "done.json") is not None:
                 result[name] = read_json(d / "done.json")
                 continue
@@ -916,7 +916,7 @@ def shipped_sources(out: Path) -> dict[str, Path]:
     of seed 0 (a fixed rule: picking the best seed would be tuning on validation)."""
     return {
         "stylegan2.pt": out / "generator" / "stylegan2.pt",
-        "interpreter.pt": out / "synthetic" / "uncertainty" / "interpreter.pt",
+        "datasetgan.pt": out / "synthetic" / "uncertainty" / "datasetgan.pt",
         "segmentation.pt": out / "segmenters" / "hybrid.unetpp.seed0" / "segmentation.pt",
     }
 
@@ -968,7 +968,7 @@ def models_readme(out: Path, hybrid: dict, config: dict, megabytes: float) -> st
             f"[{openkbp.WINDOW.low:g}, {openkbp.WINDOW.high:g}] HU | preset `openkbp64`, {generator['kimg']:.0f} kimg "
             f"on the 170 train patients' slices; FID {fid} ({generator['fid_images']} generated vs as many train "
             "slices) |",
-            f"| `interpreter.pt` | style interpreter (pixel-MLP ensemble on the generator's features) | trained on the "
+            f"| `datasetgan.pt` | style interpreter (pixel-MLP ensemble on the generator's features) | trained on the "
             f"{labels['uncertainty']['count']} generated images `generated_uncertain` picked through the server "
             "loop, labelled by the stand-in annotator (a UNet++ trained on the 170 train patients' contours) |",
             f"| `segmentation.pt` | UNet++ on body crops (`segmentation` infer: CT in, mask on its grid) | hybrid row, "

@@ -9,7 +9,7 @@ class the labels so far lack. This script measures, for a generator and the stan
    pool images (without replacement) that hold no image of the organ;
 3. the organs of actual label sets (`--sets name=folder`: folders of label files, e.g. the experiment's
    `labels/random` or a datastore's `labels/final`), images per organ;
-4. what the interpreters trained on such sets make of the pool (`--interpreters name=interpreter.pt`): Dice per
+4. what the interpreters trained on such sets make of the pool (`--interpreters name=datasetgan.pt`): Dice per
    organ against the annotator (pooled over the pool's images) and the share of images each draws the organ in.
 
 Generated images and the annotator only: nothing real, no validation patient. Prints a table, writes a JSON.
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="random images before the first interpreter (the loop's)")
     p.add_argument("--explore", default="0,2,3,4,6", help="explore values to compare (0: pure uncertainty)")
     p.add_argument("--sets", nargs="*", default=[], help="name=folder of label files, counted per organ")
-    p.add_argument("--interpreters", nargs="*", default=[], help="name=interpreter.pt, scored on the pool")
+    p.add_argument("--interpreters", nargs="*", default=[], help="name=datasetgan.pt, scored on the pool")
     p.add_argument("--draws", type=int, default=20000)
     p.add_argument("--out", type=Path, help="JSON file")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Prove `labelfactory import-gan` exact against NVlabs stylegan2-ada-pytorch itself (not part of the test suite).
+"""Prove `labelfactory import-stylegan2` exact against NVlabs stylegan2-ada-pytorch itself (not part of the test suite).
 
 The reference's licence keeps its code out of this repository, so this script takes a path to a
 clone of it. For each configuration it builds the reference's own Generator (random weights, every
@@ -113,9 +113,9 @@ def check(config, tmp: Path) -> dict:
     write_snapshot(G_ref, D, aug, pkl, protocol)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        status = main(["import-gan", str(pkl), "--out", str(pt)])
+        status = main(["import-stylegan2", str(pkl), "--out", str(pt)])
     if status != 0:
-        raise SystemExit(f"import-gan failed on {pkl}")
+        raise SystemExit(f"import-stylegan2 failed on {pkl}")
     import_s = time.perf_counter() - t0
     G = load_generator(pt)
     z = torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(7))

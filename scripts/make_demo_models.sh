@@ -11,16 +11,16 @@ OUT=sample-data/models
 rm -rf "$RUN"; mkdir -p "$RUN" "$OUT"
 
 # 1. StyleGAN2-ADA on the sample CT slices (demo preset: 64^2, narrow, CPU)
-$LF train-gan --preset demo --total-kimg "${GAN_KIMG:-8}" --snapshot-kimg 1 --out "$RUN/stylegan2" --model "$OUT/stylegan2.pt" --no-progress
+$LF train-stylegan2 --preset demo --total-kimg "${GAN_KIMG:-8}" --snapshot-kimg 1 --out "$RUN/stylegan2" --model "$OUT/stylegan2.pt" --no-progress
 # 2. 30 generated images annotated by the simulated annotator (HU rule: lungs)
 $LF annotate --generator "$OUT/stylegan2.pt" --seeds 0-29 --out "$RUN/annotations"
 # 3. the interpreter ensemble on those 30 annotations
-$LF train-interpreter --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations" --out "$OUT/interpreter.pt" --max-epochs 20 --no-progress
+$LF train-datasetgan --generator "$OUT/stylegan2.pt" --labels "$RUN/annotations" --out "$OUT/datasetgan.pt" --max-epochs 20 --no-progress
 if [ "${GENERATOR_ONLY:-0}" = 1 ]; then  # only the models tied to the generator (after a generator layout change)
   rm -f "$OUT"/*.previous.pt "$OUT"/*.previous.pt.sha256; ls -la "$OUT"; exit 0
 fi
 # 4. a synthetic data set: 300 pairs, the 10% most uncertain dropped
-$LF synthesize --generator "$OUT/stylegan2.pt" --interpreter "$OUT/interpreter.pt" --seeds 1000-1299 --out "$RUN/synthetic"
+$LF synthesize --generator "$OUT/stylegan2.pt" --interpreter "$OUT/datasetgan.pt" --seeds 1000-1299 --out "$RUN/synthetic"
 # 5. UNet++ on the real labelled studies (one trains, the other validates). The hybrid with this demo
 #    GAN's synthetic pairs (lungs-only labels, 8 kimg) validated at Dice 0.0001 after 200 steps; real-only 0.25 after 400,
 #    so the demo ships the real-only model; the synthetic set stays in $RUN for `labelfactory evaluate`.

@@ -126,7 +126,7 @@ def test_options_are_declared_once_on_the_field():
     "task,config",
     [
         ("labelfactory.tasks.stylegan2:StyleGAN2Train", "labelfactory.stylegan2.config:StyleGAN2Config"),
-        ("labelfactory.tasks.datasetgan:InterpreterTrain", "labelfactory.datasetgan.train:DatasetGANConfig"),
+        ("labelfactory.tasks.datasetgan:DatasetGANTrain", "labelfactory.datasetgan.train:DatasetGANConfig"),
         ("labelfactory.tasks.segmentation:SegmentationTrain", "labelfactory.segmentation.train:SegmentationConfig"),
         ("labelfactory.tasks.clamnet:ClamNetTrain", "labelfactory.clamnet.train:ClamNetConfig"),
     ],

@@ -1,6 +1,6 @@
 """The product end to end, as Slicer and a scripted loop meet it: a real server on 127.0.0.1 and the real client.
 
-info -> train stylegan2 -> next sample -> infer datasetgan -> save label (x3) -> train interpreter ->
+info -> train stylegan2 -> next sample -> infer datasetgan -> save label (x3) -> train datasetgan ->
 infer again -> synthesis -> train segmentation -> infer segmentation on a real volume (3D in, 3D out,
 same geometry) -> train and infer clamnet; a corrupt model file never replaces the one being served.
 Tiny sizes (32^2 GAN, a few steps) keep it to minutes. Scoring after each training is off here (each run
@@ -32,9 +32,9 @@ TINY = {
     "stylegan2_total_kimg": "0.016",
     "stylegan2_snapshot_kimg": "0.008",
     "stylegan2_batch_size": "4",
-    "interpreter_members": "2",
-    "interpreter_max_epochs": "2",
-    "interpreter_pixels_per_image": "128",
+    "datasetgan_members": "2",
+    "datasetgan_max_epochs": "2",
+    "interpreter_pixels_per_image": "128",  # the older conf prefix still read
     "segmentation_steps": "4",
     "segmentation_size": "32",
     "clamnet_steps": "2",
@@ -67,7 +67,8 @@ def test_interactive_loop_end_to_end(datastore_copy, app_copy, start_server, tmp
 
     info = client.info()
     assert {"datasetgan", "segmentation", "clamnet", "synthesis"} <= set(info["models"])
-    assert {"stylegan2", "interpreter", "segmentation", "clamnet"} <= set(info["trainers"])
+    assert {"stylegan2", "datasetgan", "segmentation", "clamnet", "interpreter"} <= set(info["trainers"])  # + old name
+    assert "deprecated" in info["trainers"]["interpreter"]["description"]
     assert {"generated_uncertain", "random"} <= set(info["strategies"])
     assert info["labels"] == LABEL_NAMES
 

@@ -1,4 +1,4 @@
-"""`labelfactory import-gan`: a stylegan2-ada-pytorch pickle read as data only, its names mapped onto ours.
+"""`labelfactory import-stylegan2`: a stylegan2-ada-pytorch pickle read as data only, its names mapped onto ours.
 
 The reference's code cannot ship here (its licence), so a tiny stand-in writes pickles of the same
 layout: each module a call of `torch_utils.persistence._reconstruct_persistent_obj(meta)` whose meta
@@ -275,8 +275,8 @@ def test_options_we_lack_are_refused_by_name(tmp_path, reference_modules, option
 )
 def test_cli_exit_code_and_message_on_a_bad_file(tmp_path, capsys, content, message):
     (tmp_path / "bad.pkl").write_bytes(content)
-    assert main(["import-gan", str(tmp_path / "bad.pkl"), "--out", str(tmp_path / "g.pt")]) == 2
+    assert main(["import-stylegan2", str(tmp_path / "bad.pkl"), "--out", str(tmp_path / "g.pt")]) == 2
     err = capsys.readouterr().err  # other modules may log while the CLI imports them: look for our one line
-    lines = [line for line in err.splitlines() if line.startswith("labelfactory import-gan: bad.pkl")]
+    lines = [line for line in err.splitlines() if line.startswith("labelfactory import-stylegan2: bad.pkl")]
     assert len(lines) == 1 and re.search(message, lines[0]) and "Traceback" not in err
     assert not (tmp_path / "g.pt").exists()

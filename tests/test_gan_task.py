@@ -1,4 +1,4 @@
-"""MONAI Label trainer `stylegan2`, its TaskConfig and `labelfactory train-gan`, on a tmp datastore copy."""
+"""MONAI Label trainer `stylegan2`, its TaskConfig and `labelfactory train-stylegan2`, on a tmp datastore copy."""
 
 import json
 import shutil
@@ -61,7 +61,7 @@ def test_app_config_builds_trainer(tmp_path, app_config):
 def test_cli_train_gan(small_store, tmp_path, capsys):
     rc = cli_main(
         [
-            "train-gan",
+            "train-stylegan2",
             "--studies",
             str(small_store),
             "--out",
@@ -82,4 +82,4 @@ def test_cli_train_gan(small_store, tmp_path, capsys):
     assert rc == 0
     assert load_generator(tmp_path / "stylegan2.pt").checkpoint_info["kimg"] == 0.008
     assert (tmp_path / "run" / "preview.png").is_file()
-    assert cli_main(["train-gan", "--studies", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2
+    assert cli_main(["train-stylegan2", "--studies", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2

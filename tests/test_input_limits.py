@@ -242,7 +242,7 @@ def test_bad_option_values_are_4xx_naming_the_option(server):
         ("psi 'x'", post("/activelearning/generated_uncertain", {"truncation_psi": "x"}), 400, "truncation_psi"),
         ("train seed", post("/train/segmentation", {"seed": -5}), 400, "option seed=-5"),
         ("train network", post("/train/segmentation", {"network": "resnet"}), 400, "option network='resnet'"),
-        ("train lr", post("/train/interpreter", {"lr": "fast"}), 400, "option lr='fast'"),
+        ("train lr", post("/train/datasetgan", {"lr": "fast"}), 400, "option lr='fast'"),
         ("server path", post("/train/segmentation", {"synthetic": "/etc"}), 400, "synthetic '/etc' is outside"),
         ("path ..", post("/train/clamnet", {"labels_csv": "../../../etc/passwd"}), 400, "labels_csv"),
         ("synthesis psi", infer("synthesis", "seed000001", {"truncation_psi": "x"}), 400, "truncation_psi='x'"),

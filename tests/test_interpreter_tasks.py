@@ -1,4 +1,4 @@
-"""MONAI Label adapters: trainer `interpreter` over the datastore's labelled generated images, infer `datasetgan`."""
+"""MONAI Label adapters: trainer `datasetgan` over the datastore's labelled generated images, infer `datasetgan`."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from labelfactory.io import Image, read_image, write_image
 from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
 from labelfactory.stylegan2.identity import generated_to_image, generator_identity
 from labelfactory.stylegan2.networks import Generator
-from labelfactory.tasks.datasetgan import DatasetGANInfer, InterpreterModels, InterpreterTrain
+from labelfactory.tasks.datasetgan import DatasetGANInfer, DatasetGANModels, DatasetGANTrain
 from labelfactory.tasks.datastore import LabelFactoryDatastore
 
 KW = dict(z_dim=32, w_dim=32, img_resolution=32, channel_base=512, channel_max=32, mapping_layers=2)
@@ -63,13 +63,13 @@ def test_train_then_infer(setup):
     ds.add_image("real", str(plain), {})
     ds.save_label("real", str(plain), "final", {})
 
-    trainer = InterpreterTrain(model_dir, FAST)
+    trainer = DatasetGANTrain(model_dir, FAST)
     stats = trainer({}, ds)
     assert stats["images"] == 3 and trainer.stats()["epochs"] == len(stats["epoch_loss"])
-    saved = load_interpreter(model_dir / "interpreter.pt", G)
+    saved = load_interpreter(model_dir / "datasetgan.pt", G)
     assert saved.ensemble.config.members == 2
 
-    infer = DatasetGANInfer(InterpreterModels(model_dir))
+    infer = DatasetGANInfer(DatasetGANModels(model_dir))
     out, meta = infer({"image": ds.get_image_uri(ids[1]), **latent(ds, ids[1])})
     mask = read_image(out).array
     w = torch.tensor(ds.get_image_info(ids[1])["labelfactory"]["w"])
@@ -89,18 +89,18 @@ def latent(ds, image_id):
 
 def test_missing_models_and_data(setup):
     model_dir, ds, G, tmp = setup
-    with pytest.raises(LabelFactoryError, match="train interpreter") as e:
-        InterpreterTrain(model_dir, FAST)({}, ds)
+    with pytest.raises(LabelFactoryError, match="train datasetgan") as e:
+        DatasetGANTrain(model_dir, FAST)({}, ds)
     assert e.value.status == 409
     image_id = add_generated(ds, G, 5, tmp)
-    with pytest.raises(LabelFactoryError, match="train interpreter first") as e:
-        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id), **latent(ds, image_id)})
+    with pytest.raises(LabelFactoryError, match="train datasetgan first") as e:
+        DatasetGANInfer(DatasetGANModels(model_dir))({"image": ds.get_image_uri(image_id), **latent(ds, image_id)})
     assert e.value.status == 409
     (model_dir / "stylegan2.pt").unlink()
     with pytest.raises(LabelFactoryError, match="train stylegan2 first"):
-        InterpreterTrain(model_dir, FAST)({}, ds)
+        DatasetGANTrain(model_dir, FAST)({}, ds)
     with pytest.raises(LabelFactoryError, match="train stylegan2 first"):
-        DatasetGANInfer(InterpreterModels(model_dir))({"image": ds.get_image_uri(image_id), **latent(ds, image_id)})
+        DatasetGANInfer(DatasetGANModels(model_dir))({"image": ds.get_image_uri(image_id), **latent(ds, image_id)})
 
 
 def test_label_of_the_wrong_shape_is_refused(setup):
@@ -111,11 +111,11 @@ def test_label_of_the_wrong_shape_is_refused(setup):
     )
     ds.save_label(image_id, str(bad), "final", {})
     with pytest.raises(LabelFactoryError, match="differs from its image"):
-        InterpreterTrain(model_dir, FAST)({}, ds)
+        DatasetGANTrain(model_dir, FAST)({}, ds)
 
 
 def test_offline_records_read_the_provenance_sidecars(setup):
-    """`train-interpreter --datastore DIR` (no server) finds what the server trainer finds: sidecar latents, labels."""
+    """`train-datasetgan --datastore DIR` (no server) finds what the server trainer finds: sidecar latents, labels."""
     from labelfactory.datasetgan.records import records_from_datastore, records_from_datastore_folder
     from labelfactory.tasks.datastore import LabelFactoryDatastore
 
@@ -142,8 +142,8 @@ def test_generated_uncertain_explores_every_nth_image_and_says_why(setup):
     model_dir, ds, G, tmp = setup
     for s in range(3):
         add_generated(ds, G, s, tmp)
-    InterpreterTrain(model_dir, FAST)({}, ds)
-    models = InterpreterModels(model_dir)
+    DatasetGANTrain(model_dir, FAST)({}, ds)
+    models = DatasetGANModels(model_dir)
     interp = models.interpreter()
     strategy = GeneratedUncertain(models, candidates=6, truncation_psi=0.7, explore=2)
     picks = [strategy({}, ds) for _ in range(3)]  # the 4th, 5th and 6th generated images

@@ -1,4 +1,4 @@
-"""Training the ensemble from latent records, the model file, bad input, and `labelfactory train-interpreter`."""
+"""Training the ensemble from latent records, the model file, bad input, and `labelfactory train-datasetgan`."""
 
 import numpy as np
 import pytest
@@ -121,17 +121,17 @@ def test_class_weights_and_unusable_labels(trained):
 
 def test_model_file_round_trip_and_generator_check(trained, tmp_path):
     d, G, records, ens, _ = trained
-    path = save_interpreter(tmp_path / "interpreter.pt", ens, LABEL_NAMES, FAST.to_dict(), {"count": len(records)}, G)
+    path = save_interpreter(tmp_path / "datasetgan.pt", ens, LABEL_NAMES, FAST.to_dict(), {"count": len(records)}, G)
     loaded = load_interpreter(path, G)
     ws = ws_from_w(G, records[0].w)
     assert torch.equal(loaded.label(ws).mask, Interpreter(G, ens, LABEL_NAMES).label(ws).mask)
     assert loaded.label_names == LABEL_NAMES
     other = tiny_generator(tmp_path / "other.pt", seed=1)
     other.checkpoint_info["provenance"]["time"] = "another time"
-    with pytest.raises(LabelFactoryError, match="train interpreter again") as e:
+    with pytest.raises(LabelFactoryError, match="train datasetgan again") as e:
         load_interpreter(path, other)
     assert e.value.status == 409
-    with pytest.raises(LabelFactoryError, match="train interpreter first"):
+    with pytest.raises(LabelFactoryError, match="train datasetgan first"):
         load_interpreter(tmp_path / "missing.pt", G)
 
 
@@ -163,10 +163,10 @@ def test_cli_trains_from_seed_masks(trained, tmp_path, capsys):
     # w from a batch of 8 vs alone: the same math, last bits may differ by CPU / batch size (issue 10 #13)
     assert [r.seed for r in loaded] == [0, 1, 2, 3]
     torch.testing.assert_close(loaded[1].w, records[1].w, atol=1e-5, rtol=1e-4)
-    out = tmp_path / "interpreter.pt"
+    out = tmp_path / "datasetgan.pt"
     rc = main(
         [
-            "train-interpreter",
+            "train-datasetgan",
             "--generator",
             str(d / "stylegan2.pt"),
             "--labels",
@@ -190,4 +190,6 @@ def test_cli_trains_from_seed_masks(trained, tmp_path, capsys):
     assert rc == 0 and out.exists()
     assert load_interpreter(out, G).ensemble.config.members == 2
     rc = main(["train-interpreter", "--generator", str(tmp_path / "none.pt"), "--labels", str(labels)])
-    assert rc == 2 and "train stylegan2 first" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the old command name still runs, and says which to use
+    assert rc == 2 and "train stylegan2 first" in err
+    assert "train-interpreter is deprecated: use labelfactory train-datasetgan" in err

@@ -64,7 +64,7 @@ def test_every_stage_finishes_with_its_outputs(experiment):
     assert len(list((experiment / "labels" / "random").glob("seed*.nii.gz"))) == sizes.annotations
     assert len(le.datastore_records(experiment / "labels" / "uncertainty" / "datastore")) == sizes.annotations
     for name in ("random", "uncertainty"):
-        interp = load_checkpoint(experiment / "synthetic" / name / "interpreter.pt", KIND)
+        interp = load_checkpoint(experiment / "synthetic" / name / "datasetgan.pt", KIND)
         assert interp["config"]["label_names"] == le.LABEL_NAMES
         pairs = experiment / "synthetic" / name / "pairs"
         images = sorted((pairs / "images").glob("seed*.nii.gz"))
@@ -169,10 +169,10 @@ def test_a_run_from_shipped_models_rebuilds_the_uncertainty_set_and_trains_table
     assert (out / "report" / "results.md").read_text().startswith(f"# Label efficiency on OpenKBP, from {shipped}")
     with pytest.raises(SystemExit, match="need it synthesized first"):
         run(tmp_path / "other", "--stages", "segmenters", "--rows", "synthetic-random")
-    (shipped / "interpreter.pt").write_bytes((shipped / "interpreter.pt").read_bytes()[:-1] + b"x")
+    (shipped / "datasetgan.pt").write_bytes((shipped / "datasetgan.pt").read_bytes()[:-1] + b"x")
     with pytest.raises(SystemExit, match="SHA-256"):
         run(out, "--stages", "report")
-    hash_path(shipped / "interpreter.pt").write_text(f"{sha256_of(shipped / 'interpreter.pt')}  interpreter.pt\n")
+    hash_path(shipped / "datasetgan.pt").write_text(f"{sha256_of(shipped / 'datasetgan.pt')}  datasetgan.pt\n")
     with pytest.raises(SystemExit, match="another model"):  # checked, but not the model this run folder was built on
         run(out, "--stages", "report")
 

@@ -20,7 +20,7 @@ from labelfactory.segmentation.infer import Segmenter, segment_image
 from labelfactory.segmentation.train import MODEL_FILE, SegmentationConfig, train_segmenter
 from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
 from labelfactory.stylegan2.networks import Generator
-from labelfactory.tasks.datasetgan import InterpreterModels
+from labelfactory.tasks.datasetgan import DatasetGANModels
 from labelfactory.tasks.segmentation import SegmentationInfer
 from tests.conftest import SAMPLE
 
@@ -89,15 +89,15 @@ def publish_interpreter(model_dir, label_map: LabelMap) -> None:
     layout = TapLayout.of(G)
     k = max(label_map.values.values()) + 1
     ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, 32, k, members=2, hidden=(8, 8))).eval()
-    save_interpreter(model_dir / "interpreter.pt", ens, label_map.values, {}, {}, G)
+    save_interpreter(model_dir / "datasetgan.pt", ens, label_map.values, {}, {}, G)
 
 
 def test_interpreter_records_its_map_and_refuses_to_serve_under_another(tmp_path):
     publish_interpreter(tmp_path, OPENKBP)
-    assert recorded_map(load_checkpoint(tmp_path / "interpreter.pt")) == OPENKBP
-    assert InterpreterModels(tmp_path, OPENKBP.values).interpreter().label_names == OPENKBP.values
-    with pytest.raises(LabelFactoryError, match="interpreter.pt was trained with the label map 'openkbp'") as e:
-        InterpreterModels(tmp_path, TOTALSEGMENTATOR.values).interpreter()
+    assert recorded_map(load_checkpoint(tmp_path / "datasetgan.pt")) == OPENKBP
+    assert DatasetGANModels(tmp_path, OPENKBP.values).interpreter().label_names == OPENKBP.values
+    with pytest.raises(LabelFactoryError, match="datasetgan.pt was trained with the label map 'openkbp'") as e:
+        DatasetGANModels(tmp_path, TOTALSEGMENTATOR.values).interpreter()
     assert e.value.status == 409
 
 
@@ -160,7 +160,7 @@ def test_server_serves_the_map_its_models_record_and_refuses_another(openkbp_mod
     assert r.status_code == 200, r.text
     assert r.json()["label_names"] == {n: v for n, v in OPENKBP.values.items() if v}
     r = requests.post(srv.url + "/infer/synthesis", params={"image": "seed000001", "output": "json"}, timeout=120)
-    assert r.status_code == 409 and "interpreter.pt was trained with the label map 'totalsegmentator'" in r.text
+    assert r.status_code == 409 and "datasetgan.pt was trained with the label map 'totalsegmentator'" in r.text
 
 
 def test_body_crop_segmenter_refuses_a_picture():

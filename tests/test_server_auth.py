@@ -106,7 +106,7 @@ def server(tmp_path_factory, idp):
     shutil.copytree(REPO / "apps" / "labelfactory", app, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     models.mkdir()
     shutil.copy(DEMO_MODELS / "clamnet.pt", models / "clamnet.pt")
-    for name in ("segmentation.pt", "interpreter.pt"):  # both models that record a label map: damaged
+    for name in ("segmentation.pt", "datasetgan.pt"):  # both models that record a label map: damaged
         (models / name).write_bytes(b"not a model any more")
     env = {
         "MONAI_LABEL_AUTH_ENABLE": "true",

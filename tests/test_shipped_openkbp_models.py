@@ -3,6 +3,8 @@ right on the bundled validation patients (scored against their expert contours) 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from labelfactory.labels import OPENKBP, recorded_map
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.segmentation.infer import load_segmenter, predict_slices
 from labelfactory.stylegan2.identity import generated_to_image, generator_window
-from labelfactory.tasks.datasetgan import InterpreterModels
+from labelfactory.tasks.datasetgan import DatasetGANModels
 from labelfactory.tasks.segmentation import SegmentationInfer
 from tests.conftest import SAMPLE
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODELS = SAMPLE / "openkbp" / "models"
 STORE = SAMPLE / "openkbp" / "datastore"
 VALIDATION = sorted(p.name.removesuffix(".nii.gz") for p in STORE.glob("validation_pt_*.nii.gz"))
-SHIPPED = ("stylegan2.pt", "interpreter.pt", "segmentation.pt")
+SHIPPED = ("stylegan2.pt", "datasetgan.pt", "segmentation.pt")
 K = max(OPENKBP.values.values()) + 1
 # Bars below the shipped hybrid segmenter's measured scores (MODELS/README.md: 0.385 mean Dice over the 33
 # validation patients), loose enough for any CPU, tight enough that a broken crop, paste-back, window or label map
@@ -44,7 +46,7 @@ def test_make_serve_serves_them_each_intact_and_recording_its_recipe():
         verify_hash(MODELS / name)
         payload = load_checkpoint(MODELS / name)
         assert payload["provenance"]["git"] != "unknown" and payload["config"] and payload["data"], name
-    for name in ("interpreter.pt", "segmentation.pt"):
+    for name in ("datasetgan.pt", "segmentation.pt"):
         assert recorded_map(load_checkpoint(MODELS / name)) == OPENKBP
     assert VALIDATION and all((STORE / "organs" / f"{c}.nii.gz").is_file() for c in VALIDATION)
 
@@ -64,7 +66,7 @@ def test_the_segmenter_finds_the_organs_of_a_bundled_validation_patient(case):
 def test_the_factory_draws_new_pairs_the_shipped_segmenter_agrees_with():
     """Seeds far from the 1,667 the segmenter's synthetic set came from: image + mask from the generator and the
     interpreter, reproducible from the seed; the segmenter, shown the image as HU, finds the interpreter's organs."""
-    interp = InterpreterModels(MODELS, OPENKBP.values).interpreter()
+    interp = DatasetGANModels(MODELS, OPENKBP.values).interpreter()
     seeds = list(range(900_000, 900_016))
     ws = ws_from_seeds(interp.G, seeds, TRUNCATION_PSI)
     lab = interp.label(ws)
@@ -78,3 +80,16 @@ def test_the_factory_draws_new_pairs_the_shipped_segmenter_agrees_with():
     pred = predict_slices(segmenter.network, torch.from_numpy(openkbp.WINDOW.to_unit(hu)).float()[:, None])
     s = scores(confusion_matrix(pred, lab.mask.long(), K))
     assert s["mean_dice"] >= MIN_AGREEMENT, s["dice"]
+
+
+def test_a_models_folder_of_before_the_rename_still_serves(tmp_path, caplog):
+    """`interpreter.pt` (the DatasetGAN model's old file name and kind) is read when no `datasetgan.pt` is there."""
+    for name in ("stylegan2.pt", "stylegan2.pt.sha256"):
+        shutil.copy(MODELS / name, tmp_path / name)
+    shutil.copy(
+        MODELS / "datasetgan.pt", tmp_path / "interpreter.pt"
+    )  # the shipped file still records kind 'interpreter'
+    (tmp_path / "interpreter.pt.sha256").write_text((MODELS / "datasetgan.pt.sha256").read_text().split()[0] + "\n")
+    assert load_checkpoint(tmp_path / "interpreter.pt")["kind"] == "interpreter"
+    interp = DatasetGANModels(tmp_path, OPENKBP.values).interpreter()
+    assert interp.label_names == OPENKBP.values and "interpreter.pt, the file's name before" in caplog.text

@@ -29,7 +29,7 @@ def models(tmp_path_factory):
     G = load_generator(d / "stylegan2.pt")
     layout = TapLayout.of(G)
     ens = PixelEnsemble(EnsembleConfig(layout.channels, layout.resolutions, 32, K, members=3, hidden=(8, 8))).eval()
-    save_interpreter(d / "interpreter.pt", ens, LABEL_NAMES, {}, {}, G)
+    save_interpreter(d / "datasetgan.pt", ens, LABEL_NAMES, {}, {}, G)
     return d, Interpreter(G, ens, LABEL_NAMES)
 
 
@@ -113,7 +113,7 @@ def test_cli_synthesize_and_missing_models(models, tmp_path, capsys):
             str(tmp_path / "x"),
         ]
     )
-    assert rc == 2 and "train interpreter first" in capsys.readouterr().err
+    assert rc == 2 and "train datasetgan first" in capsys.readouterr().err
     rc = main(["synthesize", "--generator", str(tmp_path / "none.pt"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "train stylegan2 first" in capsys.readouterr().err
     rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--out", str(tmp_path / "x"), "--seeds", "a-b"])

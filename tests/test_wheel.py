@@ -100,7 +100,7 @@ def test_wheel_imports_from_its_venv_and_trains_on_given_paths(installed, tmp_pa
 
 
 def test_checkout_defaults_fail_clearly_outside_the_checkout(installed, tmp_path):
-    proc = _run([str(installed / "labelfactory"), "train-gan", "--preset", "demo"], cwd=tmp_path)
+    proc = _run([str(installed / "labelfactory"), "train-stylegan2", "--preset", "demo"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "--studies has a default only in a source checkout" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run([str(installed / "labelfactory"), "serve"], cwd=tmp_path)  # the app ships in the checkout only

@@ -56,7 +56,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="folder for seed<N>.nii.gz masks (what train-interpreter --labels reads) and the images",
+        help="folder for seed<N>.nii.gz masks (what train-datasetgan --labels reads) and the images",
     )
     p.add_argument(
         "--annotator-model",

@@ -190,9 +190,13 @@ def verify_hash(path: Path) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, kind: str | None = None, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike, kind: str | tuple[str, ...] | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load and validate a checkpoint; 409 if missing, corrupt, changed, not plain data or of another kind."""
+    """Load and validate a checkpoint; 409 if missing, corrupt, changed, not plain data or of another kind.
+
+    `kind`: the kind expected, or a tuple of accepted kinds (the first is the current name)."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    kind = kinds[0] if kinds else None
     path = Path(path)
     if not path.exists():
         raise ModelMissing(
@@ -218,7 +222,7 @@ def load_checkpoint(
         ) from None
     if not isinstance(payload, dict) or "kind" not in payload:
         raise LabelFactoryError(f"{path.name} is not a labelfactory checkpoint", status=409)
-    if kind is not None and payload["kind"] != kind:
+    if kinds and payload["kind"] not in kinds:
         raise LabelFactoryError(f"{path.name} holds a '{payload['kind']}' model, expected '{kind}'", status=409)
     return payload
 

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "labelfactory.annotator",
         "label generated images with the simulated (HU-rule) annotator, for demos and tests",
     ),
-    "train-interpreter": (
+    "train-datasetgan": (
         "labelfactory.datasetgan.cli",
         "train the DatasetGAN pixel-classifier ensemble on annotated generated images",
     ),
@@ -44,11 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "labelfactory.evaluation.cli",
         "the paper's segmentation experiments (tables I, II, III-C, III): mIoU over patient-wise folds",
     ),
-    "train-gan": (
+    "train-stylegan2": (
         "labelfactory.stylegan2.cli",
         "train StyleGAN2-ADA on the CT slices of a folder of studies (torchrun for several GPUs)",
     ),
-    "import-gan": (
+    "import-stylegan2": (
         "labelfactory.stylegan2.import_gan",
         "a stylegan2-ada-pytorch G_ema as our generator file (no code run)",
     ),
@@ -57,6 +57,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "download OpenKBP (head-and-neck CT, organs, PTVs), convert it to NIfTI + cases.csv (or --from a local copy)",
     ),
 }
+DEPRECATED = {"train-gan": "train-stylegan2", "import-gan": "import-stylegan2", "train-interpreter": "train-datasetgan"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labelfactory", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen in DEPRECATED:  # the old name still runs (scripts keep working) and says what to use
+        print(f"labelfactory {chosen} is deprecated: use labelfactory {DEPRECATED[chosen]}", file=sys.stderr)
+        argv[argv.index(chosen)] = chosen = DEPRECATED[chosen]
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)

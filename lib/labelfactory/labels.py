@@ -86,7 +86,7 @@ OPENKBP = LabelMap(
 )
 LABEL_MAPS: dict[str, LabelMap] = {m.name: m for m in (TOTALSEGMENTATOR, OPENKBP)}
 DEFAULT = TOTALSEGMENTATOR
-LABELLED_MODELS = ("segmentation.pt", "interpreter.pt")  # the model files that record a label map
+LABELLED_MODELS = ("segmentation.pt", "datasetgan.pt", "interpreter.pt")  # model files that record a map (last: legacy)
 
 # the default map's tables, as most of the library takes them
 ORGANS = TOTALSEGMENTATOR.organs

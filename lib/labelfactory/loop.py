@@ -58,7 +58,7 @@ def run_loop(
     annotate: Annotator = hu_rule_annotator,
     strategy: str = "generated_uncertain",
     infer_model: str = "datasetgan",
-    train_model: str = "interpreter",
+    train_model: str = "datasetgan",
     retrain_every: int = 3,
     train_params: dict | None = None,
     log: Callable[[str], None] = print,
@@ -110,7 +110,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain-every", type=int, default=3)
     p.add_argument("--strategy", default="generated_uncertain")
     p.add_argument("--infer-model", default="datasetgan")
-    p.add_argument("--train-model", default="interpreter")
+    p.add_argument("--train-model", default="datasetgan")
     p.add_argument("--train-params", default="{}", help="JSON for the train request, e.g. '{\"epochs\": 5}'")
     p.add_argument(
         "--annotator-model",

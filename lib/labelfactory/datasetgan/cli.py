@@ -1,4 +1,4 @@
-"""`labelfactory train-interpreter`: fit the pixel-classifier ensemble on annotated generated images."""
+"""`labelfactory train-datasetgan`: fit the pixel-classifier ensemble on annotated generated images."""
 
 from __future__ import annotations
 

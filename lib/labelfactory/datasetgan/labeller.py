@@ -1,6 +1,7 @@
 """The trained interpreter beside its generator: latents -> (image, mask, uncertainty); its model file.
 
-Model file `<model_dir>/interpreter.pt` (kind "interpreter"): the ensemble's weights and config,
+Model file `<model_dir>/datasetgan.pt` (kind "datasetgan"; files of before the rename, `interpreter.pt`
+of kind "interpreter", are still read, see `model_file`): the ensemble's weights and config,
 the label names, the training config and data, and which generator it was trained on (its
 identity, `labelfactory.stylegan2.identity`). Loading it beside another generator is refused: its
 features mean something else.
@@ -8,6 +9,7 @@ features mean something else.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,26 @@ from labelfactory.errors import ModelMissing
 from labelfactory.labels import map_of
 from labelfactory.stylegan2.identity import generator_identity
 
-KIND = "interpreter"
+logger = logging.getLogger(__name__)
+
+KIND = "datasetgan"
 MODEL_FILE = f"{KIND}.pt"  # in a model folder, beside the generator's
+LEGACY_KIND = "interpreter"  # the family's name before it was DatasetGAN's everywhere
+LEGACY_FILE = f"{LEGACY_KIND}.pt"
+
+
+def model_file(model_dir: str | os.PathLike) -> Path:
+    """The folder's DatasetGAN model file: `datasetgan.pt`, or a models folder's older `interpreter.pt` (logged)."""
+    path, legacy = Path(model_dir) / MODEL_FILE, Path(model_dir) / LEGACY_FILE
+    if not path.exists() and legacy.exists():
+        logger.warning(
+            "%s: reading %s, the file's name before 'datasetgan'; training writes %s",
+            model_dir,
+            LEGACY_FILE,
+            MODEL_FILE,
+        )
+        return legacy
+    return path
 
 
 @dataclass
@@ -45,7 +65,7 @@ class Interpreter:
 
     def __init__(self, G, ensemble: PixelEnsemble, label_names: dict[str, int], identity: str | None = None):
         if TapLayout.of(G) != ensemble.config.layout:
-            msg = "the interpreter was trained on a generator with other feature taps: train interpreter again"
+            msg = "the interpreter was trained on a generator with other feature taps: train datasetgan again"
             raise ModelMissing(msg, model=KIND)
         self.G, self.label_names, self.identity = G, dict(label_names), identity
         device = next(G.parameters()).device
@@ -76,16 +96,16 @@ def save_interpreter(
 
 
 def load_interpreter(path: str | os.PathLike, G) -> Interpreter:
-    """Load `interpreter.pt` for generator G; ModelMissing (409) if missing, corrupt or made for another generator."""
-    payload = load_checkpoint(path, KIND)
+    """Load `datasetgan.pt` for generator G; ModelMissing (409) if missing, corrupt or made for another generator."""
+    payload = load_checkpoint(path, (KIND, LEGACY_KIND))
     name, trained_on, current = Path(path).name, payload.get("generator"), generator_identity(G)
     if trained_on != current:
         msg = f"{name} was trained on the generator of {trained_on}, the current one is from {current}"
-        raise ModelMissing(f"{msg}: train interpreter again", model=KIND)
+        raise ModelMissing(f"{msg}: train datasetgan again", model=KIND)
     try:
         ens = PixelEnsemble(EnsembleConfig.from_dict(payload["config"]["ensemble"]))
         ens.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as e:
-        msg = f"{name} does not hold a usable interpreter ({type(e).__name__}): train interpreter again"
+        msg = f"{name} does not hold a usable interpreter ({type(e).__name__}): train datasetgan again"
         raise ModelMissing(msg, model=KIND) from None
     return Interpreter(G, ens, payload["config"]["label_names"], identity=payload["provenance"].get("time"))

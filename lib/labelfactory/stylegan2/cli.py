@@ -1,6 +1,6 @@
-"""`labelfactory train-gan`: StyleGAN2-ADA on a folder of CT studies.
+"""`labelfactory train-stylegan2`: StyleGAN2-ADA on a folder of CT studies.
 
-N processes: `torchrun --nproc_per_node=N -m labelfactory.cli train-gan ...`.
+N processes: `torchrun --nproc_per_node=N -m labelfactory.cli train-stylegan2 ...`.
 """
 
 from __future__ import annotations

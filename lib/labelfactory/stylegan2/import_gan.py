@@ -1,4 +1,4 @@
-"""`labelfactory import-gan FILE --out MODEL.pt`: a stylegan2-ada-pytorch `G_ema` as our generator checkpoint.
+"""`labelfactory import-stylegan2 FILE --out MODEL.pt`: a stylegan2-ada-pytorch `G_ema` as our generator checkpoint.
 
 The pickle is read as data only (`reference_pickle`), its configuration checked against what our
 generator can reproduce (anything else is refused, naming the option), the reference's names

@@ -30,7 +30,7 @@ from labelfactory.errors import LabelFactoryError, ModelMissing
 from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.options import SEED_RANGE, cast
 from labelfactory.stylegan2.identity import generated_to_image, generator_identity, generator_window
-from labelfactory.tasks.datasetgan import InterpreterModels
+from labelfactory.tasks.datasetgan import DatasetGANModels
 from labelfactory.tasks.synthesis import add_generated_image
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ PICKED = "picked"  # info key: why that candidate (the most uncertain, or random
 EXPLORE = 2  # 1 in 2 random: 18 random of 30 miss a 10% organ 14% of the time; 5 (pure uncertainty) 59%
 
 
-def interpreter_or_none(models: InterpreterModels) -> Interpreter | None:
+def interpreter_or_none(models: DatasetGANModels) -> Interpreter | None:
     """The interpreter of the served generator, or None while none is trained for it."""
     try:
         return models.interpreter()
@@ -70,7 +70,7 @@ class GeneratedUncertain(Strategy):
 
     def __init__(
         self,
-        models: InterpreterModels,
+        models: DatasetGANModels,
         candidates: int = 8,
         truncation_psi: float = TRUNCATION_PSI,
         explore: int = EXPLORE,
@@ -117,7 +117,7 @@ class GeneratedUncertain(Strategy):
 class GeneratedUncertainty(ScoringMethod):
     """Scores every unlabelled generated image by the interpreter's uncertainty (info 'uncertainty')."""
 
-    def __init__(self, models: InterpreterModels):
+    def __init__(self, models: DatasetGANModels):
         super().__init__("Ensemble uncertainty (top-10% JS divergence) of the unlabelled generated images")
         self.models = models
 

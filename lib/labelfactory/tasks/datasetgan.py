@@ -1,11 +1,11 @@
-"""MONAI Label adapters for the DatasetGAN interpreter: trainer `interpreter` and infer `datasetgan`.
+"""MONAI Label adapters for the DatasetGAN interpreter: trainer `datasetgan` and infer `datasetgan`.
 
 Trainer: every generated image in the datastore (image info holding a latent record of the
 current generator, `labelfactory.latent_record`) with a final label -> the pixel-classifier
-ensemble, features regenerated from each w -> `<model_dir>/interpreter.pt` (atomic) and
-`<model_dir>/interpreter_train_stats.json`. Same library call as `labelfactory train-interpreter`.
-Infer: the mask of a generated image, recomputed from the w its latent record holds. Infers see
-only the request: the app adds the image's latent record to it (apps/labelfactory/main.py).
+ensemble, features regenerated from each w -> `<model_dir>/datasetgan.pt` (atomic) and
+`<model_dir>/datasetgan_train_stats.json`. Same library call as `labelfactory train-datasetgan`.
+Infer: the mask of a generated image, recomputed from the w its latent record holds (`prepare`
+adds the record from the datastore; the app calls it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from labelfactory.datasetgan.labeller import KIND, MODEL_FILE, Interpreter, load_interpreter, save_interpreter
+from labelfactory.datasetgan.labeller import (
+    KIND,
+    MODEL_FILE,
+    Interpreter,
+    load_interpreter,
+    model_file,
+    save_interpreter,
+)
 from labelfactory.datasetgan.records import load_records, records_from_datastore
 from labelfactory.datasetgan.taps import ws_from_w
 from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
@@ -35,30 +42,31 @@ from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
 
-class InterpreterModels:
+class DatasetGANModels:
     """The served generator and the interpreter trained on it; both reload when their files change."""
 
     def __init__(self, model_dir: str | os.PathLike, label_names: dict[str, int] | None = None):
         self.model_dir = Path(model_dir)
         self.label_names = label_names  # the served label map: an interpreter trained with another is refused (409)
         self.generator = ModelCache(self.model_dir / GENERATOR_FILE, load_generator, "train stylegan2 first")
-        self._cache: tuple[Any, ModelCache] | None = None  # (generator, its interpreter cache)
+        self._cache: tuple[Any, Path, ModelCache] | None = None  # (generator, model file, its interpreter cache)
         self._lock = threading.Lock()
 
     def interpreter(self) -> Interpreter:
         """The interpreter for the served generator; ModelMissing (409) while none is trained for it."""
         G = self.generator.get()
+        path = model_file(self.model_dir)
         with self._lock:
-            if self._cache is None or self._cache[0] is not G:
-                hint = "label a few generated images, then train interpreter first"
-                self._cache = (G, ModelCache(self.model_dir / MODEL_FILE, lambda p: load_interpreter(p, G), hint))
-            interp = self._cache[1].get()
+            if self._cache is None or self._cache[0] is not G or self._cache[1] != path:
+                hint = "label a few generated images, then train datasetgan first"
+                self._cache = (G, path, ModelCache(path, lambda p: load_interpreter(p, G), hint))
+            interp = self._cache[2].get()
         if self.label_names is not None:
-            require_same_map(interp.label_names, self.label_names, MODEL_FILE)
+            require_same_map(interp.label_names, self.label_names, path.name)
         return interp
 
 
-class InterpreterTrain(TrainBase):
+class DatasetGANTrain(TrainBase):
     """Fits the ensemble on all labelled generated images of the current generator."""
 
     name = KIND
@@ -69,8 +77,11 @@ class InterpreterTrain(TrainBase):
         model_dir: str | os.PathLike,
         defaults: DatasetGANConfig | None = None,
         label_names: dict[str, int] = LABEL_NAMES,
+        deprecated_as: str | None = None,
     ):
         description = "DatasetGAN style interpreter: an ensemble of pixel MLPs on the generator's features"
+        if deprecated_as:  # an old name that still trains the same model (Slicer's saved settings keep working)
+            description = f"'{deprecated_as}' is deprecated, use '{KIND}' (the same trainer): {description}"
         super().__init__(f"{description}, from labelled generated images", model_dir, defaults or DatasetGANConfig())
         self.label_names = dict(label_names)
 
@@ -84,7 +95,7 @@ class InterpreterTrain(TrainBase):
             msg = (
                 "no labelled generated images of the current generator: get generated images (next sample), label them"
             )
-            raise LabelFactoryError(f"{msg}, then train interpreter", status=409)
+            raise LabelFactoryError(f"{msg}, then train datasetgan", status=409)
         K = max(self.label_names.values()) + 1
         records = load_records(G, items, K, cfg.ignore_index)
         ens, history = train_ensemble(G, records, K, cfg, progress=False)
@@ -103,7 +114,7 @@ class InterpreterTrain(TrainBase):
 class DatasetGANInfer(InferBase):
     """Mask of a generated image, recomputed from its recorded w by the generator and the interpreter."""
 
-    def __init__(self, models: InterpreterModels, label_names: dict[str, int] = LABEL_NAMES):
+    def __init__(self, models: DatasetGANModels, label_names: dict[str, int] = LABEL_NAMES):
         description = "DatasetGAN: the interpreter's mask of a generated image (from the w in its info)"
         super().__init__(models.model_dir / MODEL_FILE, InferType.SEGMENTATION, foreground(label_names), 2, description)
         self.models = models

@@ -28,7 +28,7 @@ from labelfactory.latent_record import LATENT_KEY, TRUNCATION_PSI, latent_record
 from labelfactory.options import SEED_RANGE, cast
 from labelfactory.stylegan2.identity import generated_to_image, generator_identity, generator_window, seed_name
 from labelfactory.tasks.base import InferBase, result_file
-from labelfactory.tasks.datasetgan import InterpreterModels
+from labelfactory.tasks.datasetgan import DatasetGANModels
 from labelfactory.tasks.datastore import LabelFactoryDatastore
 
 SEED_ID = re.compile(r"^seed(\d{1,9})$")
@@ -67,7 +67,7 @@ class SynthesisInfer(InferBase):
 
     def __init__(
         self,
-        models: InterpreterModels,
+        models: DatasetGANModels,
         truncation_psi: float = TRUNCATION_PSI,
         label_names: dict[str, int] = LABEL_NAMES,
     ):

@@ -1,11 +1,11 @@
-"""DatasetGAN: trainer `interpreter` (model file interpreter.pt), infers `datasetgan` (mask of a
-generated image) and `synthesis` (a new image + mask from a seed), next-sample strategy
-`generated_uncertain` and scoring `generated_uncertainty`.
+"""DatasetGAN: trainer `datasetgan` (model file datasetgan.pt; `interpreter`, its old name, still trains
+it), infers `datasetgan` (mask of a generated image) and `synthesis` (a new image + mask from a seed),
+next-sample strategy `generated_uncertain` and scoring `generated_uncertainty`.
 
-Conf: interpreter_<option> for each trainer option (`InterpreterTrain.options`; defaults:
-`labelfactory.datasetgan.train.DatasetGANConfig`), candidates (K new images scored per next sample),
-explore (every N-th next sample a random new image; 0 never; default 2) and truncation_psi (defaults:
-`GeneratedUncertain`'s, `SynthesisInfer`'s).
+Conf: datasetgan_<option> (or the older interpreter_<option>) for each trainer option
+(`DatasetGANTrain.options`; defaults: `labelfactory.datasetgan.train.DatasetGANConfig`), candidates
+(K new images scored per next sample), explore (every N-th next sample a random new image; 0 never;
+default 2) and truncation_psi (defaults: `GeneratedUncertain`'s, `SynthesisInfer`'s).
 """
 
 from monailabel.interfaces.config import TaskConfig
@@ -14,19 +14,20 @@ from labelfactory.datasetgan.train import DatasetGANConfig
 from labelfactory.labels import DEFAULT
 from labelfactory.options import config_overrides
 from labelfactory.tasks.active_learning import GeneratedUncertain, GeneratedUncertainty
-from labelfactory.tasks.datasetgan import DatasetGANInfer, InterpreterModels, InterpreterTrain
+from labelfactory.tasks.datasetgan import DatasetGANInfer, DatasetGANModels, DatasetGANTrain
 from labelfactory.tasks.synthesis import SynthesisInfer
 
 
 class DatasetGAN(TaskConfig):
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
-        self.defaults = config_overrides(DatasetGANConfig(), conf, InterpreterTrain.options, prefix="interpreter_")
+        legacy = config_overrides(DatasetGANConfig(), conf, DatasetGANTrain.options, prefix="interpreter_")
+        self.defaults = config_overrides(legacy, conf, DatasetGANTrain.options, prefix="datasetgan_")
         self.candidates = {"candidates": int(conf["candidates"])} if conf.get("candidates") else {}
         self.psi = {"truncation_psi": float(conf["truncation_psi"])} if conf.get("truncation_psi") else {}
         self.explore = {"explore": int(conf["explore"])} if conf.get("explore") else {}
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
-        self.models = InterpreterModels(model_dir, self.label_names)
+        self.models = DatasetGANModels(model_dir, self.label_names)
 
     def infer(self):
         return {
@@ -35,7 +36,12 @@ class DatasetGAN(TaskConfig):
         }
 
     def trainer(self):
-        return {"interpreter": InterpreterTrain(self.model_dir, self.defaults, self.label_names)}
+        return {
+            "datasetgan": DatasetGANTrain(self.model_dir, self.defaults, self.label_names),
+            "interpreter": DatasetGANTrain(
+                self.model_dir, self.defaults, self.label_names, deprecated_as="interpreter"
+            ),
+        }
 
     def strategy(self):
         return {"generated_uncertain": GeneratedUncertain(self.models, **self.candidates, **self.psi, **self.explore)}
