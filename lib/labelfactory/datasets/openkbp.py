@@ -8,12 +8,22 @@ Layout (as converted from the challenge's CSV files): `volumes/<case>_ct.nii.gz`
 The body fills only 30-60 of the 128 pixels across, so slices are cropped, not resized: a
 `size` x `size` box at the native in-plane spacing, centred on the body (voxels above
 `BODY_HU`) of that slice. `CropBox` records where, so a mask goes back onto the CT's grid.
+
+OpenKBP's CT holds values only near the planned dose: the cranial slices through the brainstem and
+the caudal ones through the spinal cord show 10-100 body pixels, the rest -1000. Every slice with
+any body is therefore cropped (`min_body=1`); the former 200-pixel threshold skipped a quarter of
+the brainstem and spinal-cord voxels (`crop_coverage`, benchmarks/results/openkbp_crop_coverage.json).
+The GAN still learns from slices with >= MIN_BODY_PIXELS of body (mostly-air slices teach it little).
+
+Contours are partial: a structure file missing from a patient means "not contoured", not "absent".
+`CaseSlices.contoured` says which organs were (the partial-label contract of docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +56,7 @@ CSV_ORGANS: dict[str, int] = {
 }
 PTV70 = 3
 BODY_HU = -500.0  # air below, soft tissue and bone above
-MIN_BODY_PIXELS = 200  # slices with less body than this (about 30 cm^2 at 4 mm) are skipped
+MIN_BODY_PIXELS = 200  # the GAN's slices hold at least this much body (about 30 cm^2 at 4 mm)
 WINDOW = Window(level=50.0, width=800.0)  # [-350, 450] HU: fat, soft tissue and the organs apart; bone saturates
 
 
@@ -113,12 +123,13 @@ def read_array(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def body_boxes(ct_hu: np.ndarray, size: int) -> list[CropBox]:
-    """One box per slice of (z, y, x) HU holding >= MIN_BODY_PIXELS of body, centred on that slice's body centroid."""
+def body_boxes(ct_hu: np.ndarray, size: int, min_body: int = 1) -> list[CropBox]:
+    """One box per slice of (z, y, x) HU holding >= `min_body` pixels of body (> BODY_HU), centred on that slice's
+    body centroid."""
     boxes = []
     for z, body in enumerate(ct_hu > BODY_HU):
         ys, xs = np.nonzero(body)
-        if len(ys) >= MIN_BODY_PIXELS:
+        if len(ys) >= max(min_body, 1):
             boxes.append(CropBox(z, int(round(ys.mean())) - size // 2, int(round(xs.mean())) - size // 2, size))
     return boxes
 
@@ -132,6 +143,18 @@ def crop(volume: np.ndarray, boxes: list[CropBox], fill: float) -> np.ndarray:
     return np.stack([pad[b.z, b.y0 + s : b.y0 + 2 * s, b.x0 + s : b.x0 + 2 * s] for b in boxes])
 
 
+def crop_coverage(label: np.ndarray, boxes: list[CropBox], values: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """value -> (voxels of that value inside the boxes, voxels in all) of a (z, y, x) label map."""
+    inside = np.zeros(label.shape, bool)
+    for b in boxes:
+        inside[b.z, max(b.y0, 0) : max(b.y0 + b.size, 0), max(b.x0, 0) : max(b.x0 + b.size, 0)] = True
+    out = {}
+    for v in values:
+        organ = label == v
+        out[int(v)] = (int(np.count_nonzero(organ & inside)), int(np.count_nonzero(organ)))
+    return out
+
+
 def paste(crops: np.ndarray, boxes: list[CropBox], shape: tuple[int, int, int], fill: int = 0) -> np.ndarray:
     """The inverse of `crop` for masks: (N, size, size) crops -> a (z, y, x) volume of `shape`, `fill` elsewhere."""
     s = boxes[0].size if boxes else 0
@@ -141,29 +164,47 @@ def paste(crops: np.ndarray, boxes: list[CropBox], shape: tuple[int, int, int], 
     return out[:, s : s + shape[1], s : s + shape[2]]
 
 
+def contoured_flags(case: Case) -> torch.Tensor:
+    """(1 + len(ORGANS),) bool: index 0 background (always True), index k True when organ k was contoured."""
+    flags = torch.zeros(1 + len(ORGANS), dtype=torch.bool)
+    flags[0] = True
+    flags[list(case.organs_present)] = True
+    return flags
+
+
 @dataclass
 class CaseSlices:
-    """The crops of one case: images (N, 1, size, size) float32 in [-1, 1], organs and PTV (N, size, size) int64."""
+    """The crops of one case: images (N, 1, size, size) float32 in [-1, 1], organs and PTV (N, size, size) int64;
+    `contoured` (1 + len(ORGANS),) bool: which organ values were contoured (background always), as `organs` holds 0
+    where an organ was not contoured."""
 
     case: Case
     boxes: list[CropBox]
     images: torch.Tensor
     organs: torch.Tensor
     ptv: torch.Tensor
+    contoured: torch.Tensor
 
 
-def load_case(case: Case, size: int = 64, window: Window = WINDOW) -> CaseSlices:
-    """Crop every body slice of one case (CT, organ map, PTV map share the boxes)."""
+def load_case(case: Case, size: int = 64, window: Window = WINDOW, min_body: int = 1) -> CaseSlices:
+    """Crop every slice of one case with >= `min_body` body pixels (CT, organ map, PTV map share the boxes)."""
     ct = read_array(case.ct).astype(np.float32)
-    boxes = body_boxes(ct, size)
+    boxes = body_boxes(ct, size, min_body)
     images = window.to_unit(crop(ct, boxes, fill=-1000.0))[:, None]
     organs = crop(read_array(case.label), boxes, fill=0).astype(np.int64)
     ptv = crop(read_array(case.ptv), boxes, fill=0).astype(np.int64) if case.ptv.is_file() else np.zeros_like(organs)
     return CaseSlices(
-        case, boxes, torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(organs), torch.from_numpy(ptv)
+        case,
+        boxes,
+        torch.from_numpy(np.ascontiguousarray(images)),
+        torch.from_numpy(organs),
+        torch.from_numpy(ptv),
+        contoured_flags(case),
     )
 
 
-def load_slices(root: str | os.PathLike, split: str, size: int = 64, window: Window = WINDOW) -> list[CaseSlices]:
-    """Every case of a split, cropped."""
-    return [load_case(c, size, window) for c in read_cases(root, split)]
+def load_slices(
+    root: str | os.PathLike, split: str, size: int = 64, window: Window = WINDOW, min_body: int = 1
+) -> list[CaseSlices]:
+    """Every case of a split, cropped (slices with >= `min_body` body pixels)."""
+    return [load_case(c, size, window, min_body) for c in read_cases(root, split)]

@@ -27,7 +27,7 @@ def openkbp_training_slices(root: str | os.PathLike, split: str, resolution: int
     """(N, 1, R, R) body-centred crops of an OpenKBP split at native spacing, and the data record for the checkpoint."""
     from labelfactory.datasets import openkbp
 
-    cases = openkbp.load_slices(root, split, resolution)
+    cases = openkbp.load_slices(root, split, resolution, min_body=openkbp.MIN_BODY_PIXELS)  # mostly-air slices out
     images = torch.cat([c.images for c in cases])
     info = {
         "dataset": "openkbp",
