@@ -201,3 +201,47 @@ def check_label_values(labels: np.ndarray, label_names: dict[str, int] = LABEL_N
 def foreground(label_names: dict[str, int]) -> dict[str, int]:
     """The label map without background (value 0): the segments Slicer shows."""
     return {k: v for k, v in label_names.items() if v}
+
+
+# ---- partial labels: which organs a label contains (docs/DESIGN.md "Partial labels") ----
+
+CONTOURED_KEY = "contoured"  # label info: the organ names the annotator contoured (absent: every organ of the map)
+
+
+def check_contoured(names: Any, label_names: dict[str, int]) -> list[str]:
+    """A label info's `contoured` value -> the organ names as the map spells them, in map order; 400 naming the
+    valid organs when it is not a list of organ names of `label_names` (name -> value; background is no organ)."""
+    organs = foreground(label_names)
+    valid = ", ".join(organs)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LabelFactoryError(
+            f"'{CONTOURED_KEY}' must be a list of organ names (of: {valid}), got {names!r:.80}", status=400
+        )
+    lookup = {n.lower(): n for n in organs}
+    unknown = [n for n in names if n.lower() not in lookup]
+    if unknown:
+        raise LabelFactoryError(
+            f"'{CONTOURED_KEY}' names {', '.join(repr(n) for n in unknown)}, which the label map does not hold; "
+            f"the organs are: {valid}",
+            status=400,
+        )
+    chosen = {lookup[n.lower()] for n in names}
+    return [n for n in organs if n in chosen]
+
+
+def contoured_flags(names: list[str] | None, label_names: dict[str, int]) -> np.ndarray:
+    """Organ names (None: every organ) -> (n_classes,) bool, n_classes = 1 + the largest value; index 0 (background)
+    always True, index v True when the organ of value v is named."""
+    flags = np.zeros(max(label_names.values()) + 1, bool)
+    flags[0] = True
+    chosen = (
+        foreground(label_names) if names is None else {n: label_names[n] for n in check_contoured(names, label_names)}
+    )
+    flags[list(chosen.values())] = True
+    return flags
+
+
+def contoured_names(flags: Any, label_names: dict[str, int]) -> list[str]:
+    """(n_classes,) bool flags -> the organ names flagged, in map order (the inverse of `contoured_flags`)."""
+    flags = np.asarray(flags, bool)
+    return [n for n, v in foreground(label_names).items() if v < len(flags) and flags[v]]

@@ -2,13 +2,15 @@
 
 Layout: images at the top (`*.nii.gz`, `*.nii`, `*.nrrd`, `*.png`), their labels at
 `labels/final/<same name>`. A DICOM series is a sub-folder of DICOM files; other sub-folders
-(e.g. `reference/` masks) are not studies.
+(e.g. `reference/` masks) are not studies. Which organs a final label contains is its info's
+`contoured` list in the datastore index (`datastore_v2.json`), when the index has one.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,15 +19,20 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import PICTURE_SUFFIXES, VOLUME_SUFFIXES, read_image, read_label, suffix_of
 from labelfactory.io.slices import label_to_slices, volume_to_slices
 from labelfactory.io.windowing import Window
+from labelfactory.labels import CONTOURED_KEY
+
+INDEX = "datastore_v2.json"  # MONAI Label's local datastore index (labelfactory.tasks.datastore writes it)
 
 
 @dataclass(frozen=True)
 class Study:
-    """One image (file or DICOM folder) and its final label, if any; `id` is the file name less its suffix."""
+    """One image (file or DICOM folder) and its final label, if any; `id` is the file name less its suffix.
+    `contoured`: the organ names the label contains (its datastore info's `contoured`); None: every organ."""
 
     id: str
     image: Path
     label: Path | None
+    contoured: tuple[str, ...] | None = None
 
 
 def find_studies(folder: str | os.PathLike) -> list[Study]:
@@ -34,11 +41,13 @@ def find_studies(folder: str | os.PathLike) -> list[Study]:
     if not folder.is_dir():
         raise LabelFactoryError(f"{folder}: no such folder of studies")
     out = []
+    contoured = indexed_contoured(folder)
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name == "labels":
             continue
         if p.is_file() and suffix_of(p) in VOLUME_SUFFIXES + PICTURE_SUFFIXES:
-            out.append(study_of(p))
+            s = study_of(p)
+            out.append(replace(s, contoured=contoured.get(s.id)) if s.label else s)
         elif p.is_dir() and _holds_dicom(p):
             out.append(Study(p.name, p, None))
     return out
@@ -54,6 +63,27 @@ def study_of(image: Path) -> Study:
         else None
     )
     return Study(sid, image, label)
+
+
+def indexed_contoured(folder: Path) -> dict[str, tuple[str, ...]]:
+    """image id -> the `contoured` organ names of its final label's info in the folder's datastore index (ids whose
+    label says nothing are left out); {} without an index."""
+    index = folder / INDEX
+    if not index.is_file():
+        return {}
+    try:
+        objects = json.loads(index.read_text()).get("objects") or {}
+    except (ValueError, AttributeError) as e:
+        raise LabelFactoryError(f"{index}: not a datastore index ({e}); fix or delete it") from None
+    out = {}
+    for image_id, obj in objects.items():
+        names = ((((obj or {}).get("labels") or {}).get("final") or {}).get("info") or {}).get(CONTOURED_KEY)
+        if names is None:
+            continue
+        if not isinstance(names, list):
+            raise LabelFactoryError(f"{index}: label of {image_id}: '{CONTOURED_KEY}' must be a list of organ names")
+        out[image_id] = tuple(names)
+    return out
 
 
 def _holds_dicom(folder: Path) -> bool:

@@ -1,7 +1,9 @@
 """Image-mask pair data sets for the segmenters: synthetic pairs on disk, real labelled slices, and mixes.
 
-Every item is {"image": (1, S, S) float32 in [-1, 1], "label": (1, S, S) int64}. Every data set
-also knows each item's group (`groups[i]`): the patient (study id) of a real slice, the seed of a
+Every item is {"image": (1, S, S) float32 in [-1, 1], "label": (1, S, S) int64, "contoured": (C,) bool}
+(docs/DESIGN.md "Partial labels"): C counts background; index 0 is background (always True), index k
+is label value k, True when that organ was contoured, so a 0 in "label" means background only where
+the organ was contoured. Synthetic pairs are labelled whole (all True). Every data set also knows each item's group (`groups[i]`): the patient (study id) of a real slice, the seed of a
 synthetic pair. Splits are made over groups, never over items (see labelfactory.evaluation.splits).
 
 Synthetic layout (written by labelfactory.datasetgan.synthesis): `<dir>/images/seed<NNNNNN>.nii.gz` and
@@ -22,21 +24,55 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Window, label_to_slices, read_image, read_label, volume_to_slices
 from labelfactory.io.dataset import Study, find_studies, load_labelled_slices
 from labelfactory.io.image import suffix_of
+from labelfactory.labels import LABEL_NAMES, contoured_flags
 
 
 class RealSlices(Dataset):
-    """Labelled axial slices held in memory: images (N, 1, S, S), masks (N, S, S), groups = study ids."""
+    """Labelled axial slices held in memory: images (N, 1, S, S), masks (N, S, S) (any integer type; items are
+    int64), groups = study ids; `contoured` (N, C) or, for every slice alike, (C,) bool: which label values were
+    contoured (None: all of `classes`, default 1 + the largest mask value)."""
 
-    def __init__(self, images: torch.Tensor, masks: torch.Tensor, groups: Sequence[str]):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        groups: Sequence[str],
+        contoured: torch.Tensor | None = None,
+        classes: int | None = None,
+    ):
         if not (len(images) == len(masks) == len(groups)):
             raise ValueError("images, masks and groups differ in length")
-        self.images, self.masks, self.groups = images, masks, list(groups)
+        if contoured is None:
+            n = classes if classes is not None else int(masks.max()) + 1 if len(masks) else 1
+            contoured = torch.ones(n, dtype=torch.bool)
+        contoured = torch.as_tensor(contoured, dtype=torch.bool)
+        if contoured.ndim == 1:
+            contoured = contoured.expand(len(images), -1)
+        if contoured.shape[0] != len(images) or (classes is not None and contoured.shape[1] != classes):
+            raise ValueError(f"contoured is {tuple(contoured.shape)}, expected ({len(images)}, {classes or 'C'})")
+        if len(masks) and int(masks.max()) >= contoured.shape[1]:
+            raise ValueError(f"masks hold value {int(masks.max())}, beyond the {contoured.shape[1]} classes")
+        self.images, self.masks, self.groups, self.contoured = images, masks, list(groups), contoured
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i], "label": self.masks[i][None]}
+        return {"image": self.images[i], "label": self.masks[i][None].long(), "contoured": self.contoured[i].clone()}
+
+
+def case_slices_set(cases: Sequence) -> RealSlices:
+    """OpenKBP `CaseSlices` (labelfactory.datasets.openkbp) -> one RealSlices: organ masks as uint8 (8x smaller than
+    int64), groups = patient names, each slice flagged with its patient's contoured organs."""
+    cases = [c for c in cases if len(c.images)]
+    if not cases:
+        raise LabelFactoryError("no OpenKBP slices to train on")
+    return RealSlices(
+        torch.cat([c.images for c in cases]),
+        torch.cat([c.organs for c in cases]).to(torch.uint8),
+        [c.case.name for c in cases for _ in range(len(c.images))],
+        torch.cat([c.contoured.expand(len(c.images), -1) for c in cases]),
+    )
 
 
 class SyntheticPairs(Dataset):
@@ -51,6 +87,7 @@ class SyntheticPairs(Dataset):
     ):
         self.pairs, self.size, self.window, self.label_names = list(pairs), size, window, label_names
         self.groups = [_stem(p) for p, _ in self.pairs]
+        self.classes = max((label_names or LABEL_NAMES).values()) + 1  # the annotator labels every organ
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -62,7 +99,7 @@ class SyntheticPairs(Dataset):
         y = label_to_slices(read_label(label_path, image, self.label_names), geom)
         if len(x) != 1:
             raise LabelFactoryError(f"{image_path.name}: a synthetic pair must be one 2D slice, found {len(x)}")
-        return {"image": x[0], "label": y[:1]}
+        return {"image": x[0], "label": y[:1], "contoured": torch.ones(self.classes, dtype=torch.bool)}
 
 
 class PairSubset(Subset):
@@ -116,15 +153,21 @@ def real_slices(
     foreground_only: bool = True,
 ) -> RealSlices:
     """Labelled slices of real studies (a folder or a list of Study); with `foreground_only`, slices showing at least
-    one labelled structure."""
+    one labelled structure. Each slice is flagged with its study's `contoured` organs (None: all)."""
     studies = find_studies(studies) if isinstance(studies, (str, os.PathLike)) else list(studies)
+    names = label_names or LABEL_NAMES
+    flags = {s.id: torch.from_numpy(contoured_flags(_listed(s.contoured), names)) for s in studies if s.label}
     images, masks, ids = load_labelled_slices(studies, size, window, label_names)
     if foreground_only:
         keep = (masks > 0).flatten(1).any(1)
         if not keep.any():
             raise LabelFactoryError("the labelled studies hold no labelled structure on any slice")
         images, masks, ids = images[keep], masks[keep], [g for g, k in zip(ids, keep.tolist(), strict=True) if k]
-    return RealSlices(images, masks, ids)
+    return RealSlices(images, masks, ids, torch.stack([flags[g] for g in ids]))
+
+
+def _listed(names: Sequence[str] | None) -> list[str] | None:
+    return None if names is None else list(names)
 
 
 def evenly_spaced(n_items: int, k: int) -> list[int]:

@@ -4,7 +4,9 @@ Validation: image ids stay inside the datastore (plain names, never paths); uplo
 be readable 2D/3D images; submitted labels must match their image's shape and hold only values
 of the label map. Slicer's `.seg.nrrd` labels (and NIfTI labels sent with Slicer's `label_info`)
 are mapped onto the app's values by segment name and stored as NIfTI, so trainers always read
-one format with one set of values.
+one format with one set of values. A label's info may say which organs it contains (`contoured`, organ
+names of the map; absent: all of them): unknown names are refused (400) and the trainers read it
+(`final_studies`).
 
 All or nothing: every change is validated whole (info must be strict JSON: finite numbers, nested at
 most MAX_INFO_DEPTH deep), the new index is serialised before any file moves, and the file and the
@@ -53,14 +55,15 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
-from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image, read_label, write_image
-from labelfactory.io.image import geometry_difference
+from labelfactory.io.dataset import Study
+from labelfactory.io.image import geometry_difference, suffix_of
 from labelfactory.jsonio import TMP_SUFFIX, temp_beside, write_atomic, write_json_atomic
-from labelfactory.labels import LABEL_NAMES
+from labelfactory.labels import CONTOURED_KEY, LABEL_NAMES, check_contoured
 from labelfactory.latent_record import LATENT_KEY, PROVENANCE_SUFFIX
 from labelfactory.options import cast
 
@@ -119,6 +122,18 @@ def client_info(info: Any, what: str) -> dict[str, Any]:
         )
     check_strict_json(info, what)
     return copy.deepcopy(info)
+
+
+def final_studies(datastore: Datastore) -> list[Study]:
+    """The datastore's images with a final label, as Study, each with the organs its label's info says were
+    contoured (None: every organ)."""
+    studies = []
+    for d in datastore.datalist():
+        image = Path(d["image"])
+        sid = image.name[: -len(suffix_of(image))]
+        names = (datastore.get_label_info(sid, DefaultLabelTag.FINAL.value) or {}).get(CONTOURED_KEY)
+        studies.append(Study(sid, image, Path(d["label"]), None if names is None else tuple(names)))
+    return studies
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -261,9 +276,16 @@ class LabelFactoryDatastore(LocalDatastore):
             super().update_image_info(image_id, info)
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
-        info = client_info(info, f"the info of label {label_tag}/{label_id}")
+        info = self._checked_contoured(client_info(info, f"the info of label {label_tag}/{label_id}"))
         with self._change():
             super().update_label_info(label_id, label_tag, info)
+
+    def _checked_contoured(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Label info with its `contoured` organ names (if any) checked against the label map (400 naming the
+        valid organs) and spelt as the map spells them."""
+        if CONTOURED_KEY in info:
+            info[CONTOURED_KEY] = check_contoured(info[CONTOURED_KEY], self.label_names)
+        return info
 
     def set_name(self, name: str) -> None:
         check_strict_json(name, "the datastore's name")
@@ -446,7 +468,7 @@ class LabelFactoryDatastore(LocalDatastore):
         image_path = self.require_image(image_id)
         label_tag = check_id(label_tag or DefaultLabelTag.FINAL.value, "label tag")
         if by_model is None:
-            info = client_info(label_info, f"the info of label {label_tag}/{image_id}")
+            info = self._checked_contoured(client_info(label_info, f"the info of label {label_tag}/{image_id}"))
         else:  # MONAI Label's infer: {"model": ..., "params": the result JSON}, none of it from a client's info
             info = dict(label_info or {})
             check_strict_json(info, f"the info of model {by_model}'s label")

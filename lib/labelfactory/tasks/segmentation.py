@@ -19,8 +19,6 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from labelfactory.io import Image, read_image
-from labelfactory.io.dataset import Study
-from labelfactory.io.image import suffix_of
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
 from labelfactory.options import cast, exposed
@@ -29,6 +27,7 @@ from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import KIND, MODEL_FILE, SegmentationConfig, train_segmenter
 from labelfactory.tasks.base import InferBase, TrainBase
+from labelfactory.tasks.datastore import final_studies
 from labelfactory.tasks.models import ModelCache
 
 
@@ -67,10 +66,7 @@ class SegmentationTrain(TrainBase):
         synthetic = self.request_path(request, "synthetic", self.synthetic_dir, datastore) or None
         if synthetic and not Path(synthetic, "images").is_dir():
             synthetic = None  # nothing synthesized yet: real labels only
-        studies = [
-            Study(Path(d["image"]).name[: -len(suffix_of(d["image"]))], Path(d["image"]), Path(d["label"]))
-            for d in datastore.datalist()
-        ]
+        studies = final_studies(datastore)  # each with its label's contoured organs (partial labels)
         # real patients only: labelled generated images (DatasetGAN's loop) belong to the interpreter
         studies = [s for s in studies if not is_generated(datastore.get_image_info(s.id))]
         k_real, val_patients = real_options(request)
