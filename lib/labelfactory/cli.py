@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "labelfactory.stylegan2.import_gan",
         "a stylegan2-ada-pytorch G_ema as our generator file (no code run)",
     ),
+    "add-label": (
+        "labelfactory.tasks.add_label",
+        "save a label into a folder datastore, naming the organs it contains (--contoured; default every organ)",
+    ),
     "openkbp-download": (
         "labelfactory.datasets.convert_openkbp",
         "download OpenKBP (head-and-neck CT, organs, PTVs), convert it to NIfTI + cases.csv (or --from a local copy)",

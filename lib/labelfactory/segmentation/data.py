@@ -3,8 +3,9 @@
 Every item is {"image": (1, S, S) float32 in [-1, 1], "label": (1, S, S) int64, "contoured": (C,) bool}
 (docs/DESIGN.md "Partial labels"): C counts background; index 0 is background (always True), index k
 is label value k, True when that organ was contoured, so a 0 in "label" means background only where
-the organ was contoured. Synthetic pairs are labelled whole (all True). Every data set also knows each item's group (`groups[i]`): the patient (study id) of a real slice, the seed of a
-synthetic pair. Splits are made over groups, never over items (see labelfactory.evaluation.splits).
+the organ was contoured. Synthetic pairs are labelled whole (all True). Every data set also knows
+each item's group (`groups[i]`): the patient (study id) of a real slice, the seed of a synthetic
+pair. Splits are made over groups, never over items (see labelfactory.evaluation.splits).
 
 Synthetic layout (written by labelfactory.datasetgan.synthesis): `<dir>/images/seed<NNNNNN>.nii.gz` and
 `<dir>/labels/seed<NNNNNN>.nii.gz`, CT intensities in HU like any real image.
