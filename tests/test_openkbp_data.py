@@ -114,3 +114,22 @@ def test_download_unpacks_only_provided_data_and_the_licence(tmp_path):
         "LICENSE",
         "provided-data",
     ]
+
+
+def test_crops_cover_every_organ_voxel_of_slices_with_little_body():
+    """OpenKBP's CT shows only a little body on the brainstem's top slices: those are cropped too (min_body=1), where
+    the GAN's threshold (MIN_BODY_PIXELS) leaves them out. Hand count: organ 1 has 4 voxels on the 49-pixel-body slice
+    and 4 on a full one; organ 2 lies outside every box."""
+    ct = np.full((3, 40, 40), -1000.0, np.float32)
+    ct[0, 10:17, 10:17] = 40.0  # 49 pixels of body, centroid (13, 13)
+    ct[1, 5:35, 5:35] = 40.0  # 900 pixels
+    label = np.zeros(ct.shape, np.uint8)
+    label[0, 12:14, 12:14] = 1
+    label[1, 20:22, 20:22] = 1
+    label[2, 0:3, 0:3] = 2  # slice 2 has no body: no box
+    every = openkbp.crop_coverage(label, openkbp.body_boxes(ct, 16), [1, 2])
+    assert every == {1: (8, 8), 2: (0, 9)}
+    gan = openkbp.crop_coverage(label, openkbp.body_boxes(ct, 16, openkbp.MIN_BODY_PIXELS), [1, 2])
+    assert gan == {1: (4, 8), 2: (0, 9)}
+    [small, _] = openkbp.body_boxes(ct, 16)
+    assert (small.z, small.y0, small.x0) == (0, 13 - 8, 13 - 8)  # centred on the body's centroid
