@@ -269,3 +269,19 @@ def test_a_nii_gz_is_decompressed_once(sample, monkeypatch):
     assert inflated[1] == 352 + img.array.size * img.array.dtype.itemsize
     assert len(itk_read) == 1 and not itk_read[0].endswith(".gz"), "ITK must read the inflated bytes"
     assert img.array.shape == sitk.GetArrayFromImage(real_read(str(sample / "datastore" / "torso_3mm.nii.gz"))).shape
+
+
+@pytest.mark.slow
+def test_contoured_organs_outside_the_label_map_are_400_naming_the_valid_ones(server):
+    final = server.studies / "labels" / "final" / "torso_3mm.nii.gz"
+    before = final.read_bytes()
+    r = _put_label(server.url, "torso_3mm", final, {"contoured": ["liver", "brainstem"]})
+    assert r.status_code == 400 and "'brainstem'" in r.json()["detail"] and "left kidney" in r.json()["detail"]
+    r = requests.put(
+        f"{server.url}/datastore/label/info",
+        params={"label": "torso_3mm", "tag": "final"},
+        data={"info": json.dumps({"contoured": "liver"})},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "list of organ names" in r.json()["detail"]
+    assert final.read_bytes() == before
