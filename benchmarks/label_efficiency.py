@@ -1309,8 +1309,8 @@ def git_commit() -> str:
 
 
 def seg_config(network: str, size: int, steps: int, batch_size: int, seed: int, **extra) -> TrainConfig:
-    """The library TrainConfig for one segmenter; `extra` (augment, schedule, batch_dice, real_share, init_from...)
-    is set where TrainConfig has the field, else SystemExit naming it."""
+    """The library TrainConfig for one segmenter; `extra` (schedule, batch_dice, init_from...) is set where
+    TrainConfig has the field, else SystemExit naming it. `augment` and `real_share` go to `training_set`."""
     known = {f.name for f in fields(TrainConfig)}
     missing = sorted(k for k, v in extra.items() if k not in known and v not in (None, "none", False, 0, 0.0))
     if missing:
@@ -1326,6 +1326,50 @@ def seg_config(network: str, size: int, steps: int, batch_size: int, seed: int, 
         slicing="body-crop",
         window=(openkbp.WINDOW.level, openkbp.WINDOW.width),
         **{k: v for k, v in extra.items() if k in known},
+    )
+
+
+def training_set(pairs: PairSet, augment: str, seed: int, real_share: float | None = None, n_real: int = 0):
+    """ADAPTER until seg-train's TrainConfig.augment / real_share: the dataset `train_segmenter` gets. With
+    `real_share`, the first `n_real` items (the real slices) are repeated so they make that share of an epoch;
+    with augment "nnunet2d", each item passes `nnunet2d_augment` (seeded)."""
+    if real_share:
+        n_syn = len(pairs) - n_real
+        k = max(1, round(real_share / (1 - real_share) * n_syn / max(1, n_real)))
+        idx = torch.cat([torch.arange(n_real).repeat(k), torch.arange(n_real, len(pairs))])
+        pairs = PairSet(pairs.images[idx], pairs.masks[idx], pairs.contoured[idx])
+    if augment == "none":
+        return pairs
+    from monai.data import Dataset
+
+    transform = nnunet2d_augment()
+    transform.set_random_state(seed)
+    return Dataset([pairs[i] for i in range(len(pairs))], transform)
+
+
+def nnunet2d_augment():
+    """The nnU-Net 2D recipe's strengths (ADAPTER until seg-train's augment="nnunet2d"): rotation +-15 degrees,
+    scale 0.85-1.25, flips none (left/right organs have distinct labels), then gamma, contrast, noise and blur.
+    Images are in [-1, 1] (air -1): the affine pads with the border value, the mask with background."""
+    from monai import transforms as T
+
+    return T.Compose(
+        [
+            T.RandAffined(
+                ["image", "label"],
+                prob=0.2,
+                rotate_range=math.radians(15),
+                scale_range=(0.15, 0.15),
+                translate_range=(4, 4),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            T.RandScaleIntensityd("image", factors=0.25, prob=0.15),
+            T.RandShiftIntensityd("image", offsets=0.1, prob=0.15),
+            T.RandGaussianNoised("image", std=0.05, prob=0.1),
+            T.RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), prob=0.1),
+            T.ToTensord(["image", "label"], track_meta=False),
+        ]
     )
 
 
@@ -1401,10 +1445,12 @@ class RunSizes:
     fid_images: int = 2000
     psi: float = 0.7  # the synthesis psi (latent_record.TRUNCATION_PSI), FID'd beside psi 1
     network: str = "unetpp"
+    test_patients: int = 0  # validation patients scored (0: all 33)
 
     @classmethod
     def reduced(cls) -> RunSizes:
         return cls(
+            test_patients=1,
             annotations=3,
             draws=2,
             seeds=1,
@@ -1439,7 +1485,7 @@ class Run:
     def cases(self, which: str) -> list[openkbp.Case]:
         """ "pool" (train minus dev: every training set), "dev" (every choice) or "test" (validation, once)."""
         if which == "test":
-            return self._cases["validation"]
+            return self._cases["validation"][: self.sizes.test_patients or None]
         dev = set(self.dev)
         return [c for c in self._cases["train"] if (c.name in dev) == (which == "dev")]
 
@@ -1557,7 +1603,7 @@ class Run:
             d = folder / f"steps{s}"
             trials[f"steps={s}"] = self.dev_trial(d, Row(self.reference, real=self.sizes.annotations, augment=True), s)
         best_steps = max(steps, key=lambda s: trials[f"steps={s}"])
-        chosen = {"steps": best_steps, "schedule": "cosine", "augment": "nnunet2d"}
+        chosen = {"steps": best_steps, "augment": "nnunet2d"}
         share_rows = [r for r in self.rows if r.mix == "share"]
         if share_rows:
             shares = [float(x) for x in self.sizes.share_grid.split(",")]
@@ -1633,12 +1679,15 @@ class Run:
             return model
         d.mkdir(parents=True, exist_ok=True)
         images, masks, contoured, data = self.training_pairs(row, draw)
-        steps = extra.pop("steps")
         if row.mix == "finetune":
             raise SystemExit(f"row {row.name}: synthetic pre-training then fine-tuning needs init_from (seg-train)")
+        recipe = dict(extra)
+        steps, augment, share = extra.pop("steps"), extra.pop("augment"), extra.pop("real_share", None)
+        n_real = len(data.get("real_slices", [])) if isinstance(data.get("real_slices"), list) else 0
+        train = training_set(PairSet(images, masks, contoured), augment, seed, share, n_real)
         config = seg_config(self.sizes.network, self.sizes.size, steps, self.sizes.batch_size, seed, **extra)
-        train_segmenter(PairSet(images, masks, contoured), None, config, out=model, data=data)
-        write_json_atomic(data | {"config": {"steps": steps, **extra}}, d / "data.json")
+        train_segmenter(train, None, config, out=model, data=data | {"recipe": recipe})
+        write_json_atomic(data | {"recipe": recipe}, d / "data.json")
         return model
 
     def training_pairs(self, row: Row, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.metrics import confusion_matrix, scores
-from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
+from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.segmentation.data import PairSubset, evenly_spaced, hybrid
 from labelfactory.segmentation.infer import predict_slices
 from labelfactory.segmentation.train import TrainConfig, train_segmenter
