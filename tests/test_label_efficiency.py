@@ -277,3 +277,112 @@ def test_scores_count_only_patients_that_have_the_organ():
     assert brainstem["dice_patient_mean"] == pytest.approx((2 * 2 / 6 + 1.0) / 2)
     assert summary["organs"]["spinal cord"] == {"patients": 1, "dice": 1.0, "iou": 1.0, "dice_patient_mean": 1.0}
     assert set(summary["organs"]) == {"brainstem", "spinal cord"}
+
+
+# ---------------------------------------------------------------------------------------------- `run`: the protocol
+
+ROWS = "real-3-aug,real-3,real-all"
+
+
+def _run(work: Path, protocol: Path, *extra: str) -> int:
+    return le.main(
+        [
+            "run",
+            "--openkbp",
+            str(DATA),
+            "--work",
+            str(work),
+            "--reduced",
+            "--rows",
+            ROWS,
+            "--dev-split",
+            str(work.parent / "dev_split.json"),
+            "--protocol",
+            str(protocol),
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    """A reduced `run` on the bundled cases: choose on dev, refused test, freeze, then segmenters, test, report."""
+    d = tmp_path_factory.mktemp("protocol")
+    work, protocol = d / "work", d / "protocol.json"
+    torch.set_num_threads(1)
+    assert _run(work, protocol) == 0  # stops after choose: nothing trained for the test yet
+    stopped = sorted(p.name for p in work.iterdir())
+    with pytest.raises(SystemExit, match="not frozen"):
+        _run(work, protocol, "--stages", "test")
+    assert _run(work, protocol, "--freeze") == 0
+    return work, protocol, stopped
+
+
+def test_run_chooses_on_dev_then_refuses_test_until_frozen(protocol_run):
+    work, protocol, stopped = protocol_run
+    assert stopped == ["choose"]  # the real rows need no generator, annotator or synthetic set
+    split = json.loads((work.parent / "dev_split.json").read_text())
+    assert split["n"] == 1 and split["patients"] == 6  # round(6 * 26 / 170) = 1 train patient, by patient
+    frozen = json.loads(protocol.read_text())
+    assert frozen["frozen"] and frozen["choices"]["steps"] in (1, 2) and frozen["choices"]["augment"] == "nnunet2d"
+    assert frozen["chosen_on"].startswith("dev split: 1 train patients")
+
+
+def test_run_writes_per_patient_results_with_the_commit(protocol_run):
+    work, _, _ = protocol_run
+    results = json.loads((work / "report" / "label_efficiency.json").read_text())
+    assert len(results["commit"]) >= 40 and results["reference"] == "real-3-aug"
+    runs = {(r["row"], r["draw"], r["seed"]) for r in results["runs"]}
+    assert runs == {("real-3-aug", 0, 0), ("real-3-aug", 1, 0), ("real-3", 0, 0), ("real-3", 1, 0), ("real-all", 0, 0)}
+    dev = set(results["dev"])
+    for r in results["runs"]:
+        assert len(r["per_patient"]) == 1  # reduced: one validation patient
+        patient = next(iter(r["per_patient"].values()))
+        assert 0 <= patient["dice"] <= 1 and set(patient["organs"]) <= set(le.openkbp.ORGANS.values())
+        if r["row"] != "real-all":
+            assert len(r["real_slices"]) == 3 and not {s.split(":")[0] for s in r["real_slices"]} & dev
+    draws = [r["real_slices"] for r in results["runs"] if r["row"] == "real-3"]
+    assert draws[0] != draws[1]  # two label draws
+    assert (work / "report" / "table.md").read_text() == le.results_table(results)  # the table is the JSON's
+
+
+def test_run_resumes_without_redoing_a_stage(protocol_run):
+    work, protocol, _ = protocol_run
+    before = {p: p.stat().st_mtime_ns for p in (work / "test").glob("*.json")}
+    assert _run(work, protocol) == 0
+    assert {p: p.stat().st_mtime_ns for p in (work / "test").glob("*.json")} == before  # test scored once
+
+
+def test_publish_table_replaces_only_between_markers(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    start, end = le.TABLE_MARKERS
+    md.write_text(f"intro\n{start}\nold\n{end}\noutro\n")
+    le.publish_table("| new |\n", md)
+    assert md.read_text() == f"intro\n{start}\n| new |\n{end}\noutro\n"
+    md.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        le.publish_table("| new |\n", md)
+
+
+def test_dev_split_is_fixed_and_checked(tmp_path):
+    names = [f"train_pt_{i}" for i in range(170)]
+    split = le.make_dev_split(names)
+    assert split["n"] == 26 and split == le.make_dev_split(list(reversed(names)))  # order-free, seeded
+    path = tmp_path / "dev.json"
+    assert le.dev_split(path, names) == split["dev"]
+    with pytest.raises(SystemExit, match="not in this data"):
+        le.dev_split(path, names[:10])
+
+
+def test_patient_scores_average_the_contoured_organs_only():
+    truth = np.zeros((1, 4, 4), np.uint8)
+    truth[0, :2, :2] = 1  # brainstem: 4 voxels
+    truth[0, 3, 3] = 2  # spinal cord: 1 voxel
+    pred = np.zeros_like(truth)
+    pred[0, :2, :1] = 1  # 2 of brainstem's 4: Dice 2*2/(2+4) = 2/3
+    pred[0, 0, 3] = 7  # a mandible where none was contoured: not scored
+    case = le.openkbp.Case("p", "validation", Path(), Path(), Path(), (1.0, 1.0, 2.5), (1, 2))
+    s = le.patient_scores(pred, truth, case)
+    assert s["organs"]["brainstem"]["dice"] == pytest.approx(2 / 3)
+    assert s["organs"]["spinal cord"]["dice"] == 0.0 and np.isnan(s["organs"]["spinal cord"]["hd95"])
+    assert s["dice"] == pytest.approx(1 / 3) and set(s["organs"]) == {"brainstem", "spinal cord"}
