@@ -1009,7 +1009,7 @@ def strip_patients(validation: dict) -> dict:
 
 def table_rows(evals: list[dict], key: str = "row") -> dict[str, dict]:
     """Group eval records by `key`: mean and std over seeds of mean Dice, mIoU and each organ's Dice."""
-    from labelfactory.evaluation.metrics import mean_std
+    from labelfactory.evaluation.statistics import mean_sd
 
     groups: dict[str, list[dict]] = {}
     for e in evals:
@@ -1018,9 +1018,9 @@ def table_rows(evals: list[dict], key: str = "row") -> dict[str, dict]:
     for name, vals in groups.items():
         row = {"seeds": len(vals)}
         for metric in ("mean_dice", "miou"):
-            row[metric] = mean_std([v[metric] for v in vals])
+            row[metric] = mean_sd([v[metric] for v in vals])
         row["organs"] = {
-            o: mean_std([v["organs"][o]["dice"] for v in vals if o in v["organs"]]) for o in vals[0]["organs"]
+            o: mean_sd([v["organs"][o]["dice"] for v in vals if o in v["organs"]]) for o in vals[0]["organs"]
         }
         out[name] = row
     return out
