@@ -281,7 +281,7 @@ def test_scores_count_only_patients_that_have_the_organ():
 
 # ---------------------------------------------------------------------------------------------- `run`: the protocol
 
-ROWS = "real-3-aug,real-3,real-all"
+ROWS = "real-3-aug,real-3,real-all,real-3-relabelled"
 
 
 def _run(work: Path, protocol: Path, *extra: str) -> int:
@@ -320,7 +320,7 @@ def protocol_run(tmp_path_factory):
 
 def test_run_chooses_on_dev_then_refuses_test_until_frozen(protocol_run):
     work, protocol, stopped = protocol_run
-    assert stopped == ["choose"]  # the real rows need no generator, annotator or synthetic set
+    assert stopped == ["annotator", "choose"]  # the real rows need no generator, labels or synthetic set
     split = json.loads((work.parent / "dev_split.json").read_text())
     assert split["n"] == 1 and split["patients"] == 6  # round(6 * 26 / 170) = 1 train patient, by patient
     frozen = json.loads(protocol.read_text())
@@ -333,7 +333,14 @@ def test_run_writes_per_patient_results_with_the_commit(protocol_run):
     results = json.loads((work / "report" / "label_efficiency.json").read_text())
     assert len(results["commit"]) >= 40 and results["reference"] == "real-3-aug"
     runs = {(r["row"], r["draw"], r["seed"]) for r in results["runs"]}
-    assert runs == {("real-3-aug", 0, 0), ("real-3-aug", 1, 0), ("real-3", 0, 0), ("real-3", 1, 0), ("real-all", 0, 0)}
+    assert runs == {(r, d, 0) for r in ("real-3-aug", "real-3", "real-3-relabelled") for d in (0, 1)} | {
+        ("real-all", 0, 0)
+    }
+    annotator = results["stages"]["annotator"]
+    assert annotator["gan_overlap"] == {"patients": 5, "of": 5, "gan_patients": 6}  # gan.sh saw every train patient
+    relabelled = [r for r in results["runs"] if r["row"] == "real-3-relabelled"]
+    plain = [r for r in results["runs"] if r["row"] == "real-3"]
+    assert [r["real_slices"] for r in relabelled] == [r["real_slices"] for r in plain]  # same slices, new masks
     dev = set(results["dev"])
     for r in results["runs"]:
         assert len(r["per_patient"]) == 1  # reduced: one validation patient
