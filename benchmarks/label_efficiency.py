@@ -1,4 +1,10 @@
-"""The DatasetGAN label-efficiency experiment on OpenKBP head-and-neck CT (issue 12), one resumable command.
+"""The DatasetGAN label-efficiency experiment on OpenKBP head-and-neck CT: the protocol (issue 28) and the earlier run.
+
+`label_efficiency.py run --openkbp DIR --work DIR [--freeze] [--publish]` is the protocol that writes
+docs/RESULTS.md section 0 (see the `Run` class and that section): a dev split of train patients takes every choice,
+`--freeze` fixes them in benchmarks/label_efficiency/protocol.json, and only then are the validation patients
+scored, once, per patient. What follows is the earlier (issue 12) run, whose labels and synthetic stages `run`
+reuses; its choices were made on the validation patients (issue 28), so its table is kept only for the record.
 
 Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage is skipped on rerun):
   generator   the published generator: kimg, FID vs real train slices (the trainer's pytorch-fid path), samples
@@ -15,8 +21,7 @@ Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage
 interpreter): the rows on the uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without the annotator
 and labels stages, and the report publishes as `label_efficiency_from_models`.
 
-`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py). Validation patients are only
-ever read for the figures; nothing is tuned on them.
+`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py).
 """
 
 from __future__ import annotations

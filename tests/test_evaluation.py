@@ -12,8 +12,8 @@ import torch
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.experiments import Experiments, Settings
 from labelfactory.evaluation.metrics import confusion_matrix, scores
-from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
+from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.segmentation.data import RealSlices
 from labelfactory.segmentation.train import TrainConfig
 
