@@ -393,3 +393,33 @@ def test_patient_scores_average_the_contoured_organs_only():
     assert s["organs"]["brainstem"]["dice"] == pytest.approx(2 / 3)
     assert s["organs"]["spinal cord"]["dice"] == 0.0 and np.isnan(s["organs"]["spinal cord"]["hd95"])
     assert s["dice"] == pytest.approx(1 / 3) and set(s["organs"]) == {"brainstem", "spinal cord"}
+
+
+def test_real_share_repeats_the_real_slices_to_their_share():
+    images, masks = torch.arange(9.0).reshape(9, 1, 1, 1).expand(9, 1, 8, 8).clone(), torch.zeros(9, 8, 8)
+    pairs = le.PairSet(images, masks.to(torch.uint8), torch.ones(9, len(le.LABEL_NAMES), dtype=torch.bool))
+    mixed = le.training_set(pairs, "none", 0, real_share=0.5, n_real=3)  # 6 synthetic: each real slice twice
+    firsts = sorted(int(mixed[i]["image"][0, 0, 0]) for i in range(len(mixed)))
+    assert firsts == [0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8]
+    assert le.training_set(pairs, "none", 0) is pairs
+
+
+def test_augmentation_keeps_shapes_and_label_values():
+    masks = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    masks[:, 4:10, 4:10] = 3
+    pairs = le.PairSet(torch.rand(2, 1, 16, 16) * 2 - 1, masks, torch.ones(2, len(le.LABEL_NAMES), dtype=torch.bool))
+    aug = le.training_set(pairs, "nnunet2d", seed=0)
+    for i in range(2):
+        item = aug[i]
+        assert item["image"].shape == (1, 16, 16) and item["label"].shape == (1, 16, 16)
+        assert set(item["label"].unique().tolist()) <= {0, 3}  # nearest for the mask: no new values
+        assert item["contoured"].all()
+
+
+def test_fid_model_samples_at_the_synthesis_psi():
+    torch.manual_seed(0)
+    G = Generator(**KW).eval()
+    z = torch.randn(2, KW["z_dim"])
+    with torch.no_grad():
+        assert torch.equal(le.Truncated(G, 0.7)(z), G(z, truncation_psi=0.7, noise_mode="const"))
+        assert not torch.equal(le.Truncated(G, 0.7)(z), G(z, truncation_psi=1.0, noise_mode="const"))
