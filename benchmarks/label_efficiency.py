@@ -1769,7 +1769,7 @@ def results_table(results: dict) -> str:
 
     Per row: runs (draws x seeds); mean +- sample SD and 95% t interval over runs of the per-run mean of per-patient
     Dice; HD95 likewise; the paired difference to the reference row over (patient, draw) units (seeds averaged;
-    rows without a draw pair each draw of the reference with their draw-0 mean) with paired-t and Wilcoxon
+    a row without draws is paired by patient with the reference's mean over draws) with paired-t and Wilcoxon
     p-values, Holm-corrected over the rows compared.
     """
     from labelfactory.evaluation.statistics import holm, paired_test, summary
@@ -1793,9 +1793,15 @@ def results_table(results: dict) -> str:
         if name == ref or not ref_units:
             continue
         mine = units(runs)
+        if {d for _, d in mine} == {0} < {d for _, d in ref_units}:  # no draw: against the reference's draw mean
+            patients = sorted({p for p, _ in ref_units})
+            ref_mean = {p: float(np.nanmean([v for (q, _), v in ref_units.items() if q == p])) for p in patients}
+            tests[name] = paired_test(
+                [mine.get((p, 0), float("nan")) for p in patients], [ref_mean[p] for p in patients]
+            )
+            continue
         keys = sorted(ref_units)
-        a = [mine.get(k, mine.get((k[0], 0), float("nan"))) for k in keys]
-        tests[name] = paired_test(a, [ref_units[k] for k in keys])
+        tests[name] = paired_test([mine.get(k, float("nan")) for k in keys], [ref_units[k] for k in keys])
     names = list(tests)
     t_adj = dict(zip(names, holm([tests[n]["t_p"] for n in names]), strict=True))
     w_adj = dict(zip(names, holm([tests[n]["wilcoxon_p"] for n in names]), strict=True))

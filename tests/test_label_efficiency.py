@@ -423,3 +423,22 @@ def test_fid_model_samples_at_the_synthesis_psi():
     with torch.no_grad():
         assert torch.equal(le.Truncated(G, 0.7)(z), G(z, truncation_psi=0.7, noise_mode="const"))
         assert not torch.equal(le.Truncated(G, 0.7)(z), G(z, truncation_psi=1.0, noise_mode="const"))
+
+
+def test_table_pairs_by_patient_and_draw_against_the_reference():
+    def run(row, draw, dice):
+        return {
+            "row": row,
+            "draw": draw,
+            "seed": 0,
+            "per_patient": {p: {"dice": d, "hd95": 1.0} for p, d in dice.items()},
+        }
+
+    ref = [run("ref", 0, {"a": 0.1, "b": 0.2, "c": 0.3}), run("ref", 1, {"a": 0.3, "b": 0.4, "c": 0.5})]
+    drawn = [run("x", 0, {"a": 0.2, "b": 0.4, "c": 0.6}), run("x", 1, {"a": 0.4, "b": 0.6, "c": 0.8})]
+    single = [run("y", 0, {"a": 0.3, "b": 0.4, "c": 0.5})]  # paired by patient with ref draw means 0.2, 0.3, 0.4
+    table = le.results_table({"reference": "ref", "runs": ref + drawn + single})
+    x = next(line for line in table.splitlines() if line.startswith("| x |"))
+    y = next(line for line in table.splitlines() if line.startswith("| y |"))
+    assert "| 2 (2 x 1) | 0.500 +- 0.141 |" in x and "+0.200 (n=6)" in x  # (0.4 + 0.6) / 2; sd of 0.4, 0.6
+    assert "+0.100 (n=3)" in y
