@@ -1594,9 +1594,8 @@ class Run:
 
     def legacy(self) -> Experiment:
         """The labels and synthetic stages of the earlier experiment, on this work folder (same layout)."""
-        sizes = Sizes(size=self.sizes.size, annotations=self.sizes.annotations)
-        if self.args.reduced:
-            sizes = Sizes.reduced()
+        sizes = Sizes.reduced() if self.args.reduced else Sizes()
+        sizes.size, sizes.annotations = self.sizes.size, self.sizes.annotations
         return Experiment(self.data, self.work, None, sizes)
 
     def stage_choose(self, folder: Path) -> dict:
