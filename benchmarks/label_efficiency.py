@@ -1,4 +1,10 @@
-"""The DatasetGAN label-efficiency experiment on OpenKBP head-and-neck CT (issue 12), one resumable command.
+"""The DatasetGAN label-efficiency experiment on OpenKBP head-and-neck CT: the protocol (issue 28) and the earlier run.
+
+`label_efficiency.py run --openkbp DIR --work DIR [--freeze] [--publish]` is the protocol that writes
+docs/RESULTS.md section 0 (see the `Run` class and that section): a dev split of train patients takes every choice,
+`--freeze` fixes them in benchmarks/label_efficiency/protocol.json, and only then are the validation patients
+scored, once, per patient. What follows is the earlier (issue 12) run, whose labels and synthetic stages `run`
+reuses; its choices were made on the validation patients (issue 28), so its table is kept only for the record.
 
 Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage is skipped on rerun):
   generator   the published generator: kimg, FID vs real train slices (the trainer's pytorch-fid path), samples
@@ -15,8 +21,7 @@ Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage
 interpreter): the rows on the uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without the annotator
 and labels stages, and the report publishes as `label_efficiency_from_models`.
 
-`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py). Validation patients are only
-ever read for the figures; nothing is tuned on them.
+`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py).
 """
 
 from __future__ import annotations
@@ -1008,7 +1013,7 @@ def strip_patients(validation: dict) -> dict:
 
 def table_rows(evals: list[dict], key: str = "row") -> dict[str, dict]:
     """Group eval records by `key`: mean and std over seeds of mean Dice, mIoU and each organ's Dice."""
-    from labelfactory.evaluation.metrics import mean_std
+    from labelfactory.evaluation.statistics import mean_sd
 
     groups: dict[str, list[dict]] = {}
     for e in evals:
@@ -1017,9 +1022,9 @@ def table_rows(evals: list[dict], key: str = "row") -> dict[str, dict]:
     for name, vals in groups.items():
         row = {"seeds": len(vals)}
         for metric in ("mean_dice", "miou"):
-            row[metric] = mean_std([v[metric] for v in vals])
+            row[metric] = mean_sd([v[metric] for v in vals])
         row["organs"] = {
-            o: mean_std([v["organs"][o]["dice"] for v in vals if o in v["organs"]]) for o in vals[0]["organs"]
+            o: mean_sd([v["organs"][o]["dice"] for v in vals if o in v["organs"]]) for o in vals[0]["organs"]
         }
         out[name] = row
     return out
@@ -1175,6 +1180,708 @@ def stop(process: subprocess.Popen) -> None:
 STAGES = ("generator", "annotator", "labels", "synthetic", "segmenters", "report")
 
 
+# ============================================================================================== the protocol (issue 28)
+# `label_efficiency.py run --openkbp DIR --work DIR` rebuilds section 0: stages in order, each skipped when its
+# `done.json` exists. Every choice is made on a fixed dev split of train patients (`choose`); `--freeze` writes the
+# choices into the committed protocol.json; only then are the final segmenters trained and the 33 validation patients
+# scored, once each (`test`). `report` writes the table from the JSON; `--publish` puts it into docs/RESULTS.md.
+
+PROTOCOL_DIR = REPO / "benchmarks" / "label_efficiency"
+RUN_STAGES = ("generator", "annotator", "labels", "synthetic", "choose", "segmenters", "test", "report")
+DEV_SEED, DEV_FRACTION = 28, 26 / 170  # the dev split: ~26 of OpenKBP's 170 train patients, by patient
+REFERENCE = "real-30-aug"  # every paired test is against augmented real-30
+TABLE_MARKERS = ("<!-- label-efficiency-table:start -->", "<!-- label-efficiency-table:end -->")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: where its training pairs come from and whether it is augmented.
+
+    real: real labelled train slices per draw (0 none, -1 every slice of the pool); synthetic: the synthetic set
+    ("random" or "uncertainty") or ""; mix: "" (the pairs concatenated), "share" (every batch `real_share` real) or
+    "finetune" (trained on synthetic, then fine-tuned on the real slices); relabel: the real slices' masks are the
+    annotator's prediction (complete labels) instead of the partial contours.
+    """
+
+    name: str
+    real: int = 0
+    synthetic: str = ""
+    mix: str = ""
+    relabel: bool = False
+    augment: bool = False
+
+    @property
+    def has_draw(self) -> bool:
+        """Rows whose real slices are a random draw get `draws` draws; the others one (draw 0)."""
+        return self.real > 0
+
+
+def protocol_rows(n: int = 30) -> tuple[Row, ...]:
+    """Every row, plain and augmented: real-n, real-2n (the hybrid's annotation cost), real-all, real-n relabelled by
+    the annotator, synthetic random-n and uncertainty-n, and the two hybrids on both synthetic sets."""
+    base = [
+        Row(f"real-{n}", real=n),
+        Row(f"real-{2 * n}", real=2 * n),
+        Row("real-all", real=-1),
+        Row(f"real-{n}-relabelled", real=n, relabel=True),
+        Row(f"synthetic-random-{n}", synthetic="random"),
+        Row(f"synthetic-uncertainty-{n}", synthetic="uncertainty"),
+        *(Row(f"hybrid-{mix}-{s}", real=n, synthetic=s, mix=mix) for mix in ("share", "finetune") for s in SETS),
+    ]
+    return tuple(r2 for r in base for r2 in (r, Row(**{**asdict(r), "name": f"{r.name}-aug", "augment": True})))
+
+
+SETS = ("random", "uncertainty")
+
+
+# ---------------------------------------------------------------------------------------------- dev split, protocol
+
+
+def make_dev_split(train_patients: list[str], seed: int = DEV_SEED, fraction: float = DEV_FRACTION) -> dict:
+    """A dev split of train patients: round(fraction * n) (>= 1) names drawn by `seed` from the sorted names."""
+    names = sorted(train_patients)
+    n = max(1, round(fraction * len(names)))
+    dev = np.random.default_rng(seed).choice(names, n, replace=False).tolist()
+    return {
+        "split": "train",
+        "patients": len(names),
+        "seed": seed,
+        "n": n,
+        "method": "numpy default_rng(seed).choice(sorted train patient names, n, replace=False)",
+        "dev": sorted(dev),
+    }
+
+
+def dev_split(path: Path, train_patients: list[str]) -> list[str]:
+    """The recorded dev split at `path` (written from `make_dev_split` when absent); refused when it names
+    patients outside `train_patients` (a split of another data folder)."""
+    split = read_json(path)
+    if split is None:
+        split = make_dev_split(train_patients)
+        write_json_atomic(split, path)
+    unknown = sorted(set(split["dev"]) - set(train_patients))
+    if unknown:
+        raise SystemExit(f"dev split {path} names patients not in this data's train split: {', '.join(unknown[:5])}")
+    return split["dev"]
+
+
+def read_protocol(path: Path) -> dict:
+    """The protocol file: {"frozen": bool, "choices": {...}, ...}; an absent file is an unfrozen protocol."""
+    return read_json(path, {"frozen": False, "choices": {}}) or {"frozen": False, "choices": {}}
+
+
+def require_frozen(protocol: dict, path: Path, stage: str) -> dict:
+    """The frozen choices, or SystemExit: nothing is trained for, or scored on, the test patients before."""
+    if not protocol.get("frozen"):
+        raise SystemExit(
+            f"stage {stage} refused: the protocol {path} is not frozen. Its choices come from the dev split "
+            "(stage choose); rerun with --freeze to write them there (and commit it), then run again."
+        )
+    return protocol["choices"]
+
+
+def freeze(path: Path, chosen: dict, dev: list[str]) -> dict:
+    """Write the dev split's choices into `path` as frozen (refused if a different frozen protocol is there)."""
+    old = read_protocol(path)
+    if old.get("frozen") and old["choices"] != chosen:
+        raise SystemExit(f"{path} is frozen with other choices: {old['choices']}; delete it to re-choose")
+    protocol = {
+        "frozen": True,
+        "choices": chosen,
+        "chosen_on": f"dev split: {len(dev)} train patients ({', '.join(dev)})",
+        "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(),
+    }
+    write_json_atomic(protocol, path)
+    return protocol
+
+
+def git_commit() -> str:
+    """`git rev-parse HEAD` of the repository (with "+dirty" when the tree has changes), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+# THIN ADAPTERS onto pieces other branches are adding (seg-train: SegmentationConfig.augment/schedule/batch_dice/
+# real_share/init_from; partial-data: per-item `contoured`, evaluation/volume.py). They set what the library has and
+# refuse, with a sentence, a row the library cannot train yet. Remove once those branches are merged.
+
+
+def seg_config(network: str, size: int, steps: int, batch_size: int, seed: int, **extra) -> SegmentationConfig:
+    """The library SegmentationConfig for one segmenter; `extra` (schedule, batch_dice, init_from...) is set where
+    SegmentationConfig has the field, else SystemExit naming it. `augment` and `real_share` go to `training_set`."""
+    known = {f.name for f in fields(SegmentationConfig)}
+    missing = sorted(k for k, v in extra.items() if k not in known and v not in (None, "none", False, 0, 0.0))
+    if missing:
+        raise SystemExit(f"this library's train_segmenter has no {', '.join(missing)} yet (branch seg-train)")
+    return SegmentationConfig(
+        network=network,
+        size=size,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        label_names=dict(LABEL_NAMES),
+        val_interval=steps,
+        slicing="body-crop",
+        window=(openkbp.WINDOW.level, openkbp.WINDOW.width),
+        **{k: v for k, v in extra.items() if k in known},
+    )
+
+
+def training_set(pairs: PairSet, augment: str, seed: int, real_share: float | None = None, n_real: int = 0):
+    """ADAPTER until seg-train's SegmentationConfig.augment / real_share: the dataset `train_segmenter` gets. With
+    `real_share`, the first `n_real` items (the real slices) are repeated so they make that share of an epoch;
+    with augment "nnunet2d", each item passes `nnunet2d_augment` (seeded)."""
+    if real_share:
+        n_syn = len(pairs) - n_real
+        k = max(1, round(real_share / (1 - real_share) * n_syn / max(1, n_real)))
+        idx = torch.cat([torch.arange(n_real).repeat(k), torch.arange(n_real, len(pairs))])
+        pairs = PairSet(pairs.images[idx], pairs.masks[idx], pairs.contoured[idx])
+    if augment == "none":
+        return pairs
+    from monai.data import Dataset
+
+    transform = nnunet2d_augment()
+    transform.set_random_state(seed)
+    return Dataset([pairs[i] for i in range(len(pairs))], transform)
+
+
+def nnunet2d_augment():
+    """The nnU-Net 2D recipe's strengths (ADAPTER until seg-train's augment="nnunet2d"): rotation +-15 degrees,
+    scale 0.85-1.25, flips none (left/right organs have distinct labels), then gamma, contrast, noise and blur.
+    Images are in [-1, 1] (air -1): the affine pads with the border value, the mask with background."""
+    from monai import transforms as T
+
+    return T.Compose(
+        [
+            T.RandAffined(
+                ["image", "label"],
+                prob=0.2,
+                rotate_range=math.radians(15),
+                scale_range=(0.15, 0.15),
+                translate_range=(4, 4),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            T.RandScaleIntensityd("image", factors=0.25, prob=0.15),
+            T.RandShiftIntensityd("image", offsets=0.1, prob=0.15),
+            T.RandGaussianNoised("image", std=0.05, prob=0.1),
+            T.RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), prob=0.1),
+            T.ToTensord(["image", "label"], track_meta=False),
+        ]
+    )
+
+
+class PairSet(torch.utils.data.Dataset):
+    """{"image": (1, S, S) float32, "label": (1, S, S) int64, "contoured": (n_classes,) bool} items of stacked
+    pairs; `contoured` is every organ for complete masks (synthetic, relabelled) and the patient's contours else."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, contoured: torch.Tensor):
+        self.images, self.masks, self.contoured = images, masks, contoured
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.masks[i][None].long(), "contoured": self.contoured[i]}
+
+
+def contoured_row(organs_present: tuple[int, ...]) -> torch.Tensor:
+    """(n_classes,) bool: background and the organs contoured in that patient."""
+    row = torch.zeros(len(LABEL_NAMES), dtype=torch.bool)
+    row[[0, *organs_present]] = True
+    return row
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm between two 3D boolean masks (MONAI); NaN when either
+    is empty (an organ missed entirely has no distance: its Dice of 0 says so)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    if not pred.any() or not truth.any():
+        return float("nan")
+    p = torch.from_numpy(pred)[None, None]
+    t = torch.from_numpy(truth)[None, None]
+    return float(compute_hausdorff_distance(p, t, percentile=95, spacing=list(spacing))[0, 0])
+
+
+def patient_scores(pred: np.ndarray, truth: np.ndarray, case: openkbp.Case) -> dict:
+    """Per-patient endpoint: {"dice": mean Dice over the organs contoured in this patient (primary), "hd95": mean
+    HD95 (mm) over them, "organs": {name: {"dice", "hd95"}}}. Uncontoured organs are not scored."""
+    spacing = tuple(float(s) for s in case.spacing_mm[::-1])  # arrays are (z, y, x)
+    organs = {}
+    for v in case.organs_present:
+        p, t = pred == v, truth == v
+        denom = int(p.sum() + t.sum())
+        organs[openkbp.ORGANS[v]] = {
+            "dice": 2 * int((p & t).sum()) / denom if denom else float("nan"),
+            "hd95": hd95(p, t, spacing),
+        }
+    dice = [o["dice"] for o in organs.values()]
+    dist = [o["hd95"] for o in organs.values() if math.isfinite(o["hd95"])]
+    return {
+        "dice": float(np.nanmean(dice)) if dice else float("nan"),
+        "hd95": float(np.mean(dist)) if dist else float("nan"),
+        "organs": organs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunSizes:
+    """The protocol's sizes; `reduced()` is the test suite's."""
+
+    size: int = 64
+    annotations: int = 30  # real slices per draw, labelled generated images per synthetic set
+    draws: int = 5  # label draws of every row that has one
+    seeds: int = 3  # segmenter seeds per draw
+    annotator_steps: int = 3000
+    steps_grid: str = "500,1500,3000"  # the dev split picks the step budget among these
+    share_grid: str = "0.25,0.5"  # the dev split picks the hybrid's real share among these
+    batch_size: int = 16
+    fid_images: int = 2000
+    psi: float = 0.7  # the synthesis psi (latent_record.TRUNCATION_PSI), FID'd beside psi 1
+    network: str = "unetpp"
+    test_patients: int = 0  # validation patients scored (0: all 33)
+
+    @classmethod
+    def reduced(cls) -> RunSizes:
+        return cls(
+            test_patients=1,
+            annotations=3,
+            draws=2,
+            seeds=1,
+            annotator_steps=2,
+            steps_grid="1,2",
+            share_grid="0.5",
+            batch_size=2,
+            fid_images=8,
+        )
+
+
+class Run:
+    """The protocol's stages over one OpenKBP folder and one work folder."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.data, self.work, self.args = args.openkbp, args.work, args
+        self.sizes = RunSizes.reduced() if args.reduced else RunSizes()
+        rows = {r.name: r for r in protocol_rows(self.sizes.annotations)}
+        asked = args.rows.split(",") if args.rows else list(rows)
+        unknown = [r for r in asked if r not in rows]
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(rows)}")
+        self.rows = [rows[r] for r in asked]
+        self.reference = f"real-{self.sizes.annotations}-aug"
+        self.protocol_path = args.protocol
+        self._cases = {split: openkbp.read_cases(self.data, split) for split in ("train", "validation")}
+        self.dev = dev_split(args.dev_split, [c.name for c in self._cases["train"]])
+        self._slices: dict[str, openkbp.CaseSlices] = {}
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]] | None = None
+
+    # --- data
+    def cases(self, which: str) -> list[openkbp.Case]:
+        """ "pool" (train minus dev: every training set), "dev" (every choice) or "test" (validation, once)."""
+        if which == "test":
+            return self._cases["validation"][: self.sizes.test_patients or None]
+        dev = set(self.dev)
+        return [c for c in self._cases["train"] if (c.name in dev) == (which == "dev")]
+
+    def slices(self, case: openkbp.Case) -> openkbp.CaseSlices:
+        if case.name not in self._slices:
+            self._slices[case.name] = openkbp.load_case(case, self.sizes.size)
+        return self._slices[case.name]
+
+    def pool(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        """Every pool slice: images (N, 1, S, S), masks (N, S, S) uint8, contoured (N, n_classes), ids "case:z"."""
+        if self._pool is None:
+            cs = [self.slices(c) for c in self.cases("pool")]
+            ids = [f"{c.case.name}:{b.z}" for c in cs for b in c.boxes]
+            contoured = torch.stack([contoured_row(c.case.organs_present) for c in cs for _ in range(len(c.images))])
+            masks = torch.cat([c.organs for c in cs]).to(torch.uint8)
+            self._pool = torch.cat([c.images for c in cs]), masks, contoured, ids
+        return self._pool
+
+    def draw(self, n: int, draw: int) -> list[int]:
+        """Indices of `n` pool slices showing an organ, drawn by `draw` (draw d of real-2n extends draw d of real-n)."""
+        _, masks, _, _ = self.pool()
+        labelled = torch.nonzero((masks > 0).flatten(1).any(1))[:, 0].numpy()
+        order = np.random.default_rng(1000 + draw).permutation(labelled)
+        return sorted(order[:n].tolist())
+
+    def score(self, model_file: Path, which: str) -> dict[str, dict]:
+        """{patient: patient_scores} of a segmentation checkpoint over the dev or test patients (3D, CT grid)."""
+        from labelfactory.io import read_image
+        from labelfactory.segmentation.infer import load_segmenter, segment_image
+
+        segmenter = load_segmenter(model_file)
+        out = {}
+        for case in self.cases(which):
+            pred = segment_image(segmenter, read_image(case.ct), batch_size=64).array
+            out[case.name] = patient_scores(pred, openkbp.read_array(case.label), case)
+        return out
+
+    # --- stages
+    def needs(self, stage: str) -> bool:
+        """Whether the asked rows need a stage (the real rows need neither generator nor labels nor synthetic)."""
+        if stage in ("generator", "labels", "synthetic"):
+            return any(r.synthetic for r in self.rows)
+        if stage == "annotator":
+            return any(r.synthetic or r.relabel for r in self.rows)
+        return True
+
+    def stage_generator(self, folder: Path) -> dict:
+        """The generator file (--generator, or benchmarks/label_efficiency/gan.sh run here) and its FID against
+        the dev patients' slices at psi 1 and at the synthesis psi."""
+        from labelfactory.evaluation.fid import FIDEvaluator
+        from labelfactory.stylegan2.checkpoint import load_generator
+        from labelfactory.segmentation.data import evenly_spaced
+
+        target = self.work / "generator" / "stylegan2.pt"
+        if not target.is_file():
+            if self.args.generator:
+                copy_model(self.args.generator, target)
+            else:
+                run_logged(
+                    ["bash", str(PROTOCOL_DIR / "gan.sh"), str(self.data), str(folder / "gan")], folder / "gan.log"
+                )
+                copy_model(folder / "gan" / "stylegan2.pt", target)
+        G = load_generator(target)
+        reals = torch.cat([self.slices(c).images for c in self.cases("dev")])
+        idx = evenly_spaced(len(reals), self.sizes.fid_images)
+        evaluator = FIDEvaluator.create(reals[idx], len(idx))
+        fid = {}
+        for psi in (1.0, self.sizes.psi):
+            fid[str(psi)] = evaluator(Truncated(G, psi)) if evaluator is not None else None
+        return {
+            "generator": str(target),
+            "kimg": float(G.checkpoint_info["kimg"]),
+            "fid_vs_dev": fid,
+            "images": len(idx),
+        }
+
+    def stage_annotator(self, folder: Path) -> dict:
+        """The stand-in annotator: the library trainer on every pool slice (partial contours), scored on dev; its
+        overlap with the GAN's training patients (gan.sh trains on the whole train split) reported."""
+        from labelfactory.segmentation.train import train_segmenter
+
+        images, masks, contoured, ids = self.pool()
+        config = seg_config(self.sizes.network, self.sizes.size, self.sizes.annotator_steps, self.sizes.batch_size, 0)
+        model = folder / "segmentation.pt"
+        if not model.is_file():
+            train_segmenter(PairSet(images, masks, contoured), None, config, out=model, data={"pool": len(ids)})
+        pool = [c.name for c in self.cases("pool")]
+        gan = {c.name for c in self._cases["train"]}
+        return {
+            "model": str(model),
+            "dev": strip_per_patient(self.score(model, "dev")),
+            "patients": len(pool),
+            "gan_overlap": {"patients": len(set(pool) & gan), "of": len(pool), "gan_patients": len(gan)},
+        }
+
+    def stage_labels(self, folder: Path) -> dict:
+        return self.legacy().labels(folder)
+
+    def stage_synthetic(self, folder: Path) -> dict:
+        return self.legacy().synthetic(folder)
+
+    def legacy(self) -> Experiment:
+        """The labels and synthetic stages of the earlier experiment, on this work folder (same layout)."""
+        sizes = Sizes.reduced() if self.args.reduced else Sizes()
+        sizes.size, sizes.annotations = self.sizes.size, self.sizes.annotations
+        return Experiment(self.data, self.work, None, sizes)
+
+    def stage_choose(self, folder: Path) -> dict:
+        """Every choice on the dev split: the step budget (augmented real-n, draw 0, seed 0, by dev per-patient
+        Dice) and the hybrid's real share (when a share row is asked). Writes `choices` for --freeze."""
+        steps = [int(s) for s in self.sizes.steps_grid.split(",")]
+        trials = {}
+        for s in steps:
+            d = folder / f"steps{s}"
+            trials[f"steps={s}"] = self.dev_trial(d, Row(self.reference, real=self.sizes.annotations, augment=True), s)
+        best_steps = max(steps, key=lambda s: trials[f"steps={s}"])
+        chosen = {"steps": best_steps, "augment": "nnunet2d"}
+        share_rows = [r for r in self.rows if r.mix == "share"]
+        if share_rows:
+            shares = [float(x) for x in self.sizes.share_grid.split(",")]
+            for x in shares:
+                row = Row(
+                    "hybrid-share-dev", real=self.sizes.annotations, synthetic=share_rows[0].synthetic, mix="share"
+                )
+                trials[f"real_share={x}"] = self.dev_trial(folder / f"share{x}", row, best_steps, real_share=x)
+            chosen["real_share"] = max(shares, key=lambda x: trials[f"real_share={x}"])
+        chosen["explore"] = Sizes().explore if self.needs("labels") else None
+        chosen["gan_snapshot"] = (
+            str(self.args.generator or "gan.sh's last publish") if self.needs("generator") else None
+        )
+        return {"choices": chosen, "dev_mean_dice": trials, "dev": self.dev}
+
+    def dev_trial(self, d: Path, row: Row, steps: int, **extra) -> float:
+        """Train one row (draw 0, seed 0) into `d` and return its dev mean of per-patient Dice."""
+        ev = read_json(d / "dev.json")
+        if ev is None:
+            model = self.train_row(
+                row, 0, 0, d, {"steps": steps, "augment": "nnunet2d" if row.augment else "none"} | extra
+            )
+            ev = {"per_patient": self.score(model, "dev")}
+            write_json_atomic(ev, d / "dev.json")
+        return float(np.nanmean([p["dice"] for p in ev["per_patient"].values()]))
+
+    def units(self) -> list[tuple[Row, int, int]]:
+        """(row, draw, seed) of every final segmenter: draw 0 seed 0 of every row first."""
+        return [
+            (row, draw, seed)
+            for draw in range(self.sizes.draws)
+            for seed in range(self.sizes.seeds)
+            for row in self.rows
+            if draw == 0 or row.has_draw
+        ]
+
+    def stage_segmenters(self, folder: Path) -> dict:
+        """Every row's segmenters with the frozen choices (refused before the protocol is frozen)."""
+        choices = require_frozen(read_protocol(self.protocol_path), self.protocol_path, "segmenters")
+        trained = []
+        for row, draw, seed in self.units():
+            d = folder / f"{row.name}.draw{draw}.seed{seed}"
+            extra = {"steps": choices["steps"], "augment": choices["augment"] if row.augment else "none"}
+            if row.mix == "share":
+                extra["real_share"] = choices["real_share"]
+            self.train_row(row, draw, seed, d, extra)
+            trained.append(d.name)
+        return {"models": trained, "choices": choices}
+
+    def stage_test(self, folder: Path) -> dict:
+        """Each final segmenter on the validation patients, once (a written score is never recomputed)."""
+        require_frozen(read_protocol(self.protocol_path), self.protocol_path, "test")
+        scored = []
+        for row, draw, seed in self.units():
+            name = f"{row.name}.draw{draw}.seed{seed}"
+            out = folder / f"{name}.json"
+            if not out.is_file():
+                model = self.work / "segmenters" / name / "segmentation.pt"
+                data = read_json(model.parent / "data.json")
+                write_json_atomic(
+                    {"row": row.name, "draw": draw, "seed": seed, **data, "per_patient": self.score(model, "test")}, out
+                )
+            scored.append(name)
+        return {"scored": scored}
+
+    def train_row(self, row: Row, draw: int, seed: int, d: Path, extra: dict) -> Path:
+        """Train one (row, draw, seed) segmenter into `d/segmentation.pt` with the library trainer; its training
+        data (real-slice ids, synthetic set) recorded in `d/data.json`."""
+        from labelfactory.segmentation.train import train_segmenter
+
+        model = d / "segmentation.pt"
+        if model.is_file():
+            return model
+        d.mkdir(parents=True, exist_ok=True)
+        images, masks, contoured, data = self.training_pairs(row, draw)
+        if row.mix == "finetune":
+            raise SystemExit(f"row {row.name}: synthetic pre-training then fine-tuning needs init_from (seg-train)")
+        recipe = dict(extra)
+        steps, augment, share = extra.pop("steps"), extra.pop("augment"), extra.pop("real_share", None)
+        n_real = len(data.get("real_slices", [])) if isinstance(data.get("real_slices"), list) else 0
+        train = training_set(PairSet(images, masks, contoured), augment, seed, share, n_real)
+        config = seg_config(self.sizes.network, self.sizes.size, steps, self.sizes.batch_size, seed, **extra)
+        train_segmenter(train, None, config, out=model, data=data | {"recipe": recipe})
+        write_json_atomic(data | {"recipe": recipe}, d / "data.json")
+        return model
+
+    def training_pairs(self, row: Row, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """(N, 1, S, S) images, (N, S, S) masks, (N, n_classes) contoured, data record of one row and draw."""
+        parts, data = [], {}
+        if row.real:
+            images, masks, contoured, ids = self.pool()
+            pick = list(range(len(images))) if row.real < 0 else self.draw(row.real, draw)
+            images, masks, contoured = images[pick], masks[pick], contoured[pick]
+            if row.relabel:
+                masks, contoured = self.relabel(images), torch.ones_like(contoured)
+            parts.append((images, masks, contoured))
+            data["real_slices"] = [ids[i] for i in pick] if row.real > 0 else f"all {len(pick)} pool slices"
+        if row.synthetic:
+            images, masks, record = self.legacy().synthetic_pairs(row.synthetic)
+            parts.append((images, masks, torch.ones(len(images), len(LABEL_NAMES), dtype=torch.bool)))
+            data["synthetic"] = record
+        return *(torch.cat([p[k] for p in parts]) for k in range(3)), data
+
+    def relabel(self, images: torch.Tensor) -> torch.Tensor:
+        """The annotator's masks (N, S, S) uint8 of (N, 1, S, S) crops: complete labels for the relabelled row."""
+        from labelfactory.segmentation.infer import load_segmenter, predict_slices
+
+        annotator = load_segmenter(self.work / "annotator" / "segmentation.pt")
+        return predict_slices(annotator.network, images, 64).to(torch.uint8)
+
+    def stage_report(self, folder: Path) -> dict:
+        """The results JSON (per row, draw, seed and patient; commit; stages' CPU-hours) and section 0's table."""
+        results = {
+            "commit": git_commit(),
+            "protocol": read_protocol(self.protocol_path),
+            "sizes": asdict(self.sizes),
+            "reference": self.reference,
+            "dev": self.dev,
+            "stages": {
+                s: (read_json(self.work / s / "done.json") or {}).get("result") for s in RUN_STAGES if s != "report"
+            },
+            "cpu_hours": {
+                s: d["cpu_hours"] for s in RUN_STAGES if (d := read_json(self.work / s / "done.json")) is not None
+            },
+            "runs": [read_json(p) for p in sorted((self.work / "test").glob("*.json")) if p.name != "done.json"],
+        }
+        results["runs"] = [r for r in results["runs"] if r is not None and "per_patient" in r]
+        out = self.args.results or folder / "label_efficiency.json"
+        write_json_atomic(results, out)
+        table = results_table(results)
+        (folder / "table.md").write_text(table)
+        if self.args.publish:
+            publish_table(table, REPO / "docs" / "RESULTS.md")
+        return {"results": str(out), "table": str(folder / "table.md")}
+
+
+class Truncated(torch.nn.Module):
+    """G sampled at a fixed truncation psi (what FIDEvaluator calls as G(z, noise_mode=...))."""
+
+    def __init__(self, G: torch.nn.Module, psi: float):
+        super().__init__()
+        self.G, self.psi, self.z_dim = G, psi, G.z_dim
+
+    def forward(self, z: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        return self.G(z, truncation_psi=self.psi, noise_mode=noise_mode)
+
+
+def strip_per_patient(scores: dict[str, dict]) -> dict:
+    """Dev scores kept in a stage record: per-patient Dice and HD95, no per-organ detail."""
+    return {k: {"dice": v["dice"], "hd95": v["hd95"]} for k, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the table from JSON
+
+
+def results_table(results: dict) -> str:
+    """Section 0's markdown table from the results JSON alone (so `report` regenerates it exactly).
+
+    Per row: runs (draws x seeds); mean +- sample SD and 95% t interval over runs of the per-run mean of per-patient
+    Dice; HD95 likewise; the paired difference to the reference row over (patient, draw) units (seeds averaged;
+    a row without draws is paired by patient with the reference's mean over draws) with paired-t and Wilcoxon
+    p-values, Holm-corrected over the rows compared.
+    """
+    from labelfactory.evaluation.statistics import holm, paired_test, summary
+
+    by_row: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        by_row.setdefault(r["row"], []).append(r)
+    ref = results["reference"]
+
+    def units(runs: list[dict]) -> dict[tuple[str, int], float]:
+        """(patient, draw) -> Dice averaged over seeds."""
+        acc: dict[tuple[str, int], list[float]] = {}
+        for r in runs:
+            for p, s in r["per_patient"].items():
+                acc.setdefault((p, r["draw"]), []).append(s["dice"])
+        return {k: float(np.nanmean(v)) for k, v in acc.items()}
+
+    ref_units = units(by_row.get(ref, []))
+    tests = {}
+    for name, runs in by_row.items():
+        if name == ref or not ref_units:
+            continue
+        mine = units(runs)
+        if {d for _, d in mine} == {0} < {d for _, d in ref_units}:  # no draw: against the reference's draw mean
+            patients = sorted({p for p, _ in ref_units})
+            ref_mean = {p: float(np.nanmean([v for (q, _), v in ref_units.items() if q == p])) for p in patients}
+            tests[name] = paired_test(
+                [mine.get((p, 0), float("nan")) for p in patients], [ref_mean[p] for p in patients]
+            )
+            continue
+        keys = sorted(ref_units)
+        tests[name] = paired_test([mine.get(k, float("nan")) for k in keys], [ref_units[k] for k in keys])
+    names = list(tests)
+    t_adj = dict(zip(names, holm([tests[n]["t_p"] for n in names]), strict=True))
+    w_adj = dict(zip(names, holm([tests[n]["wilcoxon_p"] for n in names]), strict=True))
+
+    lines = [
+        f"| row | runs (draws x seeds) | Dice (per patient) mean +- SD | 95% CI | HD95 mm | diff vs {ref} | "
+        "p paired t (Holm) | p Wilcoxon (Holm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in by_row.items():
+        dice = summary([float(np.nanmean([p["dice"] for p in r["per_patient"].values()])) for r in runs])
+        dist = summary([float(np.nanmean([p["hd95"] for p in r["per_patient"].values()])) for r in runs])
+        draws, seeds = len({r["draw"] for r in runs}), len({r["seed"] for r in runs})
+        t = tests.get(name)
+        lines.append(
+            f"| {name} | {len(runs)} ({draws} x {seeds}) | {dice['mean']:.3f} +- {num(dice['sd'])} | "
+            f"[{num(dice['ci_t'][0])}, {num(dice['ci_t'][1])}] | {num(dist['mean'], 1)} | "
+            + (
+                f"{t['mean_diff']:+.3f} (n={t['n']}) | {num(t_adj[name])} | {num(w_adj[name])} |"
+                if t
+                else "reference | | |"
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def num(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def publish_table(table: str, results_md: Path) -> None:
+    """Replace the text between TABLE_MARKERS in `results_md` with `table` (SystemExit when the markers are absent)."""
+    text = results_md.read_text()
+    start, end = TABLE_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"{results_md} has no {start} ... {end} markers for the table")
+    head, rest = text.split(start, 1)
+    results_md.write_text(f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}")
+
+
+def parse_run_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="label_efficiency.py run", description="rebuild docs/RESULTS.md section 0")
+    p.add_argument("--openkbp", type=Path, required=True, help="OpenKBP folder (cases.csv + volumes)")
+    p.add_argument("--work", type=Path, required=True, help="work folder: one sub-folder per stage, resumable")
+    p.add_argument("--generator", type=Path, help="an existing generator file instead of running gan.sh")
+    p.add_argument("--rows", default="", help="comma-separated rows (default: every row)")
+    p.add_argument("--stages", default=",".join(RUN_STAGES), help=f"subset of {','.join(RUN_STAGES)}")
+    p.add_argument("--dev-split", type=Path, default=PROTOCOL_DIR / "dev_split.json")
+    p.add_argument("--protocol", type=Path, default=PROTOCOL_DIR / "protocol.json")
+    p.add_argument("--results", type=Path, help="results JSON (default: WORK/report/label_efficiency.json)")
+    p.add_argument("--freeze", action="store_true", help="write the choose stage's choices into --protocol, frozen")
+    p.add_argument("--publish", action="store_true", help="write the table into docs/RESULTS.md between its markers")
+    p.add_argument("--reduced", action="store_true", help="tiny sizes (the test suite)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def run_main(argv: list[str]) -> int:
+    """`run`: every asked stage in order, each skipped when done; stops before segmenters until frozen."""
+    args = parse_run_args(argv)
+    torch.set_num_threads(args.threads)
+    exp = Run(args)
+    asked = args.stages.split(",")
+    for name in RUN_STAGES:
+        if name not in asked or not exp.needs(name):
+            continue
+        if name == "segmenters":
+            if args.freeze:
+                chosen = read_json(args.work / "choose" / "done.json")
+                if chosen is None:
+                    raise SystemExit("--freeze: the choose stage has not finished")
+                freeze(args.protocol, chosen["result"]["choices"], exp.dev)
+                log(f"protocol frozen: {args.protocol}")
+            if not read_protocol(args.protocol).get("frozen"):
+                log(f"choices made on the dev split ({args.work / 'choose' / 'done.json'}); rerun with --freeze")
+                return 0
+        if name == "report":  # always redone: cheap, and the runs may have grown
+            (args.work / "report" / "done.json").unlink(missing_ok=True)
+        run_stage(args.work, name, getattr(exp, f"stage_{name}"))
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -1218,6 +1925,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:])
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = Sizes.reduced() if args.reduced else Sizes()

@@ -11,8 +11,9 @@ import torch
 
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.experiments import Experiments, Settings
-from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
+from labelfactory.evaluation.metrics import confusion_matrix, scores
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
+from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.segmentation.data import RealSlices
 from labelfactory.segmentation.train import SegmentationConfig
 
@@ -36,7 +37,7 @@ def test_dice_and_iou_match_hand_counts():
     )
     perfect = scores(confusion_matrix(truth, truth, 3))
     assert perfect["miou"] == 1.0 and perfect["mean_dice"] == 1.0
-    assert mean_std([0.5, 0.7, float("nan")]) == pytest.approx((0.6, 0.1))
+    assert mean_sd([0.5, 0.7, float("nan")]) == pytest.approx((0.6, math.sqrt(0.02)))  # sample SD
 
 
 def test_metrics_pool_pixels_over_the_whole_set():
@@ -135,7 +136,7 @@ def test_evaluate_end_to_end_writes_every_table(tmp_path, sample, make_pairs):
             for t in ("test_G", "test_R"):
                 folds = r[t]["miou_folds"]
                 assert len(folds) == 2 and r[t]["miou"] == pytest.approx(np.mean(folds))  # mean and std over folds
-                assert r[t]["miou_std"] == pytest.approx(np.std(folds))
+                assert r[t]["miou_std"] == pytest.approx(np.std(folds, ddof=1))  # sample SD
     hybrid = results["tables"]["III-C"][2]
     assert hybrid["train_items"] == [9, 9]
     # identical trainings are shared: unet on 6 synthetic pairs serves table I, III-C and III

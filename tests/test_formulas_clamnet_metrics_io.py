@@ -16,7 +16,8 @@ import torch
 from labelfactory.clamnet.loss import EPS, clamnet_loss, hybrid_loss, label_targets
 from labelfactory.clamnet.pairs import NEGATIVE, NORMAL, SAME, PairBatch, ViewParams
 from labelfactory.errors import LabelFactoryError
-from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
+from labelfactory.evaluation.metrics import confusion_matrix, scores
+from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.io import (
     Image,
     Window,
@@ -188,9 +189,9 @@ def test_scores_are_tp_over_tp_fp_fn_and_their_nan_aware_means(include_backgroun
     assert math.isnan(scores(torch.zeros(2, 2, dtype=torch.int64))["miou"])  # nothing to score
 
 
-def test_mean_std_is_the_population_std_over_finite_folds():
-    assert mean_std([0.2, 0.5, float("nan"), 0.8]) == pytest.approx((0.5, math.sqrt(0.06)))
-    assert all(math.isnan(v) for v in mean_std([float("nan")]))
+def test_mean_sd_is_the_sample_sd_over_finite_folds():
+    assert mean_sd([0.2, 0.5, float("nan"), 0.8]) == pytest.approx((0.5, 0.3))  # var = (0.09 + 0 + 0.09) / 2
+    assert all(math.isnan(v) for v in mean_sd([float("nan")]))
 
 
 # ---------------- CT windowing: u = 2 clip((HU - (L - W/2)) / W, 0, 1) - 1

@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from labelfactory.errors import LabelFactoryError
-from labelfactory.evaluation.metrics import confusion_matrix, mean_std, scores
+from labelfactory.evaluation.metrics import confusion_matrix, scores
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
+from labelfactory.evaluation.statistics import mean_sd
 from labelfactory.segmentation.data import PairSubset, evenly_spaced, hybrid
 from labelfactory.segmentation.infer import predict_slices
 from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
@@ -156,12 +157,12 @@ def score_dataset(network: torch.nn.Module, dataset: Dataset, config: Segmentati
 
 
 def summarize(table: str, name: str, network: str, n_train: list[int], per_fold: list[dict[str, dict]]) -> dict:
-    """Mean +- std over folds of mIoU, mean Dice and per-class Dice, for test-G and test-R."""
+    """Mean +- sample SD over folds of mIoU, mean Dice and per-class Dice, for test-G and test-R."""
     out = {"table": table, "row": name, "network": network, "train_items": n_train}
     for t in TEST_SETS:
         folds = [p[t] for p in per_fold]
-        miou, miou_std = mean_std([s["miou"] for s in folds])
-        dice, dice_std = mean_std([s["mean_dice"] for s in folds])
+        miou, miou_std = mean_sd([s["miou"] for s in folds])
+        dice, dice_std = mean_sd([s["mean_dice"] for s in folds])
         classes = folds[0]["dice"].keys()
         out[t] = {
             "miou": miou,
@@ -169,8 +170,8 @@ def summarize(table: str, name: str, network: str, n_train: list[int], per_fold:
             "mean_dice": dice,
             "mean_dice_std": dice_std,
             "miou_folds": [s["miou"] for s in folds],
-            "dice": {c: mean_std([s["dice"][c] for s in folds])[0] for c in classes},
-            "iou": {c: mean_std([s["iou"][c] for s in folds])[0] for c in classes},
+            "dice": {c: mean_sd([s["dice"][c] for s in folds])[0] for c in classes},
+            "iou": {c: mean_sd([s["iou"][c] for s in folds])[0] for c in classes},
         }
     return out
 

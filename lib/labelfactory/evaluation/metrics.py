@@ -10,7 +10,6 @@ much as a whole organ on another.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -51,10 +50,3 @@ def scores(
 def _nanmean(x: torch.Tensor) -> float:
     x = x[~torch.isnan(x)]
     return float(x.mean()) if len(x) else float("nan")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and (population) standard deviation over folds, ignoring NaN."""
-    v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
-    return (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
