@@ -1540,8 +1540,8 @@ class Run:
         """The generator file (--generator, or benchmarks/label_efficiency/gan.sh run here) and its FID against
         the dev patients' slices at psi 1 and at the synthesis psi."""
         from labelfactory.evaluation.fid import FIDEvaluator
-        from labelfactory.stylegan2.checkpoint import load_generator
         from labelfactory.segmentation.data import evenly_spaced
+        from labelfactory.stylegan2.checkpoint import load_generator
 
         target = self.work / "generator" / "stylegan2.pt"
         if not target.is_file():
