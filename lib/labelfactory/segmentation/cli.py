@@ -52,10 +52,18 @@ def run(args: argparse.Namespace) -> int:
         real = args.real if args.real is not None else ("0" if args.synthetic else "all")
         k_real = None if real == "all" else int(real)
         names = label_map(args.label_map).values
-        train, val, info = training_sets(args.studies, args.synthetic, k_real, args.val_patients, args.size, names)
+        train, real, val, info = training_sets(
+            args.studies, args.synthetic, k_real, args.val_patients, args.size, names
+        )
         config = from_args(SegmentationConfig(label_names=names), args, FLAGS)
         result = train_segmenter(
-            train, val, config, out=args.out, log_dir=args.log_dir or args.out.with_suffix(".logs"), data=info
+            train,
+            val,
+            config,
+            out=args.out,
+            log_dir=args.log_dir or args.out.with_suffix(".logs"),
+            data=info,
+            real_set=real,
         )
         if distributed.is_main():
             print(

@@ -194,8 +194,10 @@ def training_sets(
     val_patients: int = 1,
     size: int = 256,
     label_names: dict[str, int] | None = None,
-) -> tuple[Dataset, Dataset | None, dict]:
-    """(training set, validation set or None, a description) for synthetic-only, real-only or hybrid training.
+) -> tuple[Dataset, Dataset | None, Dataset | None, dict]:
+    """(training set, real set or None, validation set or None, a description) for synthetic-only, real-only or
+    hybrid training: `train_segmenter(train, val, config, real_set=real)`. The training set is the synthetic pairs
+    when there are any (the real slices then come as the real set, pooled or shared per batch), else the real slices.
 
     `k_real`: real slices to train on (None: every training patient's, 0: none). Validation is the
     real labelled slices of patients not trained on: every patient when no real slice is trained on,
@@ -212,7 +214,12 @@ def training_sets(
             "or studies with labels (labels/final) and real slices to use"
         )
     if real is None:
-        return synthetic, None, {"synthetic": str(synthetic_dir), "synthetic_pairs": len(synthetic), "real_slices": 0}
+        return (
+            synthetic,
+            None,
+            None,
+            {"synthetic": str(synthetic_dir), "synthetic_pairs": len(synthetic), "real_slices": 0},
+        )
     patients = sorted(set(real.groups))
     if k_real == 0:
         held = patients
@@ -225,7 +232,6 @@ def training_sets(
         if k_real != 0
         else None
     )
-    train = PairConcat([d for d in (synthetic, chosen) if d is not None])
     info = {
         "synthetic": str(synthetic_dir) if synthetic_dir else None,
         "synthetic_pairs": len(synthetic) if synthetic else 0,
@@ -234,4 +240,6 @@ def training_sets(
         "val_patients": sorted(held),
         "val_slices": len(val) if val else 0,
     }
-    return train, val, info
+    if synthetic is None:
+        return chosen, None, val, info
+    return synthetic, chosen, val, info

@@ -70,9 +70,15 @@ class SegmentationTrain(TrainBase):
         # real patients only: labelled generated images (DatasetGAN's loop) belong to the interpreter
         studies = [s for s in studies if not is_generated(datastore.get_image_info(s.id))]
         k_real, val_patients = real_options(request)
-        train, val, data = training_sets(studies, synthetic, k_real, val_patients, config.size)
+        train, real, val, data = training_sets(studies, synthetic, k_real, val_patients, config.size)
         result = train_segmenter(
-            train, val, config, out=self.model_dir / MODEL_FILE, log_dir=self.model_dir / f"{KIND}_logs", data=data
+            train,
+            val,
+            config,
+            out=self.model_dir / MODEL_FILE,
+            log_dir=self.model_dir / f"{KIND}_logs",
+            data=data,
+            real_set=real,
         )
         return {
             "network": config.network,
