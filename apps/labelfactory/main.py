@@ -6,7 +6,9 @@ skip_trainers, skip_strategies, skip_scoring, model_dir (the models folder the a
 trainers publish to; default <app_dir>/model), labels (a label map of `labelfactory.labels`;
 default: the map the models in model_dir record, see `served_map`), labels_fallback (the map
 served, with a warning, when no model records one: the data set's own, which `labelfactory serve`
-passes for a bundled sample; default totalsegmentator), plus each config's own
+passes for a bundled sample; default totalsegmentator), device (where every task trains and infers:
+auto | cpu | cuda | cuda:N, `labelfactory.devices`; default auto, the GPU when one is present; each
+task's /info entry shows it), plus each config's own
 (see lib/configs). Infers refuse (409) a model trained under another label map than the served one.
 """
 
@@ -25,6 +27,7 @@ from monailabel.utils.others.generic import strtobool
 
 from labelfactory import __version__
 from labelfactory.checkpoints import remove_leftover_temp_files
+from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.labels import served_map
 from labelfactory.latent_record import LATENT_KEY
@@ -41,6 +44,8 @@ class LabelFactoryApp(MONAILabelApp):
         self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")  # labelfactory serve --models
         self.label_map, why = served_map(conf.get("labels"), self.model_dir, conf.get("labels_fallback"))
         logger.info(f"labelfactory models in {self.model_dir}, label map {self.label_map.describe()}: {why}")
+        self.device = str(resolve_device(conf.get("device", "auto")))  # a bad one stops the start, naming it
+        logger.info(f"labelfactory tasks train and infer on {self.device}")
         available = {c.split(".")[-2].lower(): c for c in get_class_names(lib.configs, "TaskConfig")}
         wanted = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
         unknown = [m for m in wanted if m != "all" and m not in available]
@@ -51,7 +56,7 @@ class LabelFactoryApp(MONAILabelApp):
         for name in names:
             cls = _load_class(available[name])
             self.models[name] = cls()
-            self.models[name].init(name, self.model_dir, conf, None, label_map=self.label_map)
+            self.models[name].init(name, self.model_dir, conf, None, label_map=self.label_map, device=self.device)
         logger.info(f"labelfactory models: {list(self.models)}")
         self._scoring_lock = threading.Lock()
         super().__init__(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from labelfactory.devices import add_device_argument
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, write_image
 from labelfactory.labels import LABEL_NAMES
@@ -63,6 +64,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="segmentation model file that labels the images (labelfactory.annotator_model); default: the HU rule",
     )
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from labelfactory.datasetgan.taps import ws_from_seeds
     from labelfactory.stylegan2.checkpoint import load_generator
 
-    G = load_generator(args.generator)
-    annotate = ModelAnnotator(args.annotator_model) if args.annotator_model else hu_rule_annotator
+    G = load_generator(args.generator, args.device)
+    annotate = ModelAnnotator(args.annotator_model, args.device) if args.annotator_model else hu_rule_annotator
     label_names = getattr(annotate, "label_names", LABEL_NAMES)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from labelfactory.io import Image
 class ModelAnnotator:
     """Callable (image, prediction) -> (H, W) uint8 label of a 2D CT slice in HU; `label_names` name -> value."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
         from labelfactory.segmentation.infer import load_segmenter
 
         self.path = str(path)
-        self.segmenter = load_segmenter(path)
+        self.segmenter = load_segmenter(path, device)
         self.label_names = dict(self.segmenter.label_names)
 
     def __call__(self, image: Image, prediction: Image | None = None) -> np.ndarray:

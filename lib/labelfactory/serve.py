@@ -101,6 +101,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=[],
         help="app option, e.g. --conf models all",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where every model trains and infers: auto (the GPU when one is present; default) | cpu | cuda | "
+        "cuda:N; the same as --conf device",
+    )
     auth = p.add_argument_group(
         "authentication", "MONAI Label's OIDC bearer tokens (e.g. Keycloak); more settings: MONAI_LABEL_AUTH_* env"
     )
@@ -250,6 +256,10 @@ def run(args: argparse.Namespace) -> int:
     if not (args.studies and args.models) and not any(k == "labels_fallback" for k, _ in conf):
         conf.append(("labels_fallback", sample.labels))  # the sample's models, if damaged: never another data set's map
     conf.append(("model_dir", str(models)))
+    if args.device:
+        from labelfactory.devices import resolve_device
+
+        conf.append(("device", str(resolve_device(args.device))))  # refused here, before the server starts
     cmd = server_command(studies, args.host, args.port, conf)
     where = f"{studies} with the models in {models}"
     print(f"labelfactory: serving {where} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.clamnet.data import load_weak_slices
-from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, save_clamnet, train_clamnet
+from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, fit_clamnet
+from labelfactory.devices import add_device_argument
 from labelfactory.options import add_arguments, exposed, from_args
 
 FLAGS = exposed(ClamNetConfig, "cli")
@@ -40,6 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--features", type=int, nargs=6, default=list(d.features), help="BasicUNetPlusPlus widths (6 numbers)"
     )
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     slices = load_weak_slices(
         studies, args.labels, cfg.organ, args.organ_dir, None, cfg.size, cfg.margin_mm, cfg.ct_window, cfg.eta
     )
-    pair, history = train_clamnet(slices, cfg)
-    data = {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
-    save_clamnet(pair, cfg, data, args.out, history)
-    print(json.dumps({"model": str(args.out), "loss_first": history[0], "loss_last": history[-1], **data}))
+    fit = fit_clamnet(slices, cfg, out=args.out, device=args.device)
+    print(json.dumps({"model": str(args.out), "loss_first": fit.history[0], "loss_last": fit.history[-1], **fit.data}))
     return 0

@@ -87,11 +87,13 @@ def organ_mask(study: Study, image: Image, organ: str, organ_dirs: list[Path]) -
     return None
 
 
-def segmented_organ(model: str | os.PathLike, image: Image, organ: str) -> Image | None:
-    """The organ as the project's trained segmentation model sees it (None when it finds none)."""
+def segmented_organ(
+    model: str | os.PathLike, image: Image, organ: str, device: str | torch.device = "auto"
+) -> Image | None:
+    """The organ as the project's trained segmentation model sees it, run on `device` (None when it finds none)."""
     from labelfactory.segmentation.infer import load_segmenter, segment_image
 
-    segmenter = load_segmenter(model)
+    segmenter = load_segmenter(model, device)
     if organ not in segmenter.label_names:
         raise LabelFactoryError(
             f"the segmentation model at {model} does not segment '{organ}' (it knows {sorted(segmenter.label_names)})"

@@ -7,14 +7,21 @@ import torch
 from labelfactory.clamnet.crop import crop_slices, paste_back
 from labelfactory.clamnet.network import ClamNetPair
 from labelfactory.clamnet.train import ClamNetConfig
+from labelfactory.devices import autocast, cuda_speedups, module_device
 from labelfactory.io import Image
 
 
-def predict_crops(pair: ClamNetPair, x: torch.Tensor, organ: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """(K, 1, S, S) crops and their organ masks -> (K, S, S) marker probability, 0 outside the organ."""
-    out = [pair.marker_probability(x[i : i + batch]) for i in range(0, len(x), batch)]
+def predict_crops(
+    pair: ClamNetPair, x: torch.Tensor, organ: torch.Tensor, batch: int = 8, precision: str = "auto"
+) -> torch.Tensor:
+    """(K, 1, S, S) crops and their organ masks (CPU) -> (K, S, S) marker probability (CPU, float32), 0 outside
+    the organ; run in batches on the pair's device, `precision` as `labelfactory.devices.autocast`."""
+    device = module_device(pair)
+    cuda_speedups(device)
+    with autocast(device, precision):
+        out = [pair.marker_probability(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
     p = torch.cat(out) if out else torch.zeros(0, *x.shape[-2:])
-    return p * organ[:, 0]
+    return p * organ[:, 0].cpu()
 
 
 def predict_image(pair: ClamNetPair, config: ClamNetConfig, image: Image, organ: Image | None) -> tuple[Image, Image]:

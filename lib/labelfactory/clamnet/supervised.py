@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from labelfactory.clamnet.data import WeakSlices
+from labelfactory.devices import module_device, resolve_device
 from labelfactory.segmentation.data import RealSlices
 from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
@@ -26,9 +27,11 @@ class CeilingConfig:
     seed: int = 0
 
 
-def train_ceiling(slices: WeakSlices, config: CeilingConfig) -> tuple[nn.Module, list[dict[str, float]]]:
-    """UNet++ on (slices.x, slices.truth), DiceCE with deep supervision. Returns (network in eval mode, loss per
-    round)."""
+def train_ceiling(
+    slices: WeakSlices, config: CeilingConfig, device: str | torch.device = "auto"
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """UNet++ on (slices.x, slices.truth), DiceCE with deep supervision, on `device` (`labelfactory.devices`).
+    Returns (network in eval mode, on that device; loss per round)."""
     data = RealSlices(slices.x, slices.truth[:, 0].long(), slices.study)
     cfg = SegmentationConfig(
         network="unetpp",
@@ -40,14 +43,16 @@ def train_ceiling(slices: WeakSlices, config: CeilingConfig) -> tuple[nn.Module,
         seed=config.seed,
         label_names=dict(TARGET),
     )
-    result = train_segmenter(data, None, cfg, device=torch.device("cpu"))
+    result = train_segmenter(data, None, cfg, device=resolve_device(device))
     return result.network, result.history
 
 
 @torch.no_grad()
 def ceiling_maps(network: nn.Module, x: torch.Tensor, organ: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """(K, 1, S, S) crops and organ masks -> (K, S, S) target probability, 0 outside the organ."""
+    """(K, 1, S, S) crops and organ masks (CPU) -> (K, S, S) target probability (CPU), 0 outside the organ; run on
+    the network's device."""
     network.eval()
-    out = [network(x[i : i + batch]).softmax(1)[:, 1] for i in range(0, len(x), batch)]
+    device = module_device(network)
+    out = [network(x[i : i + batch].to(device)).softmax(1)[:, 1].cpu() for i in range(0, len(x), batch)]
     p = torch.cat(out) if out else torch.zeros(0, *x.shape[-2:])
     return p * organ[:, 0]

@@ -6,7 +6,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.clamnet.data import WeakSlices
 from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.network import ClamNetPair
-from labelfactory.clamnet.pairs import PairSampler, near_normals
+from labelfactory.clamnet.pairs import PairBatch, PairSampler, near_normals
+from labelfactory.devices import cuda_speedups, resolve_device
 from labelfactory.io import Window
 from labelfactory.options import SEED_RANGE, option
 
@@ -71,11 +73,17 @@ def build_pair(config: ClamNetConfig) -> ClamNetPair:
 
 
 def train_clamnet(
-    slices: WeakSlices, config: ClamNetConfig, on_step: Callable[[int, float], None] | None = None
+    slices: WeakSlices,
+    config: ClamNetConfig,
+    on_step: Callable[[int, float], None] | None = None,
+    device: str | torch.device = "auto",
 ) -> tuple[ClamNetPair, list[float]]:
-    """Adam on both UNet++ for `config.steps` pair batches. Returns the pair (eval mode) and the loss per step."""
+    """Adam on both UNet++ for `config.steps` pair batches on `device` (`labelfactory.devices`; pairs are drawn on
+    the CPU, so the draws do not depend on it). Returns the pair (eval mode, on `device`) and the loss per step."""
+    device = resolve_device(device)
+    cuda_speedups(device)
     torch.manual_seed(config.seed)
-    pair = build_pair(config)
+    pair = build_pair(config).to(device)
     gen = torch.Generator().manual_seed(config.seed)
     partners = None
     if config.near_negatives > 0:
@@ -86,7 +94,7 @@ def train_clamnet(
     history = []
     t0 = time.time()
     for step in range(config.steps):
-        batch = sampler.sample(config.batch, gen)
+        batch = _on(sampler.sample(config.batch, gen), device)
         loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch, config.marker_fraction, config.dice_term)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,6 +107,46 @@ def train_clamnet(
     return pair.eval(), history
 
 
+def _on(batch: PairBatch, device: torch.device) -> PairBatch:
+    """The batch with its tensors on `device` (a no-op on the CPU)."""
+    if device.type == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return replace(batch, **{k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
+
+
+@dataclass
+class ClamNetFit:
+    """A trained pair (eval mode, on the device it trained on), its loss per step, its data record, its file."""
+
+    pair: ClamNetPair
+    history: list[float]
+    data: dict[str, Any]
+    path: Path | None
+
+
+def fit_clamnet(
+    slices: WeakSlices,
+    config: ClamNetConfig,
+    out: str | os.PathLike | None = None,
+    data: dict[str, Any] | None = None,
+    device: str | torch.device = "auto",
+    on_step: Callable[[int, float], None] | None = None,
+) -> ClamNetFit:
+    """ClamNet's one recipe (the CLI and the app task call it; they differ only in where `slices` come from):
+    train on `device`, record the data (`data`, default: studies, slice and abnormal counts), write `out`."""
+    pair, history = train_clamnet(slices, config, on_step, device)
+    data = data if data is not None else weak_slices_record(slices)
+    if out is not None:
+        save_clamnet(pair, config, data, out, history)
+    return ClamNetFit(pair, history, data, Path(out) if out is not None else None)
+
+
+def weak_slices_record(slices: WeakSlices) -> dict[str, Any]:
+    """What a model file records of its training slices: studies, slice count, abnormal slice count."""
+    return {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
+
+
 def save_clamnet(
     pair: ClamNetPair,
     config: ClamNetConfig,
@@ -106,17 +154,20 @@ def save_clamnet(
     path: str | os.PathLike,
     history: list[float] | None = None,
 ) -> None:
-    """Atomic checkpoint: kind 'clamnet', config, data description, both networks' weights, loss history."""
+    """Atomic checkpoint: kind 'clamnet', config, data description, both networks' weights (from CPU copies, so
+    the file loads on any device), loss history."""
+    state = {k: v.detach().cpu() for k, v in pair.state_dict().items()}
     save_checkpoint(
-        {"kind": KIND, "config": asdict(config), "data": data, "state": pair.state_dict(), "history": history or []},
+        {"kind": KIND, "config": asdict(config), "data": data, "state": state, "history": history or []},
         path,
     )
 
 
-def load_clamnet(path: str | os.PathLike) -> tuple[ClamNetPair, ClamNetConfig]:
-    """(pair in eval mode, config); LabelFactoryError 409 'train clamnet first' when the file is missing."""
+def load_clamnet(path: str | os.PathLike, device: str | torch.device = "auto") -> tuple[ClamNetPair, ClamNetConfig]:
+    """(pair in eval mode on `device`, config); LabelFactoryError 409 'train clamnet first' when the file is
+    missing."""
     payload = load_checkpoint(path, KIND)
     config = ClamNetConfig.from_dict(payload["config"])
     pair = build_pair(config)
     pair.load_state_dict(payload["state"])
-    return pair.eval(), config
+    return pair.to(resolve_device(device)).eval(), config

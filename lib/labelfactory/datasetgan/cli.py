@@ -9,6 +9,7 @@ from pathlib import Path
 from labelfactory.checkout import APP_MODEL_DIR, checkout_default
 from labelfactory.datasetgan.labeller import MODEL_FILE
 from labelfactory.datasetgan.train import DatasetGANConfig
+from labelfactory.devices import add_device_argument, module_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.options import add_arguments, exposed, from_args
@@ -63,17 +64,17 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="totalsegmentator",
         help="the masks' label map (labelfactory.labels: totalsegmentator, openkbp), recorded in the model",
     )
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from labelfactory.datasetgan.labeller import save_interpreter
     from labelfactory.datasetgan.records import load_records, records_from_datastore_folder, records_from_seed_masks
-    from labelfactory.datasetgan.train import train_ensemble
+    from labelfactory.datasetgan.train import fit_interpreter
     from labelfactory.labels import label_map
     from labelfactory.stylegan2.checkpoint import load_generator
 
     generator = generator_path(args)
-    G = load_generator(generator)
+    G = load_generator(generator, args.device)
     weights = tuple(args.class_weights) if args.class_weights else None
     cfg = replace(from_args(DatasetGANConfig(), args, FLAGS), hidden=tuple(args.hidden), class_weights=weights)
     label_names = label_map(args.label_map).values
@@ -87,10 +88,9 @@ def run(args: argparse.Namespace) -> int:
         records = load_records(G, items, K, cfg.ignore_index)
     else:
         records = records_from_seed_masks(G, args.labels, args.truncation_psi, K, cfg.ignore_index)
-    ens, history = train_ensemble(G, records, K, cfg, progress=not args.no_progress)
-    out = args.out or generator.with_name(MODEL_FILE)
-    data = {"images": [r.name for r in records], "count": len(records), "history": history}
-    save_interpreter(out, ens, label_names, cfg.to_dict(), data, G)
-    epochs, loss = len(history["epoch_loss"]), history["best_loss"]
-    print(f"interpreter: {len(records)} images, {epochs} epochs, loss {loss:.4f} -> {out}")
+    fit = fit_interpreter(
+        G, records, label_names, cfg, args.out or generator.with_name(MODEL_FILE), progress=not args.no_progress
+    )
+    epochs, loss = len(fit.history["epoch_loss"]), fit.history["best_loss"]
+    print(f"interpreter: {len(records)} images, {epochs} epochs, loss {loss:.4f} on {module_device(G)} -> {fit.path}")
     return 0

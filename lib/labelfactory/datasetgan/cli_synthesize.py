@@ -7,6 +7,7 @@ from pathlib import Path
 
 from labelfactory.datasetgan.cli import generator_arg, generator_path
 from labelfactory.datasetgan.labeller import MODEL_FILE
+from labelfactory.devices import add_device_argument
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.stylegan2.identity import parse_seeds
 
@@ -24,6 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--png", action="store_true", help="also write PNG images and masks")
     p.add_argument("--no-progress", action="store_true")
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds)
     generator = generator_path(args)
-    G = load_generator(generator)
+    G = load_generator(generator, args.device)
     interp = load_interpreter(args.interpreter or generator.with_name(MODEL_FILE), G)
     res = synthesize(
         interp,

@@ -20,6 +20,7 @@ from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
 from labelfactory.datasetgan.taps import TapLayout, generate_with_taps
 from labelfactory.datasetgan.uncertainty import image_score
+from labelfactory.devices import module_device
 from labelfactory.errors import ModelMissing
 from labelfactory.labels import map_of
 from labelfactory.stylegan2.identity import generator_identity
@@ -68,14 +69,15 @@ class Interpreter:
             msg = "the interpreter was trained on a generator with other feature taps: train datasetgan again"
             raise ModelMissing(msg, model=KIND)
         self.G, self.label_names, self.identity = G, dict(label_names), identity
-        device = next(G.parameters()).device
+        self.device = module_device(G)
         self.ensemble = ensemble.eval()
-        self.factorized = ensemble.factorized().to(device)
+        self.factorized = ensemble.factorized().to(self.device)
 
     @torch.no_grad()
     def label(self, ws: torch.Tensor, top_fraction: float = 0.1) -> Labelled:
-        """ws (B, num_ws, w_dim) -> Labelled; deterministic (constant noise)."""
-        img, taps = generate_with_taps(self.G, ws)
+        """ws (B, num_ws, w_dim), any device -> Labelled, on the generator's device; deterministic (constant
+        noise)."""
+        img, taps = generate_with_taps(self.G, ws.to(self.device))
         mask, js = self.factorized.vote_and_uncertainty(taps)
         return Labelled(img, mask, js, image_score(js, top_fraction))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from labelfactory.devices import module_device
 from labelfactory.stylegan2.latents import z_from_seeds
 
 
@@ -54,8 +55,7 @@ def ws_from_w(G, w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ws_from_seeds(G, seeds: list[int], truncation_psi: float = 1.0) -> torch.Tensor:
     """Seeds -> ws (N, num_ws, w_dim) via the mapping network with truncation psi (reproducible)."""
-    device = next(G.parameters()).device
-    return G.mapping(z_from_seeds(list(seeds), G.z_dim).to(device), truncation_psi=truncation_psi)
+    return G.mapping(z_from_seeds(list(seeds), G.z_dim).to(module_device(G)), truncation_psi=truncation_psi)
 
 
 @torch.no_grad()

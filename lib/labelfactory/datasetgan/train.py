@@ -5,7 +5,9 @@ them, and sees the features at those pixels exactly as the full-image forms comp
 (bilinear at pixel centres, `sample_taps`). Taps are regenerated from w and kept in memory at
 their native resolution (fp16, ~20x smaller than the upsampled map) up to a budget; beyond it
 they are regenerated every time. Pixels labelled `ignore_index` are never drawn. Cross-entropy
-(optional class weights), Adam, early stopping on the epoch loss with the best weights kept.
+(optional class weights), Adam, early stopping on the epoch loss with the best weights kept. The ensemble
+trains on the generator's device (`load_generator(path, device)`); pixels are drawn on the CPU, so the draws
+do not depend on it. `fit_interpreter` is the one recipe the CLI and the app task share.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
+from labelfactory.datasetgan.labeller import save_interpreter
 from labelfactory.datasetgan.records import LatentRecord
 from labelfactory.datasetgan.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
+from labelfactory.devices import cuda_speedups, module_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.options import SEED_RANGE, option
 
@@ -65,7 +71,7 @@ class TapCache:
     def __call__(self, i: int) -> list[torch.Tensor]:
         if i in self.kept:
             return [t.float() for t in self.kept[i]]
-        _, taps = generate_with_taps(self.G, ws_from_w(self.G, self.records[i].w).to(next(self.G.parameters()).device))
+        _, taps = generate_with_taps(self.G, ws_from_w(self.G, self.records[i].w).to(module_device(self.G)))
         size = sum(t.numel() for t in taps) * 2
         if self.used + size <= self.budget:
             self.kept[i] = [t.half() for t in taps]
@@ -82,7 +88,8 @@ def _draw_pixels(valid: torch.Tensor, n: int, R: int, gen: torch.Generator) -> t
 def train_ensemble(
     G, records: list[LatentRecord], num_classes: int, config: DatasetGANConfig | None = None, progress: bool = True
 ) -> tuple[PixelEnsemble, dict]:
-    """Fit `config.members` pixel MLPs (default: DatasetGANConfig()). Returns (ensemble in eval mode, history)."""
+    """Fit `config.members` pixel MLPs (default: DatasetGANConfig()) on G's device. Returns (ensemble in eval mode,
+    on that device; history)."""
     config = config or DatasetGANConfig()
     if not records:
         raise LabelFactoryError(
@@ -94,14 +101,16 @@ def train_ensemble(
     if all(len(v) == 0 for v in valid):
         raise LabelFactoryError("every label pixel is the ignore label: draw some classes first")
     masks = [torch.from_numpy(r.mask.reshape(-1)) for r in records]
-    weight = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
+    device = module_device(G)
+    cuda_speedups(device)
+    weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
     if weight is not None and len(weight) != num_classes:
         raise LabelFactoryError(f"class weights: {len(weight)} given, the label map has {num_classes} classes")
 
     torch.manual_seed(config.seed)
     ens = PixelEnsemble(
         EnsembleConfig(layout.channels, layout.resolutions, R, num_classes, M, tuple(config.hidden), config.seed)
-    )
+    ).to(device)
     opt = torch.optim.Adam(ens.parameters(), lr=config.lr)
     taps_of = TapCache(G, records, config.cache_gb * 2**30)
     gen = torch.Generator().manual_seed(config.seed)
@@ -121,7 +130,7 @@ def train_ensemble(
                 rows, cols = _draw_pixels(valid[i], M * config.pixels_per_image, R, gen)
                 xs.append(sample_taps(taps_of(i), rows, cols, R).reshape(M, config.pixels_per_image, -1))
                 ys.append(masks[i][rows * R + cols].reshape(M, -1))
-            x, y = torch.cat(xs, 1), torch.cat(ys, 1)
+            x, y = torch.cat(xs, 1), torch.cat(ys, 1).to(device)
             logits = ens(x)
             loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), weight=weight)
             opt.zero_grad(set_to_none=True)
@@ -145,3 +154,30 @@ def train_ensemble(
         f"interpreter: {len(history['epoch_loss'])} epochs, best loss {best:.4f} at epoch {history['best_epoch']}"
     )
     return ens.eval(), history
+
+
+@dataclass
+class InterpreterFit:
+    """A fitted ensemble (eval mode, on the generator's device), its history, its data record and its file."""
+
+    ensemble: PixelEnsemble
+    history: dict
+    data: dict
+    path: Path | None
+
+
+def fit_interpreter(
+    G,
+    records: list[LatentRecord],
+    label_names: dict[str, int],
+    config: DatasetGANConfig | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> InterpreterFit:
+    """DatasetGAN's one recipe (the CLI and the app task call it; they differ only in where `records` come from):
+    train the ensemble on G's device over the classes of `label_names`, record the images, write `out`."""
+    config = config or DatasetGANConfig()
+    ens, history = train_ensemble(G, records, max(label_names.values()) + 1, config, progress)
+    data = {"images": [r.name for r in records], "count": len(records), "history": history}
+    path = save_interpreter(out, ens, label_names, config.to_dict(), data, G) if out is not None else None
+    return InterpreterFit(ens, history, data, path)

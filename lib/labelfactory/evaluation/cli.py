@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
+from labelfactory.devices import add_device_argument
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.experiments import PAPER_SEGMENTERS, TABLES, Settings, run_experiments, synthetic_fid
 from labelfactory.evaluation.report import write_report
@@ -81,6 +82,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--note", default="", help="a line to put at the top of results.md (e.g. the machine and what was reduced)"
     )
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     real = real_slices(studies, args.size)
     train = from_args(SegmentationConfig(), args, FLAGS)
     settings = from_args(
-        Settings(baseline=args.baseline, log_dir=args.out / "tensorboard", train=train), args, ("folds", "test_size")
+        Settings(baseline=args.baseline, log_dir=args.out / "tensorboard", train=train, device=args.device),
+        args,
+        ("folds", "test_size"),
     )
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     results = run_experiments(

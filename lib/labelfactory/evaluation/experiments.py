@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.evaluation.metrics import confusion_matrix, scores
 from labelfactory.evaluation.splits import check_disjoint, group_folds, train_test
@@ -47,6 +48,7 @@ class Settings:
     baseline: str = "deeplabv3"
     train: SegmentationConfig = field(default_factory=SegmentationConfig)
     log_dir: Path | None = None
+    device: str = "auto"  # where every segmenter trains and is scored (labelfactory.devices)
 
 
 @dataclass
@@ -103,7 +105,7 @@ class Experiments:
                 else None
             )
             t0 = time.time()
-            result = train_segmenter(train, val, cfg, log_dir=log_dir)
+            result = train_segmenter(train, val, cfg, log_dir=log_dir, device=resolve_device(self.settings.device))
             seconds = time.time() - t0
             self._done[cache_key] = {name: score_dataset(result.network, ds, cfg) for name, ds in tests.items()}
             self.runs.append(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from labelfactory import distributed
+from labelfactory.devices import add_device_argument, resolve_device
 from labelfactory.labels import label_map
 from labelfactory.options import add_arguments, exposed, from_args
 from labelfactory.segmentation.data import training_sets
@@ -44,6 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="totalsegmentator",
         help="the labels' map (labelfactory.labels: totalsegmentator, openkbp), recorded in the model",
     )
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             log_dir=args.log_dir or args.out.with_suffix(".logs"),
             data=info,
             real_set=real,
+            device=resolve_device(args.device),
         )
         if distributed.is_main():
             print(

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from labelfactory.checkpoints import load_checkpoint
 from labelfactory.datasets.openkbp import body_boxes, crop, paste
+from labelfactory.devices import autocast, cuda_speedups, module_device, resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, Window, slices_to_label, volume_to_slices
 from labelfactory.io.slices import reorient
@@ -36,8 +37,10 @@ class Segmenter:
     record: dict[str, Any]
 
 
-def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") -> Segmenter:
-    """Load `path` (a 'segmentation' checkpoint); LabelFactoryError 409 "train segmentation first" when missing."""
+def load_segmenter(path: str | os.PathLike, device: str | torch.device = "auto") -> Segmenter:
+    """Load `path` (a 'segmentation' checkpoint) onto `device` (`labelfactory.devices`); LabelFactoryError 409
+    "train segmentation first" when missing."""
+    device = resolve_device(device)
     payload = load_checkpoint(Path(path), KIND, map_location=device)
     cfg = payload["config"]
     label_names = dict(cfg["label_names"])
@@ -48,11 +51,18 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
 
 @torch.inference_mode()
-def predict_slices(network: nn.Module, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(N, 1, S, S) float in [-1, 1] -> (N, S, S) int64 argmax masks, in batches on the network's device."""
-    device = next(network.parameters()).device
+def predict_slices(
+    network: nn.Module, images: torch.Tensor, batch_size: int = 8, precision: str = "auto"
+) -> torch.Tensor:
+    """(N, 1, S, S) float in [-1, 1] -> (N, S, S) int64 argmax masks (on the CPU), in batches on the network's
+    device; `precision` as `labelfactory.devices.autocast` (auto: bf16 on CUDA, TF32 and cuDNN autotuning)."""
+    device = module_device(network)
+    cuda_speedups(device)
     network.eval()
-    out = [network(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    out = []
+    with autocast(device, precision):
+        for i in range(0, len(images), batch_size):
+            out.append(network(images[i : i + batch_size].to(device)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]), dtype=torch.long)
 
 
@@ -67,7 +77,7 @@ def segment_image(
     cfg = segmenter.record.get("config", {})
     window = window or Window(*cfg.get("window", (Window().level, Window().width)))
     if batch_size is None:
-        batch_size = 16 if next(segmenter.network.parameters()).is_cuda else 1
+        batch_size = 16 if module_device(segmenter.network).type == "cuda" else 1
     slicing = cfg.get("slicing", "resize")
     if slicing == "body-crop":
         return _segment_body_crops(segmenter, image, window, batch_size)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError, ModelMissing
 from labelfactory.stylegan2.networks import GENERATOR_LAYOUT, Generator
 
@@ -73,8 +74,9 @@ def read_warm_start(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
-    """The published EMA generator in eval mode, frozen, with `.checkpoint_info` = {config, provenance, kimg, data}.
+def load_generator(path: str | os.PathLike, device: str | torch.device = "auto") -> Generator:
+    """The published EMA generator in eval mode, frozen, on `device` (`labelfactory.devices`), with
+    `.checkpoint_info` = {config, provenance, kimg, data}.
 
     Raises ModelMissing(model="stylegan2") (409, "train stylegan2 first") when the file is missing or unusable.
     """
@@ -99,7 +101,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
             f"{Path(path).name} does not hold a usable generator ({type(e).__name__}): train stylegan2 first",
             model=KIND,
         ) from None
-    G = G.to(device).eval().requires_grad_(False)
+    G = G.to(resolve_device(device)).eval().requires_grad_(False)
     G.checkpoint_info = {
         "config": payload["config"],
         "provenance": payload["provenance"],

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
+from labelfactory.devices import add_device_argument, resolve_device
 from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
 from labelfactory.options import add_arguments, exposed, from_args
 from labelfactory.stylegan2.config import PRESETS, StyleGAN2Config, preset
@@ -72,6 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--fid-weights", type=Path, default=None, help="pytorch-fid Inception weights (default: the torch hub cache)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             resume_from=args.resume_from,
             publish_discriminator=args.publish_discriminator,
+            device=resolve_device(args.device),
         )
         if is_main():
             print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=1))

@@ -82,6 +82,9 @@ class GeneratedUncertain(Strategy):
         )
         self.models, self.candidates, self.truncation_psi, self.explore = models, candidates, truncation_psi, explore
 
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "device": str(self.models.device)}
+
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         k = cast(int, "candidates", request.get("candidates", self.candidates), 1, 256)
         psi = cast(float, "truncation_psi", request.get("truncation_psi", self.truncation_psi))
@@ -120,6 +123,9 @@ class GeneratedUncertainty(ScoringMethod):
     def __init__(self, models: DatasetGANModels):
         super().__init__("Ensemble uncertainty (top-10% JS divergence) of the unlabelled generated images")
         self.models = models
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "device": str(self.models.device)}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         G = self.models.generator.get()

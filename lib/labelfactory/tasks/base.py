@@ -3,11 +3,12 @@
 `TrainBase` owns what all our trainers share: the options table (`config()`, fields of the config
 dataclass), request overrides parsed from that dataclass, `stats()` and the atomic
 `<model_dir>/<name>_train_stats.json`, total time, the models folder's training lock
-(`labelfactory.training_lock`). A trainer declares `name`, `options` and
-`train()`. `InferBase` owns `is_valid` (models are checked per request: a missing one answers 409
-"train X first"), `get_path`, the temp result file and the latency timing; an infer declares
-`infer() -> (label Image, result JSON)`, and, where it needs the datastore, `prepare` (what the request
-needs from it) and `finish` (what to store of the result): the app calls both and never names a model.
+(`labelfactory.training_lock`) and the device it trains on (`labelfactory.devices`, shown by `info()`).
+A trainer declares `name`, `options` and `train()`. `InferBase` owns `is_valid` (models are checked per
+request: a missing one answers 409 "train X first"), `get_path`, the temp result file, the latency timing
+and the device its model runs on (in `info()`); an infer declares `infer() -> (label Image, result JSON)`,
+and, where it needs the datastore, `prepare` (what the request needs from it) and `finish` (what to store
+of the result): the app calls both and never names a model.
 Not BasicTrainTask / BasicInferTask themselves: those feed whole datastore files through dict
 transforms and save bare state dicts, while our models train on 2D slices or latents and publish
 versioned checkpoints (labelfactory.checkpoints).
@@ -26,6 +27,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, write_image
 from labelfactory.jsonio import read_json, write_json_atomic
@@ -47,9 +49,13 @@ class TrainBase(TrainTask):
     options: ClassVar[tuple[str, ...]]
     path_options: ClassVar[tuple[str, ...]] = ()  # request options naming a server folder or file (see request_path)
 
-    def __init__(self, description: str, model_dir: str | os.PathLike, defaults: Any):
+    def __init__(self, description: str, model_dir: str | os.PathLike, defaults: Any, device: str = "auto"):
         super().__init__(description)
         self.model_dir, self.defaults = Path(model_dir), defaults
+        self.device = resolve_device(device)  # the app's `--conf device`
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "device": str(self.device)}
 
     def config(self) -> dict[str, Any]:
         """The options table Slicer shows: each option's default (subclasses add their own keys)."""
@@ -104,9 +110,13 @@ class InferBase(InferTask):
 
     makes_its_image: ClassVar[bool] = False  # True: the request's `image` names what the infer makes, not a file
 
-    def __init__(self, path: str | os.PathLike, *args: Any, **kwargs: Any):
+    def __init__(self, path: str | os.PathLike, *args: Any, device: str = "auto", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.path = Path(path)
+        self.device = resolve_device(device)  # where its model loads and runs: the app's `--conf device`
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "device": str(self.device)}
 
     def is_valid(self) -> bool:
         return True  # listed even before training: a request then answers 409 "train X first"

@@ -32,7 +32,7 @@ from labelfactory.clamnet.crop import box_mask
 from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask, segmented_organ
 from labelfactory.clamnet.image_labels import ImageLabel, rows_from_info
 from labelfactory.clamnet.infer import predict_image
-from labelfactory.clamnet.train import KIND, MODEL_FILE, ClamNetConfig, load_clamnet, save_clamnet, train_clamnet
+from labelfactory.clamnet.train import KIND, MODEL_FILE, ClamNetConfig, fit_clamnet, load_clamnet
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label
 from labelfactory.io.dataset import study_of
@@ -97,9 +97,10 @@ class ClamNetTrain(TrainBase):
         config: ClamNetConfig | None = None,
         labels_csv: str | None = None,
         organ_dirs: list[str] | None = None,
+        device: str = "auto",
     ):
         description = "ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)"
-        super().__init__(description, model_dir, config or ClamNetConfig())
+        super().__init__(description, model_dir, config or ClamNetConfig(), device)
         self.labels_csv, self.organ_dirs = labels_csv, organ_dirs
 
     def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> ClamNetConfig:
@@ -132,16 +133,14 @@ class ClamNetTrain(TrainBase):
             cfg.eta,
             datastore_image_labels(datastore),
         )
-        pair, history = train_clamnet(slices, cfg)
-        data = {"studies": sorted(set(slices.study)), "slices": len(slices), "abnormal": int(slices.abnormal.sum())}
-        save_clamnet(pair, cfg, data, self.model_dir / MODEL_FILE, history)
-        return {"steps": cfg.steps, "loss_first": history[0], "loss_last": history[-1], **data}
+        fit = fit_clamnet(slices, cfg, out=self.model_dir / MODEL_FILE, device=self.device)
+        return {"steps": cfg.steps, "loss_first": fit.history[0], "loss_last": fit.history[-1], **fit.data}
 
 
 class ClamNetInfer(InferBase):
     """Marker mask, or (`probability: true`) the probability map, as the result file on the image's own grid."""
 
-    def __init__(self, model_dir: str | os.PathLike, organ_dirs: list[str] | None = None):
+    def __init__(self, model_dir: str | os.PathLike, organ_dirs: list[str] | None = None, device: str = "auto"):
         description = "ClamNet weak marker segmentation (e.g. false lumen) within the organ crop"
         super().__init__(
             Path(model_dir) / MODEL_FILE,
@@ -150,10 +149,11 @@ class ClamNetInfer(InferBase):
             3,
             description,
             {"threshold": 0.5, "probability": False},
+            device=device,
         )
         self.segmentation_model = Path(model_dir) / SEGMENTATION_MODEL_FILE
         self.organ_dirs = organ_dirs
-        self.model = ModelCache(self.path, load_clamnet, "train clamnet first")
+        self.model = ModelCache(self.path, lambda p: load_clamnet(p, self.device), "train clamnet first")
 
     def _organ(
         self, request: dict[str, Any], path: Path, image: Image, organ: str, box: tuple[int, ...] | None
@@ -167,7 +167,7 @@ class ClamNetInfer(InferBase):
         if mask is not None:
             return mask, "organ mask of the study"
         if self.segmentation_model.is_file():
-            mask = segmented_organ(self.segmentation_model, image, organ)
+            mask = segmented_organ(self.segmentation_model, image, organ, self.device)
             found = (
                 "segmentation model" if mask is not None else "none (segmentation model found no organ; whole slices)"
             )

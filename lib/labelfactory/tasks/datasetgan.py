@@ -3,7 +3,8 @@
 Trainer: every generated image in the datastore (image info holding a latent record of the
 current generator, `labelfactory.latent_record`) with a final label -> the pixel-classifier
 ensemble, features regenerated from each w -> `<model_dir>/datasetgan.pt` (atomic) and
-`<model_dir>/datasetgan_train_stats.json`. Same library call as `labelfactory train-datasetgan`.
+`<model_dir>/datasetgan_train_stats.json`. Same library call as `labelfactory train-datasetgan`
+(`fit_interpreter`), on the app's device.
 Infer: the mask of a generated image, recomputed from the w its latent record holds (`prepare`
 adds the record from the datastore; the app calls it).
 """
@@ -19,17 +20,11 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from labelfactory.datasetgan.labeller import (
-    KIND,
-    MODEL_FILE,
-    Interpreter,
-    load_interpreter,
-    model_file,
-    save_interpreter,
-)
+from labelfactory.datasetgan.labeller import KIND, MODEL_FILE, Interpreter, load_interpreter, model_file
 from labelfactory.datasetgan.records import load_records, records_from_datastore
 from labelfactory.datasetgan.taps import ws_from_w
-from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
+from labelfactory.datasetgan.train import DatasetGANConfig, fit_interpreter
+from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
@@ -43,12 +38,16 @@ from labelfactory.tasks.models import ModelCache
 
 
 class DatasetGANModels:
-    """The served generator and the interpreter trained on it; both reload when their files change."""
+    """The served generator and the interpreter trained on it, both on `device`; both reload when their files
+    change."""
 
-    def __init__(self, model_dir: str | os.PathLike, label_names: dict[str, int] | None = None):
+    def __init__(self, model_dir: str | os.PathLike, label_names: dict[str, int] | None = None, device: str = "auto"):
         self.model_dir = Path(model_dir)
         self.label_names = label_names  # the served label map: an interpreter trained with another is refused (409)
-        self.generator = ModelCache(self.model_dir / GENERATOR_FILE, load_generator, "train stylegan2 first")
+        self.device = resolve_device(device)
+        self.generator = ModelCache(
+            self.model_dir / GENERATOR_FILE, lambda p: load_generator(p, self.device), "train stylegan2 first"
+        )
         self._cache: tuple[Any, Path, ModelCache] | None = None  # (generator, model file, its interpreter cache)
         self._lock = threading.Lock()
 
@@ -78,17 +77,20 @@ class DatasetGANTrain(TrainBase):
         defaults: DatasetGANConfig | None = None,
         label_names: dict[str, int] = LABEL_NAMES,
         deprecated_as: str | None = None,
+        device: str = "auto",
     ):
         description = "DatasetGAN style interpreter: an ensemble of pixel MLPs on the generator's features"
         if deprecated_as:  # an old name that still trains the same model (Slicer's saved settings keep working)
             description = f"'{deprecated_as}' is deprecated, use '{KIND}' (the same trainer): {description}"
-        super().__init__(f"{description}, from labelled generated images", model_dir, defaults or DatasetGANConfig())
+        super().__init__(
+            f"{description}, from labelled generated images", model_dir, defaults or DatasetGANConfig(), device
+        )
         self.label_names = dict(label_names)
 
     def train(
         self, request: dict[str, Any], datastore: Datastore, cfg: DatasetGANConfig, started: float
     ) -> dict[str, Any]:
-        G = load_generator(self.model_dir / GENERATOR_FILE)
+        G = load_generator(self.model_dir / GENERATOR_FILE, self.device)
         current = generator_identity(G)
         items = [it for it in records_from_datastore(datastore) if it[1].get("generator") == current]
         if not items:
@@ -98,9 +100,7 @@ class DatasetGANTrain(TrainBase):
             raise LabelFactoryError(f"{msg}, then train datasetgan", status=409)
         K = max(self.label_names.values()) + 1
         records = load_records(G, items, K, cfg.ignore_index)
-        ens, history = train_ensemble(G, records, K, cfg, progress=False)
-        data = {"images": [r.name for r in records], "count": len(records), "history": history}
-        save_interpreter(self.model_dir / MODEL_FILE, ens, self.label_names, cfg.to_dict(), data, G)
+        history = fit_interpreter(G, records, self.label_names, cfg, self.model_dir / MODEL_FILE).history
         return {
             "images": len(records),
             "epochs": len(history["epoch_loss"]),
@@ -116,7 +116,14 @@ class DatasetGANInfer(InferBase):
 
     def __init__(self, models: DatasetGANModels, label_names: dict[str, int] = LABEL_NAMES):
         description = "DatasetGAN: the interpreter's mask of a generated image (from the w in its info)"
-        super().__init__(models.model_dir / MODEL_FILE, InferType.SEGMENTATION, foreground(label_names), 2, description)
+        super().__init__(
+            models.model_dir / MODEL_FILE,
+            InferType.SEGMENTATION,
+            foreground(label_names),
+            2,
+            description,
+            device=str(models.device),
+        )
         self.models = models
 
     def prepare(self, request: dict[str, Any], datastore: Datastore, image_id: str | None) -> dict[str, Any]:

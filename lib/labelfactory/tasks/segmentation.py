@@ -39,11 +39,18 @@ class SegmentationTrain(TrainBase):
     path_options = ("synthetic",)
 
     def __init__(
-        self, model_dir: str | os.PathLike, config: SegmentationConfig | None = None, synthetic_dir: str | None = None
+        self,
+        model_dir: str | os.PathLike,
+        config: SegmentationConfig | None = None,
+        synthetic_dir: str | None = None,
+        device: str = "auto",
     ):
         description = "2D segmenter (UNet++ by default) on synthetic pairs plus real labels"
         super().__init__(
-            f"{description}; validation Dice on held-out real patients", model_dir, config or SegmentationConfig()
+            f"{description}; validation Dice on held-out real patients",
+            model_dir,
+            config or SegmentationConfig(),
+            device,
         )
         self.synthetic_dir = synthetic_dir
 
@@ -79,6 +86,7 @@ class SegmentationTrain(TrainBase):
             log_dir=self.model_dir / f"{KIND}_logs",
             data=data,
             real_set=real,
+            device=self.device,
         )
         return {
             "network": config.network,
@@ -100,10 +108,17 @@ def real_options(request: dict[str, Any]) -> tuple[int | None, int]:
 class SegmentationInfer(InferBase):
     """Organ label map of a real 2D image or 3D volume, on the input's grid."""
 
-    def __init__(self, model_dir: str | os.PathLike, label_names: dict[str, int] = LABEL_NAMES):
+    def __init__(self, model_dir: str | os.PathLike, label_names: dict[str, int] = LABEL_NAMES, device: str = "auto"):
         description = "Organ segmentation by the segmenter trained on synthetic (and real) pairs"
-        super().__init__(Path(model_dir) / MODEL_FILE, InferType.SEGMENTATION, foreground(label_names), 3, description)
-        self.model = ModelCache(self.path, load_segmenter, "train segmentation first")
+        super().__init__(
+            Path(model_dir) / MODEL_FILE,
+            InferType.SEGMENTATION,
+            foreground(label_names),
+            3,
+            description,
+            device=device,
+        )
+        self.model = ModelCache(self.path, lambda p: load_segmenter(p, self.device), "train segmentation first")
         self.label_names = dict(label_names)  # the served label map: a model trained with another is refused (409)
 
     def infer(self, request: dict[str, Any]) -> tuple[Image, dict[str, Any]]:

@@ -33,9 +33,15 @@ class StyleGAN2Train(TrainBase):
     name = KIND
     options = exposed(StyleGAN2Config, "request")
 
-    def __init__(self, model_dir: str | os.PathLike, defaults: StyleGAN2Config, fid_weights: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        defaults: StyleGAN2Config,
+        fid_weights: str | None = None,
+        device: str = "auto",
+    ):
         description = "StyleGAN2-ADA generator on the datastore's real CT slices (the DatasetGAN image source)"
-        super().__init__(description, model_dir, defaults)
+        super().__init__(description, model_dir, defaults, device)
         self.fid_weights = fid_weights
 
     def config(self) -> dict[str, Any]:
@@ -64,6 +70,7 @@ class StyleGAN2Train(TrainBase):
             data_info=data,
             fid_weights=self.fid_weights,
             progress=False,
+            device=self.device,
             on_snapshot=on_snapshot,
         )
         if not model.is_file():

@@ -78,6 +78,7 @@ class SynthesisInfer(InferBase):
             2,
             "DatasetGAN synthesis: image=seed<N> -> a new generated image and its mask",
             {"truncation_psi": truncation_psi, "add_to_datastore": False},
+            device=str(models.device),
         )
         self.models, self.truncation_psi = models, truncation_psi
 

@@ -19,9 +19,10 @@ class ClamNet(TaskConfig):
         dirs = conf.get("clamnet_organ_dirs", "")
         self.organ_dirs = [d.strip() for d in dirs.split(",") if d.strip()] or None
         self.defaults = config_overrides(ClamNetConfig(), conf, ClamNetTrain.options, prefix="clamnet_")
+        self.device = kwargs.get("device", "auto")  # the app's (main.py)
 
     def infer(self):
-        return {"clamnet": ClamNetInfer(self.model_dir, self.organ_dirs)}
+        return {"clamnet": ClamNetInfer(self.model_dir, self.organ_dirs, self.device)}
 
     def trainer(self):
-        return {"clamnet": ClamNetTrain(self.model_dir, self.defaults, self.labels_csv, self.organ_dirs)}
+        return {"clamnet": ClamNetTrain(self.model_dir, self.defaults, self.labels_csv, self.organ_dirs, self.device)}

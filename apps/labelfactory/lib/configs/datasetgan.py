@@ -27,7 +27,8 @@ class DatasetGAN(TaskConfig):
         self.psi = {"truncation_psi": float(conf["truncation_psi"])} if conf.get("truncation_psi") else {}
         self.explore = {"explore": int(conf["explore"])} if conf.get("explore") else {}
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
-        self.models = DatasetGANModels(model_dir, self.label_names)
+        self.device = kwargs.get("device", "auto")  # the app's (main.py): every task below runs there
+        self.models = DatasetGANModels(model_dir, self.label_names, self.device)
 
     def infer(self):
         return {
@@ -37,9 +38,9 @@ class DatasetGAN(TaskConfig):
 
     def trainer(self):
         return {
-            "datasetgan": DatasetGANTrain(self.model_dir, self.defaults, self.label_names),
+            "datasetgan": DatasetGANTrain(self.model_dir, self.defaults, self.label_names, device=self.device),
             "interpreter": DatasetGANTrain(
-                self.model_dir, self.defaults, self.label_names, deprecated_as="interpreter"
+                self.model_dir, self.defaults, self.label_names, deprecated_as="interpreter", device=self.device
             ),
         }
 

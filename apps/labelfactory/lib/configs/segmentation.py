@@ -22,9 +22,10 @@ class Segmentation(TaskConfig):
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
         base = SegmentationConfig(label_names=self.label_names)
         self.defaults = config_overrides(base, conf, SegmentationTrain.options, prefix="segmentation_")
+        self.device = kwargs.get("device", "auto")  # the app's (main.py)
 
     def infer(self):
-        return {"segmentation": SegmentationInfer(self.model_dir, self.label_names)}
+        return {"segmentation": SegmentationInfer(self.model_dir, self.label_names, self.device)}
 
     def trainer(self):
-        return {"segmentation": SegmentationTrain(self.model_dir, self.defaults, self.synthetic_dir)}
+        return {"segmentation": SegmentationTrain(self.model_dir, self.defaults, self.synthetic_dir, self.device)}

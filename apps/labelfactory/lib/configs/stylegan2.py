@@ -20,9 +20,10 @@ class StyleGAN2(TaskConfig):
         base = preset(conf.get("stylegan2_preset", "auto"))
         self.defaults = config_overrides(base, conf, CONF_OPTIONS, prefix="stylegan2_")
         self.fid_weights = conf.get("stylegan2_fid_weights") or None
+        self.device = kwargs.get("device", "auto")  # the app's (main.py)
 
     def infer(self):
         return {}
 
     def trainer(self):
-        return {"stylegan2": StyleGAN2Train(self.model_dir, self.defaults, self.fid_weights)}
+        return {"stylegan2": StyleGAN2Train(self.model_dir, self.defaults, self.fid_weights, self.device)}
