@@ -2,7 +2,9 @@
 augmentation, a fixed real share, fine-tuning, per-patient validation Dice."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -182,3 +184,39 @@ def test_a_real_share_trains_and_is_recorded(tmp_path):
     result = train_segmenter(blobs(6), blobs(4, 5), config(real_share=0.5), real_set=blobs(2, 9), out=tmp_path / "m.pt")
     assert result.steps == 4 and math.isfinite(result.best_val_dice)
     assert load_checkpoint(tmp_path / "m.pt", "segmentation")["config"]["real_share"] == 0.5
+
+
+def test_body_crop_slices_are_the_crops_the_infer_sees():
+    """A real OpenKBP sample patient: the training crops of a body-crop segmenter are the infer's crops
+    (same boxes, same window), and each label crop is the label under its image crop."""
+    from labelfactory.datasets.openkbp import WINDOW, body_boxes, crop
+    from labelfactory.io import read_image
+    from labelfactory.io.dataset import Study
+    from labelfactory.io.slices import reorient
+    from labelfactory.labels import OPENKBP
+    from labelfactory.segmentation.data import body_crop_slices
+
+    root = Path(__file__).resolve().parents[1] / "sample-data" / "openkbp" / "datastore"
+    study = Study("validation_pt_201", root / "validation_pt_201.nii.gz", root / "organs" / "validation_pt_201.nii.gz")
+    images, masks, ids = body_crop_slices([study], 64, WINDOW, OPENKBP.values)
+    hu = reorient(read_image(study.image))[0].array.astype(np.float32)
+    boxes = body_boxes(hu, 64)
+    assert images.shape == (len(boxes), 1, 64, 64) and masks.shape == (len(boxes), 64, 64)
+    assert set(ids) == {"validation_pt_201"}
+    expected = torch.from_numpy(WINDOW.to_unit(crop(hu, boxes, fill=-1000.0)))
+    assert torch.allclose(images[:, 0], expected)
+    organ = masks > 0
+    on_tissue = (images[:, 0][organ] > -1).float().mean()  # organs lie on tissue (the larynx's airway aside)
+    flipped = (images[:, 0].flip(-1).flip(-2)[organ] > -1).float().mean()
+    assert organ.any() and on_tissue > 0.9 and on_tissue > flipped
+
+
+def test_the_served_models_recipe_is_the_trainers_default():
+    from labelfactory.segmentation.train import recorded_config
+
+    shipped = Path(__file__).resolve().parents[1] / "sample-data" / "openkbp" / "models" / "segmentation.pt"
+    recipe = recorded_config(shipped)
+    payload = load_checkpoint(shipped, "segmentation")["config"]
+    assert recipe.slicing == payload["slicing"] == "body-crop" and recipe.window == tuple(payload["window"])
+    assert (recipe.size, recipe.steps, recipe.batch_size) == (payload["size"], payload["steps"], payload["batch_size"])
+    assert recorded_config(shipped.with_name("none.pt")) is None

@@ -18,7 +18,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,17 @@ class SegmentationConfig:
     @property
     def n_classes(self) -> int:
         return max(self.label_names.values()) + 1
+
+
+def recorded_config(path: str | os.PathLike) -> SegmentationConfig | None:
+    """The config a segmentation model file records (its recipe; fields this version lacks are left out), or None
+    when there is no such file. A trainer that starts from it retrains the model as it was made."""
+    if not Path(path).is_file():
+        return None
+    recorded = load_checkpoint(Path(path), KIND)["config"]
+    known = {f.name for f in fields(SegmentationConfig)}
+    values = {k: (tuple(v) if k == "window" else v) for k, v in recorded.items() if k in known}
+    return SegmentationConfig(**values)
 
 
 @dataclass

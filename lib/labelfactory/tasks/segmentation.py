@@ -18,7 +18,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from labelfactory.io import Image, read_image
+from labelfactory.io import Image, Window, read_image
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
 from labelfactory.options import cast, exposed
@@ -77,7 +77,16 @@ class SegmentationTrain(TrainBase):
         # real patients only: labelled generated images (DatasetGAN's loop) belong to the interpreter
         studies = [s for s in studies if not is_generated(datastore.get_image_info(s.id))]
         k_real, val_patients = real_options(request)
-        train, real, val, data = training_sets(studies, synthetic, k_real, val_patients, config.size)
+        train, real, val, data = training_sets(
+            studies,
+            synthetic,
+            k_real,
+            val_patients,
+            config.size,
+            config.label_names,
+            Window(*config.window),
+            config.slicing,
+        )
         result = train_segmenter(
             train,
             val,
