@@ -220,3 +220,37 @@ def test_the_served_models_recipe_is_the_trainers_default():
     assert recipe.slicing == payload["slicing"] == "body-crop" and recipe.window == tuple(payload["window"])
     assert (recipe.size, recipe.steps, recipe.batch_size) == (payload["size"], payload["steps"], payload["batch_size"])
     assert recorded_config(shipped.with_name("none.pt")) is None
+
+
+def test_mean_teacher_averages_the_student_and_ramps_its_weight():
+    from labelfactory.segmentation.mean_teacher import MeanTeacher
+
+    student = torch.nn.Linear(2, 2)
+    mt = MeanTeacher(student, weight=2.0, decay=0.5, steps=8)
+    before = mt.model.weight.clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    mt.update(student, step=0)  # a = min(1 - 1/1, 0.5) = 0: the teacher becomes the student
+    assert torch.allclose(mt.model.weight, before + 1.0)
+    with torch.no_grad():
+        student.weight.add_(2.0)
+    mt.update(student, step=9)  # a = min(0.9, 0.5) = 0.5: halfway
+    assert torch.allclose(mt.model.weight, before + 2.0)
+    assert mt.ramp(0) == pytest.approx(2.0 * math.exp(-5)) and mt.ramp(2) == mt.ramp(5) == pytest.approx(2.0)
+    a, b = mt.views(torch.zeros(1, 1, 4, 4), seed=3)
+    assert not torch.equal(a, b) and torch.equal(a, mt.views(torch.zeros(1, 1, 4, 4), seed=3)[0])
+
+
+def test_a_mean_teacher_trains_on_unlabelled_slices_and_keeps_the_teacher(tmp_path):
+    data, unlabelled = blobs(6), [{"image": item["image"]} for item in blobs(5, seed=4)]
+    cfg = config(consistency=1.0, ema_decay=0.9)
+    with pytest.raises(LabelFactoryError, match="unlabelled"):
+        train_segmenter(data, None, cfg)
+    result = train_segmenter(data, blobs(4, 5), cfg, unlabelled_set=unlabelled, out=tmp_path / "m.pt")
+    plain = train_segmenter(data, blobs(4, 5), config())
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert result.history[-1]["loss"] != pytest.approx(plain.history[-1]["loss"])  # the consistency term counts
+    saved = load_checkpoint(tmp_path / "m.pt", "segmentation")
+    assert saved["config"]["consistency"] == 1.0
+    for k, v in result.network.state_dict().items():  # the model returned is the one written
+        assert torch.equal(v, saved["state_dict"][k])

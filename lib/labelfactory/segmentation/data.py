@@ -195,6 +195,39 @@ def body_crop_slices(
     return torch.cat(xs), torch.cat(ys), ids
 
 
+class UnlabelledSlices(Dataset):
+    """Slices without labels, {"image": (1, S, S) float32 in [-1, 1]} items (a Mean Teacher's unlabelled data);
+    groups = study ids."""
+
+    def __init__(self, images: torch.Tensor, groups: Sequence[str]):
+        self.images, self.groups = images, list(groups)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i]}
+
+
+def unlabelled_slices(
+    studies: Sequence[Study], size: int = 256, window: Window = Window(), slicing: str = "resize"
+) -> UnlabelledSlices:
+    """Every slice of `studies` (their labels, if any, unread), cut as `slicing` says (as `real_slices`)."""
+    xs, ids = [], []
+    for s in studies:
+        image = read_image(s.image)
+        if slicing == "body-crop":
+            hu = reorient(image)[0].array.astype(np.float32)
+            hu = hu[None] if hu.ndim == 2 else hu
+            x = torch.from_numpy(np.ascontiguousarray(window.to_unit(crop(hu, body_boxes(hu, size), fill=-1000.0))))
+            x = x[:, None]
+        else:
+            x = volume_to_slices(image, size, window)[0]
+        xs.append(x)
+        ids += [s.id] * len(x)
+    return UnlabelledSlices(torch.cat(xs) if xs else torch.zeros(0, 1, size, size), ids)
+
+
 def _listed(names: Sequence[str] | None) -> list[str] | None:
     return None if names is None else list(names)
 
