@@ -47,7 +47,7 @@ import torch
 from labelfactory.checkpoints import copy_model, load_checkpoint
 from labelfactory.datasets import openkbp
 from labelfactory.jsonio import read_json, write_json_atomic
-from labelfactory.segmentation.data import RealSlices
+from labelfactory.segmentation.data import RealSlices, UnlabelledSlices
 from labelfactory.segmentation.train import SegmentationConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1134,7 +1134,8 @@ class Row:
     real: real labelled train slices per draw (0 none, -1 every slice of the pool); synthetic: the synthetic set
     ("random" or "uncertainty") or ""; mix: "" (the pairs concatenated), "share" (every batch `real_share` real) or
     "finetune" (trained on synthetic, then fine-tuned on the real slices); relabel: the real slices' masks are the
-    annotator's prediction (complete labels) instead of the partial contours.
+    annotator's prediction (complete labels) instead of the partial contours; semi: a Mean Teacher that also learns
+    from every pool slice unlabelled (the slices the GAN learnt from, less the dev patients).
     """
 
     name: str
@@ -1143,6 +1144,7 @@ class Row:
     mix: str = ""
     relabel: bool = False
     augment: bool = False
+    semi: bool = False
 
     @property
     def has_draw(self) -> bool:
@@ -1158,6 +1160,7 @@ def protocol_rows(n: int = 30) -> tuple[Row, ...]:
         Row(f"real-{2 * n}", real=2 * n),
         Row("real-all", real=-1),
         Row(f"real-{n}-relabelled", real=n, relabel=True),
+        Row(f"real-{n}-mean-teacher", real=n, semi=True),
         Row(f"synthetic-random-{n}", synthetic="random"),
         Row(f"synthetic-uncertainty-{n}", synthetic="uncertainty"),
         *(Row(f"hybrid-{mix}-{s}", real=n, synthetic=s, mix=mix) for mix in ("share", "finetune") for s in SETS),
@@ -1291,6 +1294,7 @@ class RunSizes:
     annotator_steps: int = 3000
     steps_grid: str = "500,1500,3000"  # the dev split picks the step budget among these
     share_grid: str = "0.25,0.5"  # the dev split picks the hybrid's real share among these
+    consistency_grid: str = "0.1,1.0"  # the dev split picks the Mean Teacher's consistency weight among these
     batch_size: int = 16
     fid_images: int = 2000
     psi: float = 0.7  # the synthesis psi (latent_record.TRUNCATION_PSI), FID'd beside psi 1
@@ -1307,6 +1311,7 @@ class RunSizes:
             annotator_steps=2,
             steps_grid="1,2",
             share_grid="0.5",
+            consistency_grid="1.0",
             batch_size=2,
             fid_images=8,
         )
@@ -1464,6 +1469,13 @@ class Run:
                 )
                 trials[f"real_share={x}"] = self.dev_trial(folder / f"share{x}", row, best_steps, real_share=x)
             chosen["real_share"] = max(shares, key=lambda x: trials[f"real_share={x}"])
+        semi_rows = [r for r in self.rows if r.semi]
+        if semi_rows:
+            weights = [float(x) for x in self.sizes.consistency_grid.split(",")]
+            for w in weights:
+                row = Row("mean-teacher-dev", real=self.sizes.annotations, semi=True, augment=True)
+                trials[f"consistency={w}"] = self.dev_trial(folder / f"consistency{w}", row, best_steps, consistency=w)
+            chosen["consistency"] = max(weights, key=lambda w: trials[f"consistency={w}"])
         chosen["explore"] = Sizes().explore if self.needs("labels") else None
         chosen["gan_snapshot"] = (
             str(self.args.generator or "gan.sh's last publish") if self.needs("generator") else None
@@ -1500,6 +1512,8 @@ class Run:
             extra = {"steps": choices["steps"], "augment": choices["augment"] if row.augment else "none"}
             if row.mix == "share":
                 extra["real_share"] = choices["real_share"]
+            if row.semi:
+                extra["consistency"] = choices["consistency"]
             self.train_row(row, draw, seed, d, extra)
             trained.append(d.name)
         return {"models": trained, "choices": choices}
@@ -1522,9 +1536,9 @@ class Run:
 
     def train_row(self, row: Row, draw: int, seed: int, d: Path, extra: dict) -> Path:
         """Train one (row, draw, seed) segmenter into `d/segmentation.pt` with the library trainer (resumable); its
-        training data (real-slice ids, synthetic set) and recipe recorded in `d/data.json`. `extra`: steps,
-        augment and, for the share hybrids, real_share; the fine-tune hybrids train on the synthetic set into
-        `d/pretrain/`, then on the real slices from those weights, each for `steps`."""
+        training data (real-slice ids, synthetic set) and recipe recorded in `d/data.json`. `extra`: steps, augment,
+        real_share for the share hybrids, consistency for the Mean Teacher; the fine-tune hybrids train on the
+        synthetic set into `d/pretrain/`, then on the real slices from those weights, each for `steps`."""
         from labelfactory.segmentation.train import train_segmenter
 
         model = d / "segmentation.pt"
@@ -1545,7 +1559,21 @@ class Run:
         else:
             train, beside = (synthetic, real) if synthetic is not None else (real, None)
             config = row_config(network, size, steps, batch, seed, **recipe)
-            train_segmenter(train, None, config, out=model, data=data, real_set=beside, state_file=d / "state.pt")
+            unlabelled = None
+            if row.semi:
+                images, _, _, ids = self.pool()
+                unlabelled = UnlabelledSlices(images, ids)
+                data["unlabelled_slices"] = f"all {len(ids)} pool slices"
+            train_segmenter(
+                train,
+                None,
+                config,
+                out=model,
+                data=data,
+                real_set=beside,
+                state_file=d / "state.pt",
+                unlabelled_set=unlabelled,
+            )
         write_json_atomic(data | {"recipe": extra}, d / "data.json")
         return model
 

@@ -255,7 +255,7 @@ def test_scores_count_only_patients_that_have_the_organ():
 
 # ---------------------------------------------------------------------------------------------- `run`: the protocol
 
-ROWS = "real-3-aug,real-3,real-all,real-3-relabelled"
+ROWS = "real-3-aug,real-3,real-all,real-3-relabelled,real-3-mean-teacher"
 
 
 def _run(work: Path, protocol: Path, *extra: str) -> int:
