@@ -112,3 +112,33 @@ def test_the_launched_command_reads_the_whole_config_and_flags_given_override_it
     (tmp_path / "c.json").write_text(json.dumps({"steps": 1, "nonsense": 2}))
     with pytest.raises(LabelFactoryError, match="nonsense are not fields of SegmentationConfig"):
         from_args(SegmentationConfig(), p.parse_args(["--config", str(tmp_path / "c.json")]), names)
+
+
+@pytest.mark.slow
+def test_stylegan2_trains_on_two_gloo_ranks_with_the_in_process_record(tmp_path, datastore_copy):
+    from labelfactory.stylegan2.checkpoint import load_generator
+    from labelfactory.tasks.stylegan2 import StyleGAN2Train
+    from tests.test_gan_task import TINY as TINY_GAN
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (datastore_copy / "torso_3mm.nii.gz").rename(store / "torso_3mm.nii.gz")
+    task = StyleGAN2Train(tmp_path / "model", TINY_GAN)
+    stats = task({"multi_gpu": "true", "gpus": 2}, LocalDatastore(str(store), extensions=("*.nii.gz",)))
+    G = load_generator(tmp_path / "model" / "stylegan2.pt")
+    assert G.checkpoint_info["data"] == {"images": ["torso_3mm"], "slices": 30} and G.checkpoint_info["kimg"] == 0.008
+    assert G.checkpoint_info["config"] == TINY_GAN.to_dict()
+    assert stats["kimg"] == 0.008 and [h["kimg"] for h in stats["history"]] == [0.004, 0.008]
+    assert stats["images"] == ["torso_3mm"] and task.stats() == stats
+
+
+@pytest.mark.parametrize("family", ["clamnet", "datasetgan"])
+def test_trainers_that_train_in_one_process_refuse_multi_gpu(family, tmp_path):
+    from labelfactory.tasks.clamnet import ClamNetTrain
+    from labelfactory.tasks.datasetgan import DatasetGANTrain
+
+    task = {"clamnet": ClamNetTrain, "datasetgan": DatasetGANTrain}[family](tmp_path)
+    assert task.parse_request({"multi_gpu": False, "gpus": "2"}) is not None  # without multi_gpu: as ever
+    with pytest.raises(LabelFactoryError, match=f"{family} trains in one process only: .+; drop multi_gpu") as e:
+        task.parse_request({"multi_gpu": True, "gpus": "2"})
+    assert e.value.status == 400
