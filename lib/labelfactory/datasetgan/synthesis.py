@@ -97,8 +97,7 @@ def synthesize(
     todo = [s for s in dict.fromkeys(int(s) for s in seeds) if s not in done]
     rank, world = distributed.rank(), distributed.world_size()
     mine = shard_seeds(todo, rank, world)
-    if world > 1:
-        logger.info(f"synthesize: rank {rank} of {world} makes {len(mine)} of the {len(todo)} new seeds")
+    logger.info(f"synthesize: rank {rank} of {world} makes {len(mine)} of the {len(todo)} new seeds")
     names = sorted(interpreter.label_names, key=interpreter.label_names.get)
     for kind in KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)

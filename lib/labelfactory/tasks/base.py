@@ -4,7 +4,9 @@
 dataclass), request overrides parsed from that dataclass, `stats()` and the atomic
 `<model_dir>/<name>_train_stats.json`, total time, the models folder's training lock
 (`labelfactory.training_lock`) and the device it trains on (`labelfactory.devices`, shown by `info()`).
-A trainer declares `name`, `options` and `train()`. `InferBase` owns `is_valid` (models are checked per
+A trainer declares `name`, `options` and `train()`; with `launch_command()` it also trains under torchrun when a
+request asks for `multi_gpu` (tasks/launch.py), else it refuses that with a 400 giving its `single_process` reason.
+`InferBase` owns `is_valid` (models are checked per
 request: a missing one answers 409 "train X first"), `get_path`, the temp result file, the latency timing
 and the device its model runs on (in `info()`); an infer declares `infer() -> (label Image, result JSON)`,
 and, where it needs the datastore, `prepare` (what the request needs from it) and `finish` (what to store

@@ -3,7 +3,8 @@
 Model file: <model_dir>/segmentation.pt (atomic checkpoint, best validation Dice so far);
 train stats: <model_dir>/segmentation_train_stats.json; TensorBoard: <model_dir>/segmentation_logs.
 The trainer calls the same library function as `labelfactory train-segmentation` (see
-tasks/base.py for why not BasicTrainTask). The infer answers 409 "train segmentation first"
+tasks/base.py for why not BasicTrainTask); with `multi_gpu` it runs that command under torchrun
+on the same studies and config (tasks/launch.py). The infer answers 409 "train segmentation first"
 while no model file exists, reloads when the file changes, and returns the label on the input's
 own grid (2D image or 3D volume, slice by slice).
 """

@@ -3,7 +3,8 @@
 Publishes `<model_dir>/stylegan2.pt` (the EMA generator, atomically, at every snapshot), keeps its
 resumable state in `<model_dir>/stylegan2-run/` (a killed training continues from the last
 snapshot) and writes `<model_dir>/stylegan2_train_stats.json` at every snapshot. Images the app
-generated itself (image info holding a latent record) are not training data.
+generated itself (image info holding a latent record) are not training data. With `multi_gpu` the same
+training runs as `labelfactory train-stylegan2` under torchrun (tasks/launch.py), publishing when it ends.
 """
 
 from __future__ import annotations
