@@ -142,3 +142,10 @@ def test_trainers_that_train_in_one_process_refuse_multi_gpu(family, tmp_path):
     with pytest.raises(LabelFactoryError, match=f"{family} trains in one process only: .+; drop multi_gpu") as e:
         task.parse_request({"multi_gpu": True, "gpus": "2"})
     assert e.value.status == 400
+
+
+def test_mean_teacher_refuses_multi_gpu(trainer):
+    assert trainer.parse_request({"consistency": 0.5}).consistency == 0.5
+    with pytest.raises(LabelFactoryError, match="Mean Teacher .+ one process only") as e:
+        trainer.parse_request({"consistency": 0.5, "multi_gpu": True, "gpus": "2"})
+    assert e.value.status == 400

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from labelfactory import distributed
 from labelfactory.devices import add_device_argument, resolve_device
+from labelfactory.io import Window
 from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import label_map
 from labelfactory.options import add_arguments, add_config_argument, exposed, from_args
@@ -60,7 +61,14 @@ def run(args: argparse.Namespace) -> int:
         k_real = None if real == "all" else int(real)
         config = from_args(SegmentationConfig(label_names=label_map(args.label_map).values), args, FLAGS)
         train, real, val, info = training_sets(
-            args.studies, args.synthetic, k_real, args.val_patients, config.size, config.label_names
+            args.studies,
+            args.synthetic,
+            k_real,
+            args.val_patients,
+            config.size,
+            config.label_names,
+            Window(*config.window),
+            config.slicing,
         )
         result = train_segmenter(
             train,
