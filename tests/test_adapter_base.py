@@ -163,7 +163,10 @@ class Trainer(TrainBase):
 
 def test_train_base_parses_the_request_and_publishes_its_stats(tmp_path):
     task = Trainer("a toy", tmp_path / "model", Knobs())
-    assert task.config() == {"steps": 10, "lr": 1e-3} and task.stats() == {}
+    assert task.config() == {"steps": 10, "lr": 1e-3, "multi_gpu": False, "gpus": "all"} and task.stats() == {}
+    with pytest.raises(LabelFactoryError, match="toy trains in one process only: it has no torchrun command") as e:
+        task.parse_request({"multi_gpu": True, "gpus": "2"})  # refused before any training, not run in one process
+    assert e.value.status == 400
     stats = task({"steps": "4", "network": "ignored"}, "store")
     assert (
         stats["name"] == "toy"

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from labelfactory.errors import LabelFactoryError
@@ -181,5 +184,40 @@ def add_arguments(
 
 
 def from_args(defaults: C, args: argparse.Namespace, names: typing.Iterable[str]) -> C:
-    """`defaults` with the fields `names` that parsed flags set (not None; see add_arguments)."""
-    return dataclasses.replace(defaults, **{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    """`defaults` with the fields `names` that parsed flags set (not None; see add_arguments).
+
+    With `--config FILE` (add_config_argument) the config JSON replaces `defaults`, and only the flags given a value
+    other than their default override it."""
+    base, names = defaults, list(names)
+    if getattr(args, "config", None) is not None:
+        base = config_from_json(type(defaults), args.config)
+        names = [n for n in names if getattr(args, n) != getattr(defaults, n)]
+    return dataclasses.replace(base, **{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE`: a whole config as JSON (e.g. a model record's `config`, or the server's multi_gpu launch)."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="start from this config JSON (all its fields, e.g. a model record's config); flags given override it",
+    )
+
+
+def config_from_json(cls: type[C], path: str | os.PathLike) -> C:
+    """The config dataclass `cls` from a JSON object of its fields (JSON lists back to tuples); 400 for another key."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LabelFactoryError(f"--config {path}: not a readable JSON file ({e})") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields) if isinstance(values, dict) else ["(not an object)"]
+    if unknown:
+        raise LabelFactoryError(f"--config {path}: {', '.join(unknown)} are not fields of {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: tuple(v) if isinstance(v, list) and _is_tuple(hints[k]) else v for k, v in values.items()})
+
+
+def _is_tuple(hint: Any) -> bool:
+    return hint is tuple or typing.get_origin(hint) is tuple or any(_is_tuple(a) for a in typing.get_args(hint))

@@ -1,10 +1,15 @@
-"""`labelfactory synthesize`: generate a labelled data set of CT slices, the most uncertain pairs dropped."""
+"""`labelfactory synthesize`: generate a labelled data set of CT slices, the most uncertain pairs dropped.
+
+Several processes: `torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m labelfactory.cli synthesize
+...` splits the seeds over the ranks (all writing one shared --out); the folder is what one process makes.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from labelfactory import distributed
 from labelfactory.datasetgan.cli import generator_arg, generator_path
 from labelfactory.datasetgan.labeller import MODEL_FILE
 from labelfactory.devices import add_device_argument
@@ -35,16 +40,20 @@ def run(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds)
     generator = generator_path(args)
-    G = load_generator(generator, args.device)
-    interp = load_interpreter(args.interpreter or generator.with_name(MODEL_FILE), G)
-    res = synthesize(
-        interp,
-        seeds,
-        args.out,
-        truncation_psi=args.truncation_psi,
-        drop_fraction=args.drop_fraction,
-        png=args.png,
-        progress=not args.no_progress,
-    )
-    print(f"synthesize: {len(res.generated)} new pairs; {len(res.kept)} kept, {len(res.dropped)} dropped -> {res.out}")
+    with distributed.process_group_cleanup():
+        distributed.init_from_env()  # under torchrun: the seeds are split over the ranks
+        G = load_generator(generator, args.device)
+        interp = load_interpreter(args.interpreter or generator.with_name(MODEL_FILE), G)
+        res = synthesize(
+            interp,
+            seeds,
+            args.out,
+            truncation_psi=args.truncation_psi,
+            drop_fraction=args.drop_fraction,
+            png=args.png,
+            progress=not args.no_progress,
+        )
+        if distributed.is_main():
+            kept, dropped = len(res.kept), len(res.dropped)
+            print(f"synthesize: {len(res.generated)} new pairs; {kept} kept, {dropped} dropped -> {res.out}")
     return 0

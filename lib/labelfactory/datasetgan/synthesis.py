@@ -9,6 +9,13 @@ Output layout (read by the segmentation trainers):
   <out>/dropped/...                       the same for the dropped fraction, with its own manifest.csv
 Every finished seed is appended to <out>/records.jsonl, so a rerun skips it (resumable); the drop
 is decided over all records at the end, so the result depends only on the seeds, not on restarts.
+
+Under torchrun (several processes, on one machine or several sharing <out>) the seeds to make are split over the
+ranks (`shard_seeds`); each rank appends its records to <out>/records.rank<R>.jsonl, the records are gathered on
+every rank, and rank 0 appends them to records.jsonl in the order one process would have written them, removes the
+rank files, and decides the drop over all of them. The folder is byte for byte what one process makes of the same
+seeds. A sharded run stopped before its merge leaves its rank files; the next run (any number of ranks) counts
+their seeds as done and merges them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from labelfactory import distributed
 from labelfactory.datasetgan.labeller import Interpreter
 from labelfactory.datasetgan.taps import ws_from_seeds
 from labelfactory.errors import LabelFactoryError
@@ -35,6 +43,7 @@ from labelfactory.stylegan2.identity import generated_to_image, generator_identi
 logger = logging.getLogger(__name__)
 
 KINDS = ("images", "labels", "uncertainty")
+RANK_RECORDS = "records.rank*.jsonl"  # a sharded run's records before rank 0 merges them
 
 
 @dataclass
@@ -70,6 +79,10 @@ def synthesize(
     out = Path(out)
     log_path = out / "records.jsonl"
     done = _read_records(log_path)
+    leftover = {}  # records in rank files of a sharded run that stopped before merging them
+    for part in sorted(out.glob(RANK_RECORDS)):
+        leftover.update({s: r for s, r in _read_records(part).items() if s not in done})
+    done.update(leftover)
     origin = {
         "truncation_psi": float(truncation_psi),
         "generator": generator_identity(interpreter.G),
@@ -82,12 +95,15 @@ def synthesize(
                 "write to a new folder"
             )
     todo = [s for s in dict.fromkeys(int(s) for s in seeds) if s not in done]
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = shard_seeds(todo, rank, world)
+    logger.info(f"synthesize: rank {rank} of {world} makes {len(mine)} of the {len(todo)} new seeds")
     names = sorted(interpreter.label_names, key=interpreter.label_names.get)
     for kind in KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc="synthesize", unit="pair", disable=not progress)
-    with open(log_path, "a") as log:
-        for seed in todo:
+    bar = tqdm(total=len(mine), desc="synthesize", unit="pair", disable=not progress or rank > 0)
+    with open(log_path if world == 1 else out / f"records.rank{rank}.jsonl", "a") as log:
+        for seed in mine:
             lab = interpreter.label(ws_from_seeds(interpreter.G, [seed], truncation_psi))
             image = generated_to_image(lab.image[0], window, spacing)
             mask = lab.mask[0].cpu().numpy().astype(np.uint8)
@@ -112,14 +128,39 @@ def synthesize(
             done[seed] = rec
             bar.update(1)
     bar.close()
+    if world > 1:  # every rank's new records on every rank: the drop is decided over all of them
+        for part in distributed.all_gather_objects({s: done[s] for s in mine}):
+            done.update(part)
     kept, dropped = _split(done, drop_fraction)
-    _arrange(out, kept, dropped)
-    _write_manifest(out / "manifest.csv", [done[s] for s in kept], names, "")
-    if dropped or (out / "dropped").exists():
-        _write_manifest(out / "dropped" / "manifest.csv", [done[s] for s in dropped], names, "dropped/")
-    _write_preview(out / "preview.png", out, kept[:preview_pairs], interpreter.label_names, window)
-    logger.info(f"synthesize: {len(todo)} new pairs, {len(kept)} kept, {len(dropped)} dropped in {out}")
+    if rank == 0:
+        _merge_records(log_path, [*leftover.values(), *([done[s] for s in todo] if world > 1 else [])], out)
+        _arrange(out, kept, dropped)
+        _write_manifest(out / "manifest.csv", [done[s] for s in kept], names, "")
+        if dropped or (out / "dropped").exists():
+            _write_manifest(out / "dropped" / "manifest.csv", [done[s] for s in dropped], names, "dropped/")
+        _write_preview(out / "preview.png", out, kept[:preview_pairs], interpreter.label_names, window)
+        logger.info(f"synthesize: {len(todo)} new pairs, {len(kept)} kept, {len(dropped)} dropped in {out}")
+    distributed.barrier()  # the folder is whole before any rank returns
     return SynthesisResult(todo, kept, dropped, out)
+
+
+def shard_seeds(seeds: list[int], rank: int, world: int, block: int = 1) -> list[int]:
+    """The seeds rank `rank` of `world` makes: every world-th of the seeds' blocks (block k: seeds [kB, (k+1)B)),
+    blocks in increasing order, so the ranks' shares differ by at most one block. `seeds` order is kept."""
+    blocks = sorted({s // block for s in seeds})
+    taken = set(blocks[rank::world])
+    return [s for s in seeds if s // block in taken]
+
+
+def _merge_records(log_path: Path, records: list[dict], out: Path) -> None:
+    """Append `records` to records.jsonl (fsynced), then remove the rank files they came from."""
+    if records:
+        with open(log_path, "a") as log:
+            log.write("".join(json.dumps(rec) + "\n" for rec in records))
+            log.flush()
+            os.fsync(log.fileno())
+    for part in out.glob(RANK_RECORDS):
+        part.unlink()
 
 
 def _read_records(path: Path) -> dict[int, dict]:

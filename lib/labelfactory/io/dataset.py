@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io.image import PICTURE_SUFFIXES, VOLUME_SUFFIXES, read_image, read_label, suffix_of
 from labelfactory.io.slices import label_to_slices, volume_to_slices
 from labelfactory.io.windowing import Window
+from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import CONTOURED_KEY
 
 INDEX = "datastore_v2.json"  # MONAI Label's local datastore index (labelfactory.tasks.datastore writes it)
@@ -35,8 +36,31 @@ class Study:
     contoured: tuple[str, ...] | None = None
 
 
+def write_datalist(studies: list[Study], path: str | os.PathLike) -> Path:
+    """Write `studies` as a JSON datalist ({"studies": [{id, image, label, contoured}]}, absolute paths)."""
+    rows = [
+        {**asdict(s), "image": str(s.image.resolve()), "label": s.label and str(s.label.resolve())} for s in studies
+    ]
+    return write_json_atomic({"studies": rows}, path)
+
+
+def read_datalist(path: str | os.PathLike) -> list[Study]:
+    """The studies of a JSON datalist (write_datalist), in its order."""
+    try:
+        rows = json.loads(Path(path).read_text())["studies"]
+        return [
+            Study(r["id"], Path(r["image"]), r["label"] and Path(r["label"]), r["contoured"] and tuple(r["contoured"]))
+            for r in rows
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LabelFactoryError(f"{path}: not a datalist of studies ({type(e).__name__}: {e})") from None
+
+
 def find_studies(folder: str | os.PathLike) -> list[Study]:
-    """Every image in `folder`, sorted by id, with `labels/final/<name>` attached where it exists."""
+    """Every image in `folder`, sorted by id, with `labels/final/<name>` attached where it exists; a `.json` file
+    instead of a folder is a datalist (write_datalist: what the server hands a multi_gpu training)."""
+    if str(folder).endswith(".json"):
+        return read_datalist(folder)
     folder = Path(folder)
     if not folder.is_dir():
         raise LabelFactoryError(f"{folder}: no such folder of studies")

@@ -9,8 +9,9 @@ from pathlib import Path
 from labelfactory import distributed
 from labelfactory.devices import add_device_argument, resolve_device
 from labelfactory.io import Window
+from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import label_map
-from labelfactory.options import add_arguments, exposed, from_args
+from labelfactory.options import add_arguments, add_config_argument, exposed, from_args
 from labelfactory.segmentation.data import training_sets
 from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
@@ -22,7 +23,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--synthetic", type=Path, help="synthetic data set folder (images/, labels/), from labelfactory synthesize"
     )
     p.add_argument(
-        "--studies", type=Path, help="real studies with labels/final: real training slices and validation Dice"
+        "--studies",
+        type=Path,
+        help="real studies with labels/final (a folder, or a JSON datalist): real training slices and validation Dice",
     )
     p.add_argument(
         "--real",
@@ -39,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="model file to write (e.g. apps/labelfactory/model/segmentation.pt)"
     )
     d = SegmentationConfig()
+    add_config_argument(p)
     add_arguments(p, d, FLAGS)
     p.add_argument("--log-dir", type=Path, default=None, help="TensorBoard folder (default: <out>.logs)")
     p.add_argument(
@@ -46,6 +50,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default="totalsegmentator",
         help="the labels' map (labelfactory.labels: totalsegmentator, openkbp), recorded in the model",
     )
+    p.add_argument("--summary", type=Path, default=None, help="also write the JSON summary to this file")
     add_device_argument(p)
 
 
@@ -54,10 +59,16 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group_cleanup():
         real = args.real if args.real is not None else ("0" if args.synthetic else "all")
         k_real = None if real == "all" else int(real)
-        names = label_map(args.label_map).values
-        config = from_args(SegmentationConfig(label_names=names), args, FLAGS)
+        config = from_args(SegmentationConfig(label_names=label_map(args.label_map).values), args, FLAGS)
         train, real, val, info = training_sets(
-            args.studies, args.synthetic, k_real, args.val_patients, config.size, names, Window(*config.window)
+            args.studies,
+            args.synthetic,
+            k_real,
+            args.val_patients,
+            config.size,
+            config.label_names,
+            Window(*config.window),
+            config.slicing,
         )
         result = train_segmenter(
             train,
@@ -70,16 +81,16 @@ def run(args: argparse.Namespace) -> int:
             device=resolve_device(args.device),
         )
         if distributed.is_main():
-            print(
-                json.dumps(
-                    {
-                        "model": str(result.path),
-                        "best_val_dice": result.best_val_dice,
-                        "best_step": result.best_step,
-                        "steps": result.steps,
-                        "data": info,
-                    },
-                    indent=2,
-                )
-            )
+            summary = {
+                "model": str(result.path),
+                "network": config.network,
+                "best_val_dice": result.best_val_dice,
+                "best_step": result.best_step,
+                "steps": result.steps,
+                "history": result.history,
+                "data": info,
+            }
+            print(json.dumps(summary, indent=2))
+            if args.summary is not None:
+                write_json_atomic(summary, args.summary)
     return 0

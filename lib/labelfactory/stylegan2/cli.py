@@ -13,9 +13,11 @@ from pathlib import Path
 from labelfactory.checkout import SAMPLE_STUDIES, checkout_default
 from labelfactory.devices import add_device_argument, resolve_device
 from labelfactory.distributed import init_from_env, is_main, process_group_cleanup
-from labelfactory.options import add_arguments, exposed, from_args
+from labelfactory.io.dataset import find_studies
+from labelfactory.jsonio import write_json_atomic
+from labelfactory.options import add_arguments, add_config_argument, exposed, from_args
 from labelfactory.stylegan2.config import PRESETS, StyleGAN2Config, preset
-from labelfactory.stylegan2.data import load_training_slices, openkbp_training_slices, real_image_paths
+from labelfactory.stylegan2.data import load_training_slices, openkbp_training_slices
 from labelfactory.stylegan2.training import train
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--studies",
         type=Path,
-        help=f"folder of CT images (MONAI Label datastore layout); default in a checkout: {SAMPLE_STUDIES}",
+        help=f"folder of CT images (MONAI Label datastore layout) or a JSON datalist; default in a checkout: "
+        f"{SAMPLE_STUDIES}",
     )
     parser.add_argument(
         "--openkbp",
@@ -63,6 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="auto", choices=["auto", *PRESETS], help="auto: paper256 with a GPU, demo on CPU"
     )
+    add_config_argument(parser)
     add_arguments(
         parser,
         StyleGAN2Config(),
@@ -73,6 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--fid-weights", type=Path, default=None, help="pytorch-fid Inception weights (default: the torch hub cache)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--summary", type=Path, default=None, help="also write the final stats and data as JSON here")
     add_device_argument(parser)
 
 
@@ -83,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
         if args.openkbp is not None:
             images, data_info = openkbp_training_slices(args.openkbp, args.split, cfg.resolution)
         else:
-            paths = real_image_paths(args.studies or checkout_default(SAMPLE_STUDIES, "--studies"))
-            images = load_training_slices(paths, cfg.resolution)
-            data_info = {"images": [p.name for p in paths], "slices": len(images)}
+            studies = find_studies(args.studies or checkout_default(SAMPLE_STUDIES, "--studies"))
+            images = load_training_slices([s.image for s in studies], cfg.resolution)
+            data_info = {"images": sorted(s.id for s in studies), "slices": len(images)}
         logger.info(
             "training StyleGAN2-ADA at %d^2 on %d slices for %g kimg", cfg.resolution, len(images), cfg.total_kimg
         )
@@ -103,4 +108,6 @@ def run(args: argparse.Namespace) -> int:
         )
         if is_main():
             print(json.dumps({k: v for k, v in stats.items() if k != "history"}, indent=1))
+            if args.summary is not None:
+                write_json_atomic({**stats, **data_info}, args.summary)
     return 0

@@ -4,7 +4,9 @@
 dataclass), request overrides parsed from that dataclass, `stats()` and the atomic
 `<model_dir>/<name>_train_stats.json`, total time, the models folder's training lock
 (`labelfactory.training_lock`) and the device it trains on (`labelfactory.devices`, shown by `info()`).
-A trainer declares `name`, `options` and `train()`. `InferBase` owns `is_valid` (models are checked per
+A trainer declares `name`, `options` and `train()`; with `launch_command()` it also trains under torchrun when a
+request asks for `multi_gpu` (tasks/launch.py), else it refuses that with a 400 giving its `single_process` reason.
+`InferBase` owns `is_valid` (models are checked per
 request: a missing one answers 409 "train X first"), `get_path`, the temp result file, the latency timing
 and the device its model runs on (in `info()`); an infer declares `infer() -> (label Image, result JSON)`,
 and, where it needs the datastore, `prepare` (what the request needs from it) and `finish` (what to store
@@ -27,11 +29,13 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from labelfactory.checkpoints import publish_model, verify_hash
 from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, write_image
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.options import config_overrides, options
+from labelfactory.tasks import launch
 from labelfactory.training_lock import training_lock
 
 RESULT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # an infer's result file: one file, geometry kept
@@ -58,8 +62,8 @@ class TrainBase(TrainTask):
         return {**super().info(), "device": str(self.device)}
 
     def config(self) -> dict[str, Any]:
-        """The options table Slicer shows: each option's default (subclasses add their own keys)."""
-        return options(self.defaults, self.options)
+        """The options table Slicer shows: each option's default (subclasses add their own keys), multi_gpu, gpus."""
+        return options(self.defaults, self.options) | launch.OPTIONS
 
     def stats(self) -> dict[str, Any]:
         return read_json(self.model_dir / stats_file(self.name), {})
@@ -72,8 +76,9 @@ class TrainBase(TrainTask):
 
     def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> Any:
         """The config `request` asks for (the defaults plus its options, each parsed from its field: 400 naming a bad
-        one; paths only inside the studies or models folder). The server calls it before it submits a training, so a
-        bad option never reaches the trainer."""
+        one; paths only inside the studies or models folder; `multi_gpu` / `gpus` checked too). The server calls it
+        before it submits a training, so a bad option never reaches the trainer."""
+        self.parse_launch(request)
         for field in self.path_options:
             self.request_path(request, field, None, datastore)
         return config_overrides(self.defaults, request, self.options)
@@ -94,15 +99,50 @@ class TrainBase(TrainTask):
             )
         return str(path)
 
+    def parse_launch(self, request: dict[str, Any]) -> launch.Launch | None:
+        """How `request` asks to train (`multi_gpu`, `gpus`; tasks/launch.py), None: in this process. 400 for bad
+        options, and for multi_gpu on a trainer that trains in one process only (`launch_command` not defined)."""
+        how = launch.parse_launch(request, self.device)
+        if how is not None and type(self).launch_command is TrainBase.launch_command:
+            raise LabelFactoryError(f"{self.name} trains in one process only: {self.single_process}; drop multi_gpu")
+        return how
+
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         started = time.time()
         config = self.parse_request(request, datastore)
+        how = self.parse_launch(request)
         with training_lock(self.model_dir, self.name):  # one training per models folder, across server restarts
-            return self.write_stats(self.train(request, datastore, config, started), started)
+            if how is None:
+                return self.write_stats(self.train(request, datastore, config, started), started)
+            return self.write_stats(self.train_launched(request, datastore, config, how), started)
 
     @abstractmethod
     def train(self, request: dict[str, Any], datastore: Datastore, config: Any, started: float) -> dict[str, Any]:
         """Train with `config` (the defaults plus the request's options); returns the stats to publish."""
+
+    single_process: ClassVar[str] = "it has no torchrun command"  # why, for the 400 of a multi_gpu request
+
+    def launch_command(self, request: dict[str, Any], datastore: Datastore, config: Any, stage: Path) -> list[str]:
+        """The `labelfactory` command (argv) that trains as `train` would, writing its model to `stage/<name>.pt`;
+        the files it reads go in `stage` too. It must take `--summary FILE` (rank 0 writes its JSON summary there)."""
+        raise NotImplementedError
+
+    def launched_stats(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The stats to publish from the launched command's summary (default: the summary)."""
+        return summary
+
+    def train_launched(self, request: dict[str, Any], datastore: Datastore, config: Any, how: launch.Launch) -> dict:
+        """Train under torchrun as `how` says; publish the model only once every rank has finished."""
+        model = self.model_dir / f"{self.name}.pt"
+        with launch.staging_folder(self.model_dir, self.name) as stage:
+            argv = [*self.launch_command(request, datastore, config, stage), "--summary", str(stage / "summary.json")]
+            launch.run_torchrun(argv, how, f"{self.name} training")
+            staged = stage / model.name
+            if not staged.is_file():
+                raise LabelFactoryError(f"{self.name} training ended without a model file", status=500)
+            verify_hash(staged)
+            publish_model(staged, model)
+            return self.launched_stats(read_json(stage / "summary.json", {}))
 
 
 class InferBase(InferTask):

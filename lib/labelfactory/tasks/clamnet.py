@@ -90,6 +90,7 @@ class ClamNetTrain(TrainBase):
     name = KIND
     options = exposed(ClamNetConfig, "request")
     path_options = ("labels_csv",)
+    single_process = "each step draws its contrastive pairs from one sampler, not yet split over processes"
 
     def __init__(
         self,

@@ -70,6 +70,7 @@ class DatasetGANTrain(TrainBase):
 
     name = KIND
     options = exposed(DatasetGANConfig, "request")
+    single_process = "its pixel MLPs fit in minutes on one device and early stopping weighs every image's loss at once"
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 Model file: <model_dir>/segmentation.pt (atomic checkpoint, best validation Dice so far);
 train stats: <model_dir>/segmentation_train_stats.json; TensorBoard: <model_dir>/segmentation_logs.
 The trainer calls the same library function as `labelfactory train-segmentation` (see
-tasks/base.py for why not BasicTrainTask). The infer answers 409 "train segmentation first"
+tasks/base.py for why not BasicTrainTask); with `multi_gpu` it runs that command under torchrun
+on the same studies and config (tasks/launch.py). The infer answers 409 "train segmentation first"
 while no model file exists, reloads when the file changes, and returns the label on the input's
 own grid (2D image or 3D volume, slice by slice).
 """
@@ -11,6 +12,7 @@ own grid (2D image or 3D volume, slice by slice).
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, Window, read_image
+from labelfactory.io.dataset import write_datalist
+from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
 from labelfactory.options import cast, exposed
@@ -56,7 +61,13 @@ class SegmentationTrain(TrainBase):
 
     def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> SegmentationConfig:
         real_options(request)
-        return super().parse_request(request, datastore)
+        config = super().parse_request(request, datastore)
+        if config.consistency > 0 and self.parse_launch(request) is not None:
+            raise LabelFactoryError(
+                "Mean Teacher (consistency > 0) trains in one process only: train-segmentation takes no unlabelled "
+                "slices yet; drop multi_gpu or set consistency to 0"
+            )
+        return config
 
     def config(self) -> dict[str, Any]:
         networks = [self.defaults.network] + [n for n in NETWORKS if n != self.defaults.network]  # a combo box
@@ -111,6 +122,25 @@ class SegmentationTrain(TrainBase):
             "history": result.history,
             **data,
         }
+
+    def launch_command(
+        self, request: dict[str, Any], datastore: Datastore, config: SegmentationConfig, stage: Path
+    ) -> list[str]:
+        """`labelfactory train-segmentation` on the studies `train` would use (a datalist) with this config."""
+        synthetic = self.request_path(request, "synthetic", self.synthetic_dir, datastore) or None
+        studies = [s for s in final_studies(datastore) if not is_generated(datastore.get_image_info(s.id))]
+        k_real, val_patients = real_options(request)
+        argv = ["train-segmentation", "--config", str(write_json_atomic(asdict(config), stage / "config.json"))]
+        if studies:
+            argv += ["--studies", str(write_datalist(studies, stage / "studies.json"))]
+        if synthetic and Path(synthetic, "images").is_dir():
+            argv += ["--synthetic", synthetic]
+        argv += ["--real", "all" if k_real is None else str(k_real), "--val-patients", str(val_patients)]
+        return argv + ["--out", str(stage / MODEL_FILE), "--log-dir", str(self.model_dir / f"{KIND}_logs")]
+
+    def launched_stats(self, summary: dict[str, Any]) -> dict[str, Any]:
+        keys = ("network", "steps", "best_step", "history")
+        return {"best_metric": summary["best_val_dice"], **{k: summary[k] for k in keys}, **summary["data"]}
 
 
 def real_options(request: dict[str, Any]) -> tuple[int | None, int]:
