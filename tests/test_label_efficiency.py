@@ -299,6 +299,7 @@ def test_run_chooses_on_dev_then_refuses_test_until_frozen(protocol_run):
     assert split["n"] == 1 and split["patients"] == 6  # round(6 * 26 / 170) = 1 train patient, by patient
     frozen = json.loads(protocol.read_text())
     assert frozen["frozen"] and frozen["choices"]["steps"] in (1, 2) and frozen["choices"]["augment"] == "nnunet2d"
+    assert frozen["choices"]["consistency"] == 1.0  # the Mean Teacher's weight, from its (reduced) grid
     assert frozen["chosen_on"].startswith("dev split: 1 train patients")
 
 
@@ -307,9 +308,8 @@ def test_run_writes_per_patient_results_with_the_commit(protocol_run):
     results = json.loads((work / "report" / "label_efficiency.json").read_text())
     assert len(results["commit"]) >= 40 and results["reference"] == "real-3-aug"
     runs = {(r["row"], r["draw"], r["seed"]) for r in results["runs"]}
-    assert runs == {(r, d, 0) for r in ("real-3-aug", "real-3", "real-3-relabelled") for d in (0, 1)} | {
-        ("real-all", 0, 0)
-    }
+    drawn = ("real-3-aug", "real-3", "real-3-relabelled", "real-3-mean-teacher")
+    assert runs == {(r, d, 0) for r in drawn for d in (0, 1)} | {("real-all", 0, 0)}
     annotator = results["stages"]["annotator"]
     assert annotator["gan_overlap"] == {"patients": 5, "of": 5, "gan_patients": 6}  # gan.sh saw every train patient
     relabelled = [r for r in results["runs"] if r["row"] == "real-3-relabelled"]
