@@ -42,7 +42,7 @@ from labelfactory.stylegan2.identity import generated_to_image, generator_identi
 logger = logging.getLogger(__name__)
 
 KINDS = ("images", "labels", "uncertainty")
-BLOCK = 16  # seeds generated together: 16 per batch is >= 5x the per-seed rate on the CPU (docs/RESULTS.md)
+BLOCK = 16  # seeds generated together: a batch that keeps a GPU busy (no faster on the CPU: docs/RESULTS.md 11)
 
 
 @dataclass
