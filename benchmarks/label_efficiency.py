@@ -44,16 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelfactory.checkpoints import copy_model, hash_path, load_checkpoint, previous_path, save_checkpoint
+from labelfactory.checkpoints import copy_model, load_checkpoint
 from labelfactory.datasets import openkbp
 from labelfactory.jsonio import read_json, write_json_atomic
-from labelfactory.segmentation.networks import build_network
-from labelfactory.segmentation.train import KIND as SEG_KIND
+from labelfactory.segmentation.data import RealSlices
 from labelfactory.segmentation.train import SegmentationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_NAMES: dict[str, int] = {"background": 0, **{name: v for v, name in openkbp.ORGANS.items()}}
-STATE_KIND = "label-efficiency-training-state"
 
 
 @dataclass
@@ -180,6 +178,7 @@ def stack(case_slices: list[openkbp.CaseSlices]) -> Slices:
 
 
 def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> SegmentationConfig:
+    """The earlier run's recipe in the library's terms: cosine schedule, batch Dice, no augmentation."""
     return SegmentationConfig(
         network=network,
         size=sizes.size,
@@ -187,9 +186,10 @@ def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> Segme
         batch_size=sizes.batch_size,
         seed=seed,
         label_names=dict(LABEL_NAMES),
-        val_interval=steps,
+        val_interval=sizes.save_every,
         slicing="body-crop",
         window=(openkbp.WINDOW.level, openkbp.WINDOW.width),
+        augment="none",
     )
 
 
@@ -199,85 +199,19 @@ def train_resumable(
     config: SegmentationConfig,
     folder: Path,
     data: dict,
-    save_every: int,
     stage: Path,
 ) -> Path:
-    """Train `config.network` on (N, 1, S, S) images / (N, S, S) integer masks; write `folder/segmentation.pt`.
-    CPU time goes to the `stage` folder's record as the run goes (`add_cpu`).
+    """Train on (N, 1, S, S) images / (N, S, S) integer masks with the library trainer into `folder/segmentation.pt`,
+    resumable from `folder/training-state.pt` (written every `config.val_interval` steps); CPU time to `stage`."""
+    from labelfactory.segmentation.data import RealSlices
+    from labelfactory.segmentation.train import train_segmenter
 
-    The project's networks and loss (DiceCE, deep supervision for UNet++), Adam with a cosine learning-rate decay.
-    Dice is pooled over the batch (`batch=True`): most organs are absent from most slices, and a per-slice Dice
-    rewards an absent organ only for a near-zero probability everywhere.
-    Hand-written rather than `segmentation.train.train_segmenter` because a CPU run of an hour must survive an
-    interruption: every `save_every` iterations network, optimizer and step go to `training-state.pt`, and batches
-    are a pure function of (seed, step), so a resumed run draws the same batches as an uninterrupted one.
-    """
-    from monai.losses import DeepSupervisionLoss, DiceCELoss
-
-    model_file, state_file = folder / "segmentation.pt", folder / "training-state.pt"
-    if model_file.is_file():
-        return model_file
-    torch.manual_seed(config.seed)
-    network = build_network(config.network, config.n_classes)
-    optimizer = torch.optim.Adam(network.parameters(), config.lr)
-    step = 0
-    if state_file.is_file():
-        state = load_checkpoint(state_file, STATE_KIND)
-        network.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        log(f"{folder.name}: resumed at step {step}/{config.steps}")
-    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    loss_fn = DeepSupervisionLoss(dice_ce) if config.network == "unetpp" else dice_ce
-    n, bs = len(images), min(config.batch_size, len(images))
-    per_epoch = max(1, n // bs)
-    network.train()
-    c0, t0, losses = cpu_seconds(), time.time(), []
-    while step < config.steps:
-        epoch, b = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
-        idx = order[b * bs : (b + 1) * bs]
-        for g in optimizer.param_groups:
-            g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(images[idx]), masks[idx][:, None].long())
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        if step % save_every == 0 or step == config.steps:
-            save_checkpoint(
-                {
-                    "kind": STATE_KIND,
-                    "config": asdict(config),
-                    "data": data,
-                    "step": step,
-                    "state_dict": network.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                },
-                state_file,
-            )
-            add_cpu(stage, cpu_seconds() - c0)
-            c0 = cpu_seconds()
-            rate = (time.time() - t0) / len(losses)
-            log(
-                f"{folder.name}: step {step}/{config.steps} loss {np.mean(losses[-save_every:]):.4f} "
-                f"({rate:.2f} s/step, {rate * (config.steps - step) / 60:.0f} min left)"
-            )
-    network.eval()
-    save_checkpoint(
-        {
-            "kind": SEG_KIND,
-            "config": asdict(config),
-            "data": data,
-            "state_dict": network.state_dict(),
-            "metrics": {"final_loss": float(np.mean(losses[-save_every:])) if losses else None},
-        },
-        model_file,
-    )
-    for f in (state_file, previous_path(state_file)):
-        f.unlink(missing_ok=True)
-        hash_path(f).unlink(missing_ok=True)
+    model_file = folder / "segmentation.pt"
+    if not model_file.is_file():
+        c0 = cpu_seconds()
+        pairs = RealSlices(images, masks, ["slice"] * len(images), classes=config.n_classes)
+        train_segmenter(pairs, None, config, out=model_file, data=data, state_file=folder / "training-state.pt")
+        add_cpu(stage, cpu_seconds() - c0)
     return model_file
 
 
@@ -590,7 +524,7 @@ class Experiment:
             "slices": len(s),
             "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high],
         }
-        model = train_resumable(s.images, s.organs, config, folder, data, self.sizes.save_every, folder)
+        model = train_resumable(s.images, s.organs, config, folder, data, folder)
         log("annotator: scoring on validation volumes")
         validation = self.evaluate(model)
         self.validation_figure(
@@ -827,7 +761,7 @@ class Experiment:
         """Train one segmenter into `d` (resumable) and score it on the validation volumes (`d/eval.json`)."""
         images, masks, data = self.training_set(row, seed)
         config = segmenter_config(network, self.sizes, self.sizes.steps, seed)
-        model = train_resumable(images, masks, config, d, data, self.sizes.save_every, folder)
+        model = train_resumable(images, masks, config, d, data, folder)
         ev = {"row": row, "network": network, "seed": seed, "data": data, "validation": self.evaluate(model)}
         write_json_atomic(ev, d / "eval.json")
         return ev
@@ -1306,19 +1240,12 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
 
 
-# ---------------------------------------------------------------------------------------------- adapters
-# THIN ADAPTERS onto pieces other branches are adding (seg-train: SegmentationConfig.augment/schedule/batch_dice/
-# real_share/init_from; partial-data: per-item `contoured`, evaluation/volume.py). They set what the library has and
-# refuse, with a sentence, a row the library cannot train yet. Remove once those branches are merged.
+# ---------------------------------------------------------------------------------------------- training, scoring
 
 
-def seg_config(network: str, size: int, steps: int, batch_size: int, seed: int, **extra) -> SegmentationConfig:
-    """The library SegmentationConfig for one segmenter; `extra` (schedule, batch_dice, init_from...) is set where
-    SegmentationConfig has the field, else SystemExit naming it. `augment` and `real_share` go to `training_set`."""
-    known = {f.name for f in fields(SegmentationConfig)}
-    missing = sorted(k for k, v in extra.items() if k not in known and v not in (None, "none", False, 0, 0.0))
-    if missing:
-        raise SystemExit(f"this library's train_segmenter has no {', '.join(missing)} yet (branch seg-train)")
+def row_config(network: str, size: int, steps: int, batch_size: int, seed: int, **recipe) -> SegmentationConfig:
+    """The library config of one protocol segmenter: body crops in the OpenKBP window, one state save per 100
+    steps; `recipe` (augment, real_share, init_from) as chosen on the dev split."""
     return SegmentationConfig(
         network=network,
         size=size,
@@ -1326,69 +1253,11 @@ def seg_config(network: str, size: int, steps: int, batch_size: int, seed: int, 
         batch_size=batch_size,
         seed=seed,
         label_names=dict(LABEL_NAMES),
-        val_interval=steps,
+        val_interval=min(steps, 100),
         slicing="body-crop",
         window=(openkbp.WINDOW.level, openkbp.WINDOW.width),
-        **{k: v for k, v in extra.items() if k in known},
+        **recipe,
     )
-
-
-def training_set(pairs: PairSet, augment: str, seed: int, real_share: float | None = None, n_real: int = 0):
-    """ADAPTER until seg-train's SegmentationConfig.augment / real_share: the dataset `train_segmenter` gets. With
-    `real_share`, the first `n_real` items (the real slices) are repeated so they make that share of an epoch;
-    with augment "nnunet2d", each item passes `nnunet2d_augment` (seeded)."""
-    if real_share:
-        n_syn = len(pairs) - n_real
-        k = max(1, round(real_share / (1 - real_share) * n_syn / max(1, n_real)))
-        idx = torch.cat([torch.arange(n_real).repeat(k), torch.arange(n_real, len(pairs))])
-        pairs = PairSet(pairs.images[idx], pairs.masks[idx], pairs.contoured[idx])
-    if augment == "none":
-        return pairs
-    from monai.data import Dataset
-
-    transform = nnunet2d_augment()
-    transform.set_random_state(seed)
-    return Dataset([pairs[i] for i in range(len(pairs))], transform)
-
-
-def nnunet2d_augment():
-    """The nnU-Net 2D recipe's strengths (ADAPTER until seg-train's augment="nnunet2d"): rotation +-15 degrees,
-    scale 0.85-1.25, flips none (left/right organs have distinct labels), then gamma, contrast, noise and blur.
-    Images are in [-1, 1] (air -1): the affine pads with the border value, the mask with background."""
-    from monai import transforms as T
-
-    return T.Compose(
-        [
-            T.RandAffined(
-                ["image", "label"],
-                prob=0.2,
-                rotate_range=math.radians(15),
-                scale_range=(0.15, 0.15),
-                translate_range=(4, 4),
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            ),
-            T.RandScaleIntensityd("image", factors=0.25, prob=0.15),
-            T.RandShiftIntensityd("image", offsets=0.1, prob=0.15),
-            T.RandGaussianNoised("image", std=0.05, prob=0.1),
-            T.RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), prob=0.1),
-            T.ToTensord(["image", "label"], track_meta=False),
-        ]
-    )
-
-
-class PairSet(torch.utils.data.Dataset):
-    """{"image": (1, S, S) float32, "label": (1, S, S) int64, "contoured": (n_classes,) bool} items of stacked
-    pairs; `contoured` is every organ for complete masks (synthetic, relabelled) and the patient's contours else."""
-
-    def __init__(self, images: torch.Tensor, masks: torch.Tensor, contoured: torch.Tensor):
-        self.images, self.masks, self.contoured = images, masks, contoured
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[i], "label": self.masks[i][None].long(), "contoured": self.contoured[i]}
 
 
 def contoured_row(organs_present: tuple[int, ...]) -> torch.Tensor:
@@ -1398,37 +1267,14 @@ def contoured_row(organs_present: tuple[int, ...]) -> torch.Tensor:
     return row
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm between two 3D boolean masks (MONAI); NaN when either
-    is empty (an organ missed entirely has no distance: its Dice of 0 says so)."""
-    from monai.metrics import compute_hausdorff_distance
-
-    if not pred.any() or not truth.any():
-        return float("nan")
-    p = torch.from_numpy(pred)[None, None]
-    t = torch.from_numpy(truth)[None, None]
-    return float(compute_hausdorff_distance(p, t, percentile=95, spacing=list(spacing))[0, 0])
-
-
 def patient_scores(pred: np.ndarray, truth: np.ndarray, case: openkbp.Case) -> dict:
-    """Per-patient endpoint: {"dice": mean Dice over the organs contoured in this patient (primary), "hd95": mean
-    HD95 (mm) over them, "organs": {name: {"dice", "hd95"}}}. Uncontoured organs are not scored."""
-    spacing = tuple(float(s) for s in case.spacing_mm[::-1])  # arrays are (z, y, x)
-    organs = {}
-    for v in case.organs_present:
-        p, t = pred == v, truth == v
-        denom = int(p.sum() + t.sum())
-        organs[openkbp.ORGANS[v]] = {
-            "dice": 2 * int((p & t).sum()) / denom if denom else float("nan"),
-            "hd95": hd95(p, t, spacing),
-        }
-    dice = [o["dice"] for o in organs.values()]
-    dist = [o["hd95"] for o in organs.values() if math.isfinite(o["hd95"])]
-    return {
-        "dice": float(np.nanmean(dice)) if dice else float("nan"),
-        "hd95": float(np.mean(dist)) if dist else float("nan"),
-        "organs": organs,
-    }
+    """Per-patient endpoint (`evaluation.volume`): {"dice": mean Dice over the organs contoured in this patient
+    (primary), "hd95": mean HD95 (mm) over them, "organs": {name: {"dice", "hd95"}}}."""
+    from labelfactory.evaluation.volume import patient_scores as scores
+
+    spacing = tuple(float(x) for x in case.spacing_mm[::-1])  # arrays are (z, y, x)
+    s = scores(pred, truth, contoured_row(case.organs_present), spacing, dict(openkbp.ORGANS))
+    return {"dice": s["mean_dice"], "hd95": s["mean_hd95"], "organs": s["organs"]}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -1569,13 +1415,15 @@ class Run:
     def stage_annotator(self, folder: Path) -> dict:
         """The stand-in annotator: the library trainer on every pool slice (partial contours), scored on dev; its
         overlap with the GAN's training patients (gan.sh trains on the whole train split) reported."""
+        from labelfactory.segmentation.data import RealSlices
         from labelfactory.segmentation.train import train_segmenter
 
         images, masks, contoured, ids = self.pool()
-        config = seg_config(self.sizes.network, self.sizes.size, self.sizes.annotator_steps, self.sizes.batch_size, 0)
+        config = row_config(self.sizes.network, self.sizes.size, self.sizes.annotator_steps, self.sizes.batch_size, 0)
         model = folder / "segmentation.pt"
         if not model.is_file():
-            train_segmenter(PairSet(images, masks, contoured), None, config, out=model, data={"pool": len(ids)})
+            pairs = RealSlices(images, masks, ids, contoured)
+            train_segmenter(pairs, None, config, out=model, data={"pool": len(ids)}, state_file=folder / "state.pt")
         pool = [c.name for c in self.cases("pool")]
         gan = {c.name for c in self._cases["train"]}
         return {
@@ -1673,42 +1521,56 @@ class Run:
         return {"scored": scored}
 
     def train_row(self, row: Row, draw: int, seed: int, d: Path, extra: dict) -> Path:
-        """Train one (row, draw, seed) segmenter into `d/segmentation.pt` with the library trainer; its training
-        data (real-slice ids, synthetic set) recorded in `d/data.json`."""
+        """Train one (row, draw, seed) segmenter into `d/segmentation.pt` with the library trainer (resumable); its
+        training data (real-slice ids, synthetic set) and recipe recorded in `d/data.json`. `extra`: steps,
+        augment and, for the share hybrids, real_share; the fine-tune hybrids train on the synthetic set into
+        `d/pretrain/`, then on the real slices from those weights, each for `steps`."""
         from labelfactory.segmentation.train import train_segmenter
 
         model = d / "segmentation.pt"
         if model.is_file():
             return model
         d.mkdir(parents=True, exist_ok=True)
-        images, masks, contoured, data = self.training_pairs(row, draw)
-        if row.mix == "finetune":
-            raise SystemExit(f"row {row.name}: synthetic pre-training then fine-tuning needs init_from (seg-train)")
+        real, synthetic, data = self.training_pairs(row, draw)
         recipe = dict(extra)
-        steps, augment, share = extra.pop("steps"), extra.pop("augment"), extra.pop("real_share", None)
-        n_real = len(data.get("real_slices", [])) if isinstance(data.get("real_slices"), list) else 0
-        train = training_set(PairSet(images, masks, contoured), augment, seed, share, n_real)
-        config = seg_config(self.sizes.network, self.sizes.size, steps, self.sizes.batch_size, seed, **extra)
-        train_segmenter(train, None, config, out=model, data=data | {"recipe": recipe})
-        write_json_atomic(data | {"recipe": recipe}, d / "data.json")
+        steps = recipe.pop("steps")
+        size, network, batch = self.sizes.size, self.sizes.network, self.sizes.batch_size
+        if row.mix == "finetune":
+            first = d / "pretrain" / "segmentation.pt"
+            if not first.is_file():
+                config = row_config(network, size, steps, batch, seed, augment=recipe["augment"])
+                train_segmenter(synthetic, None, config, out=first, data=data, state_file=first.with_name("state.pt"))
+            config = row_config(network, size, steps, batch, seed, augment=recipe["augment"], init_from=str(first))
+            train_segmenter(real, None, config, out=model, data=data, state_file=d / "state.pt")
+        else:
+            train, beside = (synthetic, real) if synthetic is not None else (real, None)
+            config = row_config(network, size, steps, batch, seed, **recipe)
+            train_segmenter(train, None, config, out=model, data=data, real_set=beside, state_file=d / "state.pt")
+        write_json_atomic(data | {"recipe": extra}, d / "data.json")
         return model
 
-    def training_pairs(self, row: Row, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """(N, 1, S, S) images, (N, S, S) masks, (N, n_classes) contoured, data record of one row and draw."""
-        parts, data = [], {}
+    def training_pairs(self, row: Row, draw: int) -> tuple[RealSlices | None, RealSlices | None, dict]:
+        """(real slices, synthetic pairs, data record) of one row and draw; None where the row has none. Items as
+        `segmentation.data`: real slices flagged with their patient's contours (or complete when relabelled)."""
+        from labelfactory.segmentation.data import RealSlices
+
+        real = synthetic = None
+        data: dict = {}
         if row.real:
             images, masks, contoured, ids = self.pool()
             pick = list(range(len(images))) if row.real < 0 else self.draw(row.real, draw)
             images, masks, contoured = images[pick], masks[pick], contoured[pick]
             if row.relabel:
                 masks, contoured = self.relabel(images), torch.ones_like(contoured)
-            parts.append((images, masks, contoured))
+            real = RealSlices(images, masks, [ids[i] for i in pick], contoured)
             data["real_slices"] = [ids[i] for i in pick] if row.real > 0 else f"all {len(pick)} pool slices"
         if row.synthetic:
             images, masks, record = self.legacy().synthetic_pairs(row.synthetic)
-            parts.append((images, masks, torch.ones(len(images), len(LABEL_NAMES), dtype=torch.bool)))
+            synthetic = RealSlices(
+                images, masks, [f"synthetic{i}" for i in range(len(images))], classes=len(LABEL_NAMES)
+            )
             data["synthetic"] = record
-        return *(torch.cat([p[k] for p in parts]) for k in range(3)), data
+        return real, synthetic, data
 
     def relabel(self, images: torch.Tensor) -> torch.Tensor:
         """The annotator's masks (N, S, S) uint8 of (N, 1, S, S) crops: complete labels for the relabelled row."""

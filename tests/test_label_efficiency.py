@@ -233,32 +233,6 @@ def test_two_runs_adding_to_one_stages_cpu_record_lose_nothing(tmp_path):
     assert json.loads((tmp_path / "cpu.json").read_text())["cpu_seconds"] == pytest.approx(400.0)
 
 
-def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch, one_thread):
-    images = torch.rand(10, 1, 32, 32) * 2 - 1
-    masks = (images[:, 0] > 0.3).long() * 2
-    config = le.segmenter_config("unet", le.Sizes(size=32, batch_size=4), steps=6, seed=3)
-    whole = le.train_resumable(images, masks, config, tmp_path / "whole", {}, 3, tmp_path)
-
-    real_save = le.save_checkpoint
-
-    def save_then_die(payload, path):
-        real_save(payload, path)
-        if payload["kind"] == le.STATE_KIND:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(le, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        le.train_resumable(images, masks, config, tmp_path / "cut", {}, 3, tmp_path)
-    monkeypatch.setattr(le, "save_checkpoint", real_save)
-    assert torch.load(tmp_path / "cut" / "training-state.pt", weights_only=True)["step"] == 3
-    resumed = le.train_resumable(images, masks, config, tmp_path / "cut", {}, 3, tmp_path)
-    a = torch.load(whole, weights_only=True)["state_dict"]
-    b = torch.load(resumed, weights_only=True)["state_dict"]
-    assert not (tmp_path / "cut" / "training-state.pt").exists()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-
-
 def test_scores_count_only_patients_that_have_the_organ():
     truth = np.zeros((2, 4, 4), np.uint8)
     truth[0, :2, :2] = 1  # brainstem: 4 voxels
@@ -393,27 +367,6 @@ def test_patient_scores_average_the_contoured_organs_only():
     assert s["organs"]["brainstem"]["dice"] == pytest.approx(2 / 3)
     assert s["organs"]["spinal cord"]["dice"] == 0.0 and np.isnan(s["organs"]["spinal cord"]["hd95"])
     assert s["dice"] == pytest.approx(1 / 3) and set(s["organs"]) == {"brainstem", "spinal cord"}
-
-
-def test_real_share_repeats_the_real_slices_to_their_share():
-    images, masks = torch.arange(9.0).reshape(9, 1, 1, 1).expand(9, 1, 8, 8).clone(), torch.zeros(9, 8, 8)
-    pairs = le.PairSet(images, masks.to(torch.uint8), torch.ones(9, len(le.LABEL_NAMES), dtype=torch.bool))
-    mixed = le.training_set(pairs, "none", 0, real_share=0.5, n_real=3)  # 6 synthetic: each real slice twice
-    firsts = sorted(int(mixed[i]["image"][0, 0, 0]) for i in range(len(mixed)))
-    assert firsts == [0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8]
-    assert le.training_set(pairs, "none", 0) is pairs
-
-
-def test_augmentation_keeps_shapes_and_label_values():
-    masks = torch.zeros(2, 16, 16, dtype=torch.uint8)
-    masks[:, 4:10, 4:10] = 3
-    pairs = le.PairSet(torch.rand(2, 1, 16, 16) * 2 - 1, masks, torch.ones(2, len(le.LABEL_NAMES), dtype=torch.bool))
-    aug = le.training_set(pairs, "nnunet2d", seed=0)
-    for i in range(2):
-        item = aug[i]
-        assert item["image"].shape == (1, 16, 16) and item["label"].shape == (1, 16, 16)
-        assert set(item["label"].unique().tolist()) <= {0, 3}  # nearest for the mask: no new values
-        assert item["contoured"].all()
 
 
 def test_fid_model_samples_at_the_synthesis_psi():

@@ -66,14 +66,14 @@ def test_networks_map_one_channel_to_class_logits(name):
 
 def test_training_sets_keep_validation_patients_out(pairs_dir, sample):
     studies = sample / "datastore"
-    train, val, info = training_sets(
+    train, real, val, info = training_sets(
         studies, pairs_dir, k_real=0, size=SIZE
-    )  # synthetic only: every real patient validates
-    assert len(train) == 8 and set(val.groups) == {"abdomen", "torso_3mm"} and info["real_slices"] == 0
-    train, val, info = training_sets(studies, None, k_real=None, size=SIZE)  # real only
-    assert set(train.groups).isdisjoint(val.groups) and info["val_patients"] == ["torso_3mm"]
-    train, val, info = training_sets(studies, pairs_dir, k_real=5, size=SIZE)  # hybrid
-    assert len(train) == 13 and info["real_slices"] == 5 and set(train.groups[8:]) == {"abdomen"}
+    )  # synthetic: every patient validates
+    assert len(train) == 8 and real is None and set(val.groups) == {"abdomen", "torso_3mm"} and info["real_slices"] == 0
+    train, real, val, info = training_sets(studies, None, k_real=None, size=SIZE)  # real only
+    assert real is None and set(train.groups).isdisjoint(val.groups) and info["val_patients"] == ["torso_3mm"]
+    train, real, val, info = training_sets(studies, pairs_dir, k_real=5, size=SIZE)  # hybrid
+    assert len(train) == 8 and len(real) == 5 and info["real_slices"] == 5 and set(real.groups) == {"abdomen"}
     with pytest.raises(LabelFactoryError, match="nothing to train on"):
         training_sets(studies, None, k_real=0, size=SIZE)
 

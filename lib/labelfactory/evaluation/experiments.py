@@ -151,7 +151,7 @@ def evenly_spaced_subset(dataset: Dataset, indices: Sequence[int], k: int) -> Pa
 def score_dataset(network: torch.nn.Module, dataset: Dataset, config: SegmentationConfig) -> dict:
     """Per-class Dice/IoU and mIoU of `network` over every pixel of `dataset`."""
     cm = torch.zeros(config.n_classes, config.n_classes, dtype=torch.long)
-    for batch in DataLoader(dataset, config.batch_size, shuffle=False, num_workers=config.num_workers):
+    for batch in DataLoader(dataset, config.batch_size, shuffle=False, num_workers=0):
         cm += confusion_matrix(
             predict_slices(network, batch["image"], config.batch_size), batch["label"][:, 0], config.n_classes
         )
