@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     """One server for the module, with the demo models (the demo segmenter: a real, heavy infer)."""
     root = tmp_path_factory.mktemp("server")
     env = {"MONAI_LABEL_SESSION_PATH": str(root / "sessions")}
-    with module_server(root, conf={"models": "all"}, env=env) as srv:
+    with module_server(root, conf={"models": "all", "device": "cpu"}, env=env) as srv:
         srv.sessions = root / "sessions"
         yield srv
 
@@ -37,6 +37,9 @@ def test_server_starts_on_the_sample_data_and_answers_info(server):
     assert all(0 <= c <= 1 for rgb in info["label_colors"].values() for c in rgb)
     assert info["datastore"]["total"] == 4  # every sample study is served
     assert info["datastore"]["completed"] == 2  # two carry final labels
+    shown = {f"{k} {n}": v.get("device") for k in ("models", "trainers", "scoring") for n, v in info[k].items()}
+    assert len(shown) >= 9 and set(shown.values()) == {"cpu"}, shown  # `--conf device`, on every task
+    assert info["strategies"]["generated_uncertain"]["device"] == "cpu"
 
 
 def test_monai_label_endpoint_contract(server, tmp_path):

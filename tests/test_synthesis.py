@@ -1,6 +1,7 @@
 """The labelling factory: layout, drop of the most uncertain, reproducibility, resume, `labelfactory synthesize`."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -8,10 +9,12 @@ import torch
 
 from labelfactory.cli import main
 from labelfactory.datasetgan import EnsembleConfig, Interpreter, PixelEnsemble, TapLayout, save_interpreter
-from labelfactory.datasetgan.synthesis import synthesize
+from labelfactory.datasetgan.synthesis import KINDS, synthesize
+from labelfactory.datasetgan.taps import ws_from_seeds
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import read_image, read_seg_nrrd
 from labelfactory.labels import LABEL_NAMES
+from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
 from labelfactory.stylegan2.identity import generated_to_image
 from labelfactory.stylegan2.networks import Generator
@@ -83,6 +86,64 @@ def test_reproducible_and_resumable(models, tmp_path):
     assert sorted(p.name for p in (tmp_path / "a" / "images").iterdir()) == [f"seed{s:06d}.nii.gz" for s in res.kept]
     with pytest.raises(LabelFactoryError, match="new folder"):
         synthesize(interp, range(2), tmp_path / "a", truncation_psi=0.5, progress=False)
+
+
+def pairs(folder, seeds):
+    """seed -> (image, mask, uncertainty) arrays and its record, read back from a synthesis folder."""
+    records = {r["seed"]: r for r in map(json.loads, (folder / "records.jsonl").read_text().splitlines())}
+    return {
+        s: (
+            *(read_image(folder / kind / f"seed{s:06d}.nii.gz").array.tobytes() for kind in KINDS),
+            records[s]["uncertainty"],
+        )
+        for s in seeds
+    }
+
+
+def test_a_pair_does_not_depend_on_how_the_seeds_are_split(models, tmp_path):
+    """Seeds 0-9 in one run, in two (0-4 then 5-9) and as two shards (odd seeds backwards, even seeds): byte-equal
+    images, masks and uncertainty maps, equal scores; each seed as the fixed block [4k, 4k + 4) computes it."""
+    _, interp = models
+    run = dict(drop_fraction=0, progress=False, block=4)
+    synthesize(interp, range(10), tmp_path / "one", **run)
+    synthesize(interp, range(5), tmp_path / "two", **run)
+    synthesize(interp, range(5, 10), tmp_path / "two", **run)
+    synthesize(interp, range(9, 0, -2), tmp_path / "shards", **run)
+    synthesize(interp, range(0, 10, 2), tmp_path / "shards", **run)
+    one = pairs(tmp_path / "one", range(10))
+    assert pairs(tmp_path / "two", range(10)) == one and pairs(tmp_path / "shards", range(10)) == one
+    lab = interp.label(ws_from_seeds(interp.G, [4, 5, 6, 7], TRUNCATION_PSI))  # the block of seed 5
+    alone = interp.label(ws_from_seeds(interp.G, [5], TRUNCATION_PSI))  # rounds otherwise (the test's premise)
+    assert not torch.equal(alone.uncertainty[0], lab.uncertainty[1])
+    assert one[5][2] == lab.uncertainty[1].numpy().astype(np.float32).tobytes() and one[5][3] == float(lab.score[1])
+    records = [json.loads(line) for line in (tmp_path / "one" / "records.jsonl").read_text().splitlines()]
+    assert {r["block"] for r in records} == {4}
+
+
+def test_a_folder_keeps_its_block(models, tmp_path):
+    """A rerun continues with the folder's B; another B is refused; a folder of before blocks continues per seed."""
+    _, interp = models
+    synthesize(interp, range(3), tmp_path / "a", drop_fraction=0, progress=False, block=2)
+    synthesize(interp, range(6), tmp_path / "a", drop_fraction=0, progress=False)
+    assert pairs(tmp_path / "a", range(6)) == pairs_of(interp, tmp_path / "b", range(6), block=2)
+    with pytest.raises(LabelFactoryError, match="new folder"):
+        synthesize(interp, range(8), tmp_path / "a", drop_fraction=0, progress=False, block=4)
+    legacy = tmp_path / "legacy"
+    synthesize(interp, range(2), legacy, drop_fraction=0, progress=False, block=1)
+    log = legacy / "records.jsonl"
+    log.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(r).items() if k != "block"}) + "\n"
+            for r in log.read_text().splitlines()
+        )
+    )
+    synthesize(interp, range(4), legacy, drop_fraction=0, progress=False)
+    assert pairs(legacy, range(4)) == pairs_of(interp, tmp_path / "per-seed", range(4), block=1)
+
+
+def pairs_of(interp, folder, seeds, block):
+    synthesize(interp, seeds, folder, drop_fraction=0, progress=False, block=block)
+    return pairs(folder, seeds)
 
 
 def test_cli_synthesize_and_missing_models(models, tmp_path, capsys):

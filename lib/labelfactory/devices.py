@@ -1,4 +1,4 @@
-"""One device rule for the whole project: `auto` | `cpu` | `cuda` | `cuda:N`, resolved once per process.
+"""One device rule for the whole project: `auto` | `cpu` | `cuda` | `cuda:N`, resolved by `resolve_device` only.
 
 `auto` is the GPU when one is present, else the CPU. Under `torchrun` (LOCAL_RANK set) `auto` and `cuda`
 take the rank's own GPU, `cuda:LOCAL_RANK`. Every trainer and infer takes its device from here (the app's
@@ -6,7 +6,7 @@ take the rank's own GPU, `cuda:LOCAL_RANK`. Every trainer and infer takes its de
 (saved from CPU tensors, loaded with `map_location`).
 
 Precision on a GPU (`precision`: `auto` | `fp32` | `bf16`): `auto` is bf16 autocast on CUDA and fp32 on the
-CPU; `cuda_speedups` turns on TF32 matmuls / convolutions and cuDNN autotuning where shapes are fixed.
+CPU; `cuda_speedups` turns on TF32 matmuls / convolutions and cuDNN autotuning.
 """
 
 from __future__ import annotations
@@ -70,14 +70,14 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
-def cuda_speedups(device: torch.device, fixed_shapes: bool = True) -> None:
-    """On CUDA: TF32 for fp32 matmuls and convolutions; cuDNN autotuning when the shapes repeat (process-wide)."""
+def cuda_speedups(device: torch.device) -> None:
+    """On CUDA: TF32 for fp32 matmuls and convolutions, cuDNN autotuning (our infers and trainers repeat a few
+    shapes); process-wide. A no-op on the CPU."""
     if device.type != "cuda":
         return
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if fixed_shapes:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

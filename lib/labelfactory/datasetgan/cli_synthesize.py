@@ -12,6 +12,7 @@ from pathlib import Path
 from labelfactory import distributed
 from labelfactory.datasetgan.cli import generator_arg, generator_path
 from labelfactory.datasetgan.labeller import MODEL_FILE
+from labelfactory.datasetgan.synthesis import BLOCK
 from labelfactory.devices import add_device_argument
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.stylegan2.identity import parse_seeds
@@ -29,6 +30,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--drop-fraction", type=float, default=0.1, help="drop this fraction of the most uncertain pairs (default 0.1)"
     )
     p.add_argument("--png", action="store_true", help="also write PNG images and masks")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help=f"seeds generated together, in fixed blocks [kB, (k+1)B); a folder holds one B (default: the "
+        f"folder's own, {BLOCK} for a new one)",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_device_argument(p)
 
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             drop_fraction=args.drop_fraction,
             png=args.png,
             progress=not args.no_progress,
+            block=args.block,
         )
         if distributed.is_main():
             kept, dropped = len(res.kept), len(res.dropped)

@@ -10,7 +10,13 @@ Output layout (read by the segmentation trainers):
 Every finished seed is appended to <out>/records.jsonl, so a rerun skips it (resumable); the drop
 is decided over all records at the end, so the result depends only on the seeds, not on restarts.
 
-Under torchrun (several processes, on one machine or several sharing <out>) the seeds to make are split over the
+Seeds are generated in fixed blocks of `block` (B) consecutive seeds, block k = seeds [kB, (k+1)B), always
+computed together as one batch on the interpreter's device, whichever of them a run asks for. Batching changes
+float rounding, so a pair depends on its seed, psi, the models and B (recorded in every record; a folder holds
+one B), never on how a run is split, resumed or sharded. A folder continues with its own B unless one is given;
+B = 1 is the per-seed path of earlier folders (whose records lack the field).
+
+Under torchrun (several processes, on one machine or several sharing <out>) the blocks to make are split over the
 ranks (`shard_seeds`); each rank appends its records to <out>/records.rank<R>.jsonl, the records are gathered on
 every rank, and rank 0 appends them to records.jsonl in the order one process would have written them, removes the
 rank files, and decides the drop over all of them. The folder is byte for byte what one process makes of the same
@@ -38,12 +44,14 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, Window, write_image, write_seg_nrrd
 from labelfactory.labels import UNKNOWN_COLOR, map_of
 from labelfactory.latent_record import TRUNCATION_PSI
+from labelfactory.options import SEED_RANGE
 from labelfactory.stylegan2.identity import generated_to_image, generator_identity, seed_name
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("images", "labels", "uncertainty")
 RANK_RECORDS = "records.rank*.jsonl"  # a sharded run's records before rank 0 merges them
+BLOCK = 16  # seeds generated together: a batch that keeps a GPU busy (no faster on the CPU: docs/RESULTS.md 12)
 
 
 @dataclass
@@ -67,12 +75,14 @@ def synthesize(
     spacing: tuple[float, float] = (1.0, 1.0),
     preview_pairs: int = 8,
     progress: bool = True,
+    block: int | None = None,
 ) -> SynthesisResult:
     """Generate pairs for `seeds` into `out` (skipping seeds already there), drop the most uncertain fraction,
     write manifest and preview.
 
-    Each seed is generated on its own (batching changes float rounding), so a pair depends only on
-    its seed, psi and the models, however runs are split or resumed.
+    Seeds are generated in blocks of `block` consecutive seeds (see the module's docstring; default: the folder's
+    own, BLOCK for a new folder), so a pair depends only on its seed, psi, the models and `block`, however runs are
+    split or resumed.
     """
     if not 0 <= drop_fraction < 1:
         raise LabelFactoryError(f"drop fraction must be in [0, 1), got {drop_fraction}")
@@ -83,57 +93,58 @@ def synthesize(
     for part in sorted(out.glob(RANK_RECORDS)):
         leftover.update({s: r for s, r in _read_records(part).items() if s not in done})
     done.update(leftover)
+    if block is None:
+        block = next((rec.get("block", 1) for rec in done.values()), BLOCK)
+    if not isinstance(block, int) or block < 1:
+        raise LabelFactoryError(f"block must be a whole number >= 1, got {block!r}")
     origin = {
         "truncation_psi": float(truncation_psi),
         "generator": generator_identity(interpreter.G),
         "interpreter": interpreter.identity,
+        "block": int(block),
     }
     for rec in done.values():
-        if any(rec.get(k) != v for k, v in origin.items()):
+        if any(rec.get(k, 1 if k == "block" else None) != v for k, v in origin.items()):
             raise LabelFactoryError(
                 f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); "
                 "write to a new folder"
             )
     todo = [s for s in dict.fromkeys(int(s) for s in seeds) if s not in done]
     rank, world = distributed.rank(), distributed.world_size()
-    mine = shard_seeds(todo, rank, world)
+    mine = shard_seeds(todo, rank, world, block)
     logger.info(f"synthesize: rank {rank} of {world} makes {len(mine)} of the {len(todo)} new seeds")
     names = sorted(interpreter.label_names, key=interpreter.label_names.get)
     for kind in KINDS:
         (out / kind).mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(mine), desc="synthesize", unit="pair", disable=not progress or rank > 0)
     with open(log_path if world == 1 else out / f"records.rank{rank}.jsonl", "a") as log:
-        for seed in mine:
-            lab = interpreter.label(ws_from_seeds(interpreter.G, [seed], truncation_psi))
-            image = generated_to_image(lab.image[0], window, spacing)
-            mask = lab.mask[0].cpu().numpy().astype(np.uint8)
-            _write_pair(
-                out,
-                seed,
-                image,
-                mask,
-                lab.uncertainty[0].cpu().numpy().astype(np.float32),
-                interpreter.label_names,
-                png,
-            )
-            counts = np.bincount(mask.reshape(-1), minlength=len(names))
-            rec = {
-                "seed": seed,
-                "uncertainty": float(lab.score[0]),
-                "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names},
-                **origin,
-            }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            done[seed] = rec
-            bar.update(1)
+        for first, wanted in seed_blocks(mine, block).items():
+            lab = interpreter.label(ws_from_seeds(interpreter.G, block_seeds(first, block), truncation_psi))
+            images, masks = lab.image.float().cpu(), lab.mask.cpu().numpy().astype(np.uint8)
+            uncertainty, scores = lab.uncertainty.cpu().numpy().astype(np.float32), lab.score.cpu()
+            for seed in wanted:
+                i = seed - first
+                image = generated_to_image(images[i], window, spacing)
+                _write_pair(out, seed, image, masks[i], uncertainty[i], interpreter.label_names, png)
+                counts = np.bincount(masks[i].reshape(-1), minlength=len(names))
+                rec = {
+                    "seed": seed,
+                    "uncertainty": float(scores[i]),
+                    "pixels": {n: int(counts[interpreter.label_names[n]]) for n in names},
+                    **origin,
+                }
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                done[seed] = rec
+                bar.update(1)
     bar.close()
     if world > 1:  # every rank's new records on every rank: the drop is decided over all of them
         for part in distributed.all_gather_objects({s: done[s] for s in mine}):
             done.update(part)
     kept, dropped = _split(done, drop_fraction)
-    if rank == 0:
-        _merge_records(log_path, [*leftover.values(), *([done[s] for s in todo] if world > 1 else [])], out)
+    if rank == 0:  # records in the order one process writes them: by block, seeds increasing
+        new = [done[s] for s in sorted(todo)] if world > 1 else []
+        _merge_records(log_path, [*leftover.values(), *new], out)
         _arrange(out, kept, dropped)
         _write_manifest(out / "manifest.csv", [done[s] for s in kept], names, "")
         if dropped or (out / "dropped").exists():
@@ -161,6 +172,20 @@ def _merge_records(log_path: Path, records: list[dict], out: Path) -> None:
             os.fsync(log.fileno())
     for part in out.glob(RANK_RECORDS):
         part.unlink()
+
+
+def block_seeds(first: int, block: int) -> list[int]:
+    """The seeds of the block starting at `first` (a multiple of `block`): `block` of them, fewer only where the
+    block meets the last seed numpy takes."""
+    return list(range(first, min(first + block, SEED_RANGE[1] + 1)))
+
+
+def seed_blocks(seeds: list[int], block: int) -> dict[int, list[int]]:
+    """`seeds` grouped by block: first seed of each block -> the given seeds in it, both in increasing order."""
+    out: dict[int, list[int]] = {}
+    for seed in sorted(seeds):
+        out.setdefault(seed - seed % block, []).append(seed)
+    return out
 
 
 def _read_records(path: Path) -> dict[int, dict]:
