@@ -58,12 +58,12 @@ def test_shards_take_every_worlds_block_and_cover_the_seeds_once():
 
 @pytest.mark.slow
 def test_two_ranks_make_the_folder_one_process_makes_byte_for_byte(models, tmp_path):
-    args = ["--drop-fraction", "0.3", "--no-progress"]
+    args = ["--drop-fraction", "0.3", "--no-progress", "--block", "4"]  # blocks 0-3, 4-7, 8-10
     assert main([*synthesize_args(models, tmp_path / "one", "0-10"), *args]) == 0
     proc = torchrun([*synthesize_args(models, tmp_path / "two", "0-10"), *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("synthesize: 11 new pairs; 8 kept, 3 dropped") == 1  # rank 0 reports for all
-    assert "rank 0 of 2 makes 6 of the 11" in proc.stderr and "rank 1 of 2 makes 5 of the 11" in proc.stderr
+    assert "rank 0 of 2 makes 7 of the 11" in proc.stderr and "rank 1 of 2 makes 4 of the 11" in proc.stderr
     one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
     assert len(one) > 40 and one.keys() == two.keys() and one == two  # pairs, records, manifests, preview
 
