@@ -12,16 +12,16 @@ networks, divided by the batch size (a constant, so the optimum is the paper's).
 What Y is (the paper leaves it open). Classes: 0 'no marker', 1 'marker'.
 - A slice labelled **normal** (either side of a NORMAL or NEGATIVE pair): Y = (1, 0) at every
   pixel, weight w = 1. The image-level label says no pixel holds the marker, so this is certain.
-- A slice labelled **abnormal** (its side of a NEGATIVE pair): Y = (0, 1) on the `fraction` of
-  its organ pixels where a score is highest, (1, 0) on every other pixel. The score is the
-  network's own stop-gradient marker probability (target `self`) or a fixed evidence map (`cam`,
-  `difference`: the batch's `evidence_*`, see targets.py); weight w = eta (the probability that
-  the slice holds the marker; from the labels CSV, else a hyperparameter). Why not "marker on the
-  whole organ": a UNet++ sees the whole crop, so it can learn the image-level label globally and light up the whole organ of every
-  abnormal slice without localising anything (we saw exactly that on the toy blob set). Asking for
-  only a fraction of the organ (a multiple-instance assumption: some, not all, organ pixels hold the
-  marker) makes the cheapest solution the pixels that differ from normal tissue, while the normal
-  side of the pair pushes everything that looks normal to 0 with weight 1.
+- A slice labelled **abnormal** (its side of a NEGATIVE pair): Y = (0, 1) on the `fraction` of its organ
+  pixels where a score is highest, (1, 0) on every other pixel. The score is the network's own stop-
+  gradient marker probability (target `self`) or a fixed evidence map (`cam`, `difference`: the batch's
+  `evidence_*`, see targets.py); weight w = eta (the probability that the slice holds the marker; from
+  the labels CSV, else a hyperparameter). Why not "marker on the whole organ": a UNet++ sees the whole
+  crop, so it can learn the image-level label globally and light up the whole organ of every abnormal
+  slice without localising anything (we saw exactly that on the toy blob set). Asking for only a
+  fraction of the organ (a multiple-instance assumption: some, not all, organ pixels hold the marker)
+  makes the cheapest solution the pixels that differ from normal tissue, while the normal side of the
+  pair pushes everything that looks normal to 0 with weight 1.
 - A **SAME** pair (one slice and its blurred / stretched view): each network's target is the other
   network's stop-gradient prediction, compared in the view's frame (a's prediction is carried into
   it with the view's geometry; the padding of a padded view is not counted), w = 1. This is the
