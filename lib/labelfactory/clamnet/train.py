@@ -38,7 +38,8 @@ class ClamNetConfig:
     of the k nearest normal slices of its own study (pairs.near_normals), 0 with any normal slice;
     window: CT (level, width) in HU; margin_mm: organ crop margin; threshold: marker probability at
     which a pixel is in the mask; target: what an abnormal slice's target is taken from (targets.py: the network's
-    own marker `self`, a Grad-CAM seed `cam`, the difference from its study's nearest normal slices `difference`)."""
+    own marker `self`, a CAM seed `cam`, the difference from its study's nearest normal slices `difference`); marker:
+    the name of what the map marks."""
 
     size: int = option(256, "crop side in pixels", low=8)
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
@@ -58,6 +59,7 @@ class ClamNetConfig:
     window: tuple[float, float] = (100.0, 600.0)
     threshold: float = option(0.5, "marker probability at which a pixel is in the mask", high=1)
     target: str = option("self", "what an abnormal slice's target is taken from (targets.py)", choices=TARGETS)
+    marker: str = option("marker", "what the map marks (the infer's label name, e.g. parotid)")
 
     @property
     def ct_window(self) -> Window:

@@ -6,10 +6,12 @@ or in the final label's info (the `params` of `PUT /datastore/label`), so a Slic
 normal / abnormal through the API and retrains `clamnet` (see `datastore_image_labels`).
 
 Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
+Train starts from the recipe recorded in that model file when there is one (organ, size, widths, window, target:
+the shipped OpenKBP model retrains alike), the app's `clamnet_<option>` conf over it, the request's options over all.
 The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
 Its result file is the marker mask, or with `probability: true` the marker probability map (float,
-on the image's grid): the infer's own result, which MONAI Label sends and removes; no server path
-is ever returned.
+on the image's grid), named for the model's `marker` (e.g. "parotid"): the infer's own result, which
+MONAI Label sends and removes; no server path is ever returned.
 Organ mask at inference, in order: request `organ_mask` (a label tag of this datastore image, e.g.
 "final" or "organ": the label stored under it, never a path; 400 otherwise), request `crop_box` (file
 array indices, starts then ends), `mask_<organ>.nii.gz` under the organ dirs (see
@@ -28,6 +30,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from labelfactory.checkpoints import load_checkpoint
 from labelfactory.clamnet.crop import box_mask
 from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask, segmented_organ
 from labelfactory.clamnet.image_labels import ImageLabel, rows_from_info
@@ -42,7 +45,7 @@ from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FIL
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
-MARKER_LABEL = {"marker": 1}
+MARKER_LABEL = {"marker": 1}  # /info's label before a model names its marker
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -98,10 +101,21 @@ class ClamNetTrain(TrainBase):
         labels_csv: str | None = None,
         organ_dirs: list[str] | None = None,
         device: str = "auto",
+        conf: dict[str, Any] | None = None,
     ):
+        """config: the defaults without a model file; conf: the app's conf (its `clamnet_<option>` keys win over a
+        model file's recipe)."""
         description = "ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)"
         super().__init__(description, model_dir, config or ClamNetConfig(), device)
-        self.labels_csv, self.organ_dirs = labels_csv, organ_dirs
+        self.labels_csv, self.organ_dirs, self.conf = labels_csv, organ_dirs, conf or {}
+
+    def base_config(self) -> ClamNetConfig:
+        """The recipe recorded in this models folder's ClamNet model (the app's conf over it), else the defaults."""
+        path = self.model_dir / MODEL_FILE
+        if not path.is_file():
+            return self.defaults
+        recorded = ClamNetConfig.from_dict(load_checkpoint(path, KIND)["config"])
+        return config_overrides(recorded, self.conf, self.options, prefix="clamnet_")
 
     def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> ClamNetConfig:
         config = super().parse_request(request, datastore)
@@ -189,7 +203,7 @@ class ClamNetInfer(InferBase):
         organ, source = self._organ(request, path, image, cfg.organ, box)
         prob, mask = predict_image(pair, cfg, image, organ)
         return prob if want_probability else mask, {
-            "label_names": MARKER_LABEL,
+            "label_names": {cfg.marker: 1},
             "result": "probability" if want_probability else "marker",
             "organ_crop": source,
             "threshold": cfg.threshold,

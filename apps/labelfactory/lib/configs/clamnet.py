@@ -2,7 +2,8 @@
 
 Conf: clamnet_labels_csv (default: image_labels.csv beside or inside the studies folder),
 clamnet_organ_dirs (comma list; default: a `reference` folder beside or inside the studies), and
-clamnet_<option> for each trainer option (`ClamNetTrain.options`; defaults: `ClamNetConfig`).
+clamnet_<option> for each trainer option (`ClamNetTrain.options`; defaults: the recipe of the models folder's
+clamnet.pt when there is one, else `ClamNetConfig`).
 """
 
 from monailabel.interfaces.config import TaskConfig
@@ -25,4 +26,8 @@ class ClamNet(TaskConfig):
         return {"clamnet": ClamNetInfer(self.model_dir, self.organ_dirs, self.device)}
 
     def trainer(self):
-        return {"clamnet": ClamNetTrain(self.model_dir, self.defaults, self.labels_csv, self.organ_dirs, self.device)}
+        return {
+            "clamnet": ClamNetTrain(
+                self.model_dir, self.defaults, self.labels_csv, self.organ_dirs, self.device, self.conf
+            )
+        }
