@@ -5,7 +5,8 @@ patients with both parotids contoured), and `ptv70`, "this slice holds PTV70" ->
 section 6). Body crops, slice labels for the weak methods, pixel truth for the ceiling and for scoring only.
 Methods: clamnet-self, clamnet-cam, clamnet-difference (ClamNetConfig.target), grad-cam, floor (the whole body
 on every slice), supervised (UNet++ on the pixel truth), each `--steps` optimizer steps of batch `--batch`
-(clamnet-cam's seed classifier is grad-cam's classifier, trained first: twice the steps in all). Every threshold
+(clamnet-cam's seed classifier is grad-cam's classifier, trained first: twice the steps in all); `--single-seed`
+methods run on the first seed only (the floor needs no seed; the CPU may not afford the others). Every threshold
 is chosen on the first `--threshold-patients` train patients (best pooled Dice); every figure is per validation
 patient (its slices pooled): mean over patients of the seed-mean, 95% bootstrap interval over patients, and a
 Wilcoxon signed-rank test of each ClamNet rule against grad-cam and the floor on the same patients.
@@ -137,7 +138,7 @@ def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], 
             steps=args.steps, batch=args.batch, seed=seed, marker_fraction=args.marker_fraction, picture_slices=3
         )
         (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-        for method in args.methods:
+        for method in (m for m in args.methods if seed == args.seeds[0] or m not in args.single_seed):
             runs[method][seed] = run_method(
                 METHODS[method], train, threshold_set, evaluation, budget, work / f"seed{seed}"
             )
@@ -181,6 +182,9 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["parotid", "ptv70"], choices=TARGETS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--single-seed", nargs="*", default=[], choices=list(METHODS), help="methods run on the first seed only (CPU)"
+    )
     ap.add_argument("--size", type=int, default=64, help="crop side (px)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
@@ -209,7 +213,16 @@ def main() -> None:
         record, picture = run_task(WeakTask(target=target, size=args.size), args)
         result["tasks"][target] = record
         pictures.append(picture)
-    result["budget"] = {"steps": args.steps, "batch": args.batch, "seeds": args.seeds, "size": args.size}
+    result["budget"] = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "seeds": args.seeds,
+        "single_seed": args.single_seed,
+        "size": args.size,
+        "train_patients": args.train_patients,
+        "threshold_patients": args.threshold_patients,
+        "marker_fraction": args.marker_fraction,
+    }
     result["code"] = code_version()
     write_json_atomic(result, args.out, 2)
     task_picture(pictures, args.png)
