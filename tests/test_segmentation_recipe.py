@@ -2,7 +2,9 @@
 augmentation, a fixed real share, fine-tuning, per-patient validation Dice."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -182,3 +184,73 @@ def test_a_real_share_trains_and_is_recorded(tmp_path):
     result = train_segmenter(blobs(6), blobs(4, 5), config(real_share=0.5), real_set=blobs(2, 9), out=tmp_path / "m.pt")
     assert result.steps == 4 and math.isfinite(result.best_val_dice)
     assert load_checkpoint(tmp_path / "m.pt", "segmentation")["config"]["real_share"] == 0.5
+
+
+def test_body_crop_slices_are_the_crops_the_infer_sees():
+    """A real OpenKBP sample patient: the training crops of a body-crop segmenter are the infer's crops
+    (same boxes, same window), and each label crop is the label under its image crop."""
+    from labelfactory.datasets.openkbp import WINDOW, body_boxes, crop
+    from labelfactory.io import read_image
+    from labelfactory.io.dataset import Study
+    from labelfactory.io.slices import reorient
+    from labelfactory.labels import OPENKBP
+    from labelfactory.segmentation.data import body_crop_slices
+
+    root = Path(__file__).resolve().parents[1] / "sample-data" / "openkbp" / "datastore"
+    study = Study("validation_pt_201", root / "validation_pt_201.nii.gz", root / "organs" / "validation_pt_201.nii.gz")
+    images, masks, ids = body_crop_slices([study], 64, WINDOW, OPENKBP.values)
+    hu = reorient(read_image(study.image))[0].array.astype(np.float32)
+    boxes = body_boxes(hu, 64)
+    assert images.shape == (len(boxes), 1, 64, 64) and masks.shape == (len(boxes), 64, 64)
+    assert set(ids) == {"validation_pt_201"}
+    expected = torch.from_numpy(WINDOW.to_unit(crop(hu, boxes, fill=-1000.0)))
+    assert torch.allclose(images[:, 0], expected)
+    organ = masks > 0
+    on_tissue = (images[:, 0][organ] > -1).float().mean()  # organs lie on tissue (the larynx's airway aside)
+    flipped = (images[:, 0].flip(-1).flip(-2)[organ] > -1).float().mean()
+    assert organ.any() and on_tissue > 0.9 and on_tissue > flipped
+
+
+def test_the_served_models_recipe_is_the_trainers_default():
+    from labelfactory.segmentation.train import recorded_config
+
+    shipped = Path(__file__).resolve().parents[1] / "sample-data" / "openkbp" / "models" / "segmentation.pt"
+    recipe = recorded_config(shipped)
+    payload = load_checkpoint(shipped, "segmentation")["config"]
+    assert recipe.slicing == payload["slicing"] == "body-crop" and recipe.window == tuple(payload["window"])
+    assert (recipe.size, recipe.steps, recipe.batch_size) == (payload["size"], payload["steps"], payload["batch_size"])
+    assert recorded_config(shipped.with_name("none.pt")) is None
+
+
+def test_mean_teacher_averages_the_student_and_ramps_its_weight():
+    from labelfactory.segmentation.mean_teacher import MeanTeacher
+
+    student = torch.nn.Linear(2, 2)
+    mt = MeanTeacher(student, weight=2.0, decay=0.5, steps=8)
+    before = mt.model.weight.clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    mt.update(student, step=0)  # a = min(1 - 1/1, 0.5) = 0: the teacher becomes the student
+    assert torch.allclose(mt.model.weight, before + 1.0)
+    with torch.no_grad():
+        student.weight.add_(2.0)
+    mt.update(student, step=9)  # a = min(0.9, 0.5) = 0.5: halfway
+    assert torch.allclose(mt.model.weight, before + 2.0)
+    assert mt.ramp(0) == pytest.approx(2.0 * math.exp(-5)) and mt.ramp(2) == mt.ramp(5) == pytest.approx(2.0)
+    a, b = mt.views(torch.zeros(1, 1, 4, 4), seed=3)
+    assert not torch.equal(a, b) and torch.equal(a, mt.views(torch.zeros(1, 1, 4, 4), seed=3)[0])
+
+
+def test_a_mean_teacher_trains_on_unlabelled_slices_and_keeps_the_teacher(tmp_path):
+    data, unlabelled = blobs(6), [{"image": item["image"]} for item in blobs(5, seed=4)]
+    cfg = config(consistency=1.0, ema_decay=0.9)
+    with pytest.raises(LabelFactoryError, match="unlabelled"):
+        train_segmenter(data, None, cfg)
+    result = train_segmenter(data, blobs(4, 5), cfg, unlabelled_set=unlabelled, out=tmp_path / "m.pt")
+    plain = train_segmenter(data, blobs(4, 5), config())
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert result.history[-1]["loss"] != pytest.approx(plain.history[-1]["loss"])  # the consistency term counts
+    saved = load_checkpoint(tmp_path / "m.pt", "segmentation")
+    assert saved["config"]["consistency"] == 1.0
+    for k, v in result.network.state_dict().items():  # the model returned is the one written
+        assert torch.equal(v, saved["state_dict"][k])

@@ -62,6 +62,9 @@ def test_trainer_uses_real_labels_only_without_a_synthetic_set(datastore_copy, t
         and stats["real_patients"] == ["abdomen"]
         and (tmp_path / "model" / "segmentation.pt").is_file()
     )
+    semi = trainer({"consistency": 0.5}, datastore)  # Mean Teacher on the images nobody labelled
+    unlabelled = set(datastore.get_unlabeled_images())
+    assert unlabelled and semi["unlabelled_studies"] == sorted(unlabelled) and semi["unlabelled_slices"] > 0
 
 
 def test_app_config_offers_trainer_and_infer(tmp_path, app_config):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from labelfactory import distributed
 from labelfactory.devices import add_device_argument, resolve_device
+from labelfactory.io import Window
 from labelfactory.labels import label_map
 from labelfactory.options import add_arguments, exposed, from_args
 from labelfactory.segmentation.data import training_sets
@@ -54,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
         real = args.real if args.real is not None else ("0" if args.synthetic else "all")
         k_real = None if real == "all" else int(real)
         names = label_map(args.label_map).values
-        train, real, val, info = training_sets(
-            args.studies, args.synthetic, k_real, args.val_patients, args.size, names
-        )
         config = from_args(SegmentationConfig(label_names=names), args, FLAGS)
+        train, real, val, info = training_sets(
+            args.studies, args.synthetic, k_real, args.val_patients, config.size, names, Window(*config.window)
+        )
         result = train_segmenter(
             train,
             val,

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from labelfactory.datasets.openkbp import body_boxes, crop
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Window, label_to_slices, read_image, read_label, volume_to_slices
 from labelfactory.io.dataset import Study, find_studies, load_labelled_slices
 from labelfactory.io.image import suffix_of
+from labelfactory.io.slices import reorient
 from labelfactory.labels import LABEL_NAMES, contoured_flags
 
 
@@ -152,19 +154,78 @@ def real_slices(
     window: Window = Window(),
     label_names: dict[str, int] | None = None,
     foreground_only: bool = True,
+    slicing: str = "resize",
 ) -> RealSlices:
     """Labelled slices of real studies (a folder or a list of Study); with `foreground_only`, slices showing at least
-    one labelled structure. Each slice is flagged with its study's `contoured` organs (None: all)."""
+    one labelled structure. Each slice is flagged with its study's `contoured` organs (None: all). `slicing` as the
+    segmenter's config: "resize" (whole slices resized to size) or "body-crop" (`body_crop_slices`)."""
     studies = find_studies(studies) if isinstance(studies, (str, os.PathLike)) else list(studies)
     names = label_names or LABEL_NAMES
     flags = {s.id: torch.from_numpy(contoured_flags(_listed(s.contoured), names)) for s in studies if s.label}
-    images, masks, ids = load_labelled_slices(studies, size, window, label_names)
+    load = body_crop_slices if slicing == "body-crop" else load_labelled_slices
+    images, masks, ids = load(studies, size, window, label_names)
     if foreground_only:
         keep = (masks > 0).flatten(1).any(1)
         if not keep.any():
             raise LabelFactoryError("the labelled studies hold no labelled structure on any slice")
         images, masks, ids = images[keep], masks[keep], [g for g, k in zip(ids, keep.tolist(), strict=True) if k]
     return RealSlices(images, masks, ids, torch.stack([flags[g] for g in ids]))
+
+
+def body_crop_slices(
+    studies: Sequence[Study], size: int, window: Window, label_names: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Labelled CT studies -> size x size crops at native spacing around each LPS axial slice's body, as the
+    body-crop segmenter sees them (`segmentation.infer`): images (N, 1, size, size) float32 in [-1, 1], masks
+    (N, size, size) int64, each slice's study id."""
+    xs, ys, ids = [], [], []
+    for s in studies:
+        if s.label is None:
+            continue
+        image = read_image(s.image)
+        hu = reorient(image)[0].array.astype(np.float32)
+        label = reorient(read_label(s.label, image, label_names))[0].array
+        hu, label = (hu[None], label[None]) if hu.ndim == 2 else (hu, label)
+        boxes = body_boxes(hu, size)
+        xs.append(torch.from_numpy(np.ascontiguousarray(window.to_unit(crop(hu, boxes, fill=-1000.0))[:, None])))
+        ys.append(torch.from_numpy(crop(label, boxes, fill=0).astype(np.int64)))
+        ids += [s.id] * len(boxes)
+    if not xs:
+        raise LabelFactoryError("no labelled studies: save at least one label first")
+    return torch.cat(xs), torch.cat(ys), ids
+
+
+class UnlabelledSlices(Dataset):
+    """Slices without labels, {"image": (1, S, S) float32 in [-1, 1]} items (a Mean Teacher's unlabelled data);
+    groups = study ids."""
+
+    def __init__(self, images: torch.Tensor, groups: Sequence[str]):
+        self.images, self.groups = images, list(groups)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i]}
+
+
+def unlabelled_slices(
+    studies: Sequence[Study], size: int = 256, window: Window = Window(), slicing: str = "resize"
+) -> UnlabelledSlices:
+    """Every slice of `studies` (their labels, if any, unread), cut as `slicing` says (as `real_slices`)."""
+    xs, ids = [], []
+    for s in studies:
+        image = read_image(s.image)
+        if slicing == "body-crop":
+            hu = reorient(image)[0].array.astype(np.float32)
+            hu = hu[None] if hu.ndim == 2 else hu
+            x = torch.from_numpy(np.ascontiguousarray(window.to_unit(crop(hu, body_boxes(hu, size), fill=-1000.0))))
+            x = x[:, None]
+        else:
+            x = volume_to_slices(image, size, window)[0]
+        xs.append(x)
+        ids += [s.id] * len(x)
+    return UnlabelledSlices(torch.cat(xs) if xs else torch.zeros(0, 1, size, size), ids)
 
 
 def _listed(names: Sequence[str] | None) -> list[str] | None:
@@ -194,6 +255,8 @@ def training_sets(
     val_patients: int = 1,
     size: int = 256,
     label_names: dict[str, int] | None = None,
+    window: Window = Window(),
+    slicing: str = "resize",
 ) -> tuple[Dataset, Dataset | None, Dataset | None, dict]:
     """(training set, real set or None, validation set or None, a description) for synthetic-only, real-only or
     hybrid training: `train_segmenter(train, val, config, real_set=real)`. The training set is the synthetic pairs
@@ -203,11 +266,11 @@ def training_sets(
     real labelled slices of patients not trained on: every patient when no real slice is trained on,
     else the last `val_patients` patients by id, kept out of training when at least one other remains.
     """
-    synthetic = synthetic_pairs(synthetic_dir, size, label_names=label_names) if synthetic_dir else None
+    synthetic = synthetic_pairs(synthetic_dir, size, window, label_names) if synthetic_dir else None
     has_labels = studies is not None and any(
         s.label for s in (find_studies(studies) if isinstance(studies, (str, os.PathLike)) else studies)
     )
-    real = real_slices(studies, size, label_names=label_names) if has_labels else None
+    real = real_slices(studies, size, window, label_names, slicing=slicing) if has_labels else None
     if synthetic is None and (real is None or k_real == 0):
         raise LabelFactoryError(
             "nothing to train on: give a synthetic data set, "

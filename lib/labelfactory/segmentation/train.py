@@ -18,7 +18,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from labelfactory.labels import LABEL_NAMES, map_of
 from labelfactory.options import SEED_RANGE, option
 from labelfactory.segmentation.augment import AUGMENTATIONS, augmentation
 from labelfactory.segmentation.losses import PartialDiceCELoss, segmentation_loss
+from labelfactory.segmentation.mean_teacher import MeanTeacher
 from labelfactory.segmentation.networks import NETWORKS, build_network
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class SegmentationConfig:
         0.0, "share of every batch drawn from the real slices when synthetic pairs train too (0: pooled)", high=0.95
     )
     init_from: str = option("", "a segmentation model file whose weights start the training", where=("cli",))
+    consistency: float = option(0.0, "Mean Teacher: weight of the consistency on unlabelled slices (0: off)")
+    ema_decay: float = option(0.99, "Mean Teacher: the teacher's weight average decay", high=0.9999)
     val_interval: int = option(200, "iterations between validation Dice measurements (and state saves)", low=1)
     seed: int = option(0, "seed of the initial weights and of every random draw", high=SEED_RANGE[1])
     label_names: dict[str, int] = field(default_factory=lambda: dict(LABEL_NAMES))
@@ -75,6 +78,17 @@ class SegmentationConfig:
     @property
     def n_classes(self) -> int:
         return max(self.label_names.values()) + 1
+
+
+def recorded_config(path: str | os.PathLike) -> SegmentationConfig | None:
+    """The config a segmentation model file records (its recipe; fields this version lacks are left out), or None
+    when there is no such file. A trainer that starts from it retrains the model as it was made."""
+    if not Path(path).is_file():
+        return None
+    recorded = load_checkpoint(Path(path), KIND)["config"]
+    known = {f.name for f in fields(SegmentationConfig)}
+    values = {k: (tuple(v) if k == "window" else v) for k, v in recorded.items() if k in known}
+    return SegmentationConfig(**values)
 
 
 @dataclass
@@ -133,10 +147,12 @@ def train_segmenter(
     device: torch.device | None = None,
     real_set: Dataset | None = None,
     state_file: str | os.PathLike | None = None,
+    unlabelled_set: Dataset | None = None,
 ) -> TrainResult:
     """Train `config.network` on `train_set` (and `real_set`, shared per batch as `config.real_share` says), keep
     the best on `val_set`, write to `out`. Items: {"image": (1, S, S) float, "label": (1, S, S) int64, "contoured":
-    (C,) bool (optional: all)}; a validation set's `groups` (patient ids) make its Dice per patient."""
+    (C,) bool (optional: all)}; a validation set's `groups` (patient ids) make its Dice per patient. With
+    `config.consistency` > 0, `unlabelled_set` ({"image"} items) trains a Mean Teacher, whose teacher is kept."""
     if config.slicing not in SLICINGS:
         raise LabelFactoryError(f"slicing {config.slicing!r}: expected one of {', '.join(SLICINGS)}")
     n_train, n_real = len(train_set), len(real_set) if real_set is not None else 0
@@ -144,6 +160,8 @@ def train_segmenter(
         raise LabelFactoryError(
             f"only {n_train + n_real} training pair(s): a segmenter needs at least 2; label or synthesize more"
         )
+    if config.consistency > 0 and not unlabelled_set:
+        raise LabelFactoryError("consistency > 0 (Mean Teacher) needs unlabelled slices: add images without labels")
     rank, world, auto_device = distributed.init_from_env()
     device = device or auto_device
     torch.manual_seed(config.seed)
@@ -158,6 +176,11 @@ def train_segmenter(
     items = ConcatDataset([train_set, real_set]) if real_set is not None else train_set
     plan = BatchPlan(n_train, n_real, config.batch_size, config.real_share, config.seed)
     augment = augmentation(config.augment)
+    teacher = unlabelled = None
+    if config.consistency > 0:
+        teacher = MeanTeacher(network, config.consistency, config.ema_decay, config.steps)
+        unlabelled = BatchPlan(len(unlabelled_set), 0, config.batch_size, 0.0, config.seed + 1)
+    kept = teacher.model if teacher is not None else network  # the model validated and written
     payload = {
         "kind": KIND,
         "config": asdict(config),
@@ -167,7 +190,7 @@ def train_segmenter(
     run = {"step": 0, "best_state": None, "best_step": 0, "best_dice": None, "history": []}
     state_path = Path(state_file) if state_file is not None else None
     if state_path is not None and state_path.is_file():
-        _resume(state_path, config, network, optimizer, scheduler, run)
+        _resume(state_path, config, network, optimizer, scheduler, run, teacher)
     writer = _writer(log_dir)
     rounds_len = min(config.val_interval, config.steps)
     losses: list[float] = []
@@ -175,13 +198,23 @@ def train_segmenter(
         step = run["step"]
         batch = _batch(items, plan.at(step)[rank::world], augment, config.n_classes, config.seed, step, rank, device)
         network.train()
+        x, n_labelled = batch["image"], len(batch["image"])
+        if teacher is not None:  # one forward for both (DDP): labelled, then the unlabelled student view
+            u = torch.stack([unlabelled_set[i]["image"] for i in unlabelled.at(step)[rank::world]]).to(device)
+            student_view, teacher_view = teacher.views(u, (config.seed * 1_000_003 + step) * 8 + rank)
+            x = torch.cat([x, student_view])
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            output = model(batch["image"])
-        loss = segmentation_loss(output, batch["label"], batch["contoured"], loss_fn)
+            output = model(x)
+        heads = list(output) if isinstance(output, (list, tuple)) else [output]
+        loss = segmentation_loss([h[:n_labelled] for h in heads], batch["label"], batch["contoured"], loss_fn)
+        if teacher is not None:
+            loss = loss + teacher.consistency(heads[0][n_labelled:], teacher_view, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if teacher is not None:
+            teacher.update(network, step)
         losses.append(float(distributed.all_reduce_mean(loss.detach().clone())))
         run["step"] = step = step + 1
         if step % rounds_len and step != config.steps:
@@ -189,9 +222,9 @@ def train_segmenter(
         row = {"step": step, "loss": sum(losses) / len(losses), "lr": optimizer.param_groups[0]["lr"]}
         losses = []
         if val_set is not None and len(val_set):
-            row["val_dice"] = validation_dice(network, val_set, config.batch_size, device)
+            row["val_dice"] = validation_dice(kept, val_set, config.batch_size, device)
             if not math.isnan(row["val_dice"]) and (run["best_dice"] is None or row["val_dice"] > run["best_dice"]):
-                run.update(best_state=_cpu_state(network), best_step=step, best_dice=row["val_dice"])
+                run.update(best_state=_cpu_state(kept), best_step=step, best_dice=row["val_dice"])
                 _save_model(payload, run, out)
         run["history"].append(row)
         logger.info(f"step {step}/{config.steps} " + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
@@ -200,10 +233,10 @@ def train_segmenter(
                 if k != "step":
                     writer.add_scalar(k, v, step)
         if state_path is not None and distributed.is_main():
-            _save_state(state_path, payload, run, network, optimizer, scheduler)
+            _save_state(state_path, payload, run, network, optimizer, scheduler, teacher)
 
     if run["best_state"] is None:
-        run.update(best_state=_cpu_state(network), best_step=run["step"])
+        run.update(best_state=_cpu_state(kept), best_step=run["step"])
         _save_model(payload, run, out)
     if writer is not None:
         writer.close()
@@ -308,13 +341,19 @@ def _save_model(payload: dict[str, Any], run: dict[str, Any], out: str | os.Path
         save_checkpoint({**payload, "state_dict": run["best_state"], "metrics": metrics}, out)
 
 
-def _save_state(path: Path, payload: dict[str, Any], run: dict[str, Any], network, optimizer, scheduler) -> None:
-    """The run so far (weights, optimizer, schedule, best weights, history), atomically."""
+def _save_state(
+    path: Path, payload: dict[str, Any], run: dict[str, Any], network, optimizer, scheduler, teacher
+) -> None:
+    """The run so far (weights, optimizer, schedule, best weights, history, Mean Teacher), atomically."""
     state = {"network": _cpu_state(network), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if teacher is not None:
+        state["teacher"] = _cpu_state(teacher.model)
     save_checkpoint({**payload, "kind": STATE_KIND, "run": run, **state}, path)
 
 
-def _resume(path: Path, config: SegmentationConfig, network, optimizer, scheduler, run: dict[str, Any]) -> None:
+def _resume(
+    path: Path, config: SegmentationConfig, network, optimizer, scheduler, run: dict[str, Any], teacher
+) -> None:
     """Continue from `path`'s state; a state of another config is refused (it would mix two recipes)."""
     state = load_checkpoint(path, STATE_KIND)
     if state["config"] != asdict(config):
@@ -323,6 +362,8 @@ def _resume(path: Path, config: SegmentationConfig, network, optimizer, schedule
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if teacher is not None:
+        teacher.model.load_state_dict(state["teacher"])
     run.update(state["run"])
     logger.info(f"resumed {path} at step {run['step']}/{config.steps}")
 

@@ -136,6 +136,15 @@ def final_studies(datastore: Datastore) -> list[Study]:
     return studies
 
 
+def unlabelled_studies(datastore: Datastore) -> list[Study]:
+    """The datastore's images without a final label (MONAI Label's unlabelled list), as Study without label."""
+    studies = []
+    for image_id in datastore.get_unlabeled_images():
+        path = Path(datastore.get_image_uri(image_id))
+        studies.append(Study(image_id, path, None))
+    return studies
+
+
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy `src` to `dst` through a temp file in dst's folder (fsync, rename): dst is the old file or the new one."""
     with open(src, "rb") as f:

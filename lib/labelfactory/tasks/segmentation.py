@@ -18,16 +18,16 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from labelfactory.io import Image, read_image
+from labelfactory.io import Image, Window, read_image
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
 from labelfactory.options import cast, exposed
-from labelfactory.segmentation.data import training_sets
+from labelfactory.segmentation.data import training_sets, unlabelled_slices
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import KIND, MODEL_FILE, SegmentationConfig, train_segmenter
 from labelfactory.tasks.base import InferBase, TrainBase
-from labelfactory.tasks.datastore import final_studies
+from labelfactory.tasks.datastore import final_studies, unlabelled_studies
 from labelfactory.tasks.models import ModelCache
 
 
@@ -77,7 +77,21 @@ class SegmentationTrain(TrainBase):
         # real patients only: labelled generated images (DatasetGAN's loop) belong to the interpreter
         studies = [s for s in studies if not is_generated(datastore.get_image_info(s.id))]
         k_real, val_patients = real_options(request)
-        train, real, val, data = training_sets(studies, synthetic, k_real, val_patients, config.size)
+        train, real, val, data = training_sets(
+            studies,
+            synthetic,
+            k_real,
+            val_patients,
+            config.size,
+            config.label_names,
+            Window(*config.window),
+            config.slicing,
+        )
+        unlabelled = None
+        if config.consistency > 0:  # Mean Teacher: the datastore's real images nobody labelled yet
+            pending = [s for s in unlabelled_studies(datastore) if not is_generated(datastore.get_image_info(s.id))]
+            unlabelled = unlabelled_slices(pending, config.size, Window(*config.window), config.slicing)
+            data |= {"unlabelled_studies": sorted(set(unlabelled.groups)), "unlabelled_slices": len(unlabelled)}
         result = train_segmenter(
             train,
             val,
@@ -87,6 +101,7 @@ class SegmentationTrain(TrainBase):
             data=data,
             real_set=real,
             device=self.device,
+            unlabelled_set=unlabelled,
         )
         return {
             "network": config.network,

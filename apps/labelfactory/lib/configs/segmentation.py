@@ -1,8 +1,8 @@
 """Downstream segmenter (UNet++ by default): trainer and infer `segmentation`.
 
 Conf: segmentation_synthetic (synthetic data set folder; default <app_dir>/synthetic, used when it
-exists) and segmentation_<option> for each trainer option (`SegmentationTrain.options`;
-defaults: `labelfactory.segmentation.train.SegmentationConfig`).
+exists) and segmentation_<option> for each trainer option (`SegmentationTrain.options`; defaults: the
+recipe the served segmentation.pt records, else `labelfactory.segmentation.train.SegmentationConfig`).
 """
 
 import os
@@ -11,7 +11,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from labelfactory.labels import DEFAULT
 from labelfactory.options import config_overrides
-from labelfactory.segmentation.train import SegmentationConfig
+from labelfactory.segmentation.train import MODEL_FILE, SegmentationConfig, recorded_config
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 
 
@@ -20,7 +20,13 @@ class Segmentation(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.synthetic_dir = conf.get("segmentation_synthetic") or os.path.join(os.path.dirname(model_dir), "synthetic")
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
-        base = SegmentationConfig(label_names=self.label_names)
+        # the served model's recipe, so that Train retrains it as it was made (else the library's defaults)
+        served = recorded_config(os.path.join(model_dir, MODEL_FILE))
+        base = (
+            served
+            if served and served.label_names == self.label_names
+            else SegmentationConfig(label_names=self.label_names)
+        )
         self.defaults = config_overrides(base, conf, SegmentationTrain.options, prefix="segmentation_")
         self.device = kwargs.get("device", "auto")  # the app's (main.py)
 
