@@ -74,6 +74,15 @@ class ClamNetConfig:
         return cls(**d)
 
 
+def recorded_config(path: str | os.PathLike) -> ClamNetConfig | None:
+    """The config a ClamNet model file records (its recipe; fields this version lacks are left out), or None when
+    there is no such file. A trainer that starts from it retrains the model as it was made."""
+    if not Path(path).is_file():
+        return None
+    known = {f.name for f in fields(ClamNetConfig)}
+    return ClamNetConfig.from_dict({k: v for k, v in load_checkpoint(path, KIND)["config"].items() if k in known})
+
+
 def build_pair(config: ClamNetConfig) -> ClamNetPair:
     return ClamNetPair(config.features, config.deep_supervision, config.head)
 

@@ -59,11 +59,7 @@ class TrainBase(TrainTask):
 
     def config(self) -> dict[str, Any]:
         """The options table Slicer shows: each option's default (subclasses add their own keys)."""
-        return options(self.base_config(), self.options)
-
-    def base_config(self) -> Any:
-        """The config a request's options apply to: the trainer's defaults (a subclass may read them elsewhere)."""
-        return self.defaults
+        return options(self.defaults, self.options)
 
     def stats(self) -> dict[str, Any]:
         return read_json(self.model_dir / stats_file(self.name), {})
@@ -80,7 +76,7 @@ class TrainBase(TrainTask):
         bad option never reaches the trainer."""
         for field in self.path_options:
             self.request_path(request, field, None, datastore)
-        return config_overrides(self.base_config(), request, self.options)
+        return config_overrides(self.defaults, request, self.options)
 
     def request_path(self, request: dict[str, Any], field: str, default: Any, datastore: Datastore | None) -> Any:
         """`request[field]`, a server path, resolved; only inside the models folder or the datastore's (400 for any

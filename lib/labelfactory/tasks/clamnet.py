@@ -6,8 +6,9 @@ or in the final label's info (the `params` of `PUT /datastore/label`), so a Slic
 normal / abnormal through the API and retrains `clamnet` (see `datastore_image_labels`).
 
 Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
-Train starts from the recipe recorded in that model file when there is one (organ, size, widths, window, target:
-the shipped OpenKBP model retrains alike), the app's `clamnet_<option>` conf over it, the request's options over all.
+The app's trainer defaults are the recipe that model file records when there is one at start (organ, size, widths,
+window, target: the shipped OpenKBP model retrains alike; `recorded_config`), the app's `clamnet_<option>` conf over
+it, the request's options over all.
 The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
 Its result file is the marker mask, or with `probability: true` the marker probability map (float,
 on the image's grid), named for the model's `marker` (e.g. "parotid"): the infer's own result, which
@@ -30,7 +31,6 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from labelfactory.checkpoints import load_checkpoint
 from labelfactory.clamnet.crop import box_mask
 from labelfactory.clamnet.data import default_organ_dirs, load_weak_slices, organ_mask, segmented_organ
 from labelfactory.clamnet.image_labels import ImageLabel, rows_from_info
@@ -101,21 +101,10 @@ class ClamNetTrain(TrainBase):
         labels_csv: str | None = None,
         organ_dirs: list[str] | None = None,
         device: str = "auto",
-        conf: dict[str, Any] | None = None,
     ):
-        """config: the defaults without a model file; conf: the app's conf (its `clamnet_<option>` keys win over a
-        model file's recipe)."""
         description = "ClamNet: UNet++ pair trained contrastively from image-level labels (normal / abnormal)"
         super().__init__(description, model_dir, config or ClamNetConfig(), device)
-        self.labels_csv, self.organ_dirs, self.conf = labels_csv, organ_dirs, conf or {}
-
-    def base_config(self) -> ClamNetConfig:
-        """The recipe recorded in this models folder's ClamNet model (the app's conf over it), else the defaults."""
-        path = self.model_dir / MODEL_FILE
-        if not path.is_file():
-            return self.defaults
-        recorded = ClamNetConfig.from_dict(load_checkpoint(path, KIND)["config"])
-        return config_overrides(recorded, self.conf, self.options, prefix="clamnet_")
+        self.labels_csv, self.organ_dirs = labels_csv, organ_dirs
 
     def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> ClamNetConfig:
         config = super().parse_request(request, datastore)

@@ -6,9 +6,11 @@ clamnet_<option> for each trainer option (`ClamNetTrain.options`; defaults: the 
 clamnet.pt when there is one, else `ClamNetConfig`).
 """
 
+import os
+
 from monailabel.interfaces.config import TaskConfig
 
-from labelfactory.clamnet.train import ClamNetConfig
+from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, recorded_config
 from labelfactory.options import config_overrides
 from labelfactory.tasks.clamnet import ClamNetInfer, ClamNetTrain
 
@@ -19,15 +21,13 @@ class ClamNet(TaskConfig):
         self.labels_csv = conf.get("clamnet_labels_csv") or None
         dirs = conf.get("clamnet_organ_dirs", "")
         self.organ_dirs = [d.strip() for d in dirs.split(",") if d.strip()] or None
-        self.defaults = config_overrides(ClamNetConfig(), conf, ClamNetTrain.options, prefix="clamnet_")
+        # the served model's recipe, so that Train retrains it as it was made (else the library's defaults)
+        base = recorded_config(os.path.join(model_dir, MODEL_FILE)) or ClamNetConfig()
+        self.defaults = config_overrides(base, conf, ClamNetTrain.options, prefix="clamnet_")
         self.device = kwargs.get("device", "auto")  # the app's (main.py)
 
     def infer(self):
         return {"clamnet": ClamNetInfer(self.model_dir, self.organ_dirs, self.device)}
 
     def trainer(self):
-        return {
-            "clamnet": ClamNetTrain(
-                self.model_dir, self.defaults, self.labels_csv, self.organ_dirs, self.device, self.conf
-            )
-        }
+        return {"clamnet": ClamNetTrain(self.model_dir, self.defaults, self.labels_csv, self.organ_dirs, self.device)}
