@@ -16,7 +16,8 @@ body within the abnormal slices, or does it only tell abnormal slices from norma
     .venv/bin/python benchmarks/clamnet_weak.py --train-patients 20 --steps 200 --seeds 0 1 2
     .venv/bin/python benchmarks/clamnet_weak.py --reduced   # the bundled 10-patient sample, minutes: a smoke test
 
-Writes `--out` (JSON, with the commit) and `--png` (validation slices, each method's map over the truth outline).
+Writes `--out` (JSON, with the commit), its tables beside it (`.md`) and `--png` (validation slices, each method's
+map over the truth outline).
 Per-method records are cached under `--work/<task>/seed<k>/` so an interrupted run resumes.
 """
 
@@ -190,6 +191,45 @@ def evidence_within_slices(train: WeakSlices, evaluation: WeakSlices, steps: int
     return out
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """Per task: the methods' per-patient means with 95% intervals, the evidence ablation, the paired tests."""
+    lines = [f"Command: `{result['command']}` (commit {result['code'].get('git', '?')})", ""]
+    for target, rec in result["tasks"].items():
+        v = rec["data"]["validation"]
+        lines += [
+            f"**{target}** ({v['patients']} validation patients, {v['slices']} slices, "
+            f"{v['abnormal_slices']} abnormal)",
+            "",
+            "| method | seeds | Dice (per-patient mean, 95% CI) | pixel AUROC (95% CI) | seed means (Dice) |",
+            "|---|---|---|---|---|",
+        ]
+        for m, row in rec["methods"].items():
+            d, a = row["dice"], row["auroc"]
+            seeds = ", ".join(f"{x:.3f}" for x in d["seed_means"])
+            lines.append(
+                f"| {m} | {len(row['seeds'])} | {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] | "
+                f"{a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | {seeds} |"
+            )
+        ev = rec["evidence"]
+        lines += [
+            "",
+            f"Evidence (classifier slice accuracy {ev['slice_accuracy']:.3f}): pixel AUROC over all slices' body / "
+            "within abnormal slices only: "
+            + "; ".join(
+                f"{n} {ev[n]['auroc_all_slices']:.3f} / {ev[n]['auroc_within_abnormal_slices']:.3f}"
+                for n in ("cam", "grad-cam", "difference")
+            ),
+            "",
+            "| paired (per patient) | mean difference | wins | Wilcoxon p |",
+            "|---|---|---|---|",
+        ]
+        for name, t in rec["paired"].items():
+            p = "n/a" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"
+            lines.append(f"| {name} | {t['mean_difference']:+.3f} | {t['wins']}/{t['patients']} | {p} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def print_table(result: dict[str, Any]) -> None:
     for target, rec in result["tasks"].items():
         print(f"\n{target}: per-patient mean over {rec['data']['validation']['patients']} validation patients")
@@ -257,6 +297,7 @@ def main() -> None:
     }
     result["code"] = code_version()
     write_json_atomic(result, args.out, 2)
+    args.out.with_suffix(".md").write_text(markdown(result))
     task_picture(pictures, args.png)
     print_table(result)
 
