@@ -46,6 +46,12 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], str | None]] = {
         {"near_negatives": 4},
         None,
     ),
+    "target_cam": ("target: a CAM seed of a classifier on the same labels (targets.py)", {"target": "cam"}, None),
+    "target_difference": (
+        "target: the difference from the patient's 4 nearest normal slices (targets.py)",
+        {"target": "difference"},
+        None,
+    ),
 }
 
 

@@ -12,15 +12,16 @@ networks, divided by the batch size (a constant, so the optimum is the paper's).
 What Y is (the paper leaves it open). Classes: 0 'no marker', 1 'marker'.
 - A slice labelled **normal** (either side of a NORMAL or NEGATIVE pair): Y = (1, 0) at every
   pixel, weight w = 1. The image-level label says no pixel holds the marker, so this is certain.
-- A slice labelled **abnormal** (its side of a NEGATIVE pair): Y = (0, 1) on the `fraction` of
-  its organ pixels where the network's own stop-gradient marker probability is highest, (1, 0) on
-  every other pixel; weight w = eta (the probability that the slice holds the marker; from the
-  labels CSV, else a hyperparameter). Why not "marker on the whole organ": a UNet++ sees the whole
-  crop, so it can learn the image-level label globally and light up the whole organ of every
-  abnormal slice without localising anything (we saw exactly that on the toy blob set). Asking for
-  only a fraction of the organ (a multiple-instance assumption: some, not all, organ pixels hold the
-  marker) makes the cheapest solution the pixels that differ from normal tissue, while the normal
-  side of the pair pushes everything that looks normal to 0 with weight 1.
+- A slice labelled **abnormal** (its side of a NEGATIVE pair): Y = (0, 1) on the `fraction` of its organ
+  pixels where a score is highest, (1, 0) on every other pixel. The score is the network's own stop-
+  gradient marker probability (target `self`) or a fixed evidence map (`cam`, `difference`: the batch's
+  `evidence_*`, see targets.py); weight w = eta (the probability that the slice holds the marker; from
+  the labels CSV, else a hyperparameter). Why not "marker on the whole organ": a UNet++ sees the whole
+  crop, so it can learn the image-level label globally and light up the whole organ of every abnormal
+  slice without localising anything (we saw exactly that on the toy blob set). Asking for only a
+  fraction of the organ (a multiple-instance assumption: some, not all, organ pixels hold the marker)
+  makes the cheapest solution the pixels that differ from normal tissue, while the normal side of the
+  pair pushes everything that looks normal to 0 with weight 1.
 - A **SAME** pair (one slice and its blurred / stretched view): each network's target is the other
   network's stop-gradient prediction, compared in the view's frame (a's prediction is carried into
   it with the view's geometry; the padding of a padded view is not counted), w = 1. This is the
@@ -55,12 +56,12 @@ def hybrid_loss(
     return -(terms * mask).flatten(1).sum(1) / n
 
 
-def label_targets(abnormal: torch.Tensor, organ: torch.Tensor, marker: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Targets from image-level labels. abnormal (B,) bool, organ (B, 1, H, W), marker (B, 1, H, W) the
-    network's marker probability (gradient stopped here) -> Y (B, 2, H, W): marker 1 on the top
-    ceil(fraction * organ pixels) organ pixels of abnormal slices, 0 everywhere else."""
+def label_targets(abnormal: torch.Tensor, organ: torch.Tensor, score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Targets from image-level labels. abnormal (B,) bool, organ (B, 1, H, W), score (B, 1, H, W) >= 0: the
+    network's marker probability or an evidence map (gradient stopped here) -> Y (B, 2, H, W): marker 1 on the top
+    ceil(fraction * organ pixels) organ pixels of abnormal slices by score, 0 everywhere else."""
     y = torch.zeros_like(organ)
-    score = torch.where(organ > 0, marker.detach(), torch.full_like(marker, -1.0)).flatten(1)
+    score = torch.where(organ > 0, score.detach(), torch.full_like(score, -1.0)).flatten(1)
     for i in torch.nonzero(abnormal).flatten().tolist():
         k = math.ceil(fraction * float(organ[i].sum()))
         if k > 0:
@@ -82,12 +83,13 @@ def _pair_loss(pa: torch.Tensor, pb: torch.Tensor, batch: PairBatch, fraction: f
             )
             continue
         losses = []
-        for p, abnormal, organ, eta in (
-            (a, batch.abnormal_a, batch.organ_a, batch.eta_a),
-            (b, batch.abnormal_b, batch.organ_b, batch.eta_b),
+        for p, abnormal, organ, eta, evidence in (
+            (a, batch.abnormal_a, batch.organ_a, batch.eta_a, batch.evidence_a),
+            (b, batch.abnormal_b, batch.organ_b, batch.eta_b, batch.evidence_b),
         ):
             weight = eta[i] if bool(abnormal[i]) else torch.ones(())
-            y = label_targets(abnormal[i : i + 1], organ[i : i + 1], p[:, MARKER:], fraction)
+            score = p[:, MARKER:] if evidence is None else evidence[i : i + 1]
+            y = label_targets(abnormal[i : i + 1], organ[i : i + 1], score, fraction)
             losses.append(weight * hybrid_loss(y, p, dice_term=dice_term))
         per_slice.append(losses[0] + losses[1])
     return torch.cat(per_slice).sum() / len(pa)

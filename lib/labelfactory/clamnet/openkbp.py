@@ -1,9 +1,11 @@
-"""OpenKBP head-and-neck CT as a weak-segmentation task for ClamNet (see `labelfactory.datasets.openkbp`).
+"""OpenKBP head-and-neck CT as weak-segmentation tasks for ClamNet (see `labelfactory.datasets.openkbp`).
 
-Image-level label of an axial slice: abnormal if it holds PTV70 (the 70 Gy planning target
-volume), normal otherwise; normal and abnormal slices come from the same patients and scans.
-Pixel truth, for evaluation only: the PTV70 mask. A PTV is tumour plus a margin, not a lesion
-outline. Organ crop (ClamNet section 3.2): the body (`labelfactory.clamnet.body`), the one region
+Image-level label of an axial slice: abnormal if it holds the task's target, normal otherwise;
+normal and abnormal slices come from the same patients and scans. Targets (`TARGETS`): `ptv70`,
+the 70 Gy planning target volume (tumour plus a margin, not a lesion outline); `parotid`, either
+parotid gland (the sanity task: a compact organ at a known place, where weak supervision is known
+to work; only patients with both parotids contoured, `has_target`). Pixel truth, for evaluation
+only: the target's mask. Organ crop (ClamNet section 3.2): the body (`labelfactory.clamnet.body`), the one region
 segmentable on every patient here: the organ labels miss the target's tissue (PTV70 surrounds
 oropharynx, larynx and neck nodes) and are not contoured in every patient. eta from the slice
 labels: `ramp_eta` over each patient's z axis.
@@ -21,25 +23,47 @@ from labelfactory.clamnet.crop import crop_mask, crop_slices, oriented_to_file_s
 from labelfactory.clamnet.data import WeakSlices
 from labelfactory.clamnet.image_labels import ramp_eta
 from labelfactory.datasets.openkbp import PTV70, WINDOW, Case
-from labelfactory.io import read_image, read_label
+from labelfactory.io import Image, read_image, read_label
+from labelfactory.labels import OPENKBP
+
+PAROTIDS = tuple(v for v, (name, _) in OPENKBP.organs.items() if "parotid" in name)  # right, left
+TARGETS = ("ptv70", "parotid")
 
 
 @dataclass(frozen=True)
 class WeakTask:
-    """size: crop side (px); margin_mm: crop margin around the body; ramp_mm, eta_floor: see `ramp_eta`."""
+    """target: one of TARGETS; size: crop side (px); margin_mm: crop margin around the body; ramp_mm, eta_floor:
+    see `ramp_eta`."""
 
+    target: str = "ptv70"
     size: int = 64
     margin_mm: float = 5.0
     ramp_mm: float = 10.0
     eta_floor: float = 0.2
 
 
+def has_target(case: Case, target: str) -> bool:
+    """Whether the case's `target` was contoured (PTV70 always is; the parotids only where listed)."""
+    return target == "ptv70" or all(v in case.organs_present for v in PAROTIDS)
+
+
+def target_mask(case: Case, image: Image, target: str) -> Image:
+    """The case's `target` as a uint8 mask on `image`'s grid."""
+    if target == "ptv70":
+        ptv = read_label(case.ptv, image)
+        return ptv.with_array((ptv.array == PTV70).astype(np.uint8))
+    if target == "parotid":
+        organs = read_label(case.label, image)
+        return organs.with_array(np.isin(organs.array, PAROTIDS).astype(np.uint8))
+    raise ValueError(f"unknown target {target!r}; choose from {TARGETS}")
+
+
 def load_case_slices(case: Case, task: WeakTask = WeakTask()) -> WeakSlices:
-    """One patient -> body crops of every slice with body, PTV70 truth on the crops, labels and eta per slice."""
+    """One patient -> body crops of every slice with body, the target's truth on the crops, labels and eta per
+    slice."""
     image = read_image(case.ct)
     crops = crop_slices(image, body_mask(image), task.size, task.margin_mm, WINDOW)
-    ptv = read_label(case.ptv, image)
-    target = ptv.with_array((ptv.array == PTV70).astype(np.uint8))
+    target = target_mask(case, image, task.target)
     file_slice = torch.from_numpy(oriented_to_file_slice(image))[crops.slices]
     abnormal_z = target.array.reshape(len(target.array), -1).any(1)  # (D,) along the file's slice axis
     eta_z = ramp_eta(abnormal_z, case.spacing_mm[2], task.ramp_mm, task.eta_floor)
@@ -57,5 +81,5 @@ def load_case_slices(case: Case, task: WeakTask = WeakTask()) -> WeakSlices:
 
 
 def load_weak_task(cases: list[Case], task: WeakTask = WeakTask()) -> WeakSlices:
-    """Every case's slices, concatenated (study = case name)."""
-    return WeakSlices.concat([load_case_slices(c, task) for c in cases])
+    """Every case's slices, concatenated (study = case name); cases without the target contoured are left out."""
+    return WeakSlices.concat([load_case_slices(c, task) for c in cases if has_target(c, task.target)])

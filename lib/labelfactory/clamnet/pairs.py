@@ -39,7 +39,8 @@ class ViewParams:
 class PairBatch:
     """B pairs. Images (B, 1, S, S) in [-1, 1]; organ masks (B, 1, S, S) in {0, 1}; `valid` (B, 1, S, S)
     marks pixels of b's frame that hold image content (the pad of a padded view is 0); `views[i]` is
-    the ViewParams of a SAME pair (None for the others); `eta_*` the marker weight of each slice."""
+    the ViewParams of a SAME pair (None for the others); `eta_*` the marker weight of each slice; `evidence_*`
+    (B, 1, S, S) the map an abnormal slice's target is taken from (`targets.py`; None: the network's own)."""
 
     xa: torch.Tensor
     xb: torch.Tensor
@@ -52,6 +53,8 @@ class PairBatch:
     kind: torch.Tensor
     valid: torch.Tensor
     views: list[ViewParams | None]
+    evidence_a: torch.Tensor | None = None
+    evidence_b: torch.Tensor | None = None
 
 
 def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
@@ -104,7 +107,8 @@ class PairSampler:
     """Draws PairBatch-es from slices x (N, 1, S, S), labels abnormal (N,) bool, eta (N,), organ (N, 1, S, S).
 
     `mix`: relative frequency of SAME, NORMAL and NEGATIVE pairs; `partners`: for each slice index, the normal
-    slices a NEGATIVE pair may put beside it when it is the abnormal one (see `near_normals`; None: any normal slice).
+    slices a NEGATIVE pair may put beside it when it is the abnormal one (see `near_normals`; None: any normal slice);
+    `evidence`: (N, 1, S, S) maps abnormal slices take their targets from (None: the network's own marker).
     """
 
     def __init__(
@@ -115,8 +119,10 @@ class PairSampler:
         organ: torch.Tensor,
         mix: tuple[float, float, float] = (1.0, 1.0, 1.0),
         partners: dict[int, torch.Tensor] | None = None,
+        evidence: torch.Tensor | None = None,
     ):
         self.x, self.abnormal, self.eta, self.organ = x, abnormal.bool(), eta.float(), organ.float()
+        self.evidence = evidence
         self.partners = partners or {}
         self.normal_idx = torch.nonzero(~self.abnormal).flatten()
         self.abnormal_idx = torch.nonzero(self.abnormal).flatten()
@@ -170,6 +176,8 @@ class PairSampler:
             kind=kinds,
             valid=torch.cat(valid),
             views=views,
+            evidence_a=None if self.evidence is None else self.evidence[ia_t],
+            evidence_b=None if self.evidence is None else self.evidence[ib_t],
         )
 
 

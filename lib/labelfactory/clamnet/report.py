@@ -104,3 +104,43 @@ def picture(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def task_picture(tasks: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """One row per slice, tasks one under the other: the CT crop with the truth outline (white), then each method's
+    map over it with its thresholded outline (cyan). Each task: title, x and truth (K, S, S), names (K row labels),
+    maps {method: (K, S, S)}, thresholds {method: float}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for t in tasks for m in t["maps"]))
+    rows = [(t, k) for t in tasks for k in range(len(t["x"]))]
+    fig, axes = plt.subplots(
+        len(rows), 1 + len(methods), figsize=(1.9 * (1 + len(methods)), 2.0 * len(rows)), squeeze=False
+    )
+    for r, (t, k) in enumerate(rows):
+        truth = t["truth"][k].numpy()
+        for col in range(1 + len(methods)):
+            ax = axes[r, col]
+            ax.imshow(t["x"][k].numpy(), cmap="gray", vmin=-1, vmax=1)
+            name = methods[col - 1] if col else None
+            if name in t["maps"]:
+                m = t["maps"][name][k].numpy()
+                ax.imshow(np.ma.masked_less_equal(m, 0), cmap="inferno", alpha=0.6, vmin=0, vmax=max(m.max(), 1e-6))
+                if (m >= t["thresholds"][name]).any():
+                    ax.contour(m >= t["thresholds"][name], levels=[0.5], colors="cyan", linewidths=0.7)
+            if truth.any():
+                ax.contour(truth, levels=[0.5], colors="white", linewidths=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("CT + truth" if col == 0 else name, fontsize=8)
+        axes[r, 0].set_ylabel(f"{t['title']}\n{t['names'][k]}", fontsize=7)
+    fig.suptitle(
+        "OpenKBP validation slices; white: truth; colour: map; cyan: map >= its train-chosen threshold", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

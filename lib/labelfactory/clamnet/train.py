@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.clamnet.cam import CamConfig
 from labelfactory.clamnet.data import WeakSlices
 from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.network import ClamNetPair
 from labelfactory.clamnet.pairs import PairBatch, PairSampler, near_normals
+from labelfactory.clamnet.targets import TARGETS, evidence
 from labelfactory.devices import cuda_speedups, resolve_device
 from labelfactory.io import Window
 from labelfactory.options import SEED_RANGE, option
@@ -35,7 +37,9 @@ class ClamNetConfig:
     frequency of SAME / NORMAL / NEGATIVE pairs; near_negatives: k > 0 pairs an abnormal slice with one
     of the k nearest normal slices of its own study (pairs.near_normals), 0 with any normal slice;
     window: CT (level, width) in HU; margin_mm: organ crop margin; threshold: marker probability at
-    which a pixel is in the mask."""
+    which a pixel is in the mask; target: what an abnormal slice's target is taken from (targets.py: the network's
+    own marker `self`, a CAM seed `cam`, the difference from its study's nearest normal slices `difference`); marker:
+    the name of what the map marks."""
 
     size: int = option(256, "crop side in pixels", low=8)
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
@@ -54,6 +58,8 @@ class ClamNetConfig:
     margin_mm: float = option(10.0, "organ crop margin in mm")
     window: tuple[float, float] = (100.0, 600.0)
     threshold: float = option(0.5, "marker probability at which a pixel is in the mask", high=1)
+    target: str = option("self", "what an abnormal slice's target is taken from (targets.py)", choices=TARGETS)
+    marker: str = option("marker", "what the map marks (the infer's label name, e.g. parotid)")
 
     @property
     def ct_window(self) -> Window:
@@ -68,6 +74,15 @@ class ClamNetConfig:
         return cls(**d)
 
 
+def recorded_config(path: str | os.PathLike) -> ClamNetConfig | None:
+    """The config a ClamNet model file records (its recipe; fields this version lacks are left out), or None when
+    there is no such file. A trainer that starts from it retrains the model as it was made."""
+    if not Path(path).is_file():
+        return None
+    known = {f.name for f in fields(ClamNetConfig)}
+    return ClamNetConfig.from_dict({k: v for k, v in load_checkpoint(path, KIND)["config"].items() if k in known})
+
+
 def build_pair(config: ClamNetConfig) -> ClamNetPair:
     return ClamNetPair(config.features, config.deep_supervision, config.head)
 
@@ -79,16 +94,19 @@ def train_clamnet(
     device: str | torch.device = "auto",
 ) -> tuple[ClamNetPair, list[float]]:
     """Adam on both UNet++ for `config.steps` pair batches on `device` (`labelfactory.devices`; pairs are drawn on
-    the CPU, so the draws do not depend on it). Returns the pair (eval mode, on `device`) and the loss per step."""
+    the CPU, so the draws do not depend on it), against `config.target`'s targets (a `cam` seed's classifier trains
+    first, `config.steps` of its own). Returns the pair (eval mode, on `device`) and the loss per step."""
     device = resolve_device(device)
     cuda_speedups(device)
+    seed_cam = CamConfig(steps=config.steps, batch=config.batch, lr=config.lr, seed=config.seed)
+    seeds = evidence(slices, config.target, seed_cam, device)
     torch.manual_seed(config.seed)
     pair = build_pair(config).to(device)
     gen = torch.Generator().manual_seed(config.seed)
     partners = None
     if config.near_negatives > 0:
         partners = near_normals(slices.abnormal, slices.study, slices.file_slice, config.near_negatives)
-    sampler = PairSampler(slices.x, slices.abnormal, slices.eta, slices.organ, config.mix, partners)
+    sampler = PairSampler(slices.x, slices.abnormal, slices.eta, slices.organ, config.mix, partners, seeds)
     opt = torch.optim.Adam(pair.parameters(), lr=config.lr)
     pair.train()
     history = []

@@ -6,10 +6,13 @@ or in the final label's info (the `params` of `PUT /datastore/label`), so a Slic
 normal / abnormal through the API and retrains `clamnet` (see `datastore_image_labels`).
 
 Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
+The app's trainer defaults are the recipe that model file records when there is one at start (organ, size, widths,
+window, target: the shipped OpenKBP model retrains alike; `recorded_config`), the app's `clamnet_<option>` conf over
+it, the request's options over all.
 The infer answers 409 "train clamnet first" while no model file exists and reloads when it changes.
 Its result file is the marker mask, or with `probability: true` the marker probability map (float,
-on the image's grid): the infer's own result, which MONAI Label sends and removes; no server path
-is ever returned.
+on the image's grid), named for the model's `marker` (e.g. "parotid"): the infer's own result, which
+MONAI Label sends and removes; no server path is ever returned.
 Organ mask at inference, in order: request `organ_mask` (a label tag of this datastore image, e.g.
 "final" or "organ": the label stored under it, never a path; 400 otherwise), request `crop_box` (file
 array indices, starts then ends), `mask_<organ>.nii.gz` under the organ dirs (see
@@ -42,7 +45,7 @@ from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FIL
 from labelfactory.tasks.base import InferBase, TrainBase
 from labelfactory.tasks.models import ModelCache
 
-MARKER_LABEL = {"marker": 1}
+MARKER_LABEL = {"marker": 1}  # /info's label before a model names its marker
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -190,7 +193,7 @@ class ClamNetInfer(InferBase):
         organ, source = self._organ(request, path, image, cfg.organ, box)
         prob, mask = predict_image(pair, cfg, image, organ)
         return prob if want_probability else mask, {
-            "label_names": MARKER_LABEL,
+            "label_names": {cfg.marker: 1},
             "result": "probability" if want_probability else "marker",
             "organ_crop": source,
             "threshold": cfg.threshold,

@@ -1,0 +1,306 @@
+"""ClamNet's target rules against Grad-CAM, the floor and a supervised ceiling on two weak tasks of OpenKBP (issue 30).
+
+Tasks (`labelfactory.clamnet.openkbp`): `parotid`, "this slice holds a parotid" -> the parotid map (the sanity task,
+patients with both parotids contoured), and `ptv70`, "this slice holds PTV70" -> the PTV70 map (docs/RESULTS.md
+section 6). Body crops, slice labels for the weak methods, pixel truth for the ceiling and for scoring only.
+Methods: clamnet-self, clamnet-cam, clamnet-difference (ClamNetConfig.target), grad-cam, floor (the whole body
+on every slice), supervised (UNet++ on the pixel truth), each `--steps` optimizer steps of batch `--batch`
+(clamnet-cam's seed classifier is grad-cam's classifier, trained first: twice the steps in all); `--single-seed`
+methods run on the first seed only (the floor needs no seed; the CPU may not afford the others). Every threshold
+is chosen on the first `--threshold-patients` train patients (best pooled Dice); every figure is per validation
+patient (its slices pooled): mean over patients of the seed-mean, 95% bootstrap interval over patients, and a
+Wilcoxon signed-rank test of each ClamNet rule against grad-cam and the floor on the same patients. The ablation
+behind the seeds (`evidence_within_slices`): does each evidence map rank the target's pixels above the rest of the
+body within the abnormal slices, or does it only tell abnormal slices from normal ones?
+
+    .venv/bin/python benchmarks/clamnet_weak.py --train-patients 20 --steps 200 --seeds 0 1 2
+    .venv/bin/python benchmarks/clamnet_weak.py --reduced   # the bundled 10-patient sample, minutes: a smoke test
+
+Writes `--out` (JSON, with the commit), its tables beside it (`.md`) and `--png` (validation slices, each method's
+map over the truth outline).
+Per-method records are cached under `--work/<task>/seed<k>/` so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import wilcoxon
+
+from labelfactory.checkpoints import code_version
+from labelfactory.clamnet.cam import CamConfig, cam_maps, class_activation_maps, train_classifier
+from labelfactory.clamnet.data import WeakSlices
+from labelfactory.clamnet.evaluate import pixel_auroc
+from labelfactory.clamnet.experiment import FLOOR, Budget, describe, run_method
+from labelfactory.clamnet.openkbp import TARGETS, WeakTask, load_weak_task
+from labelfactory.clamnet.report import task_picture
+from labelfactory.clamnet.targets import difference_evidence
+from labelfactory.datasets.openkbp import read_cases
+from labelfactory.jsonio import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+OPENKBP = REPO.parent / "shared" / "datasets" / "openkbp"
+SAMPLE_CASES = REPO / "sample-data" / "openkbp" / "cases"
+METHODS = {  # name here -> name in labelfactory.clamnet.experiment
+    "clamnet-self": "clamnet",
+    "clamnet-cam": "clamnet_target_cam",
+    "clamnet-difference": "clamnet_target_difference",
+    "grad-cam": "gradcam",
+    "floor": FLOOR,
+    "supervised": "supervised",
+}
+RULES = ("clamnet-self", "clamnet-cam", "clamnet-difference")
+BOOTSTRAP = 2000
+
+
+def load(root: Path, task: WeakTask, train_patients: int, val_patients: int, cache: Path) -> dict[str, WeakSlices]:
+    """{"train", "validation"} slices of the task, from `cache` when it holds these patients at this task."""
+    train_cases = read_cases(root, "train")[: train_patients or None]
+    val_cases = read_cases(root, "validation")[: val_patients or None]
+    key = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases], "task": asdict(task)}
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] == key:
+            return {k: WeakSlices(**saved[k]) for k in ("train", "validation")}
+    out = {"train": load_weak_task(train_cases, task), "validation": load_weak_task(val_cases, task)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, **{k: vars(v) for k, v in out.items()}}, cache)
+    return out
+
+
+def interval(values: np.ndarray, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the mean of `values` (one per patient)."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, (BOOTSTRAP, len(values))).mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def per_patient_table(records: dict[int, dict[str, Any]], metric: str) -> dict[str, float]:
+    """{patient: metric averaged over seeds} from {seed: run_method record}; patients with no value left out."""
+    patients = next(iter(records.values()))["per_patient"]
+    out = {}
+    for p in patients:
+        vals = [r["per_patient"][p][metric] for r in records.values() if r["per_patient"][p][metric] is not None]
+        if vals:
+            out[p] = float(np.mean(vals))
+    return out
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per method: mean of per-patient Dice / AUROC (seed-averaged), 95% interval, seed means; paired tests of each
+    ClamNet rule against grad-cam and the floor (Wilcoxon on per-patient values)."""
+    table: dict[str, Any] = {}
+    for method, records in runs.items():
+        row: dict[str, Any] = {"seeds": sorted(records), "thresholds": [r["threshold"] for r in records.values()]}
+        for metric in ("dice", "auroc"):
+            pp = per_patient_table(records, metric)
+            values = np.array(list(pp.values()))
+            seed_means = [
+                float(np.mean([v[metric] for v in r["per_patient"].values() if v[metric] is not None]))
+                for r in records.values()
+            ]
+            row[metric] = {
+                "mean": float(values.mean()),
+                "ci95": interval(values),
+                "seed_means": seed_means,
+                "per_patient": pp,
+            }
+        table[method] = row
+    tests = {}
+    for rule in (m for m in RULES if m in table):
+        for other in (m for m in ("grad-cam", "floor") if m in table):
+            for metric in ("dice", "auroc"):
+                a, b = table[rule][metric]["per_patient"], table[other][metric]["per_patient"]
+                common = sorted(set(a) & set(b))
+                diff = np.array([a[p] - b[p] for p in common])
+                p_value = float(wilcoxon(diff).pvalue) if len(diff) and np.any(diff != 0) else None
+                tests[f"{rule} vs {other} {metric}"] = {
+                    "mean_difference": float(diff.mean()) if len(diff) else None,
+                    "wins": int((diff > 0).sum()),
+                    "patients": len(diff),
+                    "wilcoxon_p": p_value,
+                }
+    return {"methods": table, "paired": tests}
+
+
+def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method and seed on one task. Returns (the task's JSON record, what its picture needs)."""
+    work = args.work / task.target
+    data = load(args.root, task, args.train_patients, args.val_patients, work / "slices.pt")
+    train, evaluation = data["train"], data["validation"]
+    names = list(dict.fromkeys(train.study))[: args.threshold_patients]
+    threshold_set = train.subset(np.nonzero([s in names for s in train.study])[0])
+    runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        budget = Budget(
+            steps=args.steps, batch=args.batch, seed=seed, marker_fraction=args.marker_fraction, picture_slices=3
+        )
+        (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        for method in (m for m in args.methods if seed == args.seeds[0] or m not in args.single_seed):
+            runs[method][seed] = run_method(
+                METHODS[method], train, threshold_set, evaluation, budget, work / f"seed{seed}"
+            )
+    seed0 = work / f"seed{args.seeds[0]}"
+    saved = {m: torch.load(seed0 / f"{METHODS[m]}.pt", weights_only=True) for m in args.methods}
+    indices = saved[args.methods[0]]["indices"]
+    picture = {
+        "title": task.target,
+        "x": evaluation.x[indices, 0],
+        "truth": evaluation.truth[indices, 0],
+        "names": [f"{evaluation.study[i]} z{int(evaluation.file_slice[i])}" for i in indices],
+        "maps": {m: saved[m]["maps"] for m in args.methods},
+        "thresholds": {m: runs[m][args.seeds[0]]["threshold"] for m in args.methods},
+    }
+    record = {
+        "task": asdict(task),
+        "evidence": evidence_within_slices(train, evaluation, args.steps, args.seeds[0]),
+        "data": {"train": describe(train), "threshold": describe(threshold_set), "validation": describe(evaluation)},
+        "train_s": {m: [r["train_s"] for r in runs[m].values()] for m in args.methods},
+        **summarise(runs),
+    }
+    return record, picture
+
+
+def evidence_within_slices(train: WeakSlices, evaluation: WeakSlices, steps: int, seed: int) -> dict[str, Any]:
+    """The ablation behind the seeds: each evidence map's pixel AUROC over the body of all validation slices, and
+    over the body of abnormal slices only (where the target is; 0.5 = it does not say where in the slice), with the
+    classifier's slice accuracy. The classifier: grad-cam's (same steps, seed)."""
+    classifier = train_classifier(train, CamConfig(steps=steps, seed=seed))[0]
+    with torch.no_grad():
+        called = torch.cat([classifier(evaluation.x[i : i + 64])[:, 0] > 0 for i in range(0, len(evaluation), 64)])
+    maps = {
+        "cam": class_activation_maps(classifier, evaluation.x, evaluation.organ),
+        "grad-cam": cam_maps(classifier, evaluation.x, evaluation.organ, batch=64),
+        "difference": difference_evidence(evaluation)[:, 0],
+    }
+    organ, truth, ab = evaluation.organ[:, 0] > 0.5, evaluation.truth[:, 0] > 0.5, evaluation.abnormal
+    out: dict[str, Any] = {"slice_accuracy": float((called == ab).float().mean())}
+    for name, m in maps.items():
+        out[name] = {
+            "auroc_all_slices": pixel_auroc(m[organ], truth[organ]),
+            "auroc_within_abnormal_slices": pixel_auroc(m[ab][organ[ab]], truth[ab][organ[ab]]),
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Per task: the methods' per-patient means with 95% intervals, the evidence ablation, the paired tests."""
+    lines = [f"Command: `{result['command']}` (commit {result['code'].get('git', '?')})", ""]
+    for target, rec in result["tasks"].items():
+        v = rec["data"]["validation"]
+        lines += [
+            f"**{target}** ({v['patients']} validation patients, {v['slices']} slices, "
+            f"{v['abnormal_slices']} abnormal)",
+            "",
+            "| method | seeds | Dice (per-patient mean, 95% CI) | pixel AUROC (95% CI) | seed means (Dice) |",
+            "|---|---|---|---|---|",
+        ]
+        for m, row in rec["methods"].items():
+            d, a = row["dice"], row["auroc"]
+            seeds = ", ".join(f"{x:.3f}" for x in d["seed_means"])
+            lines.append(
+                f"| {m} | {len(row['seeds'])} | {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] | "
+                f"{a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | {seeds} |"
+            )
+        ev = rec["evidence"]
+        lines += [
+            "",
+            f"Evidence (classifier slice accuracy {ev['slice_accuracy']:.3f}): pixel AUROC over all slices' body / "
+            "within abnormal slices only: "
+            + "; ".join(
+                f"{n} {ev[n]['auroc_all_slices']:.3f} / {ev[n]['auroc_within_abnormal_slices']:.3f}"
+                for n in ("cam", "grad-cam", "difference")
+            ),
+            "",
+            "| paired (per patient) | mean difference | wins | Wilcoxon p |",
+            "|---|---|---|---|",
+        ]
+        for name, t in rec["paired"].items():
+            p = "n/a" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"
+            lines.append(f"| {name} | {t['mean_difference']:+.3f} | {t['wins']}/{t['patients']} | {p} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    for target, rec in result["tasks"].items():
+        print(f"\n{target}: per-patient mean over {rec['data']['validation']['patients']} validation patients")
+        for m, row in rec["methods"].items():
+            d, a = row["dice"], row["auroc"]
+            print(
+                f"  {m:20s} Dice {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]  "
+                f"AUROC {a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+            )
+        ev = rec["evidence"]
+        print(f"  evidence (classifier slice accuracy {ev['slice_accuracy']:.3f}), pixel AUROC all / within abnormal:")
+        for name in ("cam", "grad-cam", "difference"):
+            print(f"    {name}: {ev[name]['auroc_all_slices']:.3f} / {ev[name]['auroc_within_abnormal_slices']:.3f}")
+        for name, t in rec["paired"].items():
+            p = "n/a" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"
+            print(f"  {name}: mean diff {t['mean_difference']:+.3f}, wins {t['wins']}/{t['patients']}, p {p}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=OPENKBP, help="OpenKBP layout (cases.csv, volumes/)")
+    ap.add_argument("--tasks", nargs="+", default=["parotid", "ptv70"], choices=TARGETS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--single-seed", nargs="*", default=[], choices=list(METHODS), help="methods run on the first seed only (CPU)"
+    )
+    ap.add_argument("--size", type=int, default=64, help="crop side (px)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--marker-fraction", type=float, default=0.1, help="ClamNet's share of the body (a priori)")
+    ap.add_argument("--train-patients", type=int, default=20, help="first N train patients (0: all)")
+    ap.add_argument("--val-patients", type=int, default=0, help="first N validation patients (0: all 33)")
+    ap.add_argument("--threshold-patients", type=int, default=6, help="the first N train patients choose thresholds")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "clamnet-weak")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "clamnet_weak.json")
+    ap.add_argument("--png", type=Path, default=REPO / "docs" / "results" / "clamnet_weak.png")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--reduced",
+        action="store_true",
+        help="the bundled sample (6 train, 4 validation patients), 32^2, 3 steps, one seed: a smoke test",
+    )
+    args = ap.parse_args()
+    if args.reduced:
+        args.root, args.size, args.steps, args.seeds = SAMPLE_CASES, 32, 3, [0]
+        args.train_patients, args.val_patients, args.threshold_patients = 0, 0, 2
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    result: dict[str, Any] = {"command": "benchmarks/clamnet_weak.py " + " ".join(sys.argv[1:]), "tasks": {}}
+    pictures = []
+    for target in args.tasks:
+        record, picture = run_task(WeakTask(target=target, size=args.size), args)
+        result["tasks"][target] = record
+        pictures.append(picture)
+    result["budget"] = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "seeds": args.seeds,
+        "single_seed": args.single_seed,
+        "size": args.size,
+        "train_patients": args.train_patients,
+        "threshold_patients": args.threshold_patients,
+        "marker_fraction": args.marker_fraction,
+    }
+    result["code"] = code_version()
+    write_json_atomic(result, args.out, 2)
+    args.out.with_suffix(".md").write_text(markdown(result))
+    task_picture(pictures, args.png)
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()
