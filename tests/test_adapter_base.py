@@ -231,3 +231,20 @@ def test_checkout_defaults_resolve_in_a_checkout_and_fail_clearly_elsewhere(tmp_
     monkeypatch.setattr(checkout, "_ROOT", tmp_path)  # as from a wheel in site-packages
     with pytest.raises(LabelFactoryError, match="--studies has a default only in a source checkout"):
         checkout.checkout_default(checkout.SAMPLE_STUDIES, "--studies")
+
+
+def test_a_damaged_served_model_leaves_its_trainer_on_the_library_defaults(tmp_path):
+    """The app's configs read a trainer's defaults from the served model; a file that does not load must not stop
+    the server (it did: a corrupt segmentation.pt made the app fail at start)."""
+    from labelfactory.clamnet.train import ClamNetConfig
+    from labelfactory.clamnet.train import recorded_config as clamnet_recipe
+    from labelfactory.segmentation.train import recorded_config as segmentation_recipe
+    from labelfactory.tasks.base import served_recipe
+
+    damaged = tmp_path / "model.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    assert served_recipe(segmentation_recipe, damaged, None) is None
+    assert served_recipe(clamnet_recipe, damaged, ClamNetConfig()) == ClamNetConfig()
+    assert served_recipe(segmentation_recipe, tmp_path / "absent.pt", "fallback") == "fallback"
+    shipped = Path(__file__).resolve().parents[1] / "sample-data" / "openkbp" / "models" / "segmentation.pt"
+    assert served_recipe(segmentation_recipe, shipped, None).slicing == "body-crop"

@@ -18,10 +18,12 @@ versioned checkpoints (labelfactory.checkpoints).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +39,8 @@ from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.options import config_overrides, options
 from labelfactory.tasks import launch
 from labelfactory.training_lock import training_lock
+
+logger = logging.getLogger(__name__)
 
 RESULT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # an infer's result file: one file, geometry kept
 
@@ -199,3 +203,14 @@ def result_file(image: Image, suffix: str = ".nii.gz") -> str:
     fd, path = tempfile.mkstemp(prefix="result-", suffix=suffix, dir=folder)
     os.close(fd)
     return str(write_image(image, path))
+
+
+def served_recipe(read: Callable[[str], Any], path: str | os.PathLike, fallback: Any) -> Any:
+    """`read(path)`: the recipe a served model file records (a trainer's defaults, so Train retrains it as it was
+    made), or `fallback` when there is no file or it does not load (logged: a damaged model must not stop the
+    server; its infer answers 409)."""
+    try:
+        return read(str(path)) or fallback
+    except LabelFactoryError as e:
+        logger.warning(f"{Path(path).name}: the trainer starts from the library's defaults: {e}")
+        return fallback

@@ -12,6 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from labelfactory.clamnet.train import MODEL_FILE, ClamNetConfig, recorded_config
 from labelfactory.options import config_overrides
+from labelfactory.tasks.base import served_recipe
 from labelfactory.tasks.clamnet import ClamNetInfer, ClamNetTrain
 
 
@@ -22,7 +23,7 @@ class ClamNet(TaskConfig):
         dirs = conf.get("clamnet_organ_dirs", "")
         self.organ_dirs = [d.strip() for d in dirs.split(",") if d.strip()] or None
         # the served model's recipe, so that Train retrains it as it was made (else the library's defaults)
-        base = recorded_config(os.path.join(model_dir, MODEL_FILE)) or ClamNetConfig()
+        base = served_recipe(recorded_config, os.path.join(model_dir, MODEL_FILE), ClamNetConfig())
         self.defaults = config_overrides(base, conf, ClamNetTrain.options, prefix="clamnet_")
         self.device = kwargs.get("device", "auto")  # the app's (main.py)
 

@@ -5,18 +5,15 @@ exists) and segmentation_<option> for each trainer option (`SegmentationTrain.op
 recipe the served segmentation.pt records, else `labelfactory.segmentation.train.SegmentationConfig`).
 """
 
-import logging
 import os
 
 from monailabel.interfaces.config import TaskConfig
 
-from labelfactory.errors import LabelFactoryError
 from labelfactory.labels import DEFAULT
 from labelfactory.options import config_overrides
 from labelfactory.segmentation.train import MODEL_FILE, SegmentationConfig, recorded_config
+from labelfactory.tasks.base import served_recipe
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
-
-logger = logging.getLogger(__name__)
 
 
 class Segmentation(TaskConfig):
@@ -25,11 +22,7 @@ class Segmentation(TaskConfig):
         self.synthetic_dir = conf.get("segmentation_synthetic") or os.path.join(os.path.dirname(model_dir), "synthetic")
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
         # the served model's recipe, so that Train retrains it as it was made (else the library's defaults)
-        try:
-            served = recorded_config(os.path.join(model_dir, MODEL_FILE))
-        except LabelFactoryError as e:  # a damaged model must not stop the server: its infer answers 409
-            logger.warning(f"segmentation trainer: library defaults, the served model's recipe is unreadable: {e}")
-            served = None
+        served = served_recipe(recorded_config, os.path.join(model_dir, MODEL_FILE), None)
         base = (
             served
             if served and served.label_names == self.label_names
