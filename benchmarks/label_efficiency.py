@@ -561,11 +561,12 @@ class Experiment:
         return contour_figure(path, images[:, 0].numpy(), case.organs[idx].numpy(), rows, f"{title}: {case.case.name}")
 
     # --- stage 3
-    def labels(self, folder: Path) -> dict:
-        """30 annotated generated images picked (a) at random, (b) by `generated_uncertain` through a real server."""
+    def labels(self, folder: Path, sets: tuple[str, ...] = ("random", "uncertainty")) -> dict:
+        """30 annotated generated images picked (a) at random, (b) by `generated_uncertain` through a real server;
+        only the `sets` asked (the others are left "pending")."""
         n = self.sizes.annotations
         random_dir = folder / "random"
-        if len(list(random_dir.glob("seed*.nii.gz"))) < n:
+        if "random" in sets and len(list(random_dir.glob("seed*.nii.gz"))) < n:
             run_logged(
                 [
                     *CLI,
@@ -581,11 +582,21 @@ class Experiment:
                 ],
                 folder / "annotate.log",
             )
-        loop = self.server_loop(folder / "uncertainty")
-        return {
-            "random": {"folder": str(random_dir), "count": len(list(random_dir.glob("seed*.nii.gz")))},
-            "uncertainty": loop,
-        }
+        result = {}
+        if "random" in sets:
+            result["random"] = {"folder": str(random_dir), "count": len(list(random_dir.glob("seed*.nii.gz")))}
+        if "uncertainty" in sets:
+            result["uncertainty"] = self.server_loop(folder / "uncertainty")
+        return result | {"pending": [name for name in ("random", "uncertainty") if name not in sets]}
+
+    def labels_ready(self, name: str) -> bool:
+        """Whether label set `name` ("random" or "uncertainty") has all its annotations."""
+        folder = self.out / "labels" / name
+        if name == "random":
+            return len(list(folder.glob("seed*.nii.gz"))) >= self.sizes.annotations
+        datastore = folder / "datastore"
+        has = len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
+        return has >= self.sizes.annotations
 
     def server_loop(self, folder: Path) -> dict:
         """`labelfactory serve` on a fresh datastore with the generator, `labelfactory loop` with the annotator."""
@@ -660,8 +671,8 @@ class Experiment:
         return {"folder": str(datastore), "count": labelled(), "server": serve, "loop_log": str(folder / "loop.log")}
 
     # --- stage 4
-    def synthetic(self, folder: Path) -> dict:
-        """Per label set: the interpreter trained on it (one recipe for both), then the synthetic pairs."""
+    def synthetic(self, folder: Path, sets: tuple[str, ...] = ("random", "uncertainty")) -> dict:
+        """Per label set asked: the interpreter trained on it (one recipe for both), then the synthetic pairs."""
         from labelfactory.datasetgan.labeller import load_interpreter
         from labelfactory.datasetgan.synthesis import synthesize
 
@@ -676,7 +687,7 @@ class Experiment:
             if read_json(d / "done.json") is not None:
                 result[name] = read_json(d / "done.json")
                 continue
-            if not interp_file.is_file() and read_json(labels / "done.json") is None:
+            if name not in sets or (not interp_file.is_file() and not self.labels_ready(name)):
                 pending.append(name)  # neither labels nor a given interpreter (--models): the other set only
                 continue
             if not interp_file.is_file():
@@ -1171,6 +1182,20 @@ def protocol_rows(n: int = 30) -> tuple[Row, ...]:
 SETS = ("random", "uncertainty")
 
 
+def primary_rows(n: int = 30) -> tuple[str, ...]:
+    """The rows the protocol runs by default, sized for a 2-core CPU (about 12 CPU-h; every other row by --rows):
+    the reference (augmented real-n) and its plain twin, the ceiling (augmented real-all), and the factory three
+    ways on the random set (synthetic alone, balanced batches, pre-train then fine-tune)."""
+    return (
+        f"real-{n}-aug",
+        f"real-{n}",
+        "real-all-aug",
+        f"synthetic-random-{n}-aug",
+        "hybrid-share-random-aug",
+        "hybrid-finetune-random-aug",
+    )
+
+
 # ---------------------------------------------------------------------------------------------- dev split, protocol
 
 
@@ -1217,14 +1242,19 @@ def require_frozen(protocol: dict, path: Path, stage: str) -> dict:
     return protocol["choices"]
 
 
-def freeze(path: Path, chosen: dict, dev: list[str]) -> dict:
-    """Write the dev split's choices into `path` as frozen (refused if a different frozen protocol is there)."""
+def freeze(path: Path, chosen: dict, dev: list[str], sizes: dict, rows: list[str]) -> dict:
+    """Write the dev split's choices, the sizes and the rows into `path` as frozen (refused if a different frozen
+    protocol is there)."""
     old = read_protocol(path)
-    if old.get("frozen") and old["choices"] != chosen:
-        raise SystemExit(f"{path} is frozen with other choices: {old['choices']}; delete it to re-choose")
+    if old.get("frozen") and (old["choices"], old.get("sizes", sizes)) != (chosen, sizes):
+        raise SystemExit(f"{path} is frozen with other choices or sizes: {old['choices']}; delete it to re-choose")
+    if old.get("frozen"):
+        return old
     protocol = {
         "frozen": True,
         "choices": chosen,
+        "sizes": sizes,
+        "rows": rows,
         "chosen_on": f"dev split: {len(dev)} train patients ({', '.join(dev)})",
         "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "commit": git_commit(),
@@ -1290,9 +1320,10 @@ class RunSizes:
     size: int = 64
     annotations: int = 30  # real slices per draw, labelled generated images per synthetic set
     draws: int = 5  # label draws of every row that has one
-    seeds: int = 3  # segmenter seeds per draw
+    seeds: int = 1  # segmenter seeds per draw (the draws vary the seed's data already)
+    undrawn_seeds: int = 3  # segmenter seeds of each row without a draw (real-all, the synthetic rows)
     annotator_steps: int = 3000
-    steps_grid: str = "500,1500,3000"  # the dev split picks the step budget among these
+    steps_grid: str = "500,1500"  # the dev split picks the step budget among these
     share_grid: str = "0.25,0.5"  # the dev split picks the hybrid's real share among these
     consistency_grid: str = "0.1,1.0"  # the dev split picks the Mean Teacher's consistency weight among these
     batch_size: int = 16
@@ -1308,6 +1339,7 @@ class RunSizes:
             annotations=3,
             draws=2,
             seeds=1,
+            undrawn_seeds=1,
             annotator_steps=2,
             steps_grid="1,2",
             share_grid="0.5",
@@ -1323,8 +1355,12 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.data, self.work, self.args = args.openkbp, args.work, args
         self.sizes = RunSizes.reduced() if args.reduced else RunSizes()
+        for f in fields(RunSizes):
+            if getattr(args, f.name, None) is not None:
+                setattr(self.sizes, f.name, getattr(args, f.name))
         rows = {r.name: r for r in protocol_rows(self.sizes.annotations)}
-        asked = args.rows.split(",") if args.rows else list(rows)
+        asked = list(rows) if args.rows == "all" else args.rows.split(",") if args.rows else []
+        asked = asked or list(primary_rows(self.sizes.annotations))
         unknown = [r for r in asked if r not in rows]
         if unknown:
             raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(rows)}")
@@ -1438,11 +1474,15 @@ class Run:
             "gan_overlap": {"patients": len(set(pool) & gan), "of": len(pool), "gan_patients": len(gan)},
         }
 
+    def sets(self) -> tuple[str, ...]:
+        """The synthetic sets the asked rows train on."""
+        return tuple(s for s in SETS if any(r.synthetic == s for r in self.rows))
+
     def stage_labels(self, folder: Path) -> dict:
-        return self.legacy().labels(folder)
+        return self.legacy().labels(folder, self.sets())
 
     def stage_synthetic(self, folder: Path) -> dict:
-        return self.legacy().synthetic(folder)
+        return self.legacy().synthetic(folder, self.sets())
 
     def legacy(self) -> Experiment:
         """The labels and synthetic stages of the earlier experiment, on this work folder (same layout)."""
@@ -1494,45 +1534,68 @@ class Run:
         return float(np.nanmean([p["dice"] for p in ev["per_patient"].values()]))
 
     def units(self) -> list[tuple[Row, int, int]]:
-        """(row, draw, seed) of every final segmenter: draw 0 seed 0 of every row first."""
-        return [
-            (row, draw, seed)
-            for draw in range(self.sizes.draws)
-            for seed in range(self.sizes.seeds)
-            for row in self.rows
-            if draw == 0 or row.has_draw
-        ]
+        """(row, draw, seed) of every final segmenter, in rounds: round k holds draw-and-seed k of every drawn row
+        and seed k of every undrawn one, rows in their order, so a cut run has every row at the same depth."""
+        s = self.sizes
+        units = []
+        for k in range(max(s.draws * s.seeds, s.undrawn_seeds)):
+            for r in self.rows:
+                if r.has_draw and k < s.draws * s.seeds:
+                    units.append((r, k // s.seeds, k % s.seeds))
+                elif not r.has_draw and k < s.undrawn_seeds:
+                    units.append((r, 0, k))
+        return units
+
+    def mine(self) -> list[tuple[Row, int, int]]:
+        """The units this process takes: every one, or with --worker K/N every N-th from the K-th (1-based)."""
+        k, n = self.args.worker
+        return self.units()[k - 1 :: n]
+
+    def frozen_choices(self, stage: str) -> dict:
+        """The frozen choices; refused when the sizes differ from the frozen ones or a row's choice was not made."""
+        protocol = read_protocol(self.protocol_path)
+        choices = require_frozen(protocol, self.protocol_path, stage)
+        frozen_sizes = protocol.get("sizes")
+        if frozen_sizes is not None and frozen_sizes != asdict(self.sizes):
+            changed = sorted(k for k, v in asdict(self.sizes).items() if frozen_sizes.get(k) != v)
+            raise SystemExit(f"stage {stage} refused: sizes {changed} differ from the frozen protocol's")
+        needed = {"share": "real_share", "semi": "consistency"}
+        for row in self.rows:
+            for kind, key in needed.items():
+                if (row.mix == "share" if kind == "share" else row.semi) and key not in choices:
+                    raise SystemExit(f"row {row.name} needs {key}, which the frozen protocol did not choose")
+        return choices
 
     def stage_segmenters(self, folder: Path) -> dict:
-        """Every row's segmenters with the frozen choices (refused before the protocol is frozen)."""
-        choices = require_frozen(read_protocol(self.protocol_path), self.protocol_path, "segmenters")
-        trained = []
-        for row, draw, seed in self.units():
-            d = folder / f"{row.name}.draw{draw}.seed{seed}"
+        """Every row's segmenters with the frozen choices (refused before the protocol is frozen); a worker trains
+        its share and leaves the others "pending"."""
+        choices = self.frozen_choices("segmenters")
+        for row, draw, seed in self.mine():
             extra = {"steps": choices["steps"], "augment": choices["augment"] if row.augment else "none"}
             if row.mix == "share":
                 extra["real_share"] = choices["real_share"]
             if row.semi:
                 extra["consistency"] = choices["consistency"]
-            self.train_row(row, draw, seed, d, extra)
-            trained.append(d.name)
-        return {"models": trained, "choices": choices}
+            self.train_row(row, draw, seed, folder / unit_name(row, draw, seed), extra)
+        names = [unit_name(*u) for u in self.units()]
+        pending = [n for n in names if not (folder / n / "data.json").is_file()]
+        return {"models": names, "choices": choices, "pending": pending}
 
     def stage_test(self, folder: Path) -> dict:
         """Each final segmenter on the validation patients, once (a written score is never recomputed)."""
-        require_frozen(read_protocol(self.protocol_path), self.protocol_path, "test")
-        scored = []
-        for row, draw, seed in self.units():
-            name = f"{row.name}.draw{draw}.seed{seed}"
-            out = folder / f"{name}.json"
-            if not out.is_file():
-                model = self.work / "segmenters" / name / "segmentation.pt"
-                data = read_json(model.parent / "data.json")
-                write_json_atomic(
-                    {"row": row.name, "draw": draw, "seed": seed, **data, "per_patient": self.score(model, "test")}, out
-                )
-            scored.append(name)
-        return {"scored": scored}
+        self.frozen_choices("test")
+        for unit in self.mine():
+            out = folder / f"{unit_name(*unit)}.json"
+            data = read_json(self.work / "segmenters" / unit_name(*unit) / "data.json")
+            if out.is_file() or data is None:
+                continue
+            model = self.work / "segmenters" / unit_name(*unit) / "segmentation.pt"
+            row, draw, seed = unit
+            write_json_atomic(
+                {"row": row.name, "draw": draw, "seed": seed, **data, "per_patient": self.score(model, "test")}, out
+            )
+        names = [unit_name(*u) for u in self.units()]
+        return {"scored": names, "pending": [n for n in names if not (folder / f"{n}.json").is_file()]}
 
     def train_row(self, row: Row, draw: int, seed: int, d: Path, extra: dict) -> Path:
         """Train one (row, draw, seed) segmenter into `d/segmentation.pt` with the library trainer (resumable); its
@@ -1549,11 +1612,16 @@ class Run:
         recipe = dict(extra)
         steps = recipe.pop("steps")
         size, network, batch = self.sizes.size, self.sizes.network, self.sizes.batch_size
-        if row.mix == "finetune":
-            first = d / "pretrain" / "segmentation.pt"
-            if not first.is_file():
-                config = row_config(network, size, steps, batch, seed, augment=recipe["augment"])
-                train_segmenter(synthetic, None, config, out=first, data=data, state_file=first.with_name("state.pt"))
+        if row.mix == "finetune":  # the pre-training depends on the seed, not the draw: shared by the draws
+            pretrain = d.parent / f"pretrain.{row.synthetic}.{recipe['augment']}.{steps}steps.seed{seed}"
+            first = pretrain / "segmentation.pt"
+            first.parent.mkdir(parents=True, exist_ok=True)
+            with open(first.with_name("train.lock"), "a") as lock:  # two workers may need it at once: one trains
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not first.is_file():
+                    config = row_config(network, size, steps, batch, seed, augment=recipe["augment"])
+                    state = first.with_name("state.pt")
+                    train_segmenter(synthetic, None, config, out=first, data=data, state_file=state)
             config = row_config(network, size, steps, batch, seed, augment=recipe["augment"], init_from=str(first))
             train_segmenter(real, None, config, out=model, data=data, state_file=d / "state.pt")
         else:
@@ -1735,7 +1803,7 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--openkbp", type=Path, required=True, help="OpenKBP folder (cases.csv + volumes)")
     p.add_argument("--work", type=Path, required=True, help="work folder: one sub-folder per stage, resumable")
     p.add_argument("--generator", type=Path, help="an existing generator file instead of running gan.sh")
-    p.add_argument("--rows", default="", help="comma-separated rows (default: every row)")
+    p.add_argument("--rows", default="", help="comma-separated rows, or all (default: primary_rows)")
     p.add_argument("--stages", default=",".join(RUN_STAGES), help=f"subset of {','.join(RUN_STAGES)}")
     p.add_argument("--dev-split", type=Path, default=PROTOCOL_DIR / "dev_split.json")
     p.add_argument("--protocol", type=Path, default=PROTOCOL_DIR / "protocol.json")
@@ -1744,7 +1812,31 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--publish", action="store_true", help="write the table into docs/RESULTS.md between its markers")
     p.add_argument("--reduced", action="store_true", help="tiny sizes (the test suite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--worker",
+        type=worker,
+        default=(1, 1),
+        help="K/N: this process trains and scores every N-th final segmenter from the K-th (run N at once, "
+        "after --freeze; a last run without it marks the stages done)",
+    )
+    for f in fields(RunSizes):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}")
     return p.parse_args(argv)
+
+
+def worker(text: str) -> tuple[int, int]:
+    """ "K/N" -> (K, N) with 1 <= K <= N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--worker {text!r}: expected K/N, e.g. 1/2") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--worker {text!r}: K must be in 1..N")
+    return k, n
+
+
+def unit_name(row: Row, draw: int, seed: int) -> str:
+    return f"{row.name}.draw{draw}.seed{seed}"
 
 
 def run_main(argv: list[str]) -> int:
@@ -1761,13 +1853,15 @@ def run_main(argv: list[str]) -> int:
                 chosen = read_json(args.work / "choose" / "done.json")
                 if chosen is None:
                     raise SystemExit("--freeze: the choose stage has not finished")
-                freeze(args.protocol, chosen["result"]["choices"], exp.dev)
+                rows = [r.name for r in exp.rows]
+                freeze(args.protocol, chosen["result"]["choices"], exp.dev, asdict(exp.sizes), rows)
                 log(f"protocol frozen: {args.protocol}")
             if not read_protocol(args.protocol).get("frozen"):
                 log(f"choices made on the dev split ({args.work / 'choose' / 'done.json'}); rerun with --freeze")
                 return 0
-        if name == "report":  # always redone: cheap, and the runs may have grown
-            (args.work / "report" / "done.json").unlink(missing_ok=True)
+        if name in ("segmenters", "test", "report"):  # always entered: the rows may have grown (a done unit is kept)
+            exp.frozen_choices(name)
+            (args.work / name / "done.json").unlink(missing_ok=True)
         run_stage(args.work, name, getattr(exp, f"stage_{name}"))
     return 0
 
