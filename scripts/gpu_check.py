@@ -54,11 +54,12 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def sample_interpreter(device: torch.device):
+def sample_interpreter(device: torch.device, precision: str = "auto"):
     from labelfactory.datasetgan.labeller import load_interpreter
     from labelfactory.stylegan2.checkpoint import load_generator
 
-    return load_interpreter(SAMPLE_MODELS / "datasetgan.pt", load_generator(SAMPLE_MODELS / "stylegan2.pt", device))
+    G = load_generator(SAMPLE_MODELS / "stylegan2.pt", device)
+    return load_interpreter(SAMPLE_MODELS / "datasetgan.pt", G, precision)
 
 
 def check_interpreter_retrain(device: torch.device, n: dict, smoke: bool) -> list[dict]:
@@ -92,14 +93,15 @@ def synthesis_rate(interp, device: torch.device, seeds: int, block: int) -> floa
 
 
 def check_synthesis(device: torch.device, n: dict, smoke: bool) -> list[dict]:
-    """Pairs/s at 64^2 per seed and in blocks; at 256^2 (paper256 networks, random weights) in blocks."""
+    """Pairs/s at 64^2 per seed and in blocks (auto precision: bf16 on CUDA), in blocks at fp32 and the votes
+    of the two agreeing; at 256^2 (paper256 networks, random weights) in blocks."""
     from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
     from labelfactory.datasetgan.labeller import Interpreter
     from labelfactory.datasetgan.taps import TapLayout
     from labelfactory.stylegan2.config import PRESETS
     from labelfactory.stylegan2.networks import Generator
 
-    interp = sample_interpreter(device)
+    interp = sample_interpreter(device, "bf16" if smoke else "auto")  # the smoke takes the bf16 path on the CPU
     one = synthesis_rate(interp, device, n["seeds_per_seed"], 1)
     many = synthesis_rate(interp, device, n["seeds"], n["block"])
     rows = [
@@ -113,6 +115,22 @@ def check_synthesis(device: torch.device, n: dict, smoke: bool) -> list[dict]:
             many >= 5 * one,
         ),
     ]
+    if interp.precision != "fp32":
+        from labelfactory.datasetgan.taps import ws_from_seeds
+
+        fp32 = sample_interpreter(device, "fp32")
+        rows.append(
+            row(
+                "synthesis 64^2 fp32",
+                f"blocks of {n['block']}",
+                synthesis_rate(fp32, device, n["seeds"], n["block"]),
+                "pairs/s",
+            )
+        )
+        ws = ws_from_seeds(interp.G, list(range(n["seeds"])), 0.7)
+        agree = float((interp.label(ws).mask == fp32.label(ws).mask).float().mean())
+        what = f"votes equal, {n['seeds']} slices of 64^2"
+        rows.append(row(f"interpreter {interp.precision} vs fp32", what, agree, "", ">= 0.999", agree >= 0.999))
     cfg = PRESETS["demo" if smoke else "paper256"].with_overrides(resolution=n["res256"])
     torch.manual_seed(0)
     G = Generator(**cfg.generator_kwargs).to(device).eval().requires_grad_(False)

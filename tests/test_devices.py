@@ -3,6 +3,8 @@ and that every app task trains and infers on its device: on the CPU here, on CUD
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from monailabel.datastore.local import LocalDatastore
@@ -25,6 +27,7 @@ from labelfactory.tasks.datasetgan import DatasetGANInfer, DatasetGANModels, Dat
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 from labelfactory.tasks.stylegan2 import StyleGAN2Train
 from labelfactory.tasks.synthesis import SynthesisInfer
+from tests.conftest import REPO
 from tests.test_clamnet_task import TINY as TINY_CLAMNET
 from tests.test_gan_task import TINY as TINY_GAN
 from tests.test_interpreter_tasks import FAST, add_generated
@@ -197,3 +200,36 @@ def test_stylegan2_trains_on_its_device_and_publishes_a_cpu_loadable_file(device
     assert calls[0][1]["device"] == resolve_device(device)
     G = load_generator(tmp_path / "model" / "stylegan2.pt", "cpu")
     assert module_device(G) == torch.device("cpu") and G.img_resolution == TINY_GAN.resolution
+
+
+def test_the_interpreters_bf16_votes_match_fp32_on_the_shipped_models(sample):
+    """Issue 29's check of bf16 against the fp32 path, here on the CPU (the GPU's in scripts/gpu_check.py):
+    >= 99.9% of the shipped OpenKBP interpreter's votes equal on 8 generated slices, uncertainty close."""
+    from labelfactory.datasetgan.labeller import load_interpreter
+    from labelfactory.datasetgan.taps import ws_from_seeds
+
+    models = sample / "openkbp" / "models"
+    G = load_generator(models / "stylegan2.pt")
+    ws = ws_from_seeds(G, list(range(8)), 0.7)
+    fp32, bf16 = (load_interpreter(models / "datasetgan.pt", G, p).label(ws) for p in ("fp32", "bf16"))
+    assert (fp32.mask == bf16.mask).float().mean() >= 0.999
+    assert torch.allclose(fp32.uncertainty, bf16.uncertainty, atol=0.05)
+    assert torch.equal(fp32.image, bf16.image)  # the generator stays fp32
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_every_row_on_the_cpu(tmp_path):
+    """scripts/gpu_check.sh --cpu-smoke: every check runs (none "failed"), the bf16 interpreter's votes compared."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.json"
+    script = REPO / "scripts" / "gpu_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), "--cpu-smoke", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {r["check"]: r for r in json.loads(out.read_text())["rows"]}
+    assert not [r for r in rows.values() if r["what"].startswith(("failed", "skipped"))]
+    assert rows["interpreter bf16 vs fp32"]["value"] >= 0.999 and rows["segmentation bf16 vs fp32"]["value"] >= 0.995

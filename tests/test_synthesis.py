@@ -179,3 +179,15 @@ def test_cli_synthesize_and_missing_models(models, tmp_path, capsys):
     assert rc == 2 and "train stylegan2 first" in capsys.readouterr().err
     rc = main(["synthesize", "--generator", str(d / "stylegan2.pt"), "--out", str(tmp_path / "x"), "--seeds", "a-b"])
     assert rc == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_a_folder_keeps_its_precision_and_records_it(models, tmp_path):
+    """Pairs record the interpreter's arithmetic; a bf16 interpreter cannot add to an fp32 folder."""
+    d, interp = models
+    G = load_generator(d / "stylegan2.pt")
+    synthesize(interp, range(2), tmp_path / "a", drop_fraction=0, progress=False)
+    records = [json.loads(r) for r in (tmp_path / "a" / "records.jsonl").read_text().splitlines()]
+    assert interp.precision == "fp32" and {r["precision"] for r in records} == {"fp32"}  # auto on the CPU
+    bf16 = Interpreter(G, interp.ensemble, LABEL_NAMES, precision="bf16")
+    with pytest.raises(LabelFactoryError, match="new folder"):
+        synthesize(bf16, range(4), tmp_path / "a", drop_fraction=0, progress=False)

@@ -13,7 +13,7 @@ from labelfactory import distributed
 from labelfactory.datasetgan.cli import generator_arg, generator_path
 from labelfactory.datasetgan.labeller import MODEL_FILE
 from labelfactory.datasetgan.synthesis import BLOCK
-from labelfactory.devices import add_device_argument
+from labelfactory.devices import PRECISIONS, add_device_argument
 from labelfactory.latent_record import TRUNCATION_PSI
 from labelfactory.stylegan2.identity import parse_seeds
 
@@ -37,6 +37,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help=f"seeds generated together, in fixed blocks [kB, (k+1)B); a folder holds one B (default: the "
         f"folder's own, {BLOCK} for a new one)",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the interpreter's arithmetic: auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16; recorded per pair",
+    )
     p.add_argument("--no-progress", action="store_true")
     add_device_argument(p)
 
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     with distributed.process_group_cleanup():
         distributed.init_from_env()  # under torchrun: the seeds are split over the ranks
         G = load_generator(generator, args.device)
-        interp = load_interpreter(args.interpreter or generator.with_name(MODEL_FILE), G)
+        interp = load_interpreter(args.interpreter or generator.with_name(MODEL_FILE), G, args.precision)
         res = synthesize(
             interp,
             seeds,

@@ -278,11 +278,11 @@ class FactorizedEnsemble(nn.Module):
         (B, M, K, R, R) logits are never stored; the same numbers as those functions on `forward(taps)`."""
         R, B = self.layout.image_resolution, taps[0].shape[0]
         mask = torch.empty(B, R, R, dtype=torch.int64, device=self.w3.device)
-        js = self.w3.new_empty(B, R, R)
-        for b, y0, y1, lg in self._bands(taps):
+        js = torch.empty(B, R, R, device=self.w3.device)
+        for b, y0, y1, lg in self._bands([t.to(self.w3.dtype) for t in taps]):  # taps in the ensemble's dtype
             band = lg.transpose(1, 2)[None]  # (1, M, K, P), a view
             mask[b, y0:y1] = majority_vote(band).view(y1 - y0, R)
-            js[b, y0:y1] = js_divergence(band).view(y1 - y0, R)
+            js[b, y0:y1] = js_divergence(band.float()).view(y1 - y0, R)  # the divergence in fp32 always
         return mask, js
 
 

@@ -20,7 +20,7 @@ from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
 from labelfactory.datasetgan.taps import TapLayout, generate_with_taps
 from labelfactory.datasetgan.uncertainty import image_score
-from labelfactory.devices import module_device
+from labelfactory.devices import module_device, use_bf16
 from labelfactory.errors import ModelMissing
 from labelfactory.labels import map_of
 from labelfactory.stylegan2.identity import generator_identity
@@ -61,17 +61,28 @@ class Labelled:
 class Interpreter:
     """Generator + factorized ensemble. `label(ws)` regenerates the taps and labels every pixel.
 
-    identity: the interpreter model file's provenance time (what synthesized pairs record).
+    identity: the interpreter model file's provenance time (what synthesized pairs record). precision: `auto` |
+    `fp32` | `bf16` (`labelfactory.devices`; auto: bf16 on CUDA): the ensemble's weights and the taps it reads in
+    that dtype (the generator stays fp32); `self.precision` is the one used, "fp32" or "bf16", which pairs record.
     """
 
-    def __init__(self, G, ensemble: PixelEnsemble, label_names: dict[str, int], identity: str | None = None):
+    def __init__(
+        self,
+        G,
+        ensemble: PixelEnsemble,
+        label_names: dict[str, int],
+        identity: str | None = None,
+        precision: str = "auto",
+    ):
         if TapLayout.of(G) != ensemble.config.layout:
             msg = "the interpreter was trained on a generator with other feature taps: train datasetgan again"
             raise ModelMissing(msg, model=KIND)
         self.G, self.label_names, self.identity = G, dict(label_names), identity
         self.device = module_device(G)
         self.ensemble = ensemble.eval()
-        self.factorized = ensemble.factorized().to(self.device)
+        self.precision = "bf16" if use_bf16(self.device, precision) else "fp32"
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.factorized = ensemble.factorized().to(self.device, dtype)
 
     @torch.no_grad()
     def label(self, ws: torch.Tensor, top_fraction: float = 0.1) -> Labelled:
@@ -97,8 +108,9 @@ def save_interpreter(
     return save_checkpoint(payload, path)
 
 
-def load_interpreter(path: str | os.PathLike, G) -> Interpreter:
-    """Load `datasetgan.pt` for generator G; ModelMissing (409) if missing, corrupt or made for another generator."""
+def load_interpreter(path: str | os.PathLike, G, precision: str = "auto") -> Interpreter:
+    """Load `datasetgan.pt` for generator G, labelling at `precision` (`Interpreter`); ModelMissing (409) if
+    missing, corrupt or made for another generator."""
     payload = load_checkpoint(path, (KIND, LEGACY_KIND))
     name, trained_on, current = Path(path).name, payload.get("generator"), generator_identity(G)
     if trained_on != current:
@@ -110,4 +122,5 @@ def load_interpreter(path: str | os.PathLike, G) -> Interpreter:
     except (KeyError, TypeError, RuntimeError) as e:
         msg = f"{name} does not hold a usable interpreter ({type(e).__name__}): train datasetgan again"
         raise ModelMissing(msg, model=KIND) from None
-    return Interpreter(G, ens, payload["config"]["label_names"], identity=payload["provenance"].get("time"))
+    identity = payload["provenance"].get("time")
+    return Interpreter(G, ens, payload["config"]["label_names"], identity=identity, precision=precision)

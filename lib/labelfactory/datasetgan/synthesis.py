@@ -102,9 +102,11 @@ def synthesize(
         "generator": generator_identity(interpreter.G),
         "interpreter": interpreter.identity,
         "block": int(block),
+        "precision": interpreter.precision,
     }
+    before = {"block": 1, "precision": "fp32"}  # what records written before these fields were made with
     for rec in done.values():
-        if any(rec.get(k, 1 if k == "block" else None) != v for k, v in origin.items()):
+        if any(rec.get(k, before.get(k)) != v for k, v in origin.items()):
             raise LabelFactoryError(
                 f"{out} holds pairs made with other settings or models ({ {k: rec.get(k) for k in origin} }); "
                 "write to a new folder"
