@@ -1445,7 +1445,7 @@ class Run:
         evaluator = FIDEvaluator.create(reals[idx], len(idx))
         fid = {}
         for psi in (1.0, self.sizes.psi):
-            fid[str(psi)] = evaluator(Truncated(G, psi)) if evaluator is not None else None
+            fid[str(psi)] = evaluator(G, truncation_psi=psi) if evaluator is not None else None
         return {
             "generator": str(target),
             "kimg": float(G.checkpoint_info["kimg"]),
@@ -1699,17 +1699,6 @@ class Run:
         if self.args.publish:
             publish_table(table, REPO / "docs" / "RESULTS.md")
         return {"results": str(out), "table": str(folder / "table.md")}
-
-
-class Truncated(torch.nn.Module):
-    """G sampled at a fixed truncation psi (what FIDEvaluator calls as G(z, noise_mode=...))."""
-
-    def __init__(self, G: torch.nn.Module, psi: float):
-        super().__init__()
-        self.G, self.psi, self.z_dim = G, psi, G.z_dim
-
-    def forward(self, z: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
-        return self.G(z, truncation_psi=self.psi, noise_mode=noise_mode)
 
 
 def strip_per_patient(scores: dict[str, dict]) -> dict:

@@ -64,3 +64,22 @@ def test_real_reference_spans_the_whole_set(monkeypatch):
     reals = torch.arange(10.0).reshape(10, 1, 1, 1)
     fid.FIDEvaluator(None, reals, 4)
     assert seen[0].flatten().tolist() == [0.0, 3.0, 6.0, 9.0]
+
+
+def test_fakes_are_drawn_at_the_psi_asked(monkeypatch):
+    """`truncation_psi` reaches the generator: FID at the synthesis psi scores the images synthesis makes."""
+    from labelfactory.stylegan2.networks import Generator
+
+    seen = []
+    monkeypatch.setattr(fid, "inception_features", lambda model, images: seen.append(images) or np.zeros((1, 1)))
+    monkeypatch.setattr(fid, "frechet_distance", lambda a, b: 0.0)
+    torch.manual_seed(0)
+    kw = dict(z_dim=16, w_dim=16, img_resolution=16, channel_base=256, channel_max=16, mapping_layers=2)
+    G = Generator(**kw).eval()
+    ev = fid.FIDEvaluator(None, torch.zeros(2, 1, 16, 16), 2)
+    with torch.no_grad():
+        ev(G, seed=5, truncation_psi=0.7)
+        ev(G, seed=5)
+        z = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(seen[1], G(z, truncation_psi=0.7, noise_mode="const"))
+        assert torch.equal(seen[2], G(z, noise_mode="const")) and not torch.equal(seen[1], seen[2])

@@ -100,12 +100,12 @@ class FIDEvaluator:
         return cls(load_inception(found, device), real_images, num_images)
 
     @torch.no_grad()
-    def __call__(self, G: torch.nn.Module, seed: int = 123, batch_size: int = 16) -> float:
-        """FID of `num_images` images of G (noise 'const', psi 1) from a fixed seed against the reals."""
+    def __call__(self, G: torch.nn.Module, seed: int = 123, batch_size: int = 16, truncation_psi: float = 1.0) -> float:
+        """FID of `num_images` images of G (noise 'const', at `truncation_psi`) from a fixed seed against the reals."""
         device = next(G.parameters()).device
         gen = torch.Generator(device="cpu").manual_seed(seed)
         fakes = []
         for i in range(0, self.num_images, batch_size):
             z = torch.randn(min(batch_size, self.num_images - i), G.z_dim, generator=gen).to(device)
-            fakes.append(G(z, noise_mode="const").float().cpu())
+            fakes.append(G(z, truncation_psi=truncation_psi, noise_mode="const").float().cpu())
         return frechet_distance(self.real_features, inception_features(self.model, torch.cat(fakes)))
