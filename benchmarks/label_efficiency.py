@@ -1492,35 +1492,50 @@ class Run:
 
     def stage_choose(self, folder: Path) -> dict:
         """Every choice on the dev split: the step budget (augmented real-n, draw 0, seed 0, by dev per-patient
-        Dice) and the hybrid's real share (when a share row is asked). Writes `choices` for --freeze."""
+        Dice) and the hybrid's real share (when a share row is asked). Writes `choices` for --freeze. Several
+        processes may run it at once: they share its trials (`dev_trials`)."""
         steps = [int(s) for s in self.sizes.steps_grid.split(",")]
-        trials = {}
-        for s in steps:
-            d = folder / f"steps{s}"
-            trials[f"steps={s}"] = self.dev_trial(d, Row(self.reference, real=self.sizes.annotations, augment=True), s)
+        ref = Row(self.reference, real=self.sizes.annotations, augment=True)
+        trials = self.dev_trials([(f"steps={s}", folder / f"steps{s}", ref, s, {}) for s in steps])
         best_steps = max(steps, key=lambda s: trials[f"steps={s}"])
         chosen = {"steps": best_steps, "augment": "nnunet2d"}
         share_rows = [r for r in self.rows if r.mix == "share"]
         if share_rows:
             shares = [float(x) for x in self.sizes.share_grid.split(",")]
-            for x in shares:
-                row = Row(
-                    "hybrid-share-dev", real=self.sizes.annotations, synthetic=share_rows[0].synthetic, mix="share"
-                )
-                trials[f"real_share={x}"] = self.dev_trial(folder / f"share{x}", row, best_steps, real_share=x)
+            row = Row("hybrid-share-dev", real=self.sizes.annotations, synthetic=share_rows[0].synthetic, mix="share")
+            specs = [(f"real_share={x}", folder / f"share{x}", row, best_steps, {"real_share": x}) for x in shares]
+            trials |= self.dev_trials(specs)
             chosen["real_share"] = max(shares, key=lambda x: trials[f"real_share={x}"])
         semi_rows = [r for r in self.rows if r.semi]
         if semi_rows:
             weights = [float(x) for x in self.sizes.consistency_grid.split(",")]
-            for w in weights:
-                row = Row("mean-teacher-dev", real=self.sizes.annotations, semi=True, augment=True)
-                trials[f"consistency={w}"] = self.dev_trial(folder / f"consistency{w}", row, best_steps, consistency=w)
+            row = Row("mean-teacher-dev", real=self.sizes.annotations, semi=True, augment=True)
+            trials |= self.dev_trials(
+                [(f"consistency={w}", folder / f"consistency{w}", row, best_steps, {"consistency": w}) for w in weights]
+            )
             chosen["consistency"] = max(weights, key=lambda w: trials[f"consistency={w}"])
         chosen["explore"] = Sizes().explore if self.needs("labels") else None
         chosen["gan_snapshot"] = (
             str(self.args.generator or "gan.sh's last publish") if self.needs("generator") else None
         )
         return {"choices": chosen, "dev_mean_dice": trials, "dev": self.dev}
+
+    def dev_trials(self, specs: list[tuple[str, Path, Row, int, dict]]) -> dict[str, float]:
+        """{key: dev Dice} of trials (key, folder, row, steps, extra): a trial another process is training is left
+        to it (a non-blocking lock per folder) and waited for at the end, so N processes share the trials."""
+        out: dict[str, float] = {}
+        for blocking in (False, True):
+            for key, d, row, steps, extra in specs:
+                if key in out:
+                    continue
+                d.mkdir(parents=True, exist_ok=True)
+                with open(d / "trial.lock", "a") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                    except BlockingIOError:
+                        continue
+                    out[key] = self.dev_trial(d, row, steps, **extra)
+        return {key: out[key] for key, *_ in specs}
 
     def dev_trial(self, d: Path, row: Row, steps: int, **extra) -> float:
         """Train one row (draw 0, seed 0) into `d` and return its dev mean of per-patient Dice."""

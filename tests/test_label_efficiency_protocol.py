@@ -174,3 +174,21 @@ def test_table_pairs_by_patient_and_draw_against_the_reference():
     y = next(line for line in table.splitlines() if line.startswith("| y |"))
     assert "| 2 (2 x 1) | 0.500 +- 0.141 |" in x and "+0.200 (n=6)" in x  # (0.4 + 0.6) / 2; sd of 0.4, 0.6
     assert "+0.100 (n=3)" in y
+
+
+def test_a_trial_another_process_trains_is_left_to_it_and_waited_for(tmp_path, monkeypatch):
+    """Two `choose` processes share the dev trials: one held by another process is skipped, then awaited."""
+    import fcntl
+    import threading
+
+    run = le.Run(le.parse_run_args(_args(tmp_path / "work", tmp_path / "protocol.json")))
+    calls = []
+    monkeypatch.setattr(run, "dev_trial", lambda d, row, steps, **extra: calls.append(d.name) or float(steps))
+    folders = [tmp_path / "a", tmp_path / "b"]
+    folders[0].mkdir()
+    held = open(folders[0] / "trial.lock", "a")  # noqa: SIM115 - held across the call, released by the timer
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(0.5, held.close).start()
+    row = le.Row("r", real=3)
+    out = run.dev_trials([("a", folders[0], row, 1, {}), ("b", folders[1], row, 2, {})])
+    assert calls == ["b", "a"] and out == {"a": 1.0, "b": 2.0}  # b first; a once its lock was free; keys in order
