@@ -258,3 +258,14 @@ def test_mean_teacher_trains_on_two_gloo_ranks(trainer, datastore):
     assert record["config"]["consistency"] == 0.5
     assert record["data"]["unlabelled_studies"] == ["thorax_aorta", "torso_3mm_long"]
     assert stats["unlabelled_slices"] == record["data"]["unlabelled_slices"] > 0 and trainer.stats() == stats
+
+
+def test_the_mean_teacher_is_the_same_on_every_rank(tmp_path):
+    from tests.conftest import free_port
+    from tests.mean_teacher_ranks import teacher_on_rank
+
+    torch.multiprocessing.spawn(teacher_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert not torch.equal(r0["student"]["1.running_mean"], r1["student"]["1.running_mean"])
+    assert all(torch.equal(r0["teacher"][k], r1["teacher"][k]) for k in r0["teacher"])
+    assert torch.equal(r1["teacher"]["1.running_mean"], r0["student"]["1.running_mean"])  # rank 0's statistics
