@@ -11,6 +11,8 @@ import torch
 from monailabel.datastore.local import LocalDatastore
 
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
+from labelfactory.datasetgan.ensemble import member_states
+from labelfactory.datasetgan.train import DatasetGANConfig
 from labelfactory.errors import LabelFactoryError
 from labelfactory.segmentation.train import SegmentationConfig
 from labelfactory.tasks import launch
@@ -132,20 +134,138 @@ def test_stylegan2_trains_on_two_gloo_ranks_with_the_in_process_record(tmp_path,
     assert stats["images"] == ["torso_3mm"] and task.stats() == stats
 
 
-@pytest.mark.parametrize("family", ["clamnet", "datasetgan"])
-def test_trainers_that_train_in_one_process_refuse_multi_gpu(family, tmp_path):
+@pytest.fixture
+def dying_rank(tmp_path, monkeypatch):
+    """Every rank imports this hook at start-up; rank 1 dies there with exit code 3."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK') == '1':\n    os._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+
+
+def clamnet_trainer(model_dir, datastore_copy):
     from labelfactory.tasks.clamnet import ClamNetTrain
+    from tests.test_clamnet_task import TINY as TINY_CLAMNET
+
+    return ClamNetTrain(model_dir, TINY_CLAMNET, organ_dirs=[str(datastore_copy / "reference")])
+
+
+@pytest.mark.slow
+def test_clamnet_trains_on_two_gloo_ranks_and_publishes_once(tmp_path, datastore, datastore_copy):
+    from labelfactory.clamnet.train import load_clamnet
+    from labelfactory.tasks.clamnet import ClamNetInfer
+
+    task = clamnet_trainer(tmp_path / "model", datastore_copy)
+    stats = task({"multi_gpu": True, "gpus": "2", "steps": 3}, datastore)
+    record = load_checkpoint(tmp_path / "model" / "clamnet.pt", "clamnet")
+    assert record["config"]["steps"] == 3 and len(record["history"]) == 3 and record["data"]["abnormal"] > 0
+    assert stats["steps"] == 3 and stats["loss_last"] == record["history"][-1] and task.stats() == stats
+    assert set(stats) == {"name", "steps", "loss_first", "loss_last", "studies", "slices", "abnormal", "total_time"}
+    load_clamnet(tmp_path / "model" / "clamnet.pt")
+    _, result = ClamNetInfer(tmp_path / "model")({"image": str(datastore_copy / "thorax_aorta.nii.gz")})
+    assert result["result"] == "marker" and result["organ_crop"] == "organ mask of the study"
+    assert not list((tmp_path / "model").glob(".clamnet-launch-*"))
+
+
+def test_clamnet_refuses_more_processes_than_pairs_per_batch(tmp_path, datastore_copy):
+    task = clamnet_trainer(tmp_path, datastore_copy)
+    with pytest.raises(LabelFactoryError, match="gpus=2 processes for batch=1 pairs") as e:
+        task.parse_request({"multi_gpu": True, "gpus": "2", "batch": 1})
+    assert e.value.status == 400
+
+
+@pytest.fixture
+def generated(tmp_path):
+    """(models folder with a tiny generator, a datastore of 3 labelled generated images, the generator)."""
+    from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
+    from labelfactory.stylegan2.networks import Generator
+    from tests.test_interpreter_tasks import KW, add_generated
+
+    model_dir, studies = tmp_path / "model", tmp_path / "studies"
+    studies.mkdir()
+    torch.manual_seed(0)
+    publish_generator(Generator(**KW).eval(), KW, model_dir / "stylegan2.pt", config={}, data={}, kimg=0.0)
+    G = load_generator(model_dir / "stylegan2.pt")
+    ds = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+    for seed in range(3):
+        add_generated(ds, G, seed, tmp_path)
+    return model_dir, ds, G
+
+
+@pytest.mark.slow
+def test_datasetgan_on_two_gloo_ranks_equals_one_process_member_by_member(generated, tmp_path):
+    from labelfactory.datasetgan import load_interpreter
+    from labelfactory.tasks.datasetgan import DatasetGANInfer, DatasetGANModels, DatasetGANTrain
+    from tests.test_interpreter_tasks import latent
+
+    model_dir, ds, G = generated
+    cfg = DatasetGANConfig(members=3, hidden=(8, 8), max_epochs=3, pixels_per_image=64, class_weights=(1.0, 2.0))
+    task = DatasetGANTrain(model_dir, cfg, {"background": 0, "liver": 1})
+    stats = task({"multi_gpu": True, "gpus": "2"}, ds)
+    two = load_interpreter(model_dir / "datasetgan.pt", G)
+    one_dir = tmp_path / "one"
+    one_dir.mkdir()
+    (one_dir / "stylegan2.pt").symlink_to(model_dir / "stylegan2.pt")
+    one_stats = DatasetGANTrain(one_dir, cfg, {"background": 0, "liver": 1})({}, ds)
+    one = load_interpreter(one_dir / "datasetgan.pt", G)
+    assert two.ensemble.config == one.ensemble.config and two.ensemble.config.members == 3
+    members = zip(member_states(two.ensemble, range(3)), member_states(one.ensemble, range(3)), strict=True)
+    for m, (a, b) in enumerate(members):
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), f"member {m}: {k}"
+    assert stats["epoch_loss"] == pytest.approx(one_stats["epoch_loss"], rel=1e-6)
+    assert stats["images"] == 3 and stats["config"] == cfg.to_dict() and task.stats() == stats
+    image_id = ds.list_images()[0]
+    _, result = DatasetGANInfer(DatasetGANModels(model_dir))(
+        {"image": ds.get_image_uri(image_id), **latent(ds, image_id)}
+    )
+    assert set(result["label_names"]) == {"liver"}
+
+
+def test_datasetgan_refuses_more_processes_than_members(tmp_path):
     from labelfactory.tasks.datasetgan import DatasetGANTrain
 
-    task = {"clamnet": ClamNetTrain, "datasetgan": DatasetGANTrain}[family](tmp_path)
-    assert task.parse_request({"multi_gpu": False, "gpus": "2"}) is not None  # without multi_gpu: as ever
-    with pytest.raises(LabelFactoryError, match=f"{family} trains in one process only: .+; drop multi_gpu") as e:
-        task.parse_request({"multi_gpu": True, "gpus": "2"})
+    task = DatasetGANTrain(tmp_path, DatasetGANConfig(members=2))
+    assert task.parse_request({"multi_gpu": True, "gpus": "2"}).members == 2
+    with pytest.raises(LabelFactoryError, match="2 processes for an ensemble of 1 members") as e:
+        task.parse_request({"multi_gpu": True, "gpus": "2", "members": 1})
     assert e.value.status == 400
 
 
-def test_mean_teacher_refuses_multi_gpu(trainer):
-    assert trainer.parse_request({"consistency": 0.5}).consistency == 0.5
-    with pytest.raises(LabelFactoryError, match="Mean Teacher .+ one process only") as e:
-        trainer.parse_request({"consistency": 0.5, "multi_gpu": True, "gpus": "2"})
-    assert e.value.status == 400
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["clamnet", "datasetgan"])
+def test_a_dying_rank_of_clamnet_or_datasetgan_publishes_nothing(family, request, tmp_path, dying_rank):
+    from labelfactory.tasks.datasetgan import DatasetGANTrain
+
+    if family == "clamnet":
+        datastore_copy = request.getfixturevalue("datastore_copy")
+        task, ds = clamnet_trainer(tmp_path / "model", datastore_copy), request.getfixturevalue("datastore")
+    else:
+        model_dir, ds, _ = request.getfixturevalue("generated")
+        task = DatasetGANTrain(model_dir, DatasetGANConfig(members=2, hidden=(8, 8), max_epochs=1))
+    with pytest.raises(
+        LabelFactoryError, match=f"{family} training on 2 cpu processes failed, rank 1 exited with code 3"
+    ):
+        task({"multi_gpu": True, "gpus": "2"}, ds)
+    assert not (task.model_dir / f"{family}.pt").exists() and task.stats() == {}
+    assert not list(task.model_dir.glob(f".{family}-launch-*")) and not (task.model_dir / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_mean_teacher_trains_on_two_gloo_ranks(trainer, datastore):
+    stats = trainer({"multi_gpu": True, "gpus": "2", "real": "2", "consistency": 0.5}, datastore)
+    record = load_checkpoint(trainer.model_dir / "segmentation.pt", "segmentation")
+    assert record["config"]["consistency"] == 0.5
+    assert record["data"]["unlabelled_studies"] == ["thorax_aorta", "torso_3mm_long"]
+    assert stats["unlabelled_slices"] == record["data"]["unlabelled_slices"] > 0 and trainer.stats() == stats
+
+
+def test_the_mean_teacher_is_the_same_on_every_rank(tmp_path):
+    from tests.conftest import free_port
+    from tests.mean_teacher_ranks import teacher_on_rank
+
+    torch.multiprocessing.spawn(teacher_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert not torch.equal(r0["student"]["1.running_mean"], r1["student"]["1.running_mean"])
+    assert all(torch.equal(r0["teacher"][k], r1["teacher"][k]) for k in r0["teacher"])
+    assert torch.equal(r1["teacher"]["1.running_mean"], r0["student"]["1.running_mean"])  # rank 0's statistics

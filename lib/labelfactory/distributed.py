@@ -62,6 +62,20 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (in place when distributed); returns `t`."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) copied into `module` on every rank; no-op in one process."""
+    if dist.is_initialized():
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 @contextmanager
 def process_group_cleanup():
     """Destroy the process group on exit (also on error) so torchrun workers end cleanly."""

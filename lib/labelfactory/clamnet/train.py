@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from labelfactory import distributed
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.clamnet.cam import CamConfig
 from labelfactory.clamnet.data import WeakSlices
@@ -20,6 +22,7 @@ from labelfactory.clamnet.network import ClamNetPair
 from labelfactory.clamnet.pairs import PairBatch, PairSampler, near_normals
 from labelfactory.clamnet.targets import TARGETS, evidence
 from labelfactory.devices import cuda_speedups, resolve_device
+from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Window
 from labelfactory.options import SEED_RANGE, option
 
@@ -95,13 +98,27 @@ def train_clamnet(
 ) -> tuple[ClamNetPair, list[float]]:
     """Adam on both UNet++ for `config.steps` pair batches on `device` (`labelfactory.devices`; pairs are drawn on
     the CPU, so the draws do not depend on it), against `config.target`'s targets (a `cam` seed's classifier trains
-    first, `config.steps` of its own). Returns the pair (eval mode, on `device`) and the loss per step."""
+    first, `config.steps` of its own). Returns the pair (eval mode, on `device`) and the loss per step (mean over
+    ranks).
+
+    Under torchrun (as the segmentation trainer): every rank draws the step's whole batch from the one seeded
+    stream and trains on its pairs rank, rank + W, ...; each network is wrapped in DDP, so the gradients are
+    averaged and the weights stay equal on every rank. A `cam` seed's classifier trains on every rank alike."""
+    _, world, _ = distributed.init_from_env()
     device = resolve_device(device)
+    if world > config.batch:
+        raise LabelFactoryError(
+            f"{world} processes for batches of {config.batch} pairs: each process needs a pair of every batch; "
+            f"use at most {config.batch} processes"
+        )
     cuda_speedups(device)
     seed_cam = CamConfig(steps=config.steps, batch=config.batch, lr=config.lr, seed=config.seed)
     seeds = evidence(slices, config.target, seed_cam, device)
     torch.manual_seed(config.seed)
     pair = build_pair(config).to(device)
+    net_a, net_b = pair.a, pair.b
+    if world > 1:
+        net_a, net_b = _synced(pair.a, config), _synced(pair.b, config)
     gen = torch.Generator().manual_seed(config.seed)
     partners = None
     if config.near_negatives > 0:
@@ -112,17 +129,30 @@ def train_clamnet(
     history = []
     t0 = time.time()
     for step in range(config.steps):
-        batch = _on(sampler.sample(config.batch, gen), device)
-        loss = clamnet_loss(pair.a(batch.xa), pair.b(batch.xb), batch, config.marker_fraction, config.dice_term)
+        batch = _on(_share(sampler.sample(config.batch, gen), distributed.rank(), world), device)
+        loss = clamnet_loss(net_a(batch.xa), net_b(batch.xb), batch, config.marker_fraction, config.dice_term)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(loss.detach().item())
+        history.append(float(distributed.all_reduce_mean(loss.detach().clone())))
         if on_step is not None:
             on_step(step, history[-1])
         if step % 25 == 0 or step == config.steps - 1:
             logger.info(f"clamnet step {step + 1}/{config.steps} loss {history[-1]:.4f} ({time.time() - t0:.0f} s)")
     return pair.eval(), history
+
+
+def _synced(net: torch.nn.Module, config: ClamNetConfig) -> DistributedDataParallel:
+    """`net` under DDP; without deep supervision UNet++'s shallower heads are unused, which DDP must be told."""
+    return DistributedDataParallel(net, find_unused_parameters=not config.deep_supervision)
+
+
+def _share(batch: PairBatch, rank: int, world: int) -> PairBatch:
+    """Pairs rank, rank + world, ... of `batch` (all of them in one process)."""
+    if world == 1:
+        return batch
+    moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return replace(batch, **{k: v[rank::world] for k, v in moved.items() if v is not None})
 
 
 def _on(batch: PairBatch, device: torch.device) -> PairBatch:
@@ -155,7 +185,7 @@ def fit_clamnet(
     train on `device`, record the data (`data`, default: studies, slice and abnormal counts), write `out`."""
     pair, history = train_clamnet(slices, config, on_step, device)
     data = data if data is not None else weak_slices_record(slices)
-    if out is not None:
+    if out is not None and distributed.is_main():  # under torchrun rank 0 writes
         save_clamnet(pair, config, data, out, history)
     return ClamNetFit(pair, history, data, Path(out) if out is not None else None)
 

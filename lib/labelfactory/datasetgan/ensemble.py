@@ -15,7 +15,8 @@ Linear(sum C_i, H1) -> ReLU -> BN -> Linear(H1, H2) -> ReLU -> BN -> Linear(H2, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -94,6 +95,35 @@ class PixelEnsemble(nn.Module):
         w2, b2 = _fold_bn(self.bn1, self.w2, self.b2, M, H1)
         w3, b3 = _fold_bn(self.bn2, self.w3, self.b3, M, H2)
         return FactorizedEnsemble(self.config.layout, self.w1.detach(), self.b1.detach(), w2, b2, w3, b3)
+
+
+def member_states(ens: PixelEnsemble, members: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+    """Each of `members`' own tensors, copied to the CPU: w1 (C, H1), b1 (H1,), ..., bn1.running_mean (H1,), ...
+    (BatchNorm channels are member-major, so member m's are its slice of length H); the step counters whole."""
+    M = ens.config.members
+    state = {k: v.detach().cpu() for k, v in ens.state_dict().items()}
+    return [{k: _member_part(k, v, M, m).clone() for k, v in state.items()} for m in members]
+
+
+def _member_part(key: str, value: torch.Tensor, M: int, m: int) -> torch.Tensor:
+    """Member m's part of the state tensor `key`: a parameter's row m, a BatchNorm vector's m-th of M slices."""
+    if key.endswith("num_batches_tracked"):  # one counter for all members (every member steps together)
+        return value
+    return value.reshape(M, -1)[m] if key.startswith("bn") else value[m]
+
+
+def ensemble_of(config: EnsembleConfig, states: list[dict[str, torch.Tensor]]) -> PixelEnsemble:
+    """The ensemble of `config` with len(states) members, member m holding `states[m]` (from `member_states`)."""
+    ens = PixelEnsemble(replace(config, members=len(states)))
+    joined = {}
+    for k in ens.state_dict():
+        parts = [s[k] for s in states]
+        if k.endswith("num_batches_tracked"):
+            joined[k] = parts[0]
+        else:
+            joined[k] = torch.cat(parts) if k.startswith("bn") else torch.stack(parts)
+    ens.load_state_dict(joined)
+    return ens
 
 
 def _fold_bn(bn: nn.BatchNorm1d, w: torch.Tensor, b: torch.Tensor, M: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:

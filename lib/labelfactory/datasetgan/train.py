@@ -7,7 +7,8 @@ their native resolution (fp16, ~20x smaller than the upsampled map) up to a budg
 they are regenerated every time. Pixels labelled `ignore_index` are never drawn. Cross-entropy
 (optional class weights), Adam, early stopping on the epoch loss with the best weights kept. The ensemble
 trains on the generator's device (`load_generator(path, device)`); pixels are drawn on the CPU, so the draws
-do not depend on it. `fit_interpreter` is the one recipe the CLI and the app task share.
+do not depend on it. `fit_interpreter` is the one recipe the CLI and the app task share. Under torchrun the
+members, not the pixels, are split over the ranks (`train_ensemble`); rank 0 writes the gathered ensemble.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble
+from labelfactory import distributed
+from labelfactory.datasetgan.ensemble import EnsembleConfig, PixelEnsemble, ensemble_of, member_states
 from labelfactory.datasetgan.labeller import save_interpreter
 from labelfactory.datasetgan.records import LatentRecord
 from labelfactory.datasetgan.taps import TapLayout, generate_with_taps, sample_taps, ws_from_w
 from labelfactory.devices import cuda_speedups, module_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.options import SEED_RANGE, option
+from labelfactory.stylegan2.identity import generator_identity
 
 logger = logging.getLogger(__name__)
 
@@ -85,32 +88,47 @@ def _draw_pixels(valid: torch.Tensor, n: int, R: int, gen: torch.Generator) -> t
     return flat // R, flat % R
 
 
+def member_share(members: int, rank: int, world: int) -> list[int]:
+    """The members rank `rank` of `world` trains: rank, rank + world, ...; LabelFactoryError when a rank has none."""
+    if world > members:
+        raise LabelFactoryError(
+            f"{world} processes for an ensemble of {members} members: each process trains whole members; "
+            "use at most as many processes (gpus) as members"
+        )
+    return list(range(rank, members, world))
+
+
 def train_ensemble(
     G, records: list[LatentRecord], num_classes: int, config: DatasetGANConfig | None = None, progress: bool = True
 ) -> tuple[PixelEnsemble, dict]:
     """Fit `config.members` pixel MLPs (default: DatasetGANConfig()) on G's device. Returns (ensemble in eval mode,
-    on that device; history)."""
+    on that device; history).
+
+    Under torchrun rank r trains members r, r + W, ... (`member_share`): every rank draws the whole ensemble's
+    pixels from the one seeded stream and keeps its members' share, each member's loss term is divided by the
+    whole ensemble's pixel weight, and the epoch loss (one number) is summed over ranks, so each member trains and
+    stops exactly as in one process; the members' best weights are gathered in their order on every rank."""
     config = config or DatasetGANConfig()
     if not records:
         raise LabelFactoryError(
             "no annotated generated images to train on: label a few generated images first", status=409
         )
     layout = TapLayout.of(G)
-    R, M = layout.image_resolution, config.members
+    R, M, P = layout.image_resolution, config.members, config.pixels_per_image
+    mine = member_share(M, distributed.rank(), distributed.world_size())
     valid = [torch.from_numpy(np.flatnonzero(r.mask.reshape(-1) != config.ignore_index)) for r in records]
     if all(len(v) == 0 for v in valid):
         raise LabelFactoryError("every label pixel is the ignore label: draw some classes first")
     masks = [torch.from_numpy(r.mask.reshape(-1)) for r in records]
     device = module_device(G)
     cuda_speedups(device)
-    weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
+    weight = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
     if weight is not None and len(weight) != num_classes:
         raise LabelFactoryError(f"class weights: {len(weight)} given, the label map has {num_classes} classes")
 
     torch.manual_seed(config.seed)
-    ens = PixelEnsemble(
-        EnsembleConfig(layout.channels, layout.resolutions, R, num_classes, M, tuple(config.hidden), config.seed)
-    ).to(device)
+    whole = EnsembleConfig(layout.channels, layout.resolutions, R, num_classes, M, tuple(config.hidden), config.seed)
+    ens = ensemble_of(whole, member_states(PixelEnsemble(whole), mine)).to(device)
     opt = torch.optim.Adam(ens.parameters(), lr=config.lr)
     taps_of = TapCache(G, records, config.cache_gb * 2**30)
     gen = torch.Generator().manual_seed(config.seed)
@@ -118,26 +136,37 @@ def train_ensemble(
     steps = math.ceil(len(usable) / config.images_per_step)
     history: dict = {"epoch_loss": [], "best_epoch": 0, "stopped_early": False}
     best, best_state, stale = math.inf, None, 0
-    bar = tqdm(range(config.max_epochs), desc="interpreter", unit="epoch", disable=not progress)
+    bar = tqdm(
+        range(config.max_epochs), desc="interpreter", unit="epoch", disable=not (progress and distributed.is_main())
+    )
     for epoch in bar:
         ens.train()
         order = [usable[i] for i in torch.randperm(len(usable), generator=gen).tolist()]
         total = 0.0
         for s in range(steps):
             batch = order[s * config.images_per_step : (s + 1) * config.images_per_step]
-            xs, ys = [], []
+            xs, ys, pixel_weight = [], [], 0.0
             for i in batch:
-                rows, cols = _draw_pixels(valid[i], M * config.pixels_per_image, R, gen)
-                xs.append(sample_taps(taps_of(i), rows, cols, R).reshape(M, config.pixels_per_image, -1))
-                ys.append(masks[i][rows * R + cols].reshape(M, -1))
+                rows, cols = _draw_pixels(valid[i], M * P, R, gen)  # the whole ensemble's draw, member-major
+                y = masks[i][rows * R + cols]
+                pixel_weight += float(weight[y].sum()) if weight is not None else len(y)
+                rows, cols = rows.reshape(M, P)[mine].reshape(-1), cols.reshape(M, P)[mine].reshape(-1)
+                xs.append(sample_taps(taps_of(i), rows, cols, R).reshape(len(mine), P, -1))
+                ys.append(y.reshape(M, P)[mine])
             x, y = torch.cat(xs, 1), torch.cat(ys, 1).to(device)
             logits = ens(x)
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.reshape(-1), weight=weight)
+            terms = F.cross_entropy(
+                logits.reshape(-1, num_classes),
+                y.reshape(-1),
+                weight=None if weight is None else weight.to(device),
+                reduction="none",
+            )
+            loss = terms.sum() / pixel_weight  # this rank's share of the whole ensemble's (weighted) mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item()
-        epoch_loss = total / steps
+        epoch_loss = float(distributed.all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=device))) / steps
         history["epoch_loss"].append(epoch_loss)
         bar.set_postfix(loss=f"{epoch_loss:.4f}")
         if epoch_loss < best * (1 - config.min_improvement):
@@ -149,11 +178,20 @@ def train_ensemble(
                 history["stopped_early"] = True
                 break
     ens.load_state_dict(best_state)
+    ens = gathered_ensemble(whole, mine, ens).to(device)
     history["best_loss"] = best
     logger.info(
         f"interpreter: {len(history['epoch_loss'])} epochs, best loss {best:.4f} at epoch {history['best_epoch']}"
     )
     return ens.eval(), history
+
+
+def gathered_ensemble(whole: EnsembleConfig, mine: list[int], ens: PixelEnsemble) -> PixelEnsemble:
+    """The whole ensemble (on the CPU) from every rank's members `mine` held in `ens`, members in their order."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for members, part in distributed.all_gather_objects((mine, member_states(ens, range(len(mine))))):
+        states.update(zip(members, part, strict=True))
+    return ensemble_of(whole, [states[m] for m in range(whole.members)])
 
 
 @dataclass
@@ -179,5 +217,19 @@ def fit_interpreter(
     config = config or DatasetGANConfig()
     ens, history = train_ensemble(G, records, max(label_names.values()) + 1, config, progress)
     data = {"images": [r.name for r in records], "count": len(records), "history": history}
-    path = save_interpreter(out, ens, label_names, config.to_dict(), data, G) if out is not None else None
+    path = None
+    if out is not None and distributed.is_main():  # under torchrun rank 0 writes the gathered ensemble
+        path = save_interpreter(out, ens, label_names, config.to_dict(), data, G)
     return InterpreterFit(ens, history, data, path)
+
+
+def fit_summary(fit: InterpreterFit, G, config: DatasetGANConfig) -> dict:
+    """What a fit reports (the app's train stats, the CLI's --summary): images, epochs, losses, generator, config."""
+    return {
+        "images": fit.data["count"],
+        "epochs": len(fit.history["epoch_loss"]),
+        "best_loss": fit.history["best_loss"],
+        "epoch_loss": fit.history["epoch_loss"],
+        "generator": generator_identity(G),
+        "config": config.to_dict(),
+    }

@@ -9,10 +9,11 @@ from pathlib import Path
 from labelfactory import distributed
 from labelfactory.devices import add_device_argument, resolve_device
 from labelfactory.io import Window
+from labelfactory.io.dataset import find_studies
 from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import label_map
 from labelfactory.options import add_arguments, add_config_argument, exposed, from_args
-from labelfactory.segmentation.data import training_sets
+from labelfactory.segmentation.data import training_sets, unlabelled_record, unlabelled_slices
 from labelfactory.segmentation.train import SegmentationConfig, train_segmenter
 
 FLAGS = exposed(SegmentationConfig, "cli")
@@ -37,6 +38,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="real patients held out for validation Dice when real slices are trained on (default 1)",
+    )
+    p.add_argument(
+        "--unlabelled",
+        type=Path,
+        default=None,
+        help="studies without labels (a folder, or a JSON datalist) for the Mean Teacher (--consistency > 0)",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="model file to write (e.g. apps/labelfactory/model/segmentation.pt)"
@@ -70,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
             Window(*config.window),
             config.slicing,
         )
+        unlabelled = None
+        if config.consistency > 0 and args.unlabelled is not None:
+            window = Window(*config.window)
+            unlabelled = unlabelled_slices(find_studies(args.unlabelled), config.size, window, config.slicing)
+            info |= unlabelled_record(unlabelled)
         result = train_segmenter(
             train,
             val,
@@ -79,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             data=info,
             real_set=real,
             device=resolve_device(args.device),
+            unlabelled_set=unlabelled,
         )
         if distributed.is_main():
             summary = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -226,6 +227,11 @@ def unlabelled_slices(
         xs.append(x)
         ids += [s.id] * len(x)
     return UnlabelledSlices(torch.cat(xs) if xs else torch.zeros(0, 1, size, size), ids)
+
+
+def unlabelled_record(unlabelled: UnlabelledSlices) -> dict[str, Any]:
+    """What a model records of its Mean Teacher's unlabelled slices: their studies and slice count."""
+    return {"unlabelled_studies": sorted(set(unlabelled.groups)), "unlabelled_slices": len(unlabelled)}
 
 
 def _listed(names: Sequence[str] | None) -> list[str] | None:

@@ -3,7 +3,8 @@
 The teacher is an exponential moving average of the student's weights; on unlabelled slices the student's softmax
 is pulled towards the teacher's (mean squared error), each seeing its own Gaussian input noise, with a weight that
 ramps up as exp(-5 (1 - t)^2) over the first quarter of training (the paper's sigmoid ramp-up). The teacher is the
-model that is validated and kept. Hand-written: MONAI has no Mean Teacher trainer for 2D segmentation.
+model that is validated and kept; under torchrun it is updated alike on every rank from the DDP-synced student.
+Hand-written: MONAI has no Mean Teacher trainer for 2D segmentation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from labelfactory import distributed
 
 NOISE_STD = 0.1  # input noise of each view, in the [-1, 1] image range
 
@@ -45,9 +48,12 @@ class MeanTeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
-        """teacher <- a teacher + (1 - a) student, a = min(1 - 1 / (step + 1), decay); buffers copied."""
+        """teacher <- a teacher + (1 - a) student, a = min(1 - 1 / (step + 1), decay); buffers copied. Under DDP the
+        student's weights are equal on every rank but its BatchNorm statistics are each rank's own: the teacher takes
+        rank 0's (those DDP broadcasts to the student at its next forward), so it is the same on every rank."""
         a = min(1.0 - 1.0 / (step + 1), self.decay)
         for t, s in zip(self.model.parameters(), student.parameters(), strict=True):
             t.mul_(a).add_(s.detach(), alpha=1.0 - a)
         for t, s in zip(self.model.buffers(), student.buffers(), strict=True):
             t.copy_(s)
+        distributed.broadcast_buffers(self.model)

@@ -6,6 +6,8 @@ or in the final label's info (the `params` of `PUT /datastore/label`), so a Slic
 normal / abnormal through the API and retrains `clamnet` (see `datastore_image_labels`).
 
 Model file: <model_dir>/clamnet.pt (atomic checkpoint); train stats: <model_dir>/clamnet_train_stats.json.
+With `multi_gpu` the trainer runs `labelfactory train-clamnet` under torchrun on the same sources (tasks/launch.py),
+each process training on its share of every batch's pairs.
 The app's trainer defaults are the recipe that model file records when there is one at start (organ, size, widths,
 window, target: the shipped OpenKBP model retrains alike; `recorded_config`), the app's `clamnet_<option>` conf over
 it, the request's options over all.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image, read_label
 from labelfactory.io.dataset import study_of
 from labelfactory.io.image import suffix_of
+from labelfactory.jsonio import write_json_atomic
 from labelfactory.options import cast, config_overrides, exposed
 from labelfactory.segmentation.train import MODEL_FILE as SEGMENTATION_MODEL_FILE
 from labelfactory.tasks.base import InferBase, TrainBase
@@ -93,7 +97,6 @@ class ClamNetTrain(TrainBase):
     name = KIND
     options = exposed(ClamNetConfig, "request")
     path_options = ("labels_csv",)
-    single_process = "each step draws its contrastive pairs from one sampler, not yet split over processes"
 
     def __init__(
         self,
@@ -111,20 +114,30 @@ class ClamNetTrain(TrainBase):
         config = super().parse_request(request, datastore)
         if config.head != 4 and not config.deep_supervision:
             raise LabelFactoryError(f"option head={config.head} needs deep_supervision=true (only head 4 without)")
+        how = self.parse_launch(request)
+        if how is not None and how.processes > config.batch:
+            raise LabelFactoryError(
+                f"gpus={how.processes} processes for batch={config.batch} pairs: each process trains on a share of "
+                "every batch; raise batch or use fewer processes"
+            )
         return config
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"labels_csv": self.labels_csv or ""}
 
-    def train(
-        self, request: dict[str, Any], datastore: Datastore, cfg: ClamNetConfig, started: float
-    ) -> dict[str, Any]:
+    def sources(self, request: dict[str, Any], datastore: Datastore) -> tuple[Path, list[Path], str | None]:
+        """(studies folder, organ mask folders, labels CSV or None) a training on `datastore` reads."""
         images = [Path(datastore.get_image_uri(i)) for i in datastore.list_images()]
         if not images:
             raise LabelFactoryError("the datastore holds no images")
         studies = images[0].parent
         organ_dirs = [Path(d) for d in self.organ_dirs] if self.organ_dirs else default_organ_dirs(studies)
-        labels_csv = self.request_path(request, "labels_csv", self.labels_csv, datastore)
+        return studies, organ_dirs, self.request_path(request, "labels_csv", self.labels_csv, datastore)
+
+    def train(
+        self, request: dict[str, Any], datastore: Datastore, cfg: ClamNetConfig, started: float
+    ) -> dict[str, Any]:
+        studies, organ_dirs, labels_csv = self.sources(request, datastore)
         slices = load_weak_slices(
             studies,
             labels_csv,
@@ -139,6 +152,26 @@ class ClamNetTrain(TrainBase):
         )
         fit = fit_clamnet(slices, cfg, out=self.model_dir / MODEL_FILE, device=self.device)
         return {"steps": cfg.steps, "loss_first": fit.history[0], "loss_last": fit.history[-1], **fit.data}
+
+    def launch_command(self, request: dict[str, Any], datastore: Datastore, cfg: ClamNetConfig, stage: Path) -> list:
+        """`labelfactory train-clamnet` on what `train` reads: the studies, organ folders, CSV and the datastore's
+        image-level labels (a JSON list in `stage`), with this config."""
+        studies, organ_dirs, labels_csv = self.sources(request, datastore)
+        rows = [asdict(r) for r in datastore_image_labels(datastore)]
+        argv = [
+            "train-clamnet",
+            "--studies",
+            str(studies),
+            "--config",
+            str(write_json_atomic(asdict(cfg), stage / "config.json")),
+        ]
+        argv += ["--image-labels", str(write_json_atomic(rows, stage / "image_labels.json"))]
+        argv += [a for d in organ_dirs for a in ("--organ-dir", str(d))]
+        argv += ["--labels", labels_csv] if labels_csv else []
+        return argv + ["--out", str(stage / MODEL_FILE)]
+
+    def launched_stats(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in summary.items() if k != "model"}
 
 
 class ClamNetInfer(InferBase):

@@ -4,7 +4,8 @@ Trainer: every generated image in the datastore (image info holding a latent rec
 current generator, `labelfactory.latent_record`) with a final label -> the pixel-classifier
 ensemble, features regenerated from each w -> `<model_dir>/datasetgan.pt` (atomic) and
 `<model_dir>/datasetgan_train_stats.json`. Same library call as `labelfactory train-datasetgan`
-(`fit_interpreter`), on the app's device.
+(`fit_interpreter`), on the app's device; with `multi_gpu` that command runs under torchrun (tasks/launch.py), its
+processes splitting the ensemble's members.
 Infer: the mask of a generated image, recomputed from the w its latent record holds (`prepare`
 adds the record from the datastore; the app calls it).
 """
@@ -23,10 +24,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from labelfactory.datasetgan.labeller import KIND, MODEL_FILE, Interpreter, load_interpreter, model_file
 from labelfactory.datasetgan.records import load_records, records_from_datastore
 from labelfactory.datasetgan.taps import ws_from_w
-from labelfactory.datasetgan.train import DatasetGANConfig, fit_interpreter
+from labelfactory.datasetgan.train import DatasetGANConfig, fit_interpreter, fit_summary, member_share
 from labelfactory.devices import resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, read_image
+from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import LATENT_KEY, latent_from_info
 from labelfactory.options import exposed
@@ -70,7 +72,6 @@ class DatasetGANTrain(TrainBase):
 
     name = KIND
     options = exposed(DatasetGANConfig, "request")
-    single_process = "its pixel MLPs fit in minutes on one device and early stopping weighs every image's loss at once"
 
     def __init__(
         self,
@@ -88,10 +89,23 @@ class DatasetGANTrain(TrainBase):
         )
         self.label_names = dict(label_names)
 
+    def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> DatasetGANConfig:
+        cfg = super().parse_request(request, datastore)
+        how = self.parse_launch(request)
+        if how is not None:
+            member_share(cfg.members, 0, how.processes)  # 400 before any work: every process needs a member
+        return cfg
+
     def train(
         self, request: dict[str, Any], datastore: Datastore, cfg: DatasetGANConfig, started: float
     ) -> dict[str, Any]:
         G = load_generator(self.model_dir / GENERATOR_FILE, self.device)
+        K = max(self.label_names.values()) + 1
+        records = load_records(G, self.items(datastore, G), K, cfg.ignore_index)
+        return fit_summary(fit_interpreter(G, records, self.label_names, cfg, self.model_dir / MODEL_FILE), G, cfg)
+
+    def items(self, datastore: Datastore, G) -> list[tuple[str, dict, str]]:
+        """(image id, latent record, label file) of every labelled generated image of generator G; 409 for none."""
         current = generator_identity(G)
         items = [it for it in records_from_datastore(datastore) if it[1].get("generator") == current]
         if not items:
@@ -99,17 +113,23 @@ class DatasetGANTrain(TrainBase):
                 "no labelled generated images of the current generator: get generated images (next sample), label them"
             )
             raise LabelFactoryError(f"{msg}, then train datasetgan", status=409)
-        K = max(self.label_names.values()) + 1
-        records = load_records(G, items, K, cfg.ignore_index)
-        history = fit_interpreter(G, records, self.label_names, cfg, self.model_dir / MODEL_FILE).history
-        return {
-            "images": len(records),
-            "epochs": len(history["epoch_loss"]),
-            "best_loss": history["best_loss"],
-            "epoch_loss": history["epoch_loss"],
-            "generator": current,
-            "config": cfg.to_dict(),
-        }
+        return items
+
+    def launch_command(
+        self, request: dict[str, Any], datastore: Datastore, cfg: DatasetGANConfig, stage: Path
+    ) -> list[str]:
+        """`labelfactory train-datasetgan` on the images `train` would use (a JSON list in `stage`), this config and
+        label map; its ranks split the members."""
+        generator = self.model_dir / GENERATOR_FILE
+        items = self.items(datastore, load_generator(generator, "cpu"))
+        argv = ["train-datasetgan", "--generator", str(generator)]
+        argv += ["--items", str(write_json_atomic(items, stage / "items.json"))]
+        argv += ["--config", str(write_json_atomic(cfg.to_dict(), stage / "config.json"))]
+        argv += ["--label-map", str(write_json_atomic(self.label_names, stage / "label_names.json"))]
+        return argv + ["--out", str(stage / MODEL_FILE), "--no-progress"]
+
+    def launched_stats(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in summary.items() if k != "model"}
 
 
 class DatasetGANInfer(InferBase):

@@ -20,14 +20,13 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Image, Window, read_image
-from labelfactory.io.dataset import write_datalist
+from labelfactory.io.dataset import Study, write_datalist
 from labelfactory.jsonio import write_json_atomic
 from labelfactory.labels import LABEL_NAMES, foreground, require_same_map
 from labelfactory.latent_record import is_generated
 from labelfactory.options import cast, exposed
-from labelfactory.segmentation.data import training_sets, unlabelled_slices
+from labelfactory.segmentation.data import training_sets, unlabelled_record, unlabelled_slices
 from labelfactory.segmentation.infer import load_segmenter, segment_image
 from labelfactory.segmentation.networks import NETWORKS
 from labelfactory.segmentation.train import KIND, MODEL_FILE, SegmentationConfig, train_segmenter
@@ -61,13 +60,7 @@ class SegmentationTrain(TrainBase):
 
     def parse_request(self, request: dict[str, Any], datastore: Datastore | None = None) -> SegmentationConfig:
         real_options(request)
-        config = super().parse_request(request, datastore)
-        if config.consistency > 0 and self.parse_launch(request) is not None:
-            raise LabelFactoryError(
-                "Mean Teacher (consistency > 0) trains in one process only: train-segmentation takes no unlabelled "
-                "slices yet; drop multi_gpu or set consistency to 0"
-            )
-        return config
+        return super().parse_request(request, datastore)
 
     def config(self) -> dict[str, Any]:
         networks = [self.defaults.network] + [n for n in NETWORKS if n != self.defaults.network]  # a combo box
@@ -100,9 +93,10 @@ class SegmentationTrain(TrainBase):
         )
         unlabelled = None
         if config.consistency > 0:  # Mean Teacher: the datastore's real images nobody labelled yet
-            pending = [s for s in unlabelled_studies(datastore) if not is_generated(datastore.get_image_info(s.id))]
-            unlabelled = unlabelled_slices(pending, config.size, Window(*config.window), config.slicing)
-            data |= {"unlabelled_studies": sorted(set(unlabelled.groups)), "unlabelled_slices": len(unlabelled)}
+            unlabelled = unlabelled_slices(
+                real_unlabelled(datastore), config.size, Window(*config.window), config.slicing
+            )
+            data |= unlabelled_record(unlabelled)
         result = train_segmenter(
             train,
             val,
@@ -135,12 +129,19 @@ class SegmentationTrain(TrainBase):
             argv += ["--studies", str(write_datalist(studies, stage / "studies.json"))]
         if synthetic and Path(synthetic, "images").is_dir():
             argv += ["--synthetic", synthetic]
+        if config.consistency > 0:  # Mean Teacher: the same unlabelled studies as in process
+            argv += ["--unlabelled", str(write_datalist(real_unlabelled(datastore), stage / "unlabelled.json"))]
         argv += ["--real", "all" if k_real is None else str(k_real), "--val-patients", str(val_patients)]
         return argv + ["--out", str(stage / MODEL_FILE), "--log-dir", str(self.model_dir / f"{KIND}_logs")]
 
     def launched_stats(self, summary: dict[str, Any]) -> dict[str, Any]:
         keys = ("network", "steps", "best_step", "history")
         return {"best_metric": summary["best_val_dice"], **{k: summary[k] for k in keys}, **summary["data"]}
+
+
+def real_unlabelled(datastore: Datastore) -> list[Study]:
+    """The datastore's real images nobody labelled yet (a Mean Teacher's unlabelled studies), as Study."""
+    return [s for s in unlabelled_studies(datastore) if not is_generated(datastore.get_image_info(s.id))]
 
 
 def real_options(request: dict[str, Any]) -> tuple[int | None, int]:
