@@ -18,6 +18,7 @@ from labelfactory.segmentation.train import SegmentationConfig
 from labelfactory.tasks import launch
 from labelfactory.tasks.segmentation import SegmentationInfer, SegmentationTrain
 from labelfactory.training_lock import LOCK_FILE
+from tests.test_interpreter_tasks import setup as setup
 
 TINY = SegmentationConfig(network="unet", size=32, steps=2, val_interval=1, batch_size=2, augment="none")
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -175,18 +176,11 @@ def test_clamnet_refuses_more_processes_than_pairs_per_batch(tmp_path, datastore
 
 
 @pytest.fixture
-def generated(tmp_path):
+def generated(setup):
     """(models folder with a tiny generator, a datastore of 3 labelled generated images, the generator)."""
-    from labelfactory.stylegan2.checkpoint import load_generator, publish_generator
-    from labelfactory.stylegan2.networks import Generator
-    from tests.test_interpreter_tasks import KW, add_generated
+    from tests.test_interpreter_tasks import add_generated
 
-    model_dir, studies = tmp_path / "model", tmp_path / "studies"
-    studies.mkdir()
-    torch.manual_seed(0)
-    publish_generator(Generator(**KW).eval(), KW, model_dir / "stylegan2.pt", config={}, data={}, kimg=0.0)
-    G = load_generator(model_dir / "stylegan2.pt")
-    ds = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+    model_dir, ds, G, tmp_path = setup
     for seed in range(3):
         add_generated(ds, G, seed, tmp_path)
     return model_dir, ds, G
