@@ -186,7 +186,7 @@ def test_a_trial_another_process_trains_is_left_to_it_and_waited_for(tmp_path, m
     monkeypatch.setattr(run, "dev_trial", lambda d, row, steps, **extra: calls.append(d.name) or float(steps))
     folders = [tmp_path / "a", tmp_path / "b"]
     folders[0].mkdir()
-    held = open(folders[0] / "trial.lock", "a")  # noqa: SIM115 - held across the call, released by the timer
+    held = open(folders[0] / "trial.lock", "a")  # held across the call, closed (released) by the timer
     fcntl.flock(held, fcntl.LOCK_EX)
     threading.Timer(0.5, held.close).start()
     row = le.Row("r", real=3)
