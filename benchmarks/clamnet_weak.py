@@ -40,10 +40,11 @@ from labelfactory.clamnet.cam import CamConfig, cam_maps, class_activation_maps,
 from labelfactory.clamnet.data import WeakSlices
 from labelfactory.clamnet.evaluate import pixel_auroc
 from labelfactory.clamnet.experiment import FLOOR, Budget, describe, run_method
-from labelfactory.clamnet.openkbp import TARGETS, WeakTask, load_weak_task
+from labelfactory.clamnet.openkbp import TARGETS, WeakTask, case_levels, load_weak_task, target_mask
 from labelfactory.clamnet.report import task_picture
 from labelfactory.clamnet.targets import difference_evidence
-from labelfactory.datasets.openkbp import read_cases
+from labelfactory.datasets.openkbp import Case, read_cases
+from labelfactory.io import read_image
 from labelfactory.jsonio import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +54,14 @@ METHODS = {  # name here -> name in labelfactory.clamnet.experiment
     "clamnet-self": "clamnet",
     "clamnet-cam": "clamnet_target_cam",
     "clamnet-difference": "clamnet_target_difference",
+    "clamnet-level-self": "clamnet_level_self",
+    "clamnet-level-difference": "clamnet_level_difference",
     "grad-cam": "gradcam",
     "floor": FLOOR,
     "supervised": "supervised",
 }
-RULES = ("clamnet-self", "clamnet-cam", "clamnet-difference")
+RULES = ("clamnet-self", "clamnet-cam", "clamnet-difference", "clamnet-level-self", "clamnet-level-difference")
+EVIDENCE = ("cam", "grad-cam", "difference", "difference-level", "intensity")
 BOOTSTRAP = 2000
 
 
@@ -69,10 +73,55 @@ def load(root: Path, task: WeakTask, train_patients: int, val_patients: int, cac
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] == key:
-            return {k: WeakSlices(**saved[k]) for k in ("train", "validation")}
+            out = {k: WeakSlices(**saved[k]) for k in ("train", "validation")}
+            by_name = {c.name: c for c in train_cases + val_cases}
+            return {k: with_levels(v, by_name) for k, v in out.items()}  # caches older than WeakSlices.level
     out = {"train": load_weak_task(train_cases, task), "validation": load_weak_task(val_cases, task)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, **{k: vars(v) for k, v in out.items()}}, cache)
+    return out
+
+
+def with_levels(slices: WeakSlices, cases: dict[str, Case]) -> WeakSlices:
+    """`slices` with `level` filled in where it is None (openkbp.case_levels, per study)."""
+    if slices.level is not None:
+        return slices
+    level = torch.zeros(len(slices))
+    studies = np.array(slices.study)
+    for s in dict.fromkeys(slices.study):
+        rows = torch.from_numpy(np.nonzero(studies == s)[0])
+        level[rows] = case_levels(cases[s], slices.file_slice[rows])
+    slices.level = level
+    return slices
+
+
+def presence_by_level(root: Path, task: WeakTask, cache: Path, bin_mm: float = 10.0) -> dict[str, Any]:
+    """Does the label vary at a fixed level? Over every patient of the data set (both splits) with the target
+    contoured: per `bin_mm` bin of level (openkbp.case_levels), patients with the target on a slice there and patients
+    with body there but no target. Cached in `cache`."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    from labelfactory.clamnet.openkbp import has_target
+
+    bins: dict[int, list[set[str]]] = {}
+    for case in read_cases(root):
+        if not has_target(case, task.target):
+            continue
+        image = read_image(case.ct)
+        body = (image.array > -500).reshape(len(image.array), -1).any(1)
+        present = target_mask(case, image, task.target).array.reshape(len(image.array), -1).any(1)
+        z = torch.from_numpy(np.nonzero(body)[0])
+        for zi, lv in zip(z.tolist(), case_levels(case, z).tolist(), strict=True):
+            if np.isnan(lv):
+                continue
+            b = bins.setdefault(int(np.floor(lv / bin_mm)), [set(), set()])
+            b[int(present[zi])].add(case.name)
+    rows = [
+        {"level_mm": [k * bin_mm, (k + 1) * bin_mm], "with": len(b[1]), "without": len(b[0] - b[1])}
+        for k, b in sorted(bins.items())
+    ]
+    out = {"bin_mm": bin_mm, "rows": rows}
+    torch.save(out, cache)
     return out
 
 
@@ -159,8 +208,10 @@ def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], 
         "maps": {m: saved[m]["maps"] for m in args.methods},
         "thresholds": {m: runs[m][args.seeds[0]]["threshold"] for m in args.methods},
     }
+    presence = presence_by_level(args.root, task, work / "presence.pt")
     record = {
         "task": asdict(task),
+        "presence_by_level": presence,
         "evidence": evidence_within_slices(train, evaluation, args.steps, args.seeds[0]),
         "data": {"train": describe(train), "threshold": describe(threshold_set), "validation": describe(evaluation)},
         "train_s": {m: [r["train_s"] for r in runs[m].values()] for m in args.methods},
@@ -169,10 +220,18 @@ def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], 
     return record, picture
 
 
-def evidence_within_slices(train: WeakSlices, evaluation: WeakSlices, steps: int, seed: int) -> dict[str, Any]:
+def evidence_within_slices(
+    train: WeakSlices, evaluation: WeakSlices, steps: int, seed: int, presence: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ablation behind the seeds: each evidence map's pixel AUROC over the body of all validation slices, and
     over the body of abnormal slices only (where the target is; 0.5 = it does not say where in the slice), with the
-    classifier's slice accuracy. The classifier: grad-cam's (same steps, seed)."""
+    classifier's slice accuracy. The classifier: grad-cam's (same steps, seed). `intensity`: the crop itself (does the
+    target differ in brightness at all?). For the level-matched difference also: within abnormal slices at `mixed`
+    levels only (bins of `presence` where 20-80 % of the patients lack the target: where level matching has normal
+    slices to contrast with), the share of abnormal slices that found a level match, and `synthetic_lesion`: the same
+    evidence on the same validation slices with a visible lesion (+100 HU disc, radius 3 px) put into every other
+    patient's slices 20-60 mm below the landmark, at a random place in the body, as the label (does the rule find an
+    abnormality that some patients have at a level and others have not, on real anatomy?)."""
     classifier = train_classifier(train, CamConfig(steps=steps, seed=seed))[0]
     with torch.no_grad():
         called = torch.cat([classifier(evaluation.x[i : i + 64])[:, 0] > 0 for i in range(0, len(evaluation), 64)])
@@ -180,6 +239,8 @@ def evidence_within_slices(train: WeakSlices, evaluation: WeakSlices, steps: int
         "cam": class_activation_maps(classifier, evaluation.x, evaluation.organ),
         "grad-cam": cam_maps(classifier, evaluation.x, evaluation.organ, batch=64),
         "difference": difference_evidence(evaluation)[:, 0],
+        "difference-level": difference_evidence(evaluation, pairing="level")[:, 0],
+        "intensity": evaluation.x[:, 0] * evaluation.organ[:, 0],
     }
     organ, truth, ab = evaluation.organ[:, 0] > 0.5, evaluation.truth[:, 0] > 0.5, evaluation.abnormal
     out: dict[str, Any] = {"slice_accuracy": float((called == ab).float().mean())}
@@ -187,6 +248,49 @@ def evidence_within_slices(train: WeakSlices, evaluation: WeakSlices, steps: int
         out[name] = {
             "auroc_all_slices": pixel_auroc(m[organ], truth[organ]),
             "auroc_within_abnormal_slices": pixel_auroc(m[ab][organ[ab]], truth[ab][organ[ab]]),
+        }
+    level = maps["difference-level"]
+    out["difference-level"]["matched_abnormal_share"] = float((level[ab].flatten(1) > 0).any(1).float().mean())
+    if presence is not None and evaluation.level is not None:
+        mixed = torch.zeros(len(evaluation), dtype=torch.bool)
+        for row in presence["rows"]:
+            share = row["without"] / max(1, row["with"] + row["without"])
+            if 0.2 <= share <= 0.8:
+                lo, hi = row["level_mm"]
+                mixed |= (evaluation.level >= lo) & (evaluation.level < hi)
+        rows = ab & mixed
+        out["difference-level"]["mixed_level_abnormal_slices"] = int(rows.sum())
+        out["difference-level"]["auroc_within_abnormal_slices_mixed_levels"] = pixel_auroc(
+            level[rows][organ[rows]], truth[rows][organ[rows]]
+        )
+        out["synthetic_lesion"] = synthetic_lesion_check(evaluation, seed)
+    return out
+
+
+def synthetic_lesion_check(evaluation: WeakSlices, seed: int) -> dict[str, Any]:
+    """The difference evidences on `evaluation` with a visible lesion as the label (see evidence_within_slices)."""
+    g = torch.Generator().manual_seed(seed)
+    x, truth = evaluation.x.clone(), torch.zeros_like(evaluation.truth)
+    patients = list(dict.fromkeys(evaluation.study))
+    with_lesion = set(patients[::2])
+    yy, xx = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
+    for i in range(len(x)):
+        if evaluation.study[i] not in with_lesion or not (-60 <= float(evaluation.level[i]) < -20):
+            continue
+        inside = torch.nonzero(torch.nn.functional.max_pool2d(-evaluation.organ[i], 7, 1, 3)[0] > -0.5)
+        inside = inside if len(inside) else torch.nonzero(evaluation.organ[i, 0] > 0.5)
+        cy, cx = inside[int(torch.randint(len(inside), (), generator=g))].tolist()
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9) & (evaluation.organ[i, 0] > 0.5)
+        x[i, 0][disc] = (x[i, 0][disc] + 0.25).clamp(max=1.0)  # window 800 HU over [-1, 1]: 0.25 = 100 HU
+        truth[i, 0][disc] = 1.0
+    abnormal = truth.flatten(1).any(1)
+    synthetic = WeakSlices(**{**vars(evaluation), "x": x, "truth": truth, "abnormal": abnormal})
+    organ, t = synthetic.organ[:, 0] > 0.5, truth[:, 0] > 0.5
+    out: dict[str, Any] = {"patients_with_lesion": len(with_lesion), "abnormal_slices": int(abnormal.sum())}
+    for name, pairing in (("difference", "patient"), ("difference-level", "level")):
+        m = difference_evidence(synthetic, pairing=pairing)[:, 0]
+        out[name] = {
+            "auroc_within_abnormal_slices": pixel_auroc(m[abnormal][organ[abnormal]], t[abnormal][organ[abnormal]])
         }
     return out
 
@@ -216,9 +320,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"Evidence (classifier slice accuracy {ev['slice_accuracy']:.3f}): pixel AUROC over all slices' body / "
             "within abnormal slices only: "
             + "; ".join(
-                f"{n} {ev[n]['auroc_all_slices']:.3f} / {ev[n]['auroc_within_abnormal_slices']:.3f}"
-                for n in ("cam", "grad-cam", "difference")
+                f"{n} {ev[n]['auroc_all_slices']:.3f} / {ev[n]['auroc_within_abnormal_slices']:.3f}" for n in EVIDENCE
             ),
+            "",
+            extra_evidence(ev),
             "",
             "| paired (per patient) | mean difference | wins | Wilcoxon p |",
             "|---|---|---|---|",
@@ -228,6 +333,27 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {t['mean_difference']:+.3f} | {t['wins']}/{t['patients']} | {p} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def extra_evidence(ev: dict[str, Any]) -> str:
+    """The level-matched difference's extra figures (mixed levels, match share, the synthetic lesion) as a line."""
+    lv = ev.get("difference-level", {})
+    parts = []
+    if "matched_abnormal_share" in lv:
+        parts.append(f"abnormal slices with a level match {lv['matched_abnormal_share']:.3f}")
+    if lv.get("auroc_within_abnormal_slices_mixed_levels") is not None:
+        parts.append(
+            f"difference-level within abnormal slices at mixed levels ({lv['mixed_level_abnormal_slices']} slices) "
+            f"{lv['auroc_within_abnormal_slices_mixed_levels']:.3f}"
+        )
+    if "synthetic_lesion" in ev:
+        syn = ev["synthetic_lesion"]
+        parts.append(
+            f"synthetic lesion ({syn['abnormal_slices']} slices): within abnormal, difference "
+            f"{syn['difference']['auroc_within_abnormal_slices']}, difference-level "
+            f"{syn['difference-level']['auroc_within_abnormal_slices']}"
+        )
+    return "; ".join(parts)
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -241,8 +367,9 @@ def print_table(result: dict[str, Any]) -> None:
             )
         ev = rec["evidence"]
         print(f"  evidence (classifier slice accuracy {ev['slice_accuracy']:.3f}), pixel AUROC all / within abnormal:")
-        for name in ("cam", "grad-cam", "difference"):
+        for name in EVIDENCE:
             print(f"    {name}: {ev[name]['auroc_all_slices']:.3f} / {ev[name]['auroc_within_abnormal_slices']:.3f}")
+        print(f"    {extra_evidence(ev)}")
         for name, t in rec["paired"].items():
             p = "n/a" if t["wilcoxon_p"] is None else f"{t['wilcoxon_p']:.2g}"
             print(f"  {name}: mean diff {t['mean_difference']:+.3f}, wins {t['wins']}/{t['patients']}, p {p}")

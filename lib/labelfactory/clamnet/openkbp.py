@@ -8,7 +8,11 @@ to work; only patients with both parotids contoured, `has_target`). Pixel truth,
 only: the target's mask. Organ crop (ClamNet section 3.2): the body (`labelfactory.clamnet.body`), the one region
 segmentable on every patient here: the organ labels miss the target's tissue (PTV70 surrounds
 oropharynx, larynx and neck nodes) and are not contoured in every patient. eta from the slice
-labels: `ramp_eta` over each patient's z axis.
+labels: `ramp_eta` over each patient's z axis. Level (`WeakSlices.level`, for `ClamNetConfig.pairing = "level"`): mm
+above the brainstem's lowest slice (the foramen magnum, where the spinal cord begins; `LANDMARK`), an anatomical
+landmark: the body's z extent is not one here (OpenKBP's CT holds values only near the planned dose, so the extent
+follows the PTVs), and the parotids' centres scatter 5 mm (median absolute deviation) about the landmark's level
+against 15 mm about the same relative place in the body's extent.
 """
 
 from __future__ import annotations
@@ -58,6 +62,26 @@ def target_mask(case: Case, image: Image, target: str) -> Image:
     raise ValueError(f"unknown target {target!r}; choose from {TARGETS}")
 
 
+BRAINSTEM, SPINAL_CORD = 1, 2
+
+
+def landmark_slice(case: Case) -> float:
+    """File slice of the level's zero: the brainstem's lowest slice; without a brainstem contour, one above the spinal
+    cord's highest; NaN with neither (its slices then match no other patient's)."""
+    z = read_label(case.label).array
+    per_slice = z.reshape(len(z), -1)
+    brainstem = np.nonzero((per_slice == BRAINSTEM).any(1))[0]
+    if len(brainstem):
+        return float(brainstem.min())
+    cord = np.nonzero((per_slice == SPINAL_CORD).any(1))[0]
+    return float(cord.max() + 1) if len(cord) else float("nan")
+
+
+def case_levels(case: Case, file_slice: torch.Tensor) -> torch.Tensor:
+    """Each file slice's level: mm above `landmark_slice` (z grows superiorly in these volumes)."""
+    return (file_slice.float() - landmark_slice(case)) * case.spacing_mm[2]
+
+
 def load_case_slices(case: Case, task: WeakTask = WeakTask()) -> WeakSlices:
     """One patient -> body crops of every slice with body, the target's truth on the crops, labels and eta per
     slice."""
@@ -77,6 +101,7 @@ def load_case_slices(case: Case, task: WeakTask = WeakTask()) -> WeakSlices:
         eta=torch.from_numpy(eta_z)[file_slice],
         study=[case.name] * n,
         file_slice=file_slice,
+        level=case_levels(case, file_slice),
     )
 
 
