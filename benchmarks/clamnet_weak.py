@@ -24,26 +24,28 @@ Per-method records are cached under `--work/<task>/seed<k>/` so an interrupted r
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import wilcoxon
 
 from labelfactory.checkpoints import code_version
 from labelfactory.clamnet.cam import CamConfig, cam_maps, class_activation_maps, train_classifier
-from labelfactory.clamnet.data import WeakSlices
+from labelfactory.clamnet.data import WeakSlices, slice_levels
 from labelfactory.clamnet.evaluate import pixel_auroc
 from labelfactory.clamnet.experiment import FLOOR, Budget, describe, run_method
 from labelfactory.clamnet.openkbp import TARGETS, WeakTask, case_levels, load_weak_task, target_mask
 from labelfactory.clamnet.report import task_picture
 from labelfactory.clamnet.targets import difference_evidence
-from labelfactory.datasets.openkbp import Case, read_cases
+from labelfactory.datasets.openkbp import WINDOW, Case, read_cases
 from labelfactory.io import read_image
 from labelfactory.jsonio import write_json_atomic
 
@@ -63,6 +65,8 @@ METHODS = {  # name here -> name in labelfactory.clamnet.experiment
 RULES = ("clamnet-self", "clamnet-cam", "clamnet-difference", "clamnet-level-self", "clamnet-level-difference")
 EVIDENCE = ("cam", "grad-cam", "difference", "difference-level", "intensity")
 BOOTSTRAP = 2000
+SYNTHETIC = "lesion"  # the sanity task: ptv70's slices with add_synthetic_lesions as the label
+LESION_LEVELS = (-60.0, -20.0)  # mm above the landmark: the oropharynx, where PTV70 is in ~95 % of the patients
 
 
 def load(root: Path, task: WeakTask, train_patients: int, val_patients: int, cache: Path) -> dict[str, WeakSlices]:
@@ -183,7 +187,12 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method and seed on one task. Returns (the task's JSON record, what its picture needs)."""
     work = args.work / task.target
-    data = load(args.root, task, args.train_patients, args.val_patients, work / "slices.pt")
+    if task.target == SYNTHETIC:  # the same crops as ptv70, a synthetic label
+        base = replace(task, target="ptv70")
+        data = load(args.root, base, args.train_patients, args.val_patients, args.work / "ptv70" / "slices.pt")
+        data = {k: add_synthetic_lesions(v, seed) for seed, (k, v) in enumerate(data.items())}
+    else:
+        data = load(args.root, task, args.train_patients, args.val_patients, work / "slices.pt")
     train, evaluation = data["train"], data["validation"]
     names = list(dict.fromkeys(train.study))[: args.threshold_patients]
     threshold_set = train.subset(np.nonzero([s in names for s in train.study])[0])
@@ -208,7 +217,7 @@ def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], 
         "maps": {m: saved[m]["maps"] for m in args.methods},
         "thresholds": {m: runs[m][args.seeds[0]]["threshold"] for m in args.methods},
     }
-    presence = presence_by_level(args.root, task, work / "presence.pt")
+    presence = None if task.target == SYNTHETIC else presence_by_level(args.root, task, work / "presence.pt")
     record = {
         "task": asdict(task),
         "presence_by_level": presence,
@@ -267,37 +276,50 @@ def evidence_within_slices(
     return out
 
 
-def synthetic_lesion_check(evaluation: WeakSlices, seed: int) -> dict[str, Any]:
-    """The difference evidences on `evaluation` with a visible lesion as the label (see evidence_within_slices)."""
+def add_synthetic_lesions(
+    slices: WeakSlices, seed: int, levels: tuple[float, float] = LESION_LEVELS, hu: float = 100.0, radius: int = 3
+) -> WeakSlices:
+    """`slices` with a visible 'lesion' as the label: in every other patient (1st, 3rd, ...), on each slice whose level
+    lies in `levels` (mm), a disc of `radius` px, `hu` brighter, at a random place in the body (>= 3 px from its
+    edge); truth the disc, abnormal where there is one, eta 1. The other patients have none at those levels: presence
+    varies at a fixed level, and the abnormality shows on the CT, as a lesion does and a PTV does not."""
     g = torch.Generator().manual_seed(seed)
-    x, truth = evaluation.x.clone(), torch.zeros_like(evaluation.truth)
-    patients = list(dict.fromkeys(evaluation.study))
-    with_lesion = set(patients[::2])
+    x, truth = slices.x.clone(), torch.zeros_like(slices.truth)
+    with_lesion = set(list(dict.fromkeys(slices.study))[::2])
     yy, xx = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
+    level = slice_levels(slices)
     for i in range(len(x)):
-        if evaluation.study[i] not in with_lesion or not (-60 <= float(evaluation.level[i]) < -20):
+        if slices.study[i] not in with_lesion or not (levels[0] <= float(level[i]) < levels[1]):
             continue
-        inside = torch.nonzero(torch.nn.functional.max_pool2d(-evaluation.organ[i], 7, 1, 3)[0] > -0.5)
-        inside = inside if len(inside) else torch.nonzero(evaluation.organ[i, 0] > 0.5)
+        body = slices.organ[i, 0] > 0.5
+        inside = torch.nonzero(F.max_pool2d(-slices.organ[i], 7, 1, 3)[0] > -0.5)  # the body eroded by 3 px
+        inside = inside if len(inside) else torch.nonzero(body)
         cy, cx = inside[int(torch.randint(len(inside), (), generator=g))].tolist()
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9) & (evaluation.organ[i, 0] > 0.5)
-        x[i, 0][disc] = (x[i, 0][disc] + 0.25).clamp(max=1.0)  # window 800 HU over [-1, 1]: 0.25 = 100 HU
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2) & body
+        x[i, 0][disc] = (x[i, 0][disc] + 2 * hu / WINDOW.width).clamp(max=1.0)  # crops: the window over [-1, 1]
         truth[i, 0][disc] = 1.0
     abnormal = truth.flatten(1).any(1)
-    synthetic = WeakSlices(**{**vars(evaluation), "x": x, "truth": truth, "abnormal": abnormal})
-    organ, t = synthetic.organ[:, 0] > 0.5, truth[:, 0] > 0.5
-    out: dict[str, Any] = {"patients_with_lesion": len(with_lesion), "abnormal_slices": int(abnormal.sum())}
+    return replace(
+        slices, x=x, truth=truth, abnormal=abnormal, eta=torch.ones(len(x)), has_truth=torch.ones_like(abnormal)
+    )
+
+
+def synthetic_lesion_check(evaluation: WeakSlices, seed: int) -> dict[str, Any]:
+    """The difference evidences on `evaluation` with a synthetic lesion as the label (add_synthetic_lesions)."""
+    synthetic = add_synthetic_lesions(evaluation, seed)
+    abnormal, organ, t = synthetic.abnormal, synthetic.organ[:, 0] > 0.5, synthetic.truth[:, 0] > 0.5
+    out: dict[str, Any] = {"abnormal_slices": int(abnormal.sum())}
     for name, pairing in (("difference", "patient"), ("difference-level", "level")):
         m = difference_evidence(synthetic, pairing=pairing)[:, 0]
-        out[name] = {
-            "auroc_within_abnormal_slices": pixel_auroc(m[abnormal][organ[abnormal]], t[abnormal][organ[abnormal]])
-        }
+        gate = organ[abnormal]
+        out[name] = {"auroc_within_abnormal_slices": pixel_auroc(m[abnormal][gate], t[abnormal][gate])}
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
     """Per task: the methods' per-patient means with 95% intervals, the evidence ablation, the paired tests."""
-    lines = [f"Command: `{result['command']}` (commit {result['code'].get('git', '?')})", ""]
+    commands = ", ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+    lines = [f"Commands: {commands} (commit {result['code'].get('git', '?')})", ""]
     for target, rec in result["tasks"].items():
         v = rec["data"]["validation"]
         lines += [
@@ -378,7 +400,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=OPENKBP, help="OpenKBP layout (cases.csv, volumes/)")
-    ap.add_argument("--tasks", nargs="+", default=["parotid", "ptv70"], choices=TARGETS)
+    ap.add_argument("--tasks", nargs="+", default=["parotid", "ptv70"], choices=[*TARGETS, SYNTHETIC])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
@@ -395,6 +417,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "clamnet_weak.json")
     ap.add_argument("--png", type=Path, default=REPO / "docs" / "results" / "clamnet_weak.png")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the other tasks of an existing --out (tasks with their own methods)"
+    )
     ap.add_argument(
         "--reduced",
         action="store_true",
@@ -423,6 +448,13 @@ def main() -> None:
         "marker_fraction": args.marker_fraction,
     }
     result["code"] = code_version()
+    if args.merge and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        commands = old.get("commands", [old["command"]]) if "command" in old else old.get("commands", [])
+        result["tasks"] = {**{k: v for k, v in old["tasks"].items() if k not in result["tasks"]}, **result["tasks"]}
+        result["commands"] = [*commands, result["command"]]
+        budgets = old.get("budgets", {t: old["budget"] for t in old["tasks"]})
+        result["budgets"] = {**budgets, **{t: result["budget"] for t in args.tasks}}
     write_json_atomic(result, args.out, 2)
     args.out.with_suffix(".md").write_text(markdown(result))
     task_picture(pictures, args.png)
