@@ -65,7 +65,9 @@ METHODS = {  # name here -> name in labelfactory.clamnet.experiment
 RULES = ("clamnet-self", "clamnet-cam", "clamnet-difference", "clamnet-level-self", "clamnet-level-difference")
 EVIDENCE = ("cam", "grad-cam", "difference", "difference-level", "intensity")
 BOOTSTRAP = 2000
-SYNTHETIC = "lesion"  # the sanity task: ptv70's slices with add_synthetic_lesions as the label
+# the sanity tasks: ptv70's slices with add_synthetic_lesions as the label, task -> the disc's radius (px): 3 (about
+# 1.5 % of the body crop's pixels), 6 (about 6 %, near the a-priori marker_fraction 0.1 of every rule)
+SYNTHETIC = {"lesion": 3, "lesion6": 6}
 LESION_LEVELS = (-60.0, -20.0)  # mm above the landmark: the oropharynx, where PTV70 is in ~95 % of the patients
 
 
@@ -137,10 +139,14 @@ def interval(values: np.ndarray, seed: int = 0) -> list[float]:
 
 
 def per_patient_table(records: dict[int, dict[str, Any]], metric: str) -> dict[str, float]:
-    """{patient: metric averaged over seeds} from {seed: run_method record}; patients with no value left out."""
+    """{patient: metric averaged over seeds} from {seed: run_method record}; patients with no value left out, and
+    patients without the target (no abnormal slice: the synthetic tasks' patients without a lesion), as an organ is
+    scored only on the patients that have it."""
     patients = next(iter(records.values()))["per_patient"]
     out = {}
     for p in patients:
+        if not next(iter(records.values()))["per_patient"][p].get("abnormal_slices", 1):
+            continue
         vals = [r["per_patient"][p][metric] for r in records.values() if r["per_patient"][p][metric] is not None]
         if vals:
             out[p] = float(np.mean(vals))
@@ -157,7 +163,7 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
             pp = per_patient_table(records, metric)
             values = np.array(list(pp.values()))
             seed_means = [
-                float(np.mean([v[metric] for v in r["per_patient"].values() if v[metric] is not None]))
+                float(np.mean([r["per_patient"][p][metric] for p in pp if r["per_patient"][p][metric] is not None]))
                 for r in records.values()
             ]
             row[metric] = {
@@ -187,10 +193,11 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
 def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method and seed on one task. Returns (the task's JSON record, what its picture needs)."""
     work = args.work / task.target
-    if task.target == SYNTHETIC:  # the same crops as ptv70, a synthetic label
+    if task.target in SYNTHETIC:  # the same crops as ptv70, a synthetic label
         base = replace(task, target="ptv70")
         data = load(args.root, base, args.train_patients, args.val_patients, args.work / "ptv70" / "slices.pt")
-        data = {k: add_synthetic_lesions(v, seed) for seed, (k, v) in enumerate(data.items())}
+        radius = SYNTHETIC[task.target]
+        data = {k: add_synthetic_lesions(v, seed, radius=radius) for seed, (k, v) in enumerate(data.items())}
     else:
         data = load(args.root, task, args.train_patients, args.val_patients, work / "slices.pt")
     train, evaluation = data["train"], data["validation"]
@@ -217,7 +224,7 @@ def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], 
         "maps": {m: saved[m]["maps"] for m in args.methods},
         "thresholds": {m: runs[m][args.seeds[0]]["threshold"] for m in args.methods},
     }
-    presence = None if task.target == SYNTHETIC else presence_by_level(args.root, task, work / "presence.pt")
+    presence = None if task.target in SYNTHETIC else presence_by_level(args.root, task, work / "presence.pt")
     record = {
         "task": asdict(task),
         "presence_by_level": presence,
@@ -400,7 +407,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=OPENKBP, help="OpenKBP layout (cases.csv, volumes/)")
-    ap.add_argument("--tasks", nargs="+", default=["parotid", "ptv70"], choices=[*TARGETS, SYNTHETIC])
+    ap.add_argument("--tasks", nargs="+", default=["parotid", "ptv70"], choices=[*TARGETS, *SYNTHETIC])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
