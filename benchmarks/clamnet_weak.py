@@ -228,7 +228,7 @@ def run_task(task: WeakTask, args: argparse.Namespace) -> tuple[dict[str, Any], 
     record = {
         "task": asdict(task),
         "presence_by_level": presence,
-        "evidence": evidence_within_slices(train, evaluation, args.steps, args.seeds[0]),
+        "evidence": evidence_within_slices(train, evaluation, args.steps, args.seeds[0], presence),
         "data": {"train": describe(train), "threshold": describe(threshold_set), "validation": describe(evaluation)},
         "train_s": {m: [r["train_s"] for r in runs[m].values()] for m in args.methods},
         **summarise(runs),
