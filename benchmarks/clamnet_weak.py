@@ -42,6 +42,8 @@ from labelfactory.clamnet.cam import CamConfig, cam_maps, class_activation_maps,
 from labelfactory.clamnet.data import WeakSlices, slice_levels
 from labelfactory.clamnet.evaluate import pixel_auroc
 from labelfactory.clamnet.experiment import FLOOR, Budget, describe, run_method
+from labelfactory.clamnet.loss import label_targets
+from labelfactory.clamnet.network import MARKER
 from labelfactory.clamnet.openkbp import TARGETS, WeakTask, case_levels, load_weak_task, target_mask
 from labelfactory.clamnet.report import task_picture
 from labelfactory.clamnet.targets import difference_evidence
@@ -311,15 +313,26 @@ def add_synthetic_lesions(
     )
 
 
-def synthetic_lesion_check(evaluation: WeakSlices, seed: int) -> dict[str, Any]:
-    """The difference evidences on `evaluation` with a synthetic lesion as the label (add_synthetic_lesions)."""
-    synthetic = add_synthetic_lesions(evaluation, seed)
-    abnormal, organ, t = synthetic.abnormal, synthetic.organ[:, 0] > 0.5, synthetic.truth[:, 0] > 0.5
-    out: dict[str, Any] = {"abnormal_slices": int(abnormal.sum())}
-    for name, pairing in (("difference", "patient"), ("difference-level", "level")):
-        m = difference_evidence(synthetic, pairing=pairing)[:, 0]
-        gate = organ[abnormal]
-        out[name] = {"auroc_within_abnormal_slices": pixel_auroc(m[abnormal][gate], t[abnormal][gate])}
+def synthetic_lesion_check(evaluation: WeakSlices, seed: int, marker_fraction: float = 0.1) -> dict[str, Any]:
+    """The difference evidences on `evaluation` with a synthetic lesion as the label (add_synthetic_lesions, radius 3
+    and 6 px): pixel AUROC within abnormal slices, and the precision / recall of the target a rule would take from it
+    (the top `marker_fraction` of each abnormal slice's body)."""
+    out: dict[str, Any] = {}
+    for radius in (3, 6):
+        synthetic = add_synthetic_lesions(evaluation, seed, radius=radius)
+        abnormal, organ, t = synthetic.abnormal, synthetic.organ[:, 0] > 0.5, synthetic.truth[:, 0] > 0.5
+        rec: dict[str, Any] = {"abnormal_slices": int(abnormal.sum())}
+        for name, pairing in (("difference", "patient"), ("difference-level", "level")):
+            m = difference_evidence(synthetic, pairing=pairing)
+            target = label_targets(abnormal, synthetic.organ, m, marker_fraction)[:, MARKER].bool()[abnormal]
+            hit = float((target & t[abnormal]).sum())
+            gate = organ[abnormal]
+            rec[name] = {
+                "auroc_within_abnormal_slices": pixel_auroc(m[:, 0][abnormal][gate], t[abnormal][gate]),
+                "target_precision": hit / max(1.0, float(target.sum())),
+                "target_recall": hit / max(1.0, float(t[abnormal].sum())),
+            }
+        out[f"radius{radius}"] = rec
     return out
 
 
@@ -375,12 +388,14 @@ def extra_evidence(ev: dict[str, Any]) -> str:
             f"difference-level within abnormal slices at mixed levels ({lv['mixed_level_abnormal_slices']} slices) "
             f"{lv['auroc_within_abnormal_slices_mixed_levels']:.3f}"
         )
-    if "synthetic_lesion" in ev:
-        syn = ev["synthetic_lesion"]
+    for key, syn in ev.get("synthetic_lesion", {}).items():
         parts.append(
-            f"synthetic lesion ({syn['abnormal_slices']} slices): within abnormal, difference "
-            f"{syn['difference']['auroc_within_abnormal_slices']}, difference-level "
-            f"{syn['difference-level']['auroc_within_abnormal_slices']}"
+            f"synthetic lesion {key} ({syn['abnormal_slices']} slices), AUROC within abnormal / top-fraction target "
+            "precision: "
+            + ", ".join(
+                f"{n} {syn[n]['auroc_within_abnormal_slices']:.3f} / {syn[n]['target_precision']:.3f}"
+                for n in ("difference", "difference-level")
+            )
         )
     return "; ".join(parts)
 
