@@ -52,5 +52,6 @@ def test_the_benchmark_runs_reduced_and_writes_its_figures(tmp_path):
         assert lo <= row["dice"]["mean"] <= hi and len(row["dice"]["per_patient"]) == 4
     assert set(rec["paired"]) == {f"clamnet-cam vs {o} {m}" for o in ("grad-cam", "floor") for m in ("dice", "auroc")}
     assert "clamnet-cam vs grad-cam dice" in out.with_suffix(".md").read_text()
-    assert set(rec["evidence"]) == {"slice_accuracy", "cam", "grad-cam", "difference"}
+    assert {"slice_accuracy", "cam", "grad-cam", "difference", "difference-level", "intensity"} <= set(rec["evidence"])
+    assert rec["presence_by_level"]["rows"]
     assert png.stat().st_size > 10_000 and torch.load(tmp_path / "parotid" / "slices.pt", weights_only=True)["key"]

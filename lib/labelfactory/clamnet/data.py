@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class WeakSlices:
     """N organ crops: x, organ, truth (N, 1, S, S); abnormal (N,) bool; eta (N,); has_truth (N,) bool;
-    study (N,) ids; file_slice (N,) index in the study's file."""
+    study (N,) ids; file_slice (N,) index in the study's file; level (N,) the slice's anatomical level in mm along
+    the body axis, comparable across studies (`ClamNetConfig.pairing = "level"` matches slices of different studies
+    by it; None: not known, `slice_levels` makes one)."""
 
     x: torch.Tensor
     organ: torch.Tensor
@@ -45,6 +47,7 @@ class WeakSlices:
     eta: torch.Tensor
     study: list[str]
     file_slice: torch.Tensor
+    level: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -54,7 +57,7 @@ class WeakSlices:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx]
+            out[f.name] = None if v is None else [v[i] for i in idx.tolist()] if isinstance(v, list) else v[idx]
         return WeakSlices(**out)
 
     @staticmethod
@@ -63,8 +66,25 @@ class WeakSlices:
         out = {}
         for f in fields(WeakSlices):
             vs = [getattr(p, f.name) for p in parts]
-            out[f.name] = [s for v in vs for s in v] if isinstance(vs[0], list) else torch.cat(vs)
+            if any(v is None for v in vs):
+                out[f.name] = None  # a level known for only some parts is not comparable: none
+            else:
+                out[f.name] = [s for v in vs for s in v] if isinstance(vs[0], list) else torch.cat(vs)
         return WeakSlices(**out)
+
+
+def slice_levels(slices: WeakSlices) -> torch.Tensor:
+    """`slices.level`, or where it is None a fallback: each slice's place in its study's labelled slices, from 0 (the
+    lowest file slice) to 100 (the highest), so studies covering the same body part line up roughly."""
+    if slices.level is not None:
+        return slices.level
+    out = torch.zeros(len(slices))
+    studies = np.array(slices.study)
+    for s in dict.fromkeys(slices.study):
+        rows = torch.from_numpy(np.nonzero(studies == s)[0])
+        z = slices.file_slice[rows].float()
+        out[rows] = 100 * (z - z.min()) / (z.max() - z.min()).clamp(min=1)
+    return out
 
 
 def find_mask(study: Study, name: str, organ_dirs: list[Path]) -> Path | None:

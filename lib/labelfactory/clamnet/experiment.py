@@ -52,6 +52,16 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any], str | None]] = {
         {"target": "difference"},
         None,
     ),
+    "level_self": (
+        "pairing: NORMAL / NEGATIVE partners from other patients at the same level (pairs.level_normals)",
+        {"pairing": "level"},
+        None,
+    ),
+    "level_difference": (
+        "target: the difference from the 4 most similar normal slices of other patients at the same level, aligned",
+        {"target": "difference", "pairing": "level"},
+        None,
+    ),
 }
 
 

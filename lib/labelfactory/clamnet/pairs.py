@@ -107,8 +107,10 @@ class PairSampler:
     """Draws PairBatch-es from slices x (N, 1, S, S), labels abnormal (N,) bool, eta (N,), organ (N, 1, S, S).
 
     `mix`: relative frequency of SAME, NORMAL and NEGATIVE pairs; `partners`: for each slice index, the normal
-    slices a NEGATIVE pair may put beside it when it is the abnormal one (see `near_normals`; None: any normal slice);
-    `evidence`: (N, 1, S, S) maps abnormal slices take their targets from (None: the network's own marker).
+    slices a NEGATIVE pair may put beside it when it is the abnormal one (see `near_normals`, `level_normals`; None: any
+    normal slice); `normal_partners`: the same for the second slice of a NORMAL pair (`level_normals`: the same level in
+    other patients; None: any other normal slice); `evidence`: (N, 1, S, S) maps abnormal slices take their targets
+    from (None: the network's own marker).
     """
 
     def __init__(
@@ -120,7 +122,9 @@ class PairSampler:
         mix: tuple[float, float, float] = (1.0, 1.0, 1.0),
         partners: dict[int, torch.Tensor] | None = None,
         evidence: torch.Tensor | None = None,
+        normal_partners: dict[int, torch.Tensor] | None = None,
     ):
+        self.normal_partners = normal_partners or {}
         self.x, self.abnormal, self.eta, self.organ = x, abnormal.bool(), eta.float(), organ.float()
         self.evidence = evidence
         self.partners = partners or {}
@@ -152,6 +156,8 @@ class PairSampler:
                 continue
             if kind == NORMAL:
                 i, j = self._pick(self.normal_idx, gen, 2)
+                if i in self.normal_partners:
+                    j = self._pick(self.normal_partners[i], gen)[0]
             else:
                 i = self._pick(self.abnormal_idx, gen)[0]
                 j = self._pick(self.partners.get(i, self.normal_idx), gen)[0]
@@ -199,3 +205,63 @@ def near_normals(abnormal: torch.Tensor, study: list[str], z: torch.Tensor, k: i
             order = torch.argsort((z[normal] - z[i]).abs() * 2 + (z[normal] > z[i]).long(), stable=True)
             out[i] = normal[order[:k]]
     return out
+
+
+PAIRINGS = ("patient", "level")
+LEVEL_WINDOW = 10.0  # level units (mm on OpenKBP): how far apart two slices of different studies may lie and match
+SHIFT = 2  # px: the in-plane translation searched when two level-matched crops are aligned
+
+
+def shifted(x: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, S, S) -> every integer translation within +-shift px: (C, T, S, S) and the (T, 2) (dy, dx) used.
+    Pixels moved in from outside take the crop's air value -1."""
+    offsets = torch.tensor([(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)])
+    padded = F.pad(x, (shift, shift, shift, shift), value=-1.0)
+    s = x.shape[-1]
+    views = [padded[:, shift - dy : shift - dy + s, shift - dx : shift - dx + s] for dy, dx in offsets.tolist()]
+    return torch.stack(views, 1), offsets
+
+
+def level_normals(
+    query: torch.Tensor,
+    abnormal: torch.Tensor,
+    study: list[str],
+    level: torch.Tensor,
+    x: torch.Tensor,
+    organ: torch.Tensor,
+    k: int,
+    window: float = LEVEL_WINDOW,
+    shift: int = SHIFT,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each query slice index, the k normal slices of OTHER studies at its level (|level difference| <= window)
+    that look most like it after alignment, with the alignment: {i: (indices (<=k,), (dy, dx) per index)}.
+
+    Level matching puts beside a slice what the same anatomy looks like in patients whose label says normal there,
+    where the patient's own neighbours differ in level. Alignment: the body crops are already translation- and
+    scale-normalised (square box around the body); on top, the integer translation within +-shift px that
+    minimises the mean squared difference over the query's organ. Queries without a candidate are left out.
+    x, organ (N, 1, S, S); abnormal (N,) bool; level (N,).
+    """
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    studies = np.array(study)
+    normal = ~abnormal.bool()
+    for i in query.tolist():
+        cand = torch.from_numpy(np.nonzero(studies != studies[i])[0])
+        cand = cand[normal[cand] & ((level[cand] - level[i]).abs() <= window)]
+        if len(cand) == 0:
+            continue
+        views, offsets = shifted(x[cand, 0], shift)
+        gate = organ[i, 0] > 0.5
+        err = ((views - x[i, 0]) ** 2)[..., gate].mean(-1)  # (C, T)
+        best, t = err.min(1)
+        order = torch.argsort(best, stable=True)[:k]
+        out[i] = (cand[order], offsets[t[order]])
+    return out
+
+
+def aligned_mean(x: torch.Tensor, matches: tuple[torch.Tensor, torch.Tensor], shift: int = SHIFT) -> torch.Tensor:
+    """The mean of the matched slices (x (N, 1, S, S)), each moved by its alignment -> (1, S, S)."""
+    idx, offsets = matches
+    views, all_offsets = shifted(x[idx, 0], shift)
+    pick = [int(((all_offsets == o).all(1)).nonzero()[0]) for o in offsets]
+    return views[torch.arange(len(idx)), torch.tensor(pick)].mean(0, keepdim=True)

@@ -16,11 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 from labelfactory import distributed
 from labelfactory.checkpoints import load_checkpoint, save_checkpoint
 from labelfactory.clamnet.cam import CamConfig
-from labelfactory.clamnet.data import WeakSlices
+from labelfactory.clamnet.data import WeakSlices, slice_levels
 from labelfactory.clamnet.loss import clamnet_loss
 from labelfactory.clamnet.network import ClamNetPair
-from labelfactory.clamnet.pairs import PairBatch, PairSampler, near_normals
-from labelfactory.clamnet.targets import TARGETS, evidence
+from labelfactory.clamnet.pairs import PAIRINGS, PairBatch, PairSampler, level_normals, near_normals
+from labelfactory.clamnet.targets import NEIGHBOURS, TARGETS, evidence
 from labelfactory.devices import cuda_speedups, resolve_device
 from labelfactory.errors import LabelFactoryError
 from labelfactory.io import Window
@@ -41,8 +41,11 @@ class ClamNetConfig:
     of the k nearest normal slices of its own study (pairs.near_normals), 0 with any normal slice;
     window: CT (level, width) in HU; margin_mm: organ crop margin; threshold: marker probability at
     which a pixel is in the mask; target: what an abnormal slice's target is taken from (targets.py: the network's
-    own marker `self`, a CAM seed `cam`, the difference from its study's nearest normal slices `difference`); marker:
-    the name of what the map marks."""
+    own marker `self`, a CAM seed `cam`, the difference from its study's nearest normal slices `difference`); pairing:
+    where NORMAL / NEGATIVE partners and the `difference` target's normal slices come from: `patient` (NORMAL: any
+    normal slice; NEGATIVE: per near_negatives; difference: the study's own nearest normal slices) or `level` (the
+    most similar normal slices of OTHER studies within level_window of the slice's level, `pairs.level_normals`, for
+    all three); marker: the name of what the map marks."""
 
     size: int = option(256, "crop side in pixels", low=8)
     features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
@@ -62,6 +65,8 @@ class ClamNetConfig:
     window: tuple[float, float] = (100.0, 600.0)
     threshold: float = option(0.5, "marker probability at which a pixel is in the mask", high=1)
     target: str = option("self", "what an abnormal slice's target is taken from (targets.py)", choices=TARGETS)
+    pairing: str = option("patient", "normal slices of pairs / difference: same patient or level", choices=PAIRINGS)
+    level_window: float = option(10.0, "pairing level: largest level difference of a match (mm on OpenKBP)", low=0)
     marker: str = option("marker", "what the map marks (the infer's label name, e.g. parotid)")
 
     @property
@@ -113,17 +118,21 @@ def train_clamnet(
         )
     cuda_speedups(device)
     seed_cam = CamConfig(steps=config.steps, batch=config.batch, lr=config.lr, seed=config.seed)
-    seeds = evidence(slices, config.target, seed_cam, device)
+    seeds = evidence(slices, config.target, seed_cam, device, config.pairing, config.level_window)
     torch.manual_seed(config.seed)
     pair = build_pair(config).to(device)
     net_a, net_b = pair.a, pair.b
     if world > 1:
         net_a, net_b = _synced(pair.a, config), _synced(pair.b, config)
     gen = torch.Generator().manual_seed(config.seed)
-    partners = None
-    if config.near_negatives > 0:
+    partners, normal_partners = None, None
+    if config.pairing == "level":
+        partners, normal_partners = level_partners(slices, max(config.near_negatives, NEIGHBOURS), config.level_window)
+    elif config.near_negatives > 0:
         partners = near_normals(slices.abnormal, slices.study, slices.file_slice, config.near_negatives)
-    sampler = PairSampler(slices.x, slices.abnormal, slices.eta, slices.organ, config.mix, partners, seeds)
+    sampler = PairSampler(
+        slices.x, slices.abnormal, slices.eta, slices.organ, config.mix, partners, seeds, normal_partners
+    )
     opt = torch.optim.Adam(pair.parameters(), lr=config.lr)
     pair.train()
     history = []
@@ -153,6 +162,19 @@ def _share(batch: PairBatch, rank: int, world: int) -> PairBatch:
         return batch
     moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
     return replace(batch, **{k: v[rank::world] for k, v in moved.items() if v is not None})
+
+
+def level_partners(
+    slices: WeakSlices, k: int, window: float
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """pairing `level`: (abnormal slice -> its k level-matched normal slices of other studies, normal slice -> the
+    same), the NEGATIVE and NORMAL partners (`pairs.level_normals`)."""
+    level = slice_levels(slices)
+    found = level_normals(
+        torch.arange(len(slices)), slices.abnormal, slices.study, level, slices.x, slices.organ, k, window
+    )
+    ab = slices.abnormal
+    return {i: m[0] for i, m in found.items() if ab[i]}, {i: m[0] for i, m in found.items() if not ab[i]}
 
 
 def _on(batch: PairBatch, device: torch.device) -> PairBatch:
