@@ -73,11 +73,11 @@ class Strategy:
         return self.explore != 1
 
 
-STRATEGIES = {
+STRATEGIES = {  # in the order a draw runs them: the baseline, the new rule, the app's default, pure uncertainty
     "random": Strategy("uncertainty", 1),
+    "coverage": Strategy("coverage", EXPLORE),
     "uncertainty": Strategy("uncertainty", EXPLORE),
     "uncertainty-pure": Strategy("uncertainty", 0),
-    "coverage": Strategy("coverage", EXPLORE),
 }
 
 
