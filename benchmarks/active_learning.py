@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (s, d) in enumerate(todo):
         result = run_unit(lab, s, d, folder)
         write_json_atomic({**identity, **result}, folder / f"{s}-d{d}.json")
-        for f in (folder / f"{s}-d{d}.partial.json", folder / f"{s}-d{d}.interp.pt"):
+        for f in [folder / f"{s}-d{d}.partial.json", *folder.glob(f"{s}-d{d}.interp.*")]:  # .sha256, .previous.pt
             f.unlink(missing_ok=True)
         print(
             f"{s} draw {d}: mean Dice {result['mean_dice']:.3f}, organs never labelled "

@@ -52,6 +52,7 @@ def study(tmp_path_factory):
 def test_the_study_holds_every_strategy_by_draw_with_paired_tests(study):
     _, _, out, units = study
     assert set(units) == {f"{s}-d{d}" for s in al.STRATEGIES for d in (0, 1)}
+    assert sorted(f.name for f in (study[0] / "work" / "units").iterdir()) == sorted(f"{u}.json" for u in units)
     assert out["commit"] and out["sizes"]["budget"] == 4 and out["sizes"]["config"]["members"] == 2
     assert list(out["strategies"]) == list(al.STRATEGIES)
     for name, row in out["strategies"].items():
