@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab(args.generator, args.annotator_model, sizes) if todo else None
     for i, (s, d) in enumerate(todo):
         result = run_unit(lab, s, d, folder)
-        write_json_atomic({**identity, **result}, folder / f"{s}-d{d}.json")
+        write_json_atomic({**identity, **result, "commit": git_commit()}, folder / f"{s}-d{d}.json")
         for f in [folder / f"{s}-d{d}.partial.json", *folder.glob(f"{s}-d{d}.interp.*")]:  # .sha256, .previous.pt
             f.unlink(missing_ok=True)
         print(
