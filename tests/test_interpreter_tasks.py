@@ -161,3 +161,106 @@ def test_generated_uncertain_explores_every_nth_image_and_says_why(setup):
         strategy({"explore": -1}, ds)
     with pytest.raises(LabelFactoryError, match="option explore='often': expected int"):
         strategy({"explore": "often"}, ds)
+
+
+class TableInterpreter:
+    """A stand-in interpreter: candidate i (its ws[i, 0, 0] == i) has mask `masks[i]` and score `scores[i]`."""
+
+    def __init__(self, masks: list[np.ndarray], scores: list[float], label_names: dict[str, int]):
+        self.masks, self.scores = torch.tensor(np.stack(masks)), torch.tensor(scores)
+        self.label_names = label_names
+
+    def label(self, ws):
+        from labelfactory.datasetgan.labeller import Labelled
+
+        i = ws[:, 0, 0].long()
+        return Labelled(torch.zeros(len(i), 1, 4, 4), self.masks[i], torch.zeros(len(i), 4, 4), self.scores[i])
+
+
+def organ_mask(*organs: int, pixels: int = 5) -> np.ndarray:
+    """(4, 4) mask with `pixels` pixels of each of `organs` (at most 3 organs), the rest background."""
+    mask = np.zeros(16, np.int64)
+    for k, v in enumerate(organs):
+        mask[k * 5 : k * 5 + pixels] = v
+    return mask.reshape(4, 4)
+
+
+def candidates(k: int) -> torch.Tensor:
+    """(k, 2, 3) latents whose [i, 0, 0] is i (what TableInterpreter looks up)."""
+    ws = torch.zeros(k, 2, 3)
+    ws[:, 0, 0] = torch.arange(k)
+    return ws
+
+
+def test_pick_coverage_prefers_an_organ_no_label_holds():
+    """coverage: the highest sum of 1 / (1 + labelled images with the organ) over the organs a candidate shows
+    (>= SHOWN_PIXELS pixels), ties by uncertainty; uncertainty: the highest score. Hand-made candidates."""
+    from labelfactory.tasks.active_learning import SHOWN_PIXELS, organ_counts, pick, rarity
+
+    names = {"background": 0, "brainstem": 1, "larynx": 2, "mandible": 3}
+    counts = organ_counts([organ_mask(1, 3), organ_mask(1), organ_mask(1, 3)])  # no larynx among the labels
+    assert dict(counts) == {0: 3, 1: 3, 3: 2}
+    assert rarity([1, 2, 3], counts) == pytest.approx(1 / 4 + 1 + 1 / 3)
+    masks = [
+        organ_mask(1, 3),  # 1/4 + 1/3, the most uncertain
+        organ_mask(2),  # larynx: 1
+        organ_mask(1, 2, pixels=SHOWN_PIXELS - 1),  # too few pixels to show either: 0
+        organ_mask(2),  # larynx as well, less uncertain than candidate 1
+    ]
+    interp = TableInterpreter(masks, [0.9, 0.3, 0.5, 0.2], names)
+    chosen = pick(candidates(4), interp, counts, n=3, explore=2, rule="coverage")
+    assert (chosen.index, chosen.uncertainty) == (1, pytest.approx(0.3))
+    assert chosen.why == "coverage: the rarest organs (larynx; rarity 1.000)"
+    assert pick(candidates(4), interp, counts, n=3, explore=2).index == 0  # the default rule: uncertainty
+    larynx_thrice = organ_counts([organ_mask(2)] * 3)  # now brainstem and mandible are the unlabelled: 1 + 1
+    assert pick(candidates(4), interp, larynx_thrice, 3, 2, "coverage").index == 0
+
+
+def test_pick_explores_the_first_candidate_reproducibly():
+    """Without an interpreter, and at every `explore`-th image (1: every one, 0: never), the pick is the first
+    candidate (the window's first seed, a random latent) whatever the rule; the same inputs give the same pick."""
+    from labelfactory.tasks.active_learning import RULES, pick
+
+    names = {"background": 0, "brainstem": 1}
+    interp = TableInterpreter([organ_mask(), organ_mask(1)], [0.1, 0.8], names)
+    for rule in RULES:
+        assert pick(candidates(2), None, {}, n=7, explore=0, rule=rule).why == "random: no interpreter yet"
+        for n, explore, first in ((4, 2, True), (5, 2, False), (5, 1, True), (4, 0, False)):
+            chosen = pick(candidates(2), interp, {}, n, explore, rule)
+            assert (chosen.index == 0) == first and chosen.why.startswith("random") == first, (rule, n, explore)
+            assert pick(candidates(2), interp, {}, n, explore, rule) == chosen
+    with pytest.raises(LabelFactoryError, match="option rule='diverse': expected one of uncertainty, coverage"):
+        pick(candidates(2), interp, {}, 1, 2, "diverse")
+
+
+def test_generated_uncertain_rule_coverage_is_pick_over_the_datastore_labels(setup):
+    """The server's choice under `rule` coverage is `pick` over the window and the datastore's labels, recorded
+    with the rule in the sample's info; the default rule stays uncertainty; an unknown rule is a 400."""
+    from labelfactory.tasks.active_learning import (
+        CANDIDATE_SEEDS,
+        PICKED,
+        RULE,
+        GeneratedUncertain,
+        labelled_organ_counts,
+        pick,
+    )
+
+    model_dir, ds, G, tmp = setup
+    for s in range(3):
+        add_generated(ds, G, s, tmp)
+    DatasetGANTrain(model_dir, FAST)({}, ds)
+    models = DatasetGANModels(model_dir)
+    assert GeneratedUncertain(models).rule == "uncertainty"
+    counts = labelled_organ_counts(ds)
+    assert counts[1] == 3  # every hand label (img > 0) holds value 1
+    coverage = GeneratedUncertain(models, candidates=6, truncation_psi=0.7, explore=0, rule="coverage")
+    got = coverage({}, ds)
+    first, last = ds.get_image_info(got["id"])[CANDIDATE_SEEDS]
+    ws = ws_from_seeds(G, list(range(first, last + 1)), 0.7)
+    expected = pick(ws, models.interpreter(), counts, 4, 0, "coverage")
+    assert got["seed"] == first + expected.index and got[PICKED] == expected.why and got[RULE] == "coverage"
+    assert ds.get_image_info(got["id"])[RULE] == "coverage" and expected.why.startswith("coverage: ")
+    assert coverage({"rule": "uncertainty"}, ds)[PICKED] == "the most uncertain candidate"
+    with pytest.raises(LabelFactoryError, match="option rule='rare': expected one of") as e:
+        coverage({"rule": "rare"}, ds)
+    assert e.value.status == 400

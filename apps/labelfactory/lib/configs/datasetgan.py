@@ -5,7 +5,9 @@ next-sample strategy `generated_uncertain` and scoring `generated_uncertainty`.
 Conf: datasetgan_<option> (or the older interpreter_<option>) for each trainer option
 (`DatasetGANTrain.options`; defaults: `labelfactory.datasetgan.train.DatasetGANConfig`), candidates
 (K new images scored per next sample), explore (every N-th next sample a random new image; 0 never;
-default 2) and truncation_psi (defaults: `GeneratedUncertain`'s, `SynthesisInfer`'s).
+default 2), rule (how the other next samples are chosen: `uncertainty`, the default, or `coverage`, the rarest
+predicted organs; `labelfactory.tasks.active_learning.pick`) and truncation_psi (defaults: `GeneratedUncertain`'s,
+`SynthesisInfer`'s).
 """
 
 from monailabel.interfaces.config import TaskConfig
@@ -26,6 +28,7 @@ class DatasetGAN(TaskConfig):
         self.candidates = {"candidates": int(conf["candidates"])} if conf.get("candidates") else {}
         self.psi = {"truncation_psi": float(conf["truncation_psi"])} if conf.get("truncation_psi") else {}
         self.explore = {"explore": int(conf["explore"])} if conf.get("explore") else {}
+        self.rule = {"rule": conf["rule"]} if conf.get("rule") else {}
         self.label_names = kwargs.get("label_map", DEFAULT).values  # the app's served map (main.py)
         self.device = kwargs.get("device", "auto")  # the app's (main.py): every task below runs there
         self.models = DatasetGANModels(model_dir, self.label_names, self.device)
@@ -45,7 +48,11 @@ class DatasetGAN(TaskConfig):
         }
 
     def strategy(self):
-        return {"generated_uncertain": GeneratedUncertain(self.models, **self.candidates, **self.psi, **self.explore)}
+        return {
+            "generated_uncertain": GeneratedUncertain(
+                self.models, **self.candidates, **self.psi, **self.explore, **self.rule
+            )
+        }
 
     def scoring_method(self):
         return {"generated_uncertainty": GeneratedUncertainty(self.models)}
