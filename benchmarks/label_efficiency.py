@@ -1,27 +1,19 @@
-"""The DatasetGAN label-efficiency experiment on OpenKBP head-and-neck CT: the protocol (issue 28) and the earlier run.
+"""The DatasetGAN label-efficiency protocol on OpenKBP head-and-neck CT (issue 28): docs/RESULTS.md section 0.
 
-`label_efficiency.py run --openkbp DIR --work DIR [--freeze] [--publish]` is the protocol that writes
-docs/RESULTS.md section 0 (see the `Run` class and that section): a dev split of train patients takes every choice,
-`--freeze` fixes them in benchmarks/label_efficiency/protocol.json, and only then are the validation patients
-scored, once, per patient. What follows is the earlier (issue 12) run, whose labels and synthetic stages `run`
-reuses; its choices were made on the validation patients (issue 28), so its table is kept only for the record.
+    label_efficiency.py [run] --openkbp DIR --work DIR [--rows ...] [--freeze] [--publish]
 
-Stages, each writing `<out>/<stage>/` and a `done.json` marker (a finished stage is skipped on rerun):
-  generator   the published generator: kimg, FID vs real train slices (the trainer's pytorch-fid path), samples
-  annotator   the stand-in annotator: UNet++ on every train patient's real crops; its validation Dice (upper reference)
-  labels      30 annotated generated images: (a) random seeds, (b) `generated_uncertain` through a real server loop
-  synthetic   per label set: interpreter trained on it, >= 1,500 pairs synthesized, the most uncertain dropped
-  segmenters  UNet++ rows (synthetic x2, real-30, hybrid, real-all) with one step budget, and table III's networks
-  report      validation figures (3D Dice per organ on patients having it, mean Dice, mIoU), JSON + markdown + PNGs
+A dev split of train patients takes every choice, `--freeze` fixes them in benchmarks/label_efficiency/protocol.json,
+and only then are the validation patients scored, once, per patient (see `Run` and that section). Each stage writes
+`WORK/<stage>/` and a `done.json` marker (a finished stage is skipped on rerun):
+  generator   the generator file (gan.sh or --generator) and its FID against the dev patients' slices
+  annotator   the stand-in annotator: the library trainer on every pool slice, scored on dev
+  labels      per synthetic set asked: `annotations` generated images labelled by the annotator, (a) random seeds,
+              (b) picked by `generated_uncertain` through a real server loop
+  synthetic   per set: an interpreter trained on its labels, then the synthetic pairs (the most uncertain dropped)
+  choose      every choice on the dev split; segmenters, test, report: the final rows, scored once, the table
 
-    .venv/bin/python benchmarks/label_efficiency.py --data ../shared/datasets/openkbp \\
-        --generator /work/runs/openkbp-gan64/stylegan2.pt --out /work/runs/label-efficiency
-
-`--models sample-data/openkbp/models` starts from shipped models instead (their generator and uncertainty-30
-interpreter): the rows on the uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without the annotator
-and labels stages, and the report publishes as `label_efficiency_from_models`.
-
-`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py).
+`--reduced` shrinks every size for the test suite (tests/test_label_efficiency.py). The earlier (issue 12) run of
+docs/RESULTS.md section 0a was made by this file as it was at commit 8b17878.
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ import fcntl
 import math
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelfactory.checkpoints import copy_model, load_checkpoint
+from labelfactory.checkpoints import copy_model
 from labelfactory.datasets import openkbp
 from labelfactory.jsonio import read_json, write_json_atomic
 from labelfactory.segmentation.data import RealSlices, UnlabelledSlices
@@ -52,49 +43,6 @@ from labelfactory.segmentation.train import SegmentationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_NAMES: dict[str, int] = {"background": 0, **{name: v for v, name in openkbp.ORGANS.items()}}
-
-
-@dataclass
-class Sizes:
-    """Every size of the protocol (defaults); `reduced()` gives the test suite's."""
-
-    size: int = 64  # crop side in pixels (native spacing)
-    annotator_steps: int = 3000  # stand-in annotator iterations (batch `batch_size`); 600 left 4 of 7 organs unfound
-    annotations: int = 30  # labelled generated images per selection strategy
-    retrain_every: int = 5  # loop labels between interpreter retrainings
-    candidates: int = 16  # K candidates the strategy scores per next sample
-    explore: int = 2  # every 2nd pick random: pure uncertainty (0) missed the larynx (benchmarks/selection_coverage.py)
-    members: int = 10  # interpreter ensemble size
-    interpreter_epochs: int = 100  # max epochs, early stopping: 4 gave 0.50 Dice, 100 gave 0.76 (interpreter_budget)
-    pairs: int = 1500  # synthetic pairs kept per label set, after dropping
-    drop_fraction: float = 0.1  # the most uncertain fraction dropped
-    steps: int = 1500  # segmenter iterations, every row: the annotator reached 0.62 mean Dice at 1500 (0.42 at 500)
-    batch_size: int = 16
-    seeds: int = 3  # seeds for the cheap rows
-    fid_images: int = 2000
-    eval_patients: int = 0  # validation patients scored (0: all)
-    save_every: int = 100  # iterations between training-state snapshots
-    table_iii: str = "unet,fcn,deeplabv3"  # networks trained on the synthetic set beside the UNet++ row, cheapest first
-
-    @classmethod
-    def reduced(cls) -> Sizes:
-        return cls(
-            size=64,
-            annotator_steps=6,
-            annotations=4,
-            retrain_every=2,
-            candidates=2,
-            members=2,
-            interpreter_epochs=1,
-            pairs=6,
-            steps=4,
-            batch_size=4,
-            seeds=2,
-            fid_images=8,
-            eval_patients=1,
-            save_every=3,
-            table_iii="unet",
-        )
 
 
 # ---------------------------------------------------------------------------------------------- stage bookkeeping
@@ -151,129 +99,7 @@ def add_cpu(folder: Path, seconds: float) -> None:
     _RECORDED[folder] = _RECORDED.get(folder, 0.0) + seconds
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Slices:
-    """Crops of many cases: images (N, 1, S, S) in [-1, 1], organs (N, S, S) uint8, the case name of each slice."""
-
-    images: torch.Tensor
-    organs: torch.Tensor
-    cases: list[str]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-def stack(case_slices: list[openkbp.CaseSlices]) -> Slices:
-    return Slices(
-        torch.cat([c.images for c in case_slices]),
-        torch.cat([c.organs for c in case_slices]).to(torch.uint8),  # 8x smaller than int64: 14,670 slices fit
-        [c.case.name for c in case_slices for _ in range(len(c.images))],
-    )
-
-
-# ---------------------------------------------------------------------------------------------- resumable training
-
-
-def segmenter_config(network: str, sizes: Sizes, steps: int, seed: int) -> SegmentationConfig:
-    """The earlier run's recipe in the library's terms: cosine schedule, batch Dice, no augmentation."""
-    return SegmentationConfig(
-        network=network,
-        size=sizes.size,
-        steps=steps,
-        batch_size=sizes.batch_size,
-        seed=seed,
-        label_names=dict(LABEL_NAMES),
-        val_interval=sizes.save_every,
-        slicing="body-crop",
-        window=(openkbp.WINDOW.level, openkbp.WINDOW.width),
-        augment="none",
-    )
-
-
-def train_resumable(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    config: SegmentationConfig,
-    folder: Path,
-    data: dict,
-    stage: Path,
-) -> Path:
-    """Train on (N, 1, S, S) images / (N, S, S) integer masks with the library trainer into `folder/segmentation.pt`,
-    resumable from `folder/training-state.pt` (written every `config.val_interval` steps); CPU time to `stage`."""
-    from labelfactory.segmentation.data import RealSlices
-    from labelfactory.segmentation.train import train_segmenter
-
-    model_file = folder / "segmentation.pt"
-    if not model_file.is_file():
-        c0 = cpu_seconds()
-        pairs = RealSlices(images, masks, ["slice"] * len(images), classes=config.n_classes)
-        train_segmenter(pairs, None, config, out=model_file, data=data, state_file=folder / "training-state.pt")
-        add_cpu(stage, cpu_seconds() - c0)
-    return model_file
-
-
-# ---------------------------------------------------------------------------------------------- 3D evaluation
-
-
-def volume_scores(pred: np.ndarray, truth: np.ndarray, present: tuple[int, ...]) -> dict[int, dict[str, int]]:
-    """Per organ contoured in this patient: voxel counts tp, fp, fn of the 3D prediction."""
-    out = {}
-    for v in present:
-        p, t = pred == v, truth == v
-        out[v] = {"tp": int((p & t).sum()), "fp": int((p & ~t).sum()), "fn": int((~p & t).sum())}
-    return out
-
-
-def summarize(per_patient: dict[str, dict[int, dict[str, int]]]) -> dict:
-    """Dice and IoU per organ over the patients that have it: pooled (voxel counts summed) and mean of patients;
-    mean Dice and mIoU over organs (of the pooled scores), and the per-patient mean Dice's mean."""
-    organs = {}
-    for v, name in openkbp.ORGANS.items():
-        rows = [p[v] for p in per_patient.values() if v in p]
-        if not rows:
-            continue
-        tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
-        per = [ratio(2 * r["tp"], 2 * r["tp"] + r["fp"] + r["fn"]) for r in rows]
-        organs[name] = {
-            "patients": len(rows),
-            "dice": ratio(2 * tp, 2 * tp + fp + fn),
-            "iou": ratio(tp, tp + fp + fn),
-            "dice_patient_mean": float(np.nanmean(per)),
-        }
-    means = (("mean_dice", "dice"), ("miou", "iou"), ("mean_dice_patient_mean", "dice_patient_mean"))
-    return {"organs": organs, **{k: float(np.nanmean([o[m] for o in organs.values()])) for k, m in means}}
-
-
-def ratio(a: int, b: int) -> float:
-    """a / b, NaN when b is 0 (an organ absent from both prediction and truth has no score)."""
-    return a / b if b else float("nan")
-
-
 # ---------------------------------------------------------------------------------------------- figures
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8."""
-    return ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def save_grid(path: Path, images: torch.Tensor, columns: int = 8) -> Path:
-    """Tile (N, 1, S, S) images in [-1, 1] into one greyscale PNG, `columns` across."""
-    from PIL import Image as PILImage
-
-    x = to_uint8(images)
-    n, s = len(x), x.shape[-1]
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * s, columns * s), np.uint8)
-    for i, tile in enumerate(x):
-        r, c = divmod(i, columns)
-        grid[r * s : (r + 1) * s, c * s : (c + 1) * s] = tile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(grid).save(path)
-    return path
 
 
 def organ_colors() -> dict[int, tuple[float, float, float]]:
@@ -282,41 +108,6 @@ def organ_colors() -> dict[int, tuple[float, float, float]]:
 
     cmap = matplotlib.colormaps["tab10"]
     return {v: cmap(i)[:3] for i, v in enumerate(openkbp.ORGANS)}
-
-
-def contour_figure(path: Path, images: np.ndarray, truth: np.ndarray, rows: dict[str, np.ndarray], title: str) -> Path:
-    """Columns = slices ((N, S, S) images in [-1, 1], `truth` masks); one row per model in `rows` (name -> (N, S, S)
-    predictions): true contours solid, predicted dashed, one colour per organ."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    colors = organ_colors()
-    n = len(images)
-    height = 2.0 * len(rows) + 1.3  # inches: the rows, the title above, the legend below
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.9 * n, height), squeeze=False)
-    for r, (name, pred) in enumerate(rows.items()):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(images[c], cmap="gray", vmin=-1, vmax=1)
-            for v, rgb in colors.items():
-                for mask, style in ((truth[c], "solid"), (pred[c], "dashed")):
-                    if (mask == v).any():
-                        ax.contour(mask == v, levels=[0.5], colors=[rgb], linewidths=0.9, linestyles=style)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    handles = [Line2D([], [], color=colors[v], label=openkbp.ORGANS[v]) for v in colors]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle(f"{title}\n(true contours solid, predicted dashed)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.55 / height, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def pairs_figure(path: Path, sets: dict[str, Path], n: int = 6) -> Path:
@@ -355,592 +146,28 @@ def pairs_figure(path: Path, sets: dict[str, Path], n: int = 6) -> Path:
     return path
 
 
-def figure_slices(case: openkbp.CaseSlices, n: int = 5) -> list[int]:
-    """`n` crop indices of a case spread over the slices showing organs, inferior to superior."""
-    with_organs = [i for i in range(len(case.organs)) if (case.organs[i] > 0).any()]
-    if not with_organs:
-        return list(range(min(n, len(case.organs))))
-    return [with_organs[i] for i in np.linspace(0, len(with_organs) - 1, min(n, len(with_organs))).round().astype(int)]
-
-
-# ---------------------------------------------------------------------------------------------- stages
+# ---------------------------------------------------------------------------------------------- labels, synthetic sets
 
 RANDOM_SEED0 = 500_000  # the randomly picked images to annotate (the server's strategy draws from 0, 1, ...)
 SYNTH_SEED0 = 1_000_000  # synthetic pairs
-ROWS = ("synthetic-random", "synthetic-uncertainty", "real-30", "hybrid", "real-all")
-# DatasetGAN for small medical data, SegTHOR 256^2: mIoU (not Dice) of DeepLab-V3 on 100 real test slices (2D),
-# trained on 1,500 synthetic pairs / those + 30 real / 500 real
-PAPER = {"synthetic": 0.551, "hybrid": 0.762, "real": 0.799}
 
 
-class Experiment:
-    """The stages over one data folder, one output folder and one set of sizes."""
+@dataclass(frozen=True)
+class FactorySizes:
+    """The labels and synthetic stages' sizes (the issue-12 run's; not in the frozen protocol's `RunSizes`);
+    `reduced()` is the test suite's."""
 
-    def __init__(
-        self,
-        data: Path,
-        out: Path,
-        generator: Path | None,
-        sizes: Sizes,
-        publish: bool = False,
-        rows: tuple[str, ...] = ROWS,
-    ):
-        self.data, self.out, self.source_generator, self.sizes, self.publish = data, out, generator, sizes, publish
-        self.rows = rows  # the segmenter rows to train in this run (the real rows need no generator)
-        self._train: list[openkbp.CaseSlices] | None = None
-        self._val: list[openkbp.CaseSlices] | None = None
-        self._truth: dict[str, np.ndarray] = {}
-        self._G = None
-        self.models: Path | None = None  # the models folder the run started from (`seed_from_models`)
-        self.published = "label_efficiency"  # the report's name under benchmarks/results and docs/results
+    retrain_every: int = 5  # loop labels between interpreter retrainings
+    candidates: int = 16  # K candidates the strategy scores per next sample
+    explore: int = 2  # every 2nd pick random: pure uncertainty (0) missed the larynx (benchmarks/selection_coverage.py)
+    members: int = 10  # interpreter ensemble size
+    interpreter_epochs: int = 100  # max epochs, early stopping: 4 gave 0.50 Dice, 100 gave 0.76 (interpreter_budget)
+    pairs: int = 1500  # synthetic pairs kept per label set, after dropping
+    drop_fraction: float = 0.1  # the most uncertain fraction dropped
 
-    # --- shared inputs
-    @property
-    def train(self) -> list[openkbp.CaseSlices]:
-        if self._train is None:
-            t0 = time.time()
-            self._train = openkbp.load_slices(self.data, "train", self.sizes.size)
-            for c in self._train:  # what the experiment keeps: images, boxes and uint8 organs (no PTV)
-                c.organs, c.ptv = c.organs.to(torch.uint8), torch.empty(0, dtype=torch.uint8)
-            log(
-                f"train: {len(self._train)} patients, {sum(len(c.images) for c in self._train)} slices "
-                f"({time.time() - t0:.0f} s)"
-            )
-        return self._train
-
-    @property
-    def val(self) -> list[openkbp.CaseSlices]:
-        if self._val is None:
-            cases = openkbp.read_cases(self.data, "validation")
-            if self.sizes.eval_patients:
-                cases = cases[: self.sizes.eval_patients]
-            self._val = [openkbp.load_case(c, self.sizes.size) for c in cases]
-        return self._val
-
-    def truth(self, case: openkbp.CaseSlices) -> np.ndarray:
-        if case.case.name not in self._truth:
-            self._truth[case.case.name] = openkbp.read_array(case.case.label)
-        return self._truth[case.case.name]
-
-    @property
-    def generator_file(self) -> Path:
-        return self.out / "generator" / "stylegan2.pt"
-
-    @property
-    def annotator_file(self) -> Path:
-        return self.out / "annotator" / "segmentation.pt"
-
-    @property
-    def G(self):
-        from labelfactory.stylegan2.checkpoint import load_generator
-
-        if self._G is None:
-            self._G = load_generator(self.generator_file)
-        return self._G
-
-    def evaluate(self, model_file: Path) -> dict:
-        """A segmentation checkpoint on the validation CT volumes through the `segmentation` infer path (slices in,
-        volume out on the CT's grid), scored only on the organs each patient has contoured."""
-        from labelfactory.io import read_image
-        from labelfactory.segmentation.infer import load_segmenter, segment_image
-
-        segmenter = load_segmenter(model_file)
-        per_patient = {}
-        for c in self.val:
-            pred = segment_image(segmenter, read_image(c.case.ct), batch_size=64).array
-            per_patient[c.case.name] = volume_scores(pred, self.truth(c), c.case.organs_present)
-        return {
-            **summarize(per_patient),
-            "per_patient": {k: {openkbp.ORGANS[v]: s for v, s in d.items()} for k, d in per_patient.items()},
-        }
-
-    def seed_from_models(self, models: Path) -> None:
-        """Start from a models folder (`--models`, e.g. the shipped one): its generator and uncertainty-30
-        interpreter take the place of the generator and labels stages' products, hash-checked, so the rows on the
-        uncertainty set (synthetic-uncertainty, hybrid, table III) rerun without annotator or labels."""
-        from labelfactory.checkpoints import sha256_of, verify_hash
-        from labelfactory.errors import LabelFactoryError
-
-        self.models, self.published = models, "label_efficiency_from_models"  # its own record, not a whole rerun
-        for src, dst in (
-            (models / "stylegan2.pt", self.generator_file),
-            (models / "datasetgan.pt", self.out / "synthetic" / "uncertainty" / "datasetgan.pt"),
-        ):
-            if not src.is_file():
-                raise SystemExit(f"--models {models} holds no {src.name}")
-            try:
-                verify_hash(src)
-            except LabelFactoryError as e:
-                raise SystemExit(str(e)) from None
-            if not dst.is_file():
-                copy_model(src, dst)
-            elif sha256_of(dst) != sha256_of(src):  # a rerun keeps its own copy; another model is refused
-                raise SystemExit(f"{dst} is another model than {src}: start from a new --out folder")
-        log(f"run folder seeded from {models}: generator and uncertainty-30 interpreter")
-
-    # --- stage 1
-    def generator(self, folder: Path) -> dict:
-        """Snapshot the published generator (the run keeps publishing), its kimg, FID and a sample grid."""
-        from labelfactory.evaluation.fid import FIDEvaluator
-        from labelfactory.segmentation.data import evenly_spaced
-
-        if self.source_generator is None:
-            raise SystemExit("the generator stage needs --generator (the GAN run's published stylegan2.pt)")
-        if not self.generator_file.is_file():
-            copy_model(self.source_generator, self.generator_file)
-        G = self.G
-        reals = torch.cat([c.images for c in self.train])
-        idx = evenly_spaced(len(reals), self.sizes.fid_images)
-        log(f"generator: {G.checkpoint_info['kimg']:.0f} kimg; FID on {len(idx)} images")
-        evaluator = FIDEvaluator.create(reals[idx], len(idx))
-        fid = evaluator(G) if evaluator is not None else None
-        with torch.no_grad():
-            fakes = G(torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(0)), noise_mode="const")
-        save_grid(folder / "samples.png", torch.cat([fakes[:32], reals[evenly_spaced(len(reals), 32)]]))
-        stats = read_json(self.source_generator.parent / "train_stats.json", {}) or {}
-        history = stats.get("history", []) if isinstance(stats, dict) else []
-        trainer_fid = next((h.get("fid") for h in reversed(history) if h.get("fid") is not None), None)
-        return {
-            "generator": str(self.source_generator),
-            "kimg": float(G.checkpoint_info["kimg"]),
-            "fid": fid,
-            "fid_images": len(idx),
-            "fid_reals": "train slices evenly spread over all train patients",
-            "trainer_last_fid": trainer_fid,
-            "config": G.checkpoint_info["config"],
-            "samples": str(folder / "samples.png"),
-            "samples_layout": "top 4 rows generated (psi 1), bottom 4 real",
-        }
-
-    # --- stage 2
-    def annotator(self, folder: Path) -> dict:
-        """The stand-in annotator: UNet++ on all train patients' crops, scored on validation volumes."""
-        s = stack(self.train)
-        config = segmenter_config("unetpp", self.sizes, self.sizes.annotator_steps, seed=0)
-        data = {
-            "dataset": "openkbp",
-            "split": "train",
-            "patients": len(self.train),
-            "slices": len(s),
-            "window_hu": [openkbp.WINDOW.low, openkbp.WINDOW.high],
-        }
-        model = train_resumable(s.images, s.organs, config, folder, data, folder)
-        log("annotator: scoring on validation volumes")
-        validation = self.evaluate(model)
-        self.validation_figure(
-            folder / "validation.png", {"annotator": model}, "stand-in annotator (UNet++, all train)"
-        )
-        return {
-            "model": str(model),
-            "slices": len(s),
-            "patients": len(self.train),
-            "steps": config.steps,
-            "batch_size": config.batch_size,
-            "validation": validation,
-            "crop_coverage": self.crop_coverage(),
-            "figure": str(folder / "validation.png"),
-        }
-
-    def crop_coverage(self) -> dict[str, float]:
-        """Per organ: the fraction of its validation voxels on cropped slices (what a prediction can reach)."""
-        cover = {}
-        for v, name in openkbp.ORGANS.items():
-            have = [c for c in self.val if v in c.case.organs_present]
-            total = sum(int((self.truth(c) == v).sum()) for c in have)
-            cover[name] = sum(int((c.organs == v).sum()) for c in have) / total if total else float("nan")
-        return cover
-
-    def validation_figure(self, path: Path, models: dict[str, Path], title: str) -> Path:
-        """Five slices of the first validation patient, one row per model: predicted vs true contours."""
-        from labelfactory.segmentation.infer import load_segmenter, predict_slices
-
-        case = self.val[0]
-        idx = figure_slices(case)
-        images = case.images[idx]
-        rows = {name: predict_slices(load_segmenter(f).network, images, 16).numpy() for name, f in models.items()}
-        return contour_figure(path, images[:, 0].numpy(), case.organs[idx].numpy(), rows, f"{title}: {case.case.name}")
-
-    # --- stage 3
-    def labels(self, folder: Path, sets: tuple[str, ...] = ("random", "uncertainty")) -> dict:
-        """30 annotated generated images picked (a) at random, (b) by `generated_uncertain` through a real server;
-        only the `sets` asked (the others are left "pending")."""
-        n = self.sizes.annotations
-        random_dir = folder / "random"
-        if "random" in sets and len(list(random_dir.glob("seed*.nii.gz"))) < n:
-            run_logged(
-                [
-                    *CLI,
-                    "annotate",
-                    "--generator",
-                    str(self.generator_file),
-                    "--seeds",
-                    f"{RANDOM_SEED0}-{RANDOM_SEED0 + n - 1}",
-                    "--annotator-model",
-                    str(self.annotator_file),
-                    "--out",
-                    str(random_dir),
-                ],
-                folder / "annotate.log",
-            )
-        result = {}
-        if "random" in sets:
-            result["random"] = {"folder": str(random_dir), "count": len(list(random_dir.glob("seed*.nii.gz")))}
-        if "uncertainty" in sets:
-            result["uncertainty"] = self.server_loop(folder / "uncertainty")
-        return result | {"pending": [name for name in ("random", "uncertainty") if name not in sets]}
-
-    def labels_ready(self, name: str) -> bool:
-        """Whether label set `name` ("random" or "uncertainty") has all its annotations."""
-        folder = self.out / "labels" / name
-        if name == "random":
-            return len(list(folder.glob("seed*.nii.gz"))) >= self.sizes.annotations
-        datastore = folder / "datastore"
-        has = len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
-        return has >= self.sizes.annotations
-
-    def server_loop(self, folder: Path) -> dict:
-        """`labelfactory serve` on a fresh datastore with the generator, `labelfactory loop` with the annotator."""
-
-        s = self.sizes
-        datastore, models = folder / "datastore", folder / "models"
-        datastore.mkdir(parents=True, exist_ok=True)
-        models.mkdir(parents=True, exist_ok=True)
-        if not (models / "stylegan2.pt").is_file():
-            copy_model(self.generator_file, models / "stylegan2.pt")
-
-        def labelled() -> int:
-            return len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
-
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        serve = [
-            *CLI,
-            "serve",
-            "--studies",
-            str(datastore),
-            "--models",
-            str(models),
-            "--port",
-            str(port),
-            "--conf",
-            "labels",
-            "openkbp",
-            "--conf",
-            "models",
-            "datasetgan",
-            "--conf",
-            "candidates",
-            str(s.candidates),
-            "--conf",
-            "explore",
-            str(s.explore),
-            "--conf",
-            "interpreter_members",
-            str(s.members),
-            "--conf",
-            "interpreter_max_epochs",
-            str(s.interpreter_epochs),
-            "--conf",  # the strategy scores its own candidates: a scoring run after each retraining went unused
-            "skip_scoring",
-            "true",
-        ]
-        with open(folder / "server.log", "a") as server_log:
-            server = subprocess.Popen(serve, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                wait_for_server(url, server)
-                todo = s.annotations - labelled()
-                log(f"labels: server at {url}; {todo} of {s.annotations} annotations to go")
-                if todo > 0:
-                    run_logged(
-                        [
-                            *CLI,
-                            "loop",
-                            "--server",
-                            url,
-                            "--rounds",
-                            str(todo),
-                            "--retrain-every",
-                            str(s.retrain_every),
-                            "--annotator-model",
-                            str(self.annotator_file),
-                        ],
-                        folder / "loop.log",
-                    )
-            finally:
-                stop(server)
-        return {"folder": str(datastore), "count": labelled(), "server": serve, "loop_log": str(folder / "loop.log")}
-
-    # --- stage 4
-    def synthetic(self, folder: Path, sets: tuple[str, ...] = ("random", "uncertainty")) -> dict:
-        """Per label set asked: the interpreter trained on it (one recipe for both), then the synthetic pairs."""
-        from labelfactory.datasetgan.labeller import load_interpreter
-        from labelfactory.datasetgan.synthesis import synthesize
-
-        s, G = self.sizes, self.G
-        labels = self.out / "labels"
-        n_seeds = math.ceil(s.pairs / (1 - s.drop_fraction))
-        spacing = float(np.median([c.case.spacing_mm[0] for c in self.train]))
-        result, pending = {}, []
-        for name in ("random", "uncertainty"):
-            d = folder / name
-            interp_file = d / "datasetgan.pt"
-            if read_json(d / "done.json") is not None:
-                result[name] = read_json(d / "done.json")
-                continue
-            if name not in sets or (not interp_file.is_file() and not self.labels_ready(name)):
-                pending.append(name)  # neither labels nor a given interpreter (--models): the other set only
-                continue
-            if not interp_file.is_file():
-                self.train_interpreter(name, labels, interp_file)
-            res = synthesize(
-                load_interpreter(interp_file, G),
-                list(range(SYNTH_SEED0, SYNTH_SEED0 + n_seeds)),
-                d / "pairs",
-                drop_fraction=s.drop_fraction,
-                window=openkbp.WINDOW,
-                spacing=(spacing, spacing),
-                progress=False,
-            )
-            result[name] = {
-                "interpreter": str(interp_file),
-                "pairs": str(d / "pairs"),
-                "kept": len(res.kept),
-                "dropped": len(res.dropped),
-            }
-            write_json_atomic(result[name], d / "done.json")  # the set is whole: its rows may train on it
-            log(f"synthetic {name}: {len(res.kept)} pairs kept, {len(res.dropped)} dropped")
-        if result:
-            pairs_figure(folder / "pairs.png", {n: folder / n / "pairs" for n in result})
-        return {**result, "figure": str(folder / "pairs.png"), "pending": pending}
-
-    def train_interpreter(self, name: str, labels: Path, out: Path) -> None:
-        from labelfactory.datasetgan.labeller import save_interpreter
-        from labelfactory.datasetgan.records import (
-            load_records,
-            records_from_seed_masks,
-        )
-        from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
-        from labelfactory.latent_record import TRUNCATION_PSI
-
-        G, k = self.G, len(LABEL_NAMES)
-        cfg = DatasetGANConfig(members=self.sizes.members, max_epochs=self.sizes.interpreter_epochs)
-        if name == "random":
-            records = records_from_seed_masks(G, labels / "random", TRUNCATION_PSI, k, cfg.ignore_index)
-        else:
-            records = load_records(G, datastore_records(labels / "uncertainty" / "datastore"), k, cfg.ignore_index)
-        log(f"synthetic {name}: interpreter on {len(records)} annotated images")
-        ensemble, history = train_ensemble(G, records, k, cfg, progress=False)
-        data = {"images": [r.name for r in records], "count": len(records), "history": history, "selection": name}
-        save_interpreter(out, ensemble, LABEL_NAMES, cfg.to_dict(), data, G)
-
-    # --- stage 5
-    def runs(self) -> list[tuple[str, str, int]]:
-        """(row, network, seed) of every segmenter to train: seed 0 of every row first, so a cut run covers them all."""
-        unetpp = [(row, "unetpp", seed) for seed in range(self.sizes.seeds) for row in ROWS]
-        return unetpp + [("synthetic-uncertainty", net, 0) for net in self.sizes.table_iii.split(",") if net]
-
-    def segmenters(self, folder: Path) -> dict:
-        """Every row's segmenters, one step budget; each scored on the validation volumes as it finishes."""
-        out, pending = {}, []
-        todo = self.runs()
-        for i, (row, network, seed) in enumerate(todo):
-            d = folder / f"{row}.{network}.seed{seed}"
-            ev = read_json(d / "eval.json")
-            if ev is None and row not in self.rows:
-                pending.append(d.name)
-                continue
-            if ev is None:
-                d.mkdir(parents=True, exist_ok=True)
-                with open(d / "run.lock", "a") as lock:
-                    try:  # two runs of the experiment may share rows: each trains what no other process holds
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        log(f"segmenters: {d.name} is being trained by another process, skipped")
-                        pending.append(d.name)
-                        continue
-                    ev = read_json(d / "eval.json")  # finished by another process meanwhile
-                    if ev is None:
-                        log(f"segmenters: {i + 1}/{len(todo)} {d.name}")
-                        ev = self.train_and_score(row, network, seed, d, folder)
-            out[d.name] = {k: ev[k] for k in ("row", "network", "seed")} | {
-                "mean_dice": ev["validation"]["mean_dice"],
-                "miou": ev["validation"]["miou"],
-            }
-        return {"runs": out, "pending": pending}
-
-    def train_and_score(self, row: str, network: str, seed: int, d: Path, folder: Path) -> dict:
-        """Train one segmenter into `d` (resumable) and score it on the validation volumes (`d/eval.json`)."""
-        images, masks, data = self.training_set(row, seed)
-        config = segmenter_config(network, self.sizes, self.sizes.steps, seed)
-        model = train_resumable(images, masks, config, d, data, folder)
-        ev = {"row": row, "network": network, "seed": seed, "data": data, "validation": self.evaluate(model)}
-        write_json_atomic(ev, d / "eval.json")
-        return ev
-
-    def training_set(self, row: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(N, 1, S, S) images, (N, S, S) masks and a data record for one row and seed."""
-        if row.startswith("synthetic-"):
-            return self.synthetic_pairs(row.split("-", 1)[1])
-        if row == "real-all":
-            s = stack(self.train)
-            return s.images, s.organs, {"real": "all", "slices": len(s), "patients": len(self.train)}
-        real = self.real_30(seed)
-        if row == "real-30":
-            return real
-        images, masks, data = self.synthetic_pairs("uncertainty")
-        return torch.cat([images, real[0]]), torch.cat([masks, real[1]]), {**data, "real": real[2]}
-
-    def synthetic_pairs(self, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        from labelfactory.io import read_image
-
-        if read_json(self.out / "synthetic" / name / "done.json") is None:  # never train on a set still being written
-            raise SystemExit(f"the rows on the {name} set need it synthesized first (run --stages synthetic)")
-        folder = self.out / "synthetic" / name / "pairs"
-        files = sorted((folder / "images").glob("seed*.nii.gz"))
-        images = torch.from_numpy(np.stack([openkbp.WINDOW.to_unit(read_image(f).array) for f in files]))[:, None]
-        masks = torch.from_numpy(
-            np.stack([read_image(folder / "labels" / f.name).array for f in files]).astype(np.uint8)
-        )
-        return images, masks, {"synthetic": str(folder), "pairs": len(files)}
-
-    def real_30(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """`annotations` real slices drawn at random (by seed) among the train slices showing an organ."""
-        s = stack(self.train)
-        labelled = torch.nonzero((s.organs > 0).flatten(1).any(1))[:, 0].numpy()
-        pick = np.sort(np.random.default_rng(seed).choice(labelled, self.sizes.annotations, replace=False))
-        return s.images[pick], s.organs[pick], {"real_slices": [f"{s.cases[i]}:{i}" for i in pick.tolist()]}
-
-    # --- stage 6
-    def report(self, folder: Path) -> dict:
-        """Tables (JSON + markdown) and figures from whatever stages have finished."""
-        stages = {name: read_json(self.out / name / "done.json") for name in STAGES if name != "report"}
-        evals = [read_json(p) for p in sorted((self.out / "segmenters").glob("*/eval.json"))]
-        table = table_rows([e for e in evals if e["network"] == "unetpp"])
-        table3 = table_rows([e for e in evals if e["row"] == "synthetic-uncertainty"], key="network")
-        figures = {}
-        if stages["generator"]:
-            figures["generator"] = Path(stages["generator"]["result"]["samples"])
-        if stages["annotator"]:
-            figures["annotator"] = Path(stages["annotator"]["result"]["figure"])
-        if stages["synthetic"]:
-            figures["pairs"] = Path(stages["synthetic"]["result"]["figure"])
-        seed0 = {
-            e["row"]: self.out / "segmenters" / f"{e['row']}.unetpp.seed0" / "segmentation.pt"
-            for e in evals
-            if e["network"] == "unetpp" and e["seed"] == 0
-        }
-        if seed0:
-            figures["validation"] = self.validation_figure(folder / "validation.png", seed0, "segmenters (seed 0)")
-        results = {
-            "sizes": asdict(self.sizes),
-            "models": self.models and str(self.models),
-            "cpu_hours": {k: v["cpu_hours"] for k, v in stages.items() if v},
-            "generator": stages["generator"] and stages["generator"]["result"],
-            "annotator": stages["annotator"]
-            and {k: v for k, v in stages["annotator"]["result"].items() if k != "validation"}
-            | {"validation": strip_patients(stages["annotator"]["result"]["validation"])},
-            "table": table,
-            "table_iii": table3,
-            "goals": goals(table),
-            "goals_miou": goals(table, "miou"),
-            "paper": PAPER,
-            "figures": {k: str(v) for k, v in figures.items()},
-        }
-        write_json_atomic(results, folder / "results.json")
-        (folder / "results.md").write_text(markdown(results))
-        if self.publish:
-            write_json_atomic(results, REPO / "benchmarks" / "results" / f"{self.published}.json")
-            (REPO / "benchmarks" / "results" / f"{self.published}.md").write_text(markdown(results))
-            for k, v in figures.items():
-                shutil.copy2(v, REPO / "docs" / "results" / f"{self.published.replace('_', '-')}-{k}.png")
-        return {"results": str(folder / "results.json"), "markdown": str(folder / "results.md")}
-
-
-# ---------------------------------------------------------------------------------------------- shipping
-
-SHIP_LIMIT_MB = 60  # the issue's bound on the models committed under sample-data/openkbp/models
-
-
-def shipped_sources(out: Path) -> dict[str, Path]:
-    """The files `--ship` copies: the frozen generator, the uncertainty-30 interpreter and the hybrid segmenter
-    of seed 0 (a fixed rule: picking the best seed would be tuning on validation)."""
-    return {
-        "stylegan2.pt": out / "generator" / "stylegan2.pt",
-        "datasetgan.pt": out / "synthetic" / "uncertainty" / "datasetgan.pt",
-        "segmentation.pt": out / "segmenters" / "hybrid.unetpp.seed0" / "segmentation.pt",
-    }
-
-
-def ship(out: Path, folder: Path) -> Path:
-    """Copy the shipped models (each with its SHA-256, checked first) and a README of their recipe and figures."""
-    from labelfactory.checkpoints import verify_hash
-    from labelfactory.jsonio import write_atomic
-
-    sources = shipped_sources(out)
-    missing = [str(p) for p in sources.values() if not p.is_file()]
-    if missing:
-        raise SystemExit(f"--ship needs the generator, synthetic and segmenters stages; missing {', '.join(missing)}")
-    megabytes = sum(p.stat().st_size for p in sources.values()) / 2**20
-    if megabytes > SHIP_LIMIT_MB:
-        raise SystemExit(f"the models to ship hold {megabytes:.1f} MB, over the {SHIP_LIMIT_MB} MB bound")
-    for name, src in sources.items():
-        verify_hash(src)
-        copy_model(src, folder / name)
-    hybrid = read_json(sources["segmentation.pt"].parent / "eval.json")
-    config = load_checkpoint(sources["segmentation.pt"])["config"]
-    readme = models_readme(out, hybrid, config, megabytes)
-    write_atomic(folder / "README.md", lambda f: f.write(readme.encode()))
-    log(f"shipped {', '.join(sources)} ({megabytes:.1f} MB) to {folder}")
-    return folder
-
-
-def models_readme(out: Path, hybrid: dict, config: dict, megabytes: float) -> str:
-    """The shipped models' README: what each file is, how it was made, what it scores."""
-    generator = read_json(out / "generator" / "done.json")["result"]
-    labels = read_json(out / "labels" / "done.json")["result"]
-    synthetic = read_json(out / "synthetic" / "done.json")["result"]
-    v = hybrid["validation"]
-    fid = "not measured" if generator["fid"] is None else f"{generator['fid']:.1f}"
-    rows = [f"| {o} | {s['patients']} | {s['dice']:.3f} |" for o, s in v["organs"].items()]
-    return "\n".join(
-        [
-            "# OpenKBP models: the labelling factory trained on 170 head-and-neck CT",
-            "",
-            "What `make serve` serves on the four validation patients of `../datastore/`. Made by",
-            "`benchmarks/label_efficiency.py ... --ship sample-data/openkbp/models` (docs/RESULTS.md section 0",
-            f"holds the experiment, its commands and pictures). {megabytes:.1f} MB in all; each file records its",
-            "config, data and code version (`torch.load(f, weights_only=True)`: `config`, `data`, `provenance`),",
-            "its SHA-256 lies beside it, and its label map is OpenKBP's (`labelfactory.labels.OPENKBP`).",
-            "",
-            "| file | what | recipe |",
-            "|---|---|---|",
-            f"| `stylegan2.pt` | StyleGAN2-ADA generator, 64^2 body crops at native spacing, window "
-            f"[{openkbp.WINDOW.low:g}, {openkbp.WINDOW.high:g}] HU | preset `openkbp64`, {generator['kimg']:.0f} kimg "
-            f"on the 170 train patients' slices; FID {fid} ({generator['fid_images']} generated vs as many train "
-            "slices) |",
-            f"| `datasetgan.pt` | style interpreter (pixel-MLP ensemble on the generator's features) | trained on the "
-            f"{labels['uncertainty']['count']} generated images `generated_uncertain` picked through the server "
-            "loop, labelled by the stand-in annotator (a UNet++ trained on the 170 train patients' contours) |",
-            f"| `segmentation.pt` | UNet++ on body crops (`segmentation` infer: CT in, mask on its grid) | hybrid row, "
-            f"seed 0: {synthetic['uncertainty']['kept']} synthetic pairs of that interpreter + 30 real labelled "
-            f"slices, {config['steps']} steps of batch {config['batch_size']} |",
-            "",
-            "The segmenter on the 33 OpenKBP validation patients (3D, each organ only on the patients that have it):",
-            "",
-            "| organ | patients | Dice |",
-            "|---|---|---|",
-            *rows,
-            f"| **mean** | | **{v['mean_dice']:.3f}** (mIoU {v['miou']:.3f}) |",
-            "",
-            "The rows built on the generator and interpreter (synthetic-uncertainty, hybrid, table III) rerun from",
-            "this folder and the OpenKBP data: `benchmarks/label_efficiency.py --models <this folder> --out DIR",
-            "--stages synthetic,segmenters,report --rows synthetic-uncertainty,hybrid`.",
-            "",
-            "Data: OpenKBP (Babier et al., Medical Physics 48:5549-5561, 2021; MIT licence, `../LICENSE`): cite it",
-            "wherever these models or their outputs are shown. Research use only: not a medical device.",
-            "",
-        ]
-    )
+    @classmethod
+    def reduced(cls) -> FactorySizes:
+        return cls(retrain_every=2, candidates=2, members=2, interpreter_epochs=1, pairs=6)
 
 
 def datastore_records(folder: Path) -> list[tuple[str, dict, str]]:
@@ -950,128 +177,6 @@ def datastore_records(folder: Path) -> list[tuple[str, dict, str]]:
 
     datastore = LabelFactoryDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False, label_names=LABEL_NAMES)
     return records_from_datastore(datastore)
-
-
-def strip_patients(validation: dict) -> dict:
-    return {k: v for k, v in validation.items() if k != "per_patient"}
-
-
-def table_rows(evals: list[dict], key: str = "row") -> dict[str, dict]:
-    """Group eval records by `key`: mean and std over seeds of mean Dice, mIoU and each organ's Dice."""
-    from labelfactory.evaluation.statistics import mean_sd
-
-    groups: dict[str, list[dict]] = {}
-    for e in evals:
-        groups.setdefault(e[key], []).append(e["validation"])
-    out = {}
-    for name, vals in groups.items():
-        row = {"seeds": len(vals)}
-        for metric in ("mean_dice", "miou"):
-            row[metric] = mean_sd([v[metric] for v in vals])
-        row["organs"] = {
-            o: mean_sd([v["organs"][o]["dice"] for v in vals if o in v["organs"]]) for o in vals[0]["organs"]
-        }
-        out[name] = row
-    return out
-
-
-def goals(table: dict[str, dict], metric: str = "mean_dice") -> dict[str, float | bool | None]:
-    """The issue's goals from the table's `metric` (mean over seeds; None where a row is missing)."""
-    d = {k: v[metric][0] for k, v in table.items()}
-    synth, real_all, hybrid = d.get("synthetic-uncertainty"), d.get("real-all"), d.get("hybrid")
-
-    def ratio(a: float | None) -> float | None:
-        return a / real_all if a is not None and real_all else None
-
-    def beats(a: float | None, b: float | None) -> bool | None:
-        return None if a is None or b is None else a > b
-
-    return {
-        "synthetic_over_real_all": ratio(synth),
-        "synthetic_goal_0.75": None if ratio(synth) is None else ratio(synth) >= 0.75,
-        "hybrid_over_real_all": ratio(hybrid),
-        "hybrid_goal_0.95": None if ratio(hybrid) is None else ratio(hybrid) >= 0.95,
-        "synthetic_beats_real_30": beats(synth, d.get("real-30")),
-        "uncertainty_beats_random": beats(synth, d.get("synthetic-random")),
-    }
-
-
-def fmt(ms: tuple[float, float] | list[float], seeds: int) -> str:
-    m, s = ms
-    return "-" if m != m else (f"{m:.3f} +- {s:.3f}" if seeds > 1 else f"{m:.3f}")
-
-
-def markdown(r: dict) -> str:
-    """The results as markdown tables."""
-    organs = list(openkbp.ORGANS.values())
-    g = r.get("generator")
-    if r.get("models"):
-        lines = [f"# Label efficiency on OpenKBP, from {r['models']}'s generator and uncertainty-30 interpreter", ""]
-    elif g:
-        fid = "not measured (no Inception weights)" if g["fid"] is None else f"{g['fid']:.1f}"
-        lines = [f"# Label efficiency on OpenKBP (generator at {g['kimg']:.0f} kimg, FID {fid})", ""]
-    else:
-        lines = ["# Label efficiency on OpenKBP (generator stage not run yet)", ""]
-    a = r.get("annotator")
-    if a:
-        v = a["validation"]
-        lines += [
-            "## Stand-in annotator (UNet++, all train patients): validation, 3D, patients having the organ",
-            "",
-            "| organ | patients | Dice (pooled) | Dice (patient mean) | voxels on cropped slices |",
-            "|---|---|---|---|---|",
-        ]
-        for o, s in v["organs"].items():
-            lines.append(
-                f"| {o} | {s['patients']} | {s['dice']:.3f} | {s['dice_patient_mean']:.3f} | "
-                f"{a['crop_coverage'].get(o, float('nan')):.0%} |"
-            )
-        lines += [
-            f"| **mean** | | **{v['mean_dice']:.3f}** | {v['mean_dice_patient_mean']:.3f} | |",
-            "",
-            f"mIoU {v['miou']:.3f}; {a['steps']} steps of batch {a['batch_size']} on {a['slices']} slices.",
-            "",
-        ]
-    if r["table"]:
-        lines += [
-            "## Segmenters (UNet++, one step budget), validation volumes",
-            "",
-            "| row | seeds | mean Dice | mIoU | " + " | ".join(organs) + " | paper: mIoU (DeepLab-V3, 2D) |",
-            "|---|---|---|---|" + "---|" * len(organs) + "---|",
-        ]
-        paper = {"synthetic-uncertainty": PAPER["synthetic"], "hybrid": PAPER["hybrid"], "real-all": PAPER["real"]}
-        for row in ROWS:
-            if row in r["table"]:
-                t = r["table"][row]
-                lines.append(
-                    f"| {row} | {t['seeds']} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} | "
-                    + " | ".join(fmt(t["organs"].get(o, (float("nan"), 0)), t["seeds"]) for o in organs)
-                    + f" | {paper.get(row, '')} |"
-                )
-        for metric, key in (("mean Dice", "goals"), ("mIoU", "goals_miou")):
-            lines += [
-                "",
-                f"Goals on {metric}: "
-                + ", ".join(f"{k} = {v if not isinstance(v, float) else round(v, 3)}" for k, v in r[key].items()),
-            ]
-        lines.append("")
-    if r["table_iii"]:
-        lines += [
-            "## Table III: networks on the synthetic (uncertainty-30) set",
-            "",
-            "| network | seeds | mean Dice | mIoU | " + " | ".join(organs) + " |",
-            "|---|---|---|---|" + "---|" * len(organs),
-        ]
-        for net, t in r["table_iii"].items():
-            lines.append(
-                f"| {net} | {t['seeds']} | {fmt(t['mean_dice'], t['seeds'])} | {fmt(t['miou'], t['seeds'])} | "
-                + " | ".join(fmt(t["organs"].get(o, (float("nan"), 0)), t["seeds"]) for o in organs)
-                + " |"
-            )
-        lines.append("")
-    lines += ["## CPU-hours per stage", "", "| stage | CPU-hours |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in r["cpu_hours"].items()]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -1122,10 +227,7 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-STAGES = ("generator", "annotator", "labels", "synthetic", "segmenters", "report")
-
-
-# ============================================================================================== the protocol (issue 28)
+# ---------------------------------------------------------------------------------------------- rows, dev split
 # `label_efficiency.py run --openkbp DIR --work DIR` rebuilds section 0: stages in order, each skipped when its
 # `done.json` exists. Every choice is made on a fixed dev split of train patients (`choose`); `--freeze` writes the
 # choices into the committed protocol.json; only then are the final segmenters trained and the 33 validation patients
@@ -1134,7 +236,6 @@ STAGES = ("generator", "annotator", "labels", "synthetic", "segmenters", "report
 PROTOCOL_DIR = REPO / "benchmarks" / "label_efficiency"
 RUN_STAGES = ("generator", "annotator", "labels", "synthetic", "choose", "segmenters", "test", "report")
 DEV_SEED, DEV_FRACTION = 28, 26 / 170  # the dev split: ~26 of OpenKBP's 170 train patients, by patient
-REFERENCE = "real-30-aug"  # every paired test is against augmented real-30
 TABLE_MARKERS = ("<!-- label-efficiency-table:start -->", "<!-- label-efficiency-table:end -->")
 
 
@@ -1335,6 +436,7 @@ class RunSizes:
     @classmethod
     def reduced(cls) -> RunSizes:
         return cls(
+            size=32,
             test_patients=1,
             annotations=3,
             draws=2,
@@ -1355,6 +457,7 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.data, self.work, self.args = args.openkbp, args.work, args
         self.sizes = RunSizes.reduced() if args.reduced else RunSizes()
+        self.factory = FactorySizes.reduced() if args.reduced else FactorySizes()
         for f in fields(RunSizes):
             if getattr(args, f.name, None) is not None:
                 setattr(self.sizes, f.name, getattr(args, f.name))
@@ -1371,6 +474,7 @@ class Run:
         self.dev = dev_split(args.dev_split, [c.name for c in self._cases["train"]])
         self._slices: dict[str, openkbp.CaseSlices] = {}
         self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]] | None = None
+        self._G = None
 
     # --- data
     def cases(self, which: str) -> list[openkbp.Case]:
@@ -1479,16 +583,166 @@ class Run:
         return tuple(s for s in SETS if any(r.synthetic == s for r in self.rows))
 
     def stage_labels(self, folder: Path) -> dict:
-        return self.legacy().labels(folder, self.sets())
+        """`annotations` generated images labelled by the annotator per set asked: "random" (seeds from
+        RANDOM_SEED0, `labelfactory annotate`), "uncertainty" (`generated_uncertain` through a real server loop);
+        the other set is left "pending"."""
+        sets, n = self.sets(), self.sizes.annotations
+        random_dir = folder / "random"
+        if "random" in sets and len(list(random_dir.glob("seed*.nii.gz"))) < n:
+            run_logged(
+                [
+                    *CLI,
+                    "annotate",
+                    "--generator",
+                    str(self.work / "generator" / "stylegan2.pt"),
+                    "--seeds",
+                    f"{RANDOM_SEED0}-{RANDOM_SEED0 + n - 1}",
+                    "--annotator-model",
+                    str(self.work / "annotator" / "segmentation.pt"),
+                    "--out",
+                    str(random_dir),
+                ],
+                folder / "annotate.log",
+            )
+        result = {}
+        if "random" in sets:
+            result["random"] = {"folder": str(random_dir), "count": len(list(random_dir.glob("seed*.nii.gz")))}
+        if "uncertainty" in sets:
+            result["uncertainty"] = self.server_loop(folder / "uncertainty")
+        return result | {"pending": [name for name in SETS if name not in sets]}
+
+    def labels_ready(self, name: str) -> bool:
+        """Whether label set `name` ("random" or "uncertainty") has all its annotations."""
+        folder = self.work / "labels" / name
+        if name == "random":
+            return len(list(folder.glob("seed*.nii.gz"))) >= self.sizes.annotations
+        datastore = folder / "datastore"
+        has = len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
+        return has >= self.sizes.annotations
+
+    def server_loop(self, folder: Path) -> dict:
+        """`labelfactory serve` on a fresh datastore with the generator, `labelfactory loop` with the annotator."""
+        f = self.factory
+        datastore, models = folder / "datastore", folder / "models"
+        datastore.mkdir(parents=True, exist_ok=True)
+        models.mkdir(parents=True, exist_ok=True)
+        if not (models / "stylegan2.pt").is_file():
+            copy_model(self.work / "generator" / "stylegan2.pt", models / "stylegan2.pt")
+
+        def labelled() -> int:
+            return len(datastore_records(datastore)) if (datastore / "datastore_v2.json").is_file() else 0
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        conf = {
+            "labels": "openkbp",
+            "models": "datasetgan",
+            "candidates": f.candidates,
+            "explore": f.explore,
+            "interpreter_members": f.members,
+            "interpreter_max_epochs": f.interpreter_epochs,
+            "skip_scoring": "true",  # the strategy scores its own candidates: a scoring run after each retraining
+        }
+        serve = [*CLI, "serve", "--studies", str(datastore), "--models", str(models), "--port", str(port)]
+        serve += [arg for k, v in conf.items() for arg in ("--conf", k, str(v))]
+        with open(folder / "server.log", "a") as server_log:
+            server = subprocess.Popen(serve, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_for_server(url, server)
+                todo = self.sizes.annotations - labelled()
+                log(f"labels: server at {url}; {todo} of {self.sizes.annotations} annotations to go")
+                if todo > 0:
+                    loop = [*CLI, "loop", "--server", url, "--rounds", str(todo)]
+                    loop += ["--retrain-every", str(f.retrain_every)]
+                    loop += ["--annotator-model", str(self.work / "annotator" / "segmentation.pt")]
+                    run_logged(loop, folder / "loop.log")
+            finally:
+                stop(server)
+        return {"folder": str(datastore), "count": labelled(), "server": serve, "loop_log": str(folder / "loop.log")}
+
+    @property
+    def G(self):
+        """The generator of the generator stage (loaded once)."""
+        from labelfactory.stylegan2.checkpoint import load_generator
+
+        if self._G is None:
+            self._G = load_generator(self.work / "generator" / "stylegan2.pt")
+        return self._G
 
     def stage_synthetic(self, folder: Path) -> dict:
-        return self.legacy().synthetic(folder, self.sets())
+        """Per label set asked: the interpreter trained on it (one recipe for both), then the synthetic pairs
+        (`pairs` kept of `pairs / (1 - drop_fraction)` seeds from SYNTH_SEED0, the most uncertain dropped); a set
+        is whole once its `<set>/done.json` is written."""
+        from labelfactory.datasetgan.labeller import load_interpreter
+        from labelfactory.datasetgan.synthesis import synthesize
 
-    def legacy(self) -> Experiment:
-        """The labels and synthetic stages of the earlier experiment, on this work folder (same layout)."""
-        sizes = Sizes.reduced() if self.args.reduced else Sizes()
-        sizes.size, sizes.annotations = self.sizes.size, self.sizes.annotations
-        return Experiment(self.data, self.work, None, sizes)
+        f, sets = self.factory, self.sets()
+        n_seeds = math.ceil(f.pairs / (1 - f.drop_fraction))
+        spacing = float(np.median([c.spacing_mm[0] for c in self._cases["train"]]))  # in-plane mm
+        result, pending = {}, []
+        for name in SETS:
+            d = folder / name
+            interp_file = d / "datasetgan.pt"
+            if read_json(d / "done.json") is not None:
+                result[name] = read_json(d / "done.json")
+                continue
+            if name not in sets or (not interp_file.is_file() and not self.labels_ready(name)):
+                pending.append(name)
+                continue
+            if not interp_file.is_file():
+                self.train_interpreter(name, interp_file)
+            res = synthesize(
+                load_interpreter(interp_file, self.G),
+                list(range(SYNTH_SEED0, SYNTH_SEED0 + n_seeds)),
+                d / "pairs",
+                drop_fraction=f.drop_fraction,
+                window=openkbp.WINDOW,
+                spacing=(spacing, spacing),
+                progress=False,
+            )
+            result[name] = {
+                "interpreter": str(interp_file),
+                "pairs": str(d / "pairs"),
+                "kept": len(res.kept),
+                "dropped": len(res.dropped),
+            }
+            write_json_atomic(result[name], d / "done.json")  # the set is whole: its rows may train on it
+            log(f"synthetic {name}: {len(res.kept)} pairs kept, {len(res.dropped)} dropped")
+        if result:
+            pairs_figure(folder / "pairs.png", {n: folder / n / "pairs" for n in result})
+        return {**result, "figure": str(folder / "pairs.png"), "pending": pending}
+
+    def train_interpreter(self, name: str, out: Path) -> None:
+        """The style interpreter (ensemble) on label set `name`, saved to `out`."""
+        from labelfactory.datasetgan.labeller import save_interpreter
+        from labelfactory.datasetgan.records import load_records, records_from_seed_masks
+        from labelfactory.datasetgan.train import DatasetGANConfig, train_ensemble
+        from labelfactory.latent_record import TRUNCATION_PSI
+
+        G, k, labels = self.G, len(LABEL_NAMES), self.work / "labels"
+        cfg = DatasetGANConfig(members=self.factory.members, max_epochs=self.factory.interpreter_epochs)
+        if name == "random":
+            records = records_from_seed_masks(G, labels / "random", TRUNCATION_PSI, k, cfg.ignore_index)
+        else:
+            records = load_records(G, datastore_records(labels / "uncertainty" / "datastore"), k, cfg.ignore_index)
+        log(f"synthetic {name}: interpreter on {len(records)} annotated images")
+        ensemble, history = train_ensemble(G, records, k, cfg, progress=False)
+        data = {"images": [r.name for r in records], "count": len(records), "history": history, "selection": name}
+        save_interpreter(out, ensemble, LABEL_NAMES, cfg.to_dict(), data, G)
+
+    def synthetic_pairs(self, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(N, 1, S, S) images in [-1, 1], (N, S, S) uint8 masks and a record of synthetic set `name`."""
+        from labelfactory.io import read_image
+
+        if read_json(self.work / "synthetic" / name / "done.json") is None:  # never train on a half-written set
+            raise SystemExit(f"the rows on the {name} set need it synthesized first (stage synthetic)")
+        folder = self.work / "synthetic" / name / "pairs"
+        files = sorted((folder / "images").glob("seed*.nii.gz"))
+        images = torch.from_numpy(np.stack([openkbp.WINDOW.to_unit(read_image(f).array) for f in files]))[:, None]
+        masks = torch.from_numpy(
+            np.stack([read_image(folder / "labels" / f.name).array for f in files]).astype(np.uint8)
+        )
+        return images, masks, {"synthetic": str(folder), "pairs": len(files)}
 
     def stage_choose(self, folder: Path) -> dict:
         """Every choice on the dev split: the step budget (augmented real-n, draw 0, seed 0, by dev per-patient
@@ -1514,7 +768,7 @@ class Run:
                 [(f"consistency={w}", folder / f"consistency{w}", row, best_steps, {"consistency": w}) for w in weights]
             )
             chosen["consistency"] = max(weights, key=lambda w: trials[f"consistency={w}"])
-        chosen["explore"] = Sizes().explore if self.needs("labels") else None
+        chosen["explore"] = self.factory.explore if self.needs("labels") else None
         chosen["gan_snapshot"] = (
             str(self.args.generator or "gan.sh's last publish") if self.needs("generator") else None
         )
@@ -1676,7 +930,7 @@ class Run:
             real = RealSlices(images, masks, [ids[i] for i in pick], contoured)
             data["real_slices"] = [ids[i] for i in pick] if row.real > 0 else f"all {len(pick)} pool slices"
         if row.synthetic:
-            images, masks, record = self.legacy().synthetic_pairs(row.synthetic)
+            images, masks, record = self.synthetic_pairs(row.synthetic)
             synthetic = RealSlices(
                 images, masks, [f"synthetic{i}" for i in range(len(images))], classes=len(LABEL_NAMES)
             )
@@ -1870,79 +1124,10 @@ def run_main(argv: list[str]) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=REPO.parent / "shared" / "datasets" / "openkbp",
-        help="OpenKBP folder (cases.csv, volumes/)",
-    )
-    p.add_argument("--generator", type=Path, help="published generator (stylegan2.pt) of the GAN run")
-    p.add_argument(
-        "--models",
-        type=Path,
-        help="start from a models folder's generator and uncertainty-30 interpreter (the shipped ones: "
-        "sample-data/openkbp/models) instead of the generator, annotator and labels stages",
-    )
-    p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per stage)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--reduced", action="store_true", help="tiny sizes (the test suite)")
-    p.add_argument(
-        "--rows",
-        default=",".join(ROWS),
-        help="segmenter rows to train in this run (e.g. real-30,real-all while the GAN still trains); "
-        "the segmenters stage is done once every row is",
-    )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument(
-        "--publish",
-        action="store_true",
-        help="the report also writes benchmarks/results/label_efficiency.{json,md} and docs/results PNGs "
-        "(label_efficiency_from_models.* for a --models run)",
-    )
-    p.add_argument(
-        "--ship",
-        type=Path,
-        help="after the report, copy the generator, uncertainty-30 interpreter and hybrid segmenter (seed 0) with "
-        "a README into this folder (the repo's: sample-data/openkbp/models)",
-    )
-    for f in fields(Sizes):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"default {f.default}")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """`[run] ARGS`: the protocol (the `run` word is optional)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run"]:
-        return run_main(argv[1:])
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    sizes = Sizes.reduced() if args.reduced else Sizes()
-    for f in fields(Sizes):
-        if getattr(args, f.name) is not None:
-            setattr(sizes, f.name, getattr(args, f.name))
-    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    unknown = sorted(set(wanted) - set(STAGES)) + sorted(set(rows) - set(ROWS))
-    if unknown:
-        raise SystemExit(f"unknown stages or rows {unknown}; stages: {', '.join(STAGES)}; rows: {', '.join(ROWS)}")
-    generator = args.generator or (args.models and args.models / "stylegan2.pt")
-    exp = Experiment(args.data, args.out, generator, sizes, args.publish, rows)
-    if args.models:
-        exp.seed_from_models(args.models)
-    write_json_atomic(
-        {"sizes": asdict(sizes), "data": str(args.data), "generator": str(generator), "models": str(args.models)},
-        args.out / "config.json",
-    )
-    for name in STAGES:
-        if name == "report" and name in wanted:
-            exp.report(args.out / "report")  # always redone: cheap, and earlier stages may have grown
-        elif name in wanted:
-            run_stage(args.out, name, getattr(exp, name))
-    if args.ship:
-        ship(args.out, args.ship)
-    return 0
+    return run_main(argv[1:] if argv[:1] == ["run"] else argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ TINY_GAN = dict(resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_bas
 
 
 # the longest modules (a minute or two each, docs/RESULTS.md section 8): handed out first, one to each worker
-LONGEST = ("tests.test_label_efficiency", "tests.test_label_efficiency_protocol", "tests.test_app_loop")
+LONGEST = ("tests.test_label_efficiency", "tests.test_app_loop")
 
 
 def pytest_collection_modifyitems(config, items):

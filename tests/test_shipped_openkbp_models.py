@@ -93,3 +93,30 @@ def test_a_models_folder_of_before_the_rename_still_serves(tmp_path, caplog):
     assert load_checkpoint(tmp_path / "interpreter.pt")["kind"] == "interpreter"
     interp = DatasetGANModels(tmp_path, OPENKBP.values).interpreter()
     assert interp.label_names == OPENKBP.values and "interpreter.pt, the file's name before" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_server_on_them_serves_an_openkbp_volume_under_its_organ_names(tmp_path, app_copy, start_server):
+    """A real server on a copy of the folder segments an OpenKBP CT (a mask on its grid) and synthesizes pairs, both
+    answered under OpenKBP's organ names."""
+    import requests
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(STORE / f"{VALIDATION[0]}.nii.gz", store / f"{VALIDATION[0]}.nii.gz")
+    srv = start_server(store, app_copy, conf={"skip_trainers": "true", "model_dir": str(models)})
+    organs = {n: v for n, v in OPENKBP.values.items() if v}
+    params = {"image": VALIDATION[0], "output": "image"}
+    r = requests.post(srv.url + "/infer/segmentation", params=params, timeout=300)
+    assert r.status_code == 200, r.text
+    (tmp_path / "mask.nii.gz").write_bytes(r.content)
+    mask = read_image(tmp_path / "mask.nii.gz").array
+    assert mask.shape == read_image(store / f"{VALIDATION[0]}.nii.gz").array.shape
+    assert set(np.unique(mask)) <= set(OPENKBP.values.values()) and len(np.unique(mask)) > 1
+    r = requests.post(srv.url + "/infer/segmentation", params={**params, "output": "json"}, timeout=300)
+    assert r.json()["label_names"] == organs
+    r = requests.post(srv.url + "/infer/synthesis", params={"image": "seed000001", "output": "json"}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["label_names"] == organs
