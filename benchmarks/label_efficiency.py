@@ -23,6 +23,7 @@ import fcntl
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,9 +68,9 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
         return done
     folder.mkdir(parents=True, exist_ok=True)
     log(f"stage {name}: start")
-    c0, t0, recorded0 = cpu_seconds(), time.time(), _RECORDED.get(folder, 0.0)
+    c0, t0, recorded0 = cpu_seconds(), time.time(), sum(_RECORDED.values())
     result = fn(folder)
-    add_cpu(folder, cpu_seconds() - c0 - (_RECORDED.get(folder, 0.0) - recorded0))  # what fn did not record itself
+    add_cpu(folder, cpu_seconds() - c0 - (sum(_RECORDED.values()) - recorded0))  # what fn did not record anywhere
     cpu_hours = read_json(folder / "cpu.json")["cpu_seconds"] / 3600  # every run's, interrupted ones included
     if result.get("pending"):  # a part asked for (--rows) is done: the stage is not
         log(f"stage {name}: still to do: {', '.join(result['pending'])} (not asked for now, or inputs missing)")
@@ -97,6 +98,47 @@ def add_cpu(folder: Path, seconds: float) -> None:
         rec = read_json(folder / "cpu.json", {"cpu_seconds": 0.0})
         write_json_atomic({"cpu_seconds": rec["cpu_seconds"] + seconds}, folder / "cpu.json")
     _RECORDED[folder] = _RECORDED.get(folder, 0.0) + seconds
+
+
+# What --keep carries from one machine to the next (a committed folder): each stage's records and the small files
+# the later stages read. Synthetic pairs are remade from the kept interpreter (a pair depends only on its seed and
+# the models); a final segmenter's weights are not kept, its test scores are (it is scored as soon as it is trained).
+KEPT = {
+    "generator": ("done.json", "cpu.json", "stylegan2.pt"),
+    "annotator": ("done.json", "cpu.json", "segmentation.pt"),
+    "labels": ("done.json", "cpu.json", "random/*.nii.gz", "random/images/*.nii.gz", "uncertainty/datastore/**/*"),
+    "synthetic": ("cpu.json", "*/datasetgan.pt"),
+    "choose": ("done.json", "cpu.json", "*/dev.json", "*/data.json"),
+    "segmenters": ("cpu.json",),
+    "test": ("cpu.json", "*.draw*.seed*.json"),
+}
+
+
+def keep_files(work: Path, keep: Path, stage: str) -> int:
+    """Copy `stage`'s kept files from the work folder into `keep` where missing or different; returns how many."""
+    copied = 0
+    for pattern in KEPT.get(stage, ()):
+        for src in (work / stage).glob(pattern):
+            dst = keep / src.relative_to(work)
+            if src.is_file() and not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
+                os.replace(dst.with_name(dst.name + ".tmp"), dst)
+                copied += 1
+    return copied
+
+
+def restore_kept(keep: Path, work: Path) -> int:
+    """Copy every kept file into the work folder where it is missing (a fresh machine resumes where the last
+    left off); returns how many."""
+    restored = 0
+    for src in sorted(p for p in keep.rglob("*") if p.is_file() and p.suffix != ".tmp"):
+        dst = work / src.relative_to(keep)
+        if not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            restored += 1
+    return restored
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -800,6 +842,7 @@ class Run:
             )
             ev = {"per_patient": self.score(model, "dev")}
             write_json_atomic(ev, d / "dev.json")
+            self.keep("choose")
         return float(np.nanmean([p["dice"] for p in ev["per_patient"].values()]))
 
     def units(self) -> list[tuple[Row, int, int]]:
@@ -845,26 +888,49 @@ class Run:
                 extra["real_share"] = choices["real_share"]
             if row.semi:
                 extra["consistency"] = choices["consistency"]
+            if self.scored(unit_name(row, draw, seed)):
+                continue
             self.train_row(row, draw, seed, folder / unit_name(row, draw, seed), extra)
+            self.test_unit((row, draw, seed))
+            self.keep("segmenters")
         names = [unit_name(*u) for u in self.units()]
-        pending = [n for n in names if not (folder / n / "data.json").is_file()]
+        pending = [n for n in names if not (folder / n / "data.json").is_file() and not self.scored(n)]
         return {"models": names, "choices": choices, "pending": pending}
 
+    def scored(self, name: str) -> bool:
+        return (self.work / "test" / f"{name}.json").is_file()
+
+    def test_unit(self, unit: tuple[Row, int, int]) -> None:
+        """Score one trained final segmenter on the validation patients, once (a written score is never
+        recomputed): as soon as it is trained, so that the score, not the weights, is what --keep carries."""
+        name, folder = unit_name(*unit), self.work / "test"
+        data = read_json(self.work / "segmenters" / name / "data.json")
+        if self.scored(name) or data is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        c0 = cpu_seconds()
+        row, draw, seed = unit
+        model = self.work / "segmenters" / name / "segmentation.pt"
+        scores = self.score(model, "test")
+        write_json_atomic(
+            {"row": row.name, "draw": draw, "seed": seed, **data, "per_patient": scores}, folder / f"{name}.json"
+        )
+        add_cpu(folder, cpu_seconds() - c0)
+        self.keep("test")
+
     def stage_test(self, folder: Path) -> dict:
-        """Each final segmenter on the validation patients, once (a written score is never recomputed)."""
+        """Each final segmenter on the validation patients, once (the segmenters stage scores each as it is
+        trained; this scores any trained before that rule)."""
         self.frozen_choices("test")
         for unit in self.mine():
-            out = folder / f"{unit_name(*unit)}.json"
-            data = read_json(self.work / "segmenters" / unit_name(*unit) / "data.json")
-            if out.is_file() or data is None:
-                continue
-            model = self.work / "segmenters" / unit_name(*unit) / "segmentation.pt"
-            row, draw, seed = unit
-            write_json_atomic(
-                {"row": row.name, "draw": draw, "seed": seed, **data, "per_patient": self.score(model, "test")}, out
-            )
+            self.test_unit(unit)
         names = [unit_name(*u) for u in self.units()]
-        return {"scored": names, "pending": [n for n in names if not (folder / f"{n}.json").is_file()]}
+        return {"scored": names, "pending": [n for n in names if not self.scored(n)]}
+
+    def keep(self, stage: str) -> None:
+        """Carry `stage`'s kept files into --keep (when given)."""
+        if self.args.keep is not None and (n := keep_files(self.work, self.args.keep, stage)):
+            log(f"kept {n} file(s) of stage {stage} in {self.args.keep}")
 
     def train_row(self, row: Row, draw: int, seed: int, d: Path, extra: dict) -> Path:
         """Train one (row, draw, seed) segmenter into `d/segmentation.pt` with the library trainer (resumable); its
@@ -1068,6 +1134,12 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results", type=Path, help="results JSON (default: WORK/report/label_efficiency.json)")
     p.add_argument("--freeze", action="store_true", help="write the choose stage's choices into --protocol, frozen")
     p.add_argument("--publish", action="store_true", help="write the table into docs/RESULTS.md between its markers")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        help="folder (committed) that carries each stage's records, small models and the test scores between "
+        "machines: restored into --work where missing at the start, updated as work finishes",
+    )
     p.add_argument("--reduced", action="store_true", help="tiny sizes (the test suite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument(
@@ -1102,6 +1174,8 @@ def run_main(argv: list[str]) -> int:
     args = parse_run_args(argv)
     torch.set_num_threads(args.threads)
     exp = Run(args)
+    if args.keep is not None and args.keep.is_dir():
+        log(f"restored {restore_kept(args.keep, args.work)} kept file(s) from {args.keep}")
     asked = args.stages.split(",")
     for name in RUN_STAGES:
         if name not in asked or not exp.needs(name):
@@ -1121,6 +1195,7 @@ def run_main(argv: list[str]) -> int:
             exp.frozen_choices(name)
             (args.work / name / "done.json").unlink(missing_ok=True)
         run_stage(args.work, name, getattr(exp, f"stage_{name}"))
+        exp.keep(name)
     return 0
 
 

@@ -315,3 +315,24 @@ def test_two_runs_adding_to_one_stages_cpu_record_lose_nothing(tmp_path):
         w.join(60)
     assert [w.exitcode for w in workers] == [0, 0]
     assert json.loads((tmp_path / "cpu.json").read_text())["cpu_seconds"] == pytest.approx(400.0)
+
+
+def test_a_fresh_machine_resumes_from_the_kept_folder_without_retraining(protocol_run, tmp_path):
+    work, protocol, _, _ = protocol_run
+    keep = tmp_path / "kept"
+    assert _run(work, protocol, "--keep", str(keep)) == 0  # every stage done: only carried into the kept folder
+    assert (keep / "annotator" / "segmentation.pt").is_file() and (keep / "choose" / "done.json").is_file()
+    assert not list((keep / "segmenters").glob("*/segmentation.pt"))  # final weights stay behind: scores go
+    scores = sorted(p.name for p in (work / "test").glob("*.draw*.json"))
+    assert sorted(p.name for p in (keep / "test").glob("*.json") if p.name != "cpu.json") == scores
+
+    fresh = tmp_path / "fresh" / "work"
+    fresh.parent.mkdir(parents=True)
+    (fresh.parent / "dev_split.json").write_text((work.parent / "dev_split.json").read_text())
+    assert le.main(["run", *_args(fresh, protocol, "--keep", str(keep))]) == 0
+    assert not list((fresh / "segmenters").glob("*/segmentation.pt"))  # every unit scored: none retrained
+    before = json.loads((work / "report" / "label_efficiency.json").read_text())["runs"]
+    after = json.loads((fresh / "report" / "label_efficiency.json").read_text())["runs"]
+    assert [(r["row"], r["draw"], r["seed"], r["per_patient"]) for r in after] == [
+        (r["row"], r["draw"], r["seed"], r["per_patient"]) for r in before
+    ]
