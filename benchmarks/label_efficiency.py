@@ -101,15 +101,16 @@ def add_cpu(folder: Path, seconds: float) -> None:
 
 
 # What --keep carries from one machine to the next (a committed folder): each stage's records and the small files
-# the later stages read. Synthetic pairs are remade from the kept interpreter (a pair depends only on its seed and
-# the models); a final segmenter's weights are not kept, its test scores are (it is scored as soon as it is trained).
+# the later stages read (model files with their .sha256). Synthetic pairs are remade from the kept interpreter (a pair
+# depends only on its seed and the models); a final segmenter's weights are not kept, its test scores are (it is
+# scored as soon as it is trained); the fine-tune hybrids' shared pre-training is (every draw starts from it).
 KEPT = {
-    "generator": ("done.json", "cpu.json", "stylegan2.pt"),
-    "annotator": ("done.json", "cpu.json", "segmentation.pt"),
+    "generator": ("done.json", "cpu.json", "stylegan2.pt", "stylegan2.pt.sha256"),
+    "annotator": ("done.json", "cpu.json", "segmentation.pt", "segmentation.pt.sha256"),
     "labels": ("done.json", "cpu.json", "random/*.nii.gz", "random/images/*.nii.gz", "uncertainty/datastore/**/*"),
-    "synthetic": ("cpu.json", "*/datasetgan.pt"),
+    "synthetic": ("cpu.json", "*/datasetgan.pt", "*/datasetgan.pt.sha256"),
     "choose": ("done.json", "cpu.json", "*/dev.json", "*/data.json"),
-    "segmenters": ("cpu.json",),
+    "segmenters": ("cpu.json", "pretrain.*/segmentation.pt", "pretrain.*/segmentation.pt.sha256"),
     "test": ("cpu.json", "*.draw*.seed*.json"),
 }
 

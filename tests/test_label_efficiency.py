@@ -336,3 +336,19 @@ def test_a_fresh_machine_resumes_from_the_kept_folder_without_retraining(protoco
     assert [(r["row"], r["draw"], r["seed"], r["per_patient"]) for r in after] == [
         (r["row"], r["draw"], r["seed"], r["per_patient"]) for r in before
     ]
+
+
+def test_the_kept_folder_holds_the_shared_pretraining_but_no_final_weights(tmp_path):
+    work, keep = tmp_path / "work", tmp_path / "kept"
+    files = ("pretrain.random.nnunet2d.2steps.seed0/segmentation.pt", "real-3-aug.draw0.seed0/segmentation.pt")
+    for name in (*files, "cpu.json"):
+        (work / "segmenters" / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / "segmenters" / name).write_bytes(name.encode())
+    assert le.keep_files(work, keep, "segmenters") == 2
+    assert sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()) == [
+        "segmenters/cpu.json",
+        f"segmenters/{files[0]}",
+    ]
+    assert le.keep_files(work, keep, "segmenters") == 0  # unchanged files are not copied again
+    fresh = tmp_path / "fresh"
+    assert le.restore_kept(keep, fresh) == 2 and (fresh / "segmenters" / files[0]).read_bytes() == files[0].encode()
